@@ -1,0 +1,88 @@
+"""One config object per stage: every seed number lives here once.
+
+The CLIs build their flags from these dataclasses (`dataclasses.fields`), so a default changed here changes
+the `--help` text, the training run and the exported model card together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Stage = Literal["lung", "infection"]
+STAGES: tuple[Stage, ...] = ("lung", "infection")
+
+# ImageNet statistics on 0-255 pixels (the seed's normalization).
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Hyper-parameters of one stage of the cascade."""
+
+    stage: Stage
+    encoder: str
+    in_channels: int
+    image_size: int = 448
+    batch_size: int = 32
+    epochs: int = 15
+    patience: int = 5
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    dropout: float = 0.0
+    clipnorm: float | None = None
+    # Loss = sum(weight * term); terms: "dice", "bce", "focal".
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
+    encoder_weights: str = "imagenet"
+    dataset: str = "covid_qu_ex/infection"
+    threshold: float = 0.5
+
+    def replace(self, **changes: Any) -> "StageConfig":
+        """A copy with some fields changed (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StageConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown StageConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+LUNG = StageConfig(
+    stage="lung",
+    encoder="efficientnetb3",
+    in_channels=3,
+    epochs=15,
+    patience=5,
+    weight_decay=1e-4,
+    loss_weights={"dice": 0.7, "bce": 0.3},
+)
+
+INFECTION = StageConfig(
+    stage="infection",
+    encoder="efficientnetb0",
+    in_channels=4,  # RGB + Stage-1 lung mask
+    epochs=50,
+    patience=12,
+    weight_decay=1e-3,
+    dropout=0.3,
+    clipnorm=1.0,
+    loss_weights={"dice": 0.5, "bce": 0.3, "focal": 0.2},
+)
+
+DEFAULTS: dict[str, StageConfig] = {"lung": LUNG, "infection": INFECTION}
+
+
+def default_config(stage: str) -> StageConfig:
+    """The seed configuration of `stage` ("lung" or "infection")."""
+    try:
+        return DEFAULTS[stage]
+    except KeyError:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}") from None
