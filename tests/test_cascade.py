@@ -1,0 +1,158 @@
+"""covidseg_tf.cascade on hand-made masks and tiny stand-in models with fixed outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from covidseg_tf.cascade import run_cascade, severity, severity_grade, split_columns
+
+S = 64
+
+
+def two_lungs(left=(8, 56, 4, 26), right=(8, 56, 36, 60)) -> np.ndarray:
+    """(1, S, S, 1) mask with an image-left and an image-right rectangle (rows r0:r1, cols c0:c1)."""
+    m = np.zeros((1, S, S, 1), np.float32)
+    for r0, r1, c0, c1 in (left, right):
+        m[0, r0:r1, c0:c1] = 1
+    return m
+
+
+def sev(lung, inf) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in severity(tf.constant(lung), tf.constant(inf)).items()}
+
+
+def test_severity_exact_percentages_patient_sides():
+    lung = two_lungs()
+    inf = np.zeros_like(lung)
+    inf[0, 8:32, 4:26] = 1  # upper half of the IMAGE-left lung = patient's RIGHT lung
+    s = sev(lung, inf)
+    left_px, right_px = 48 * 22, 48 * 24
+    assert s["severity_right"][0] == pytest.approx(50.0)
+    assert s["severity_left"][0] == 0.0
+    assert s["severity_total"][0] == pytest.approx(100 * 24 * 22 / (left_px + right_px), rel=1e-6)
+    split = split_columns(tf.constant(lung)).numpy()[0]
+    assert 26 <= split <= 36  # inside the gap between the lungs
+
+
+def test_severity_only_counts_infection_inside_lung():
+    lung = two_lungs()
+    inf = np.zeros_like(lung)
+    inf[0, :, 36:64] = 1  # whole image-right strip, lung part and outside
+    s = sev(lung, inf)
+    assert s["severity_left"][0] == pytest.approx(100.0)
+    assert s["severity_right"][0] == 0.0
+    assert s["severity_total"][0] == pytest.approx(100 * 48 * 24 / (48 * 22 + 48 * 24), rel=1e-6)
+
+
+def test_severity_unequal_and_tilted_lungs():
+    lung = np.zeros((2, S, S, 1), np.float32)
+    # image 0: a small right lung and a large left lung, gap off-centre (cols 20..23)
+    lung[0, 20:40, 6:20] = 1
+    lung[0, 4:60, 24:62] = 1
+    # image 1: two parallelogram (tilted) lungs, each shifting right by 1 column every 4 rows
+    for r in range(4, 60):
+        d = r // 4
+        lung[1, r, 2 + d : 14 + d] = 1
+        lung[1, r, 34 + d // 2 : 50 + d // 2] = 1
+    inf = np.zeros_like(lung)
+    inf[0, 20:30, 6:20] = 1  # half of image 0's image-left lung
+    inf[1] = lung[1] * (np.arange(S)[None, :, None] >= 34)  # all of image 1's image-right lung
+    s = sev(lung, inf)
+    split = split_columns(tf.constant(lung)).numpy()
+    assert 20 <= split[0] <= 24
+    assert 14 + 59 // 4 <= split[1] <= 34  # left of the right lung's first column, right of the left's last
+    np.testing.assert_allclose(s["severity_right"], [50.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(s["severity_left"], [0.0, 100.0], rtol=1e-6)
+    total1 = 100 * lung[1, :, 34:].sum() / lung[1].sum()
+    np.testing.assert_allclose(s["severity_total"], [100 * 140 / (280 + 56 * 38), total1], rtol=1e-6)
+
+
+def test_severity_empty_lungs_are_zero_not_nan():
+    lung = np.zeros((2, S, S, 1), np.float32)
+    lung[1, 10:50, 4:26] = 1  # only the image-left lung present
+    inf = np.ones_like(lung)  # infection everywhere: must be clipped to the lung
+    s = sev(lung, inf)
+    for v in s.values():
+        assert np.all(np.isfinite(v))
+    np.testing.assert_array_equal(s["severity_total"], [0.0, 100.0])
+    np.testing.assert_array_equal(s["severity_right"], [0.0, 100.0])
+    np.testing.assert_array_equal(s["severity_left"], [0.0, 0.0])
+    assert split_columns(tf.constant(lung)).numpy()[0] in (S // 2 - 1, S // 2)  # empty: image centre
+
+
+def test_severity_in_tf_function_with_unknown_shape():
+    fn = tf.function(severity, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)] * 2)
+    lung = two_lungs()
+    inf = lung * 0.0
+    inf[0, 8:56, 36:60] = 1
+    out = fn(tf.constant(lung), tf.constant(inf))
+    assert out["severity_left"].numpy()[0] == pytest.approx(100.0)
+    assert out["severity_right"].numpy()[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "p,grade", [(0.0, "none"), (0.01, "mild"), (24.9, "mild"), (25.0, "moderate"), (49.99, "moderate"), (50.0, "severe"), (100.0, "severe")]
+)
+def test_severity_grade_bands(p, grade):
+    assert severity_grade(p) == grade
+    assert severity_grade(np.float32(p)) == grade
+
+
+def test_severity_grade_rejects_nan():
+    with pytest.raises(ValueError):
+        severity_grade(float("nan"))
+
+
+def fixed_model(prob_map: np.ndarray, channels: int, name: str) -> keras.Model:
+    """A Keras model ignoring its input values and returning `prob_map` (S, S, 1) for every image."""
+    inp = keras.Input((S, S, channels))
+    const = tf.constant(prob_map[None].astype(np.float32))
+    out = keras.layers.Lambda(lambda x: tf.zeros_like(x[..., :1]) + const, name=f"{name}_const")(inp)
+    return keras.Model(inp, out, name=name)
+
+
+def test_run_cascade_masks_infection_outside_lung_and_feeds_lung_mask():
+    lung_prob = two_lungs()[0] * 0.9 + 0.05  # 0.95 in the lungs, 0.05 outside
+    inf_prob = np.zeros((S, S, 1), np.float32)
+    inf_prob[8:32, 4:26] = 0.8  # inside the image-left lung
+    inf_prob[0:6, :] = 0.99  # outside the lungs: must be removed
+    lung_model = fixed_model(lung_prob, 3, "lung")
+    seen = {}
+
+    inp = keras.Input((S, S, 4))
+    inf_out = keras.layers.Lambda(lambda x: tf.zeros_like(x[..., :1]) + tf.constant(inf_prob[None]))(inp)
+    inf_model = keras.Model(inp, inf_out)
+
+    def infection_model(x, training=False):
+        seen["x"] = x
+        return inf_model(x, training=training)
+
+    pixels = tf.random.uniform((2, S, S, 3), 0, 255)
+    out = run_cascade(lung_model, infection_model, pixels, threshold=0.5)
+    for k in ("lung_prob", "lung_mask", "infection_prob", "infection_mask"):
+        assert out[k].shape == (2, S, S, 1) and out[k].dtype == tf.float32
+    for k in ("severity_left", "severity_right", "severity_total"):
+        assert out[k].shape == (2,)
+    np.testing.assert_array_equal(out["lung_mask"].numpy()[0], two_lungs()[0])
+    # Stage 2 got the pixels plus the thresholded lung mask as the 4th channel
+    np.testing.assert_array_equal(seen["x"].numpy()[..., :3], pixels.numpy())
+    np.testing.assert_array_equal(seen["x"].numpy()[1, ..., 3:], two_lungs()[0])
+    inf_mask = out["infection_mask"].numpy()
+    assert inf_mask[:, 0:6].sum() == 0  # infection outside the lung removed
+    assert inf_mask[0].sum() == 24 * 22
+    assert np.all(inf_mask <= out["lung_mask"].numpy())
+    np.testing.assert_allclose(out["severity_right"].numpy(), [50.0, 50.0], rtol=1e-6)
+    np.testing.assert_allclose(out["severity_left"].numpy(), [0.0, 0.0])
+
+
+def test_run_cascade_inside_tf_function():
+    lung_model = fixed_model(two_lungs()[0], 3, "lung")
+    inf_model = fixed_model(np.full((S, S, 1), 0.7, np.float32), 4, "inf")
+    fn = tf.function(lambda p: run_cascade(lung_model, inf_model, p), input_signature=[tf.TensorSpec([None, S, S, 3], tf.float32)])
+    out = fn(tf.zeros((1, S, S, 3)))
+    assert out["severity_total"].numpy()[0] == pytest.approx(100.0)
+    assert out["severity_left"].numpy()[0] == pytest.approx(100.0)
+    np.testing.assert_array_equal(out["infection_mask"].numpy(), two_lungs())
