@@ -1,0 +1,207 @@
+"""Export trained stage models as versioned TF Serving SavedModels.
+
+Layout (TF Serving model base paths; see saved_models/README.md):
+
+    <out>/lung/<N>/        Stage 1          signatures: serving_default (encoded images), predict_pixels
+    <out>/infection/<N>/   Stage 2          serving_default (images + lung_masks), predict_pixels
+    <out>/cascade/<N>/     both + severity  serving_default (encoded images), predict_pixels
+
+Each version is written to a temporary folder `<out>/<name>/.tmp-*` beside the versions and then renamed to
+the next free integer, so TF Serving (which only loads integer-named folders) never sees half a version and an
+existing version is never overwritten. Each version holds `assets.extra/tf_serving_warmup_requests`
+(PredictionLog records, one per signature) and `assets.extra/covidseg_export.json` (what was exported).
+The signatures and their input/output names are documented in `covidseg_tf.serving`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+from covidseg_tf import serving
+from covidseg_tf.config import default_config
+
+log = logging.getLogger(__name__)
+
+SERVABLES = ("lung", "infection", "cascade")
+_VERSION = re.compile(r"^[0-9]+$")
+
+
+def next_version_dir(base: Path | str) -> int:
+    """The next free version number under a model base path (1 when there is none yet)."""
+    base = Path(base)
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and _VERSION.match(p.name)] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def write_version(base: Path | str, writer: Callable[[Path], None], attempts: int = 20) -> Path:
+    """Run `writer(tmp_dir)` in a temporary folder under `base`, then rename it to `base/<next version>`.
+
+    The rename is atomic on one file system. If another writer takes the same number first (the rename fails
+    because that folder exists and is not empty), the next number is tried; the temporary folder is removed on
+    any error.
+    """
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    try:
+        writer(tmp)
+        for _ in range(attempts):
+            target = base / str(next_version_dir(base))
+            if target.exists():  # an empty folder someone else created: never reuse it
+                continue
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            log.info("wrote %s", target)
+            return target
+        raise RuntimeError(f"could not claim a free version number under {base} after {attempts} attempts")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_savedmodel(
+    path: Path,
+    resources: Sequence[Any],
+    signatures: dict[str, tuple[Callable, list]],
+    warmup: list[bytes] | None,
+    info: dict[str, Any],
+) -> None:
+    import keras
+
+    archive = keras.export.ExportArchive()
+    for resource in resources:
+        archive.track(resource)
+    # serving_default first: ExportArchive also exposes the first endpoint under that name.
+    for name, (fn, input_signature) in signatures.items():
+        archive.add_endpoint(name=name, fn=fn, input_signature=input_signature)
+    archive.write_out(str(path), verbose=False)
+    if warmup:
+        serving.write_warmup(path, warmup)
+    info = dict(info, signatures=sorted(signatures), tensorflow=tf.__version__, keras=keras.__version__,
+                exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), max_side=serving.MAX_SIDE)
+    extra = path / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    (extra / "covidseg_export.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def export_stage(
+    model: Any, stage: str, base_dir: Path | str, threshold: float = 0.5, warmup: bool = True
+) -> Path:
+    """Export one stage model (Keras, input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
+
+    `stage` names the servable ("lung" or "infection"); it also prefixes the output names (`lung_prob`, ...).
+    """
+    if stage not in ("lung", "infection"):
+        raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
+    size, channels = serving.model_size(model)
+    expected = default_config(stage).in_channels
+    if channels != expected:
+        raise ValueError(f"the {stage} stage takes {expected} input channels, but the model takes {channels}")
+    signatures = serving.stage_signatures(model, stage, threshold)
+    records = serving.warmup_requests(stage, size, channels) if warmup else None
+    info = {"servable": stage, "image_size": size, "channels": channels, "threshold": threshold,
+            "model": getattr(model, "name", None)}
+    return write_version(Path(base_dir) / stage,
+                         lambda tmp: _write_savedmodel(tmp, [model], signatures, records, info))
+
+
+def export_cascade(
+    lung_model: Any, infection_model: Any, base_dir: Path | str, threshold: float = 0.5, warmup: bool = True
+) -> Path:
+    """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity); returns that path."""
+    signatures = serving.cascade_signatures(lung_model, infection_model, threshold)
+    size, _ = serving.model_size(lung_model)
+    records = serving.warmup_requests("cascade", size, 3) if warmup else None
+    info = {"servable": "cascade", "image_size": size, "channels": 3, "threshold": threshold,
+            "model": [getattr(lung_model, "name", None), getattr(infection_model, "name", None)]}
+    return write_version(Path(base_dir) / "cascade",
+                         lambda tmp: _write_savedmodel(tmp, [lung_model, infection_model], signatures, records, info))
+
+
+def load_keras_model(path: Path | str) -> Any:
+    """Load a `.keras` file saved by training (registers the project's custom objects first)."""
+    import importlib
+
+    import keras
+
+    for module in ("covidseg_tf.models", "covidseg_tf.losses", "covidseg_tf.metrics"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # pragma: no cover - only while a module is missing
+            log.warning("could not import %s (%s); custom objects it defines will not load", module, exc)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        raise ValueError(f"could not load Keras model {path}: {exc}") from exc
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m covidseg_tf.export",
+        description="Export the two trained stage models as versioned TF Serving SavedModels "
+        "(<out>/lung/<N>, <out>/infection/<N>, <out>/cascade/<N>; N = next free version).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  python -m covidseg_tf.export --lung-model runs/lung/model.keras \\\n"
+        "      --infection-model runs/infection/model.keras --out saved_models/\n"
+        "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade\n"
+        "then serve them:\n"
+        "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
+        "--model_config_file=/models/models.config",
+    )
+    p.add_argument("--lung-model", required=True, type=Path, help="Stage 1 .keras file")
+    p.add_argument("--infection-model", required=True, type=Path, help="Stage 2 .keras file")
+    p.add_argument("--out", type=Path, default=Path("saved_models"), help="base folder of the servables")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold of the masks (default: each stage's config threshold; "
+                   "the cascade uses the lung stage's)")
+    p.add_argument("--only", nargs="+", choices=SERVABLES, default=list(SERVABLES), help="servables to write")
+    p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra warm-up requests")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        lung = load_keras_model(args.lung_model)
+        infection = load_keras_model(args.infection_model)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    thr = {s: args.threshold if args.threshold is not None else default_config(s).threshold for s in ("lung", "infection")}
+    warm = not args.no_warmup
+    written = {}
+    if "lung" in args.only:
+        written["lung"] = export_stage(lung, "lung", args.out, thr["lung"], warmup=warm)
+    if "infection" in args.only:
+        written["infection"] = export_stage(infection, "infection", args.out, thr["infection"], warmup=warm)
+    if "cascade" in args.only:
+        written["cascade"] = export_cascade(lung, infection, args.out, thr["lung"], warmup=warm)
+    for name, path in written.items():
+        log.info("%-9s -> %s", name, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

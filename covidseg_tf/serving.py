@@ -1,0 +1,387 @@
+"""Serving graphs for TF Serving: encoded-image decoding with size caps, signatures, warm-up records.
+
+Everything here is pure TensorFlow (usable inside the `tf.function`s that `covidseg_tf.export` writes into a
+SavedModel), except the warm-up record encoder, which runs at export time.
+
+Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name):
+
+    serving_default  inputs  images      (B,) string   PNG or JPEG bytes, any size up to MAX_SIDE, grey or colour
+                             lung_masks  (B,) string   infection stage only: PNG lung mask of the same size
+                                                       (0/1 or 0/255; any value > 0, or > 127 for 0/255 masks)
+                     outputs <p>_prob        (B, S, S, 1) float32  probabilities at the MODEL size S
+                             <p>_mask        (B, S, S, 1) float32  0/1 masks at the model size
+                             <p>_mask_bytes  (B,) string           PNG mask (uint8 0/255) at each INPUT's size
+                             height, width   (B,) int32            each input's size
+    predict_pixels   inputs  pixels      (B, S, S, C) float32  raw 0..255 (C = 3; 4 for infection: + lung 0/1)
+                     outputs <p>_prob, <p>_mask                (B, S, S, 1) float32
+
+The cascade servable: `serving_default` takes `images` only and returns lung_prob, lung_mask, infection_prob,
+infection_mask (model size), severity_left, severity_right, severity_total ((B,) float32 percent of the
+patient's left/right/both lungs, computed at the model size by `covidseg_tf.cascade.run_cascade`),
+lung_mask_bytes, infection_mask_bytes (input size PNGs; the infection PNG is inside the lung PNG), height and
+width; its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of `run_cascade`.
+
+Why this representation: images of one batch may have different sizes, and one dense tensor cannot hold maps of
+different sizes, so dense maps stay at the model size (B, S, S, 1) and the input-size masks travel as PNG
+strings (one per image, any size). Output names ending in ``_bytes`` are base64-encoded by TF Serving's REST
+API (``{"b64": ...}``). All outputs have the batch as their first dimension, as TF Serving's row ("instances")
+format requires.
+
+Bad input raises InvalidArgument (never a crash or a silent wrong answer): an empty batch, bytes that are not
+PNG or JPEG (by magic number), a PNG/JPEG whose header declares a side above MAX_SIDE (checked from the header -
+PNG IHDR bytes, `tf.image.extract_jpeg_shape` - BEFORE decoding, so a decompression bomb is never inflated), a
+corrupt image (the decoder's own error), a lung mask whose size differs from its image.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 4096
+"""Largest accepted image side in pixels (checked from the file header before decoding)."""
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+RESIZE_METHOD = "bilinear"
+"""Resizing in both directions (image -> model size, probabilities -> input size)."""
+ANTIALIAS = True
+"""Antialias when shrinking large images to the model size (no effect when enlarging)."""
+
+DEFAULT_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "predict_pixels"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding with header checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _be_uint32(four: tf.Tensor) -> tf.Tensor:
+    """Big-endian uint32 of a (4,) uint8 tensor, as int64."""
+    b = tf.cast(four, tf.int64)
+    return b[0] * 16777216 + b[1] * 65536 + b[2] * 256 + b[3]
+
+
+def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, list[tf.Operation]]:
+    """(height, width) int64 declared by a PNG/JPEG header, and the assert ops that validate it.
+
+    `what` is a scalar string naming the item in error messages (e.g. "images[3]"). The asserts check, in
+    order: PNG or JPEG magic number, PNG long enough to hold IHDR, both sides in 1..max_side.
+    """
+    is_png = tf.equal(tf.strings.substr(data, 0, len(PNG_MAGIC)), PNG_MAGIC)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    fmt_ok = tf.debugging.Assert(
+        is_png | is_jpeg,
+        [tf.strings.format("{} is not a PNG or JPEG image ({} bytes)", (what, tf.strings.length(data)))],
+    )
+    with tf.control_dependencies([fmt_ok]):
+        length_ok = tf.debugging.Assert(
+            tf.logical_not(is_png) | (tf.strings.length(data) >= 33),
+            [tf.strings.format("{} is a truncated PNG (no IHDR chunk)", what)],
+        )
+    with tf.control_dependencies([fmt_ok, length_ok]):
+
+        def png_hw() -> tf.Tensor:
+            # Padded so that even a short non-PNG string gives 8 bytes (the branch is not taken then).
+            padded = tf.strings.join([data, tf.constant(b"\0" * 24)])
+            ihdr = tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8)
+            return tf.stack([_be_uint32(ihdr[4:8]), _be_uint32(ihdr[0:4])])  # IHDR: width, then height
+
+        def jpeg_hw() -> tf.Tensor:
+            return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)
+
+        hw = tf.cond(is_jpeg, jpeg_hw, png_hw)
+    size_ok = tf.debugging.Assert(
+        tf.reduce_all((hw >= 1) & (hw <= max_side)),
+        [tf.strings.format("{} is {}x{} pixels (height x width); each side must be 1..{}",
+                           (what, hw[0], hw[1], max_side))],
+    )
+    return hw, [fmt_ok, length_ok, size_ok]
+
+
+def decode_gray(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tf.Tensor:
+    """Decode one PNG/JPEG (validated by `header_size` first) to (H, W, 1) uint8 grey."""
+    _, checks = header_size(data, what, max_side)
+    with tf.control_dependencies(checks):
+        image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 1])
+    return image
+
+
+def _names(prefix: str, n: tf.Tensor) -> tf.Tensor:
+    """["prefix[0]", "prefix[1]", ...] for error messages."""
+    return tf.strings.join([prefix + "[", tf.strings.as_string(tf.range(n)), "]"])
+
+
+def _assert_nonempty(batch: tf.Tensor, name: str) -> tf.Tensor:
+    check = tf.debugging.Assert(
+        tf.size(batch) > 0, [f"`{name}` is an empty batch: send at least one encoded image"]
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(batch)
+
+
+def load_images(images: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B,) encoded images -> model pixels (B, size, size, 3) float32 0..255 and input sizes (B, 2) int32."""
+    images = _assert_nonempty(images, "images")
+
+    def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        data, what = args
+        gray = decode_gray(data, what, max_side)
+        hw = tf.shape(gray)[:2]
+        x = tf.image.resize(tf.cast(gray, tf.float32), [size, size], method=RESIZE_METHOD, antialias=ANTIALIAS)
+        x = tf.clip_by_value(x, 0.0, 255.0)
+        return tf.repeat(x, 3, axis=-1), hw
+
+    return tf.map_fn(
+        one,
+        (images, _names("images", tf.size(images))),
+        fn_output_signature=(tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32)),
+    )
+
+
+def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B,) encoded lung masks of the images' sizes -> (B, size, size, 1) 0/1 float32 (nearest) and the
+    full-size masks as (B,) PNG strings of 0/1 uint8 (kept as strings since sizes differ)."""
+    masks = _assert_nonempty(masks, "lung_masks")
+    count_ok = tf.debugging.assert_equal(
+        tf.size(masks), tf.shape(sizes)[0], message="`lung_masks` must hold one mask per image in `images`"
+    )
+    with tf.control_dependencies([count_ok]):
+        masks = tf.identity(masks)
+
+    def one(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        data, hw, what = args
+        gray = decode_gray(data, what, max_side)
+        same = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(tf.shape(gray)[:2], hw)),
+            [tf.strings.format("{} is {} but its image is {} (height, width): sizes must match",
+                               (what, tf.shape(gray)[:2], hw))],
+        )
+        with tf.control_dependencies([same]):
+            cut = tf.where(tf.reduce_max(gray) > 1, tf.constant(127, tf.uint8), tf.constant(0, tf.uint8))
+            binary = tf.cast(gray > cut, tf.uint8)
+        small = tf.image.resize(binary, [size, size], method="nearest")
+        return tf.cast(small, tf.float32), tf.io.encode_png(binary)
+
+    return tf.map_fn(
+        one,
+        (masks, sizes, _names("lung_masks", tf.size(masks))),
+        fn_output_signature=(tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([], tf.string)),
+    )
+
+
+def full_size_pngs(
+    prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.Tensor | None = None
+) -> tf.Tensor:
+    """(B, S, S, 1) probabilities -> (B,) PNG masks (uint8 0/255) at each image's own size.
+
+    The map is resized (bilinear) back to the input size, then thresholded (`>= threshold`). `within`, when
+    given, is a (B,) string tensor of full-size 0/1 PNG masks (or 0/255) that the mask is multiplied by.
+    """
+
+    def one(args: tuple[Any, ...]) -> tf.Tensor:
+        p, hw = args[0], args[1]
+        full = tf.image.resize(p, hw, method=RESIZE_METHOD)
+        mask = tf.cast(full >= threshold, tf.uint8)
+        if within is not None:
+            outer = tf.io.decode_png(args[2], channels=1)
+            mask = mask * tf.cast(outer > 0, tf.uint8)
+        return tf.io.encode_png(mask * 255)
+
+    elems: tuple[tf.Tensor, ...] = (prob, sizes) if within is None else (prob, sizes, within)
+    return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec([], tf.string))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Signature functions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def model_size(model: Any) -> tuple[int, int]:
+    """(S, C) of a Keras model with a fixed square (B, S, S, C) input."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] is None:
+        raise ValueError(
+            f"model {getattr(model, 'name', model)!r} has input shape {shape}; export needs a fixed square "
+            "(None, S, S, C) input (build it with input_shape=(S, S, C))"
+        )
+    return int(shape[1]), int(shape[3])
+
+
+def _predict(model: Any, pixels: tf.Tensor) -> tf.Tensor:
+    return tf.cast(model(pixels, training=False), tf.float32)
+
+
+def stage_signatures(model: Any, stage: str, threshold: float = 0.5) -> dict[str, tuple[Callable, list]]:
+    """{signature name: (fn, input_signature)} for one stage model (see the module docstring)."""
+    size, channels = model_size(model)
+    p = stage
+
+    def outputs_small(prob: tf.Tensor, lung: tf.Tensor | None) -> dict[str, tf.Tensor]:
+        mask = tf.cast(prob >= threshold, tf.float32)
+        if lung is not None:
+            mask = mask * tf.cast(lung > 0.5, tf.float32)
+        return {f"{p}_prob": prob, f"{p}_mask": mask}
+
+    if channels == 3:
+
+        def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
+            pixels, sizes = load_images(images, size)
+            out = outputs_small(_predict(model, pixels), None)
+            out[f"{p}_mask_bytes"] = full_size_pngs(out[f"{p}_prob"], sizes, threshold)
+            out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
+            return out
+
+        image_sig = [tf.TensorSpec([None], tf.string, name="images")]
+
+        def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+            return outputs_small(_predict(model, pixels), None)
+
+    elif channels == 4:
+
+        def serve_images(images: tf.Tensor, lung_masks: tf.Tensor) -> dict[str, tf.Tensor]:
+            pixels, sizes = load_images(images, size)
+            lung_small, lung_full = load_masks(lung_masks, sizes, size)
+            out = outputs_small(_predict(model, tf.concat([pixels, lung_small], axis=-1)), lung_small)
+            out[f"{p}_mask_bytes"] = full_size_pngs(out[f"{p}_prob"], sizes, threshold, within=lung_full)
+            out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
+            return out
+
+        image_sig = [
+            tf.TensorSpec([None], tf.string, name="images"),
+            tf.TensorSpec([None], tf.string, name="lung_masks"),
+        ]
+
+        def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+            return outputs_small(_predict(model, pixels), pixels[..., 3:4])
+
+    else:
+        raise ValueError(f"stage model must take 3 or 4 channels, got {channels}")
+
+    return {
+        DEFAULT_SIGNATURE: (serve_images, image_sig),
+        PIXELS_SIGNATURE: (serve_pixels, [tf.TensorSpec([None, size, size, channels], tf.float32, name="pixels")]),
+    }
+
+
+def cascade_signatures(lung_model: Any, infection_model: Any, threshold: float = 0.5) -> dict[str, tuple[Callable, list]]:
+    """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
+    from covidseg_tf.cascade import run_cascade
+
+    size, c1 = model_size(lung_model)
+    size2, c2 = model_size(infection_model)
+    if (c1, c2) != (3, 4):
+        raise ValueError(f"cascade needs a 3-channel lung model and a 4-channel infection model, got {c1} and {c2}")
+    if size != size2:
+        raise ValueError(f"lung model size {size} != infection model size {size2}; the cascade needs one size")
+
+    def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return dict(run_cascade(lung_model, infection_model, pixels, threshold=threshold))
+
+    def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        pixels, sizes = load_images(images, size)
+        out = serve_pixels(pixels)
+        lung_png = full_size_pngs(out["lung_prob"], sizes, threshold)
+        out["lung_mask_bytes"] = lung_png
+        out["infection_mask_bytes"] = full_size_pngs(out["infection_prob"], sizes, threshold, within=lung_png)
+        out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
+        return out
+
+    return {
+        DEFAULT_SIGNATURE: (serve_images, [tf.TensorSpec([None], tf.string, name="images")]),
+        PIXELS_SIGNATURE: (serve_pixels, [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Warm-up records (TFRecord of tensorflow.serving.PredictionLog), encoded by hand
+# --------------------------------------------------------------------------------------------------------------
+# Field numbers from tensorflow_serving/apis/{prediction_log,predict,model}.proto (tensorflow-serving-api 2.21):
+#   PredictionLog.predict_log = 6;  PredictLog.request = 1;
+#   PredictRequest.model_spec = 1, PredictRequest.inputs = 2 (map<string, tensorflow.TensorProto>: entry key = 1,
+#   value = 2);  ModelSpec.name = 1, ModelSpec.signature_name = 3.
+# The TensorProto itself is serialized by TensorFlow's own tensor_pb2 (tf.make_tensor_proto). Encoding these few
+# length-delimited fields by hand avoids depending on tensorflow-serving-api, whose wheel requires the full
+# `tensorflow` package (it would replace tensorflow-cpu); tests parse the bytes with the real protos when present.
+
+_LEN = 2  # wire type "length-delimited"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | _LEN) + _varint(len(payload)) + payload
+
+
+def predict_log_bytes(model_name: str, signature_name: str, inputs: Mapping[str, Any]) -> bytes:
+    """A serialized `tensorflow.serving.PredictionLog` holding one PredictRequest.
+
+    `inputs` maps input names to numpy arrays (or lists of bytes for string inputs).
+    """
+    spec = _field(1, model_name.encode()) + _field(3, signature_name.encode())
+    request = _field(1, spec)
+    for key in sorted(inputs):
+        value = inputs[key]
+        array = np.array(value, dtype=object) if isinstance(value, (list, tuple)) else np.asarray(value)
+        tensor = tf.make_tensor_proto(array).SerializeToString()
+        request += _field(2, _field(1, key.encode()) + _field(2, tensor))
+    return _field(6, _field(1, request))
+
+
+def _sample_png(height: int, width: int, seed: int = 0) -> bytes:
+    """A grey chest-X-ray-sized PNG with a smooth gradient and noise (warm-up input)."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None]
+    x = np.linspace(0, 1, width)[None, :]
+    img = 60 + 120 * (0.5 + 0.5 * np.sin(3 * x) * np.cos(2 * y)) + rng.normal(0, 8, (height, width))
+    return tf.io.encode_png(np.clip(img, 0, 255).astype(np.uint8)[..., None]).numpy()
+
+
+def _sample_mask_png(height: int, width: int) -> bytes:
+    mask = np.zeros((height, width, 1), np.uint8)
+    mask[height // 6 : 5 * height // 6, width // 8 : 3 * width // 8] = 255
+    mask[height // 6 : 5 * height // 6, 5 * width // 8 : 7 * width // 8] = 255
+    return tf.io.encode_png(mask).numpy()
+
+
+def warmup_requests(model_name: str, size: int, channels: int, sample_side: int = 256) -> list[bytes]:
+    """Serialized PredictionLog records exercising every signature of a servable once (batch of 1)."""
+    image = _sample_png(sample_side, sample_side)
+    default_inputs: dict[str, Any] = {"images": [image]}
+    if channels == 4:
+        default_inputs["lung_masks"] = [_sample_mask_png(sample_side, sample_side)]
+    pixels = np.zeros((1, size, size, channels), np.float32)
+    pixels[..., :3] = 128.0
+    return [
+        predict_log_bytes(model_name, DEFAULT_SIGNATURE, default_inputs),
+        predict_log_bytes(model_name, PIXELS_SIGNATURE, {"pixels": pixels}),
+    ]
+
+
+def write_warmup(version_dir: Path | str, records: Iterable[bytes]) -> Path:
+    """Write `<version_dir>/assets.extra/tf_serving_warmup_requests` (TFRecord)."""
+    path = Path(version_dir) / "assets.extra" / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+    return path
