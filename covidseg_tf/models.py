@@ -1,0 +1,357 @@
+"""U-Net with a keras.applications EfficientNet encoder, for both stages of the cascade.
+
+The architecture follows segmentation_models' ``Unet`` (qubvel, Keras) layer for layer: skips from
+``block6a/4a/3a/2a_expand_activation``, bottleneck ``top_activation``, decoder stages of
+UpSampling2D + concat + 2 x (Conv3x3 without bias, BatchNorm, ReLU) with 256/128/64/32/16 filters, a 3x3
+``final_conv`` and a sigmoid (kept in float32 under a mixed-precision policy). Layer names are the same as
+segmentation_models' (``decoder_stage0_upsampling``, ``decoder_stage0_concat``, ``decoder_stage0a_conv``,
+``decoder_stage0a_bn``, ``decoder_stage0a_relu``, ..., ``final_conv``, ``sigmoid``), encoder layers keep
+their keras.applications names (``stem_conv``, ``block1a_dwconv``, ..., ``top_activation``).
+
+Input contract: one float32 tensor (B, H, W, C) of RAW pixels 0..255 in the three RGB channels (grayscale
+repeated 3x); channels beyond the third (Stage 2: the lung mask) hold 0/1 values. Preprocessing happens inside
+the model, in the two layers keras.applications puts in front of every EfficientNet:
+``Rescaling(1/255)`` followed by ``Normalization``. keras only gives that Normalization layer ImageNet
+statistics when it is built with ``weights="imagenet"`` (and then through a buggy variance it patches with a
+third Rescaling); with ``weights=None`` or a path it is the identity, so the encoder would see x/255. Here the
+encoder is always built with ``weights=None`` and the Normalization statistics are then SET explicitly (after
+any weight loading), for every choice of encoder weights:
+
+* RGB channel c: mean = IMAGENET_MEAN[c]/255, variance = (IMAGENET_STD[c]/255)**2, so that
+  ``Normalization(Rescaling(x)) == (x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]`` (the seed's normalization);
+* extra channel (lung mask): mean 0, variance (1/255)**2, so the 0/1 mask reaches the stem conv as 0/1
+  (the seed concatenated the binary mask unnormalized to the normalized image).
+
+Those statistics are the Normalization layer's non-trainable weights (mean (C,), variance (C,), count ()),
+which is why a model here has 2*C + 1 more parameters than segmentation_models' Unet, whose qubvel
+EfficientNet has no preprocessing layers (B3, 3 channels: 17,867,840 vs 17,867,833; see tests/test_models.py).
+
+Encoder weights: None / "none" (random init), "imagenet" (keras.applications' notop file, downloaded once to
+~/.keras/models; offline it fails fast with the URL to fetch), or a path to a local Keras weights file of a
+3-channel keras.applications encoder: the ``efficientnetbN_notop.h5`` file keras downloads, or a
+``.weights.h5`` saved from ``keras.applications.EfficientNetBN(include_top=False)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers
+
+from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, StageConfig
+
+log = logging.getLogger(__name__)
+
+ENCODERS: dict[str, Callable[..., keras.Model]] = {
+    f"efficientnetb{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)
+}
+#: Skip connections, deepest first (stride 16, 8, 4, 2), as in segmentation_models.
+SKIP_LAYERS: tuple[str, ...] = (
+    "block6a_expand_activation",
+    "block4a_expand_activation",
+    "block3a_expand_activation",
+    "block2a_expand_activation",
+)
+BOTTLENECK_LAYER = "top_activation"
+DECODER_FILTERS: tuple[int, ...] = (256, 128, 64, 32, 16)
+STEM_LAYER = "stem_conv"
+STEM_INITS: tuple[str, ...] = ("cycle", "zero")
+#: keras.applications downloads encoder weights from here (file name: f"{encoder}_notop.h5").
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
+SIZE_DIVISOR = 32
+
+_FROM_CONFIG: Any = object()  # sentinel: "use cfg.encoder_weights"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoder weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+def weights_file_name(encoder: str) -> str:
+    """The file name keras.applications uses for the ImageNet notop weights of `encoder`."""
+    return f"{_check_encoder(encoder)}_notop.h5"
+
+
+def weights_url(encoder: str) -> str:
+    """The exact URL keras.applications downloads the ImageNet notop weights of `encoder` from."""
+    return KERAS_WEIGHTS_URL + weights_file_name(encoder)
+
+
+def resolve_encoder_weights(encoder: str, encoder_weights: str | os.PathLike | None) -> Path | None:
+    """The local weights file for `encoder_weights` (None for random init).
+
+    "imagenet" is fetched with keras' own downloader (cached in ~/.keras/models, hash-checked); if that fails
+    (offline cluster) a RuntimeError says which URL to fetch and how to pass the file instead.
+    """
+    if encoder_weights is None or str(encoder_weights).lower() in ("none", ""):
+        return None
+    if str(encoder_weights).lower() == "imagenet":
+        file_name = weights_file_name(encoder)
+        try:
+            from keras.src.applications.efficientnet import WEIGHTS_HASHES
+
+            file_hash = WEIGHTS_HASHES[encoder.lower().removeprefix("efficientnet")][1]
+        except (ImportError, KeyError):  # private module moved: skip the hash check
+            file_hash = None
+        try:
+            return Path(
+                keras.utils.get_file(
+                    file_name, weights_url(encoder), cache_subdir="models", file_hash=file_hash
+                )
+            )
+        except Exception as e:  # noqa: BLE001  (keras raises bare Exception on URL failures)
+            raise RuntimeError(
+                f"could not download the ImageNet weights of {encoder} ({type(e).__name__}: {e}). "
+                f"On an offline machine fetch {weights_url(encoder)} elsewhere (e.g. `wget "
+                f"{weights_url(encoder)}`), copy it over and pass its path: --encoder-weights "
+                f"/path/to/{file_name} (or put it in ~/.keras/models/)."
+            ) from e
+    path = Path(encoder_weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"encoder weights file not found: {path} (expected None, 'none', 'imagenet' or the path of a "
+            f"Keras weights file such as {weights_file_name(encoder)} from {weights_url(encoder)})"
+        )
+    return path
+
+
+def load_reference_encoder(encoder: str, weights_path: str | os.PathLike) -> keras.Model:
+    """A 3-channel keras.applications encoder (include_top=False) holding the weights of `weights_path`."""
+    ref = ENCODERS[_check_encoder(encoder)](include_top=False, weights=None, input_shape=(None, None, 3))
+    try:
+        ref.load_weights(str(weights_path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(
+            f"cannot load encoder weights from {weights_path}: {type(e).__name__}: {str(e).rstrip('.')}. Expected a Keras "
+            f"weights file of a 3-channel keras.applications {encoder} with include_top=False (e.g. "
+            f"{weights_file_name(encoder)} or a .weights.h5 saved from one)."
+        ) from e
+    return ref
+
+
+def widen_stem_kernel(kernel: np.ndarray, in_channels: int, stem_init: str = "cycle") -> np.ndarray:
+    """Adapt a pretrained (kh, kw, 3, filters) stem kernel to `in_channels` >= 3 inputs.
+
+    "cycle" (segmentation_models_pytorch's rule): new channel i takes the kernel of RGB channel i % 3 and the
+    whole kernel is scaled by 3 / in_channels. "zero": RGB kernels unchanged, extra channels zero.
+    """
+    if stem_init not in STEM_INITS:
+        raise ValueError(f"stem_init must be one of {STEM_INITS}, got {stem_init!r}")
+    old_in = kernel.shape[2]
+    if in_channels < old_in:
+        raise ValueError(f"cannot widen a {old_in}-channel stem kernel to {in_channels} channels")
+    if stem_init == "cycle":
+        new = kernel[:, :, [i % old_in for i in range(in_channels)], :] * (old_in / in_channels)
+    else:
+        new = np.zeros(kernel.shape[:2] + (in_channels,) + kernel.shape[3:], dtype=kernel.dtype)
+        new[:, :, :old_in, :] = kernel
+    return new.astype(kernel.dtype)
+
+
+def transfer_encoder_weights(model: keras.Model, reference: keras.Model, stem_init: str = "cycle") -> int:
+    """Copy every weight of the 3-channel `reference` encoder into `model`'s layers of the same name.
+
+    The stem conv is widened with `widen_stem_kernel` when `model` has more input channels; the preprocessing
+    layers (Rescaling/Normalization) are skipped (their statistics are set by `set_input_normalization`).
+    Returns the number of layers copied.
+    """
+    copied = 0
+    for ref_layer in reference.layers:
+        values = ref_layer.get_weights()
+        if not values or isinstance(ref_layer, (layers.Normalization, layers.Rescaling)):
+            continue
+        try:
+            target = model.get_layer(ref_layer.name)
+        except ValueError:
+            raise ValueError(f"encoder layer {ref_layer.name!r} of the weights file has no twin in the model")
+        if ref_layer.name == STEM_LAYER:
+            in_channels = target.get_weights()[0].shape[2]
+            values = [widen_stem_kernel(values[0], in_channels, stem_init), *values[1:]]
+        target.set_weights(values)
+        copied += 1
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing inside the model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def input_normalization_stats(in_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, variance) for keras' Normalization layer that follows Rescaling(1/255) in the encoder.
+
+    RGB: ImageNet statistics (config.IMAGENET_MEAN/STD, on 0-255 pixels) rescaled to 0-1; extra channels:
+    mean 0, variance 1/255**2, which undoes the 1/255 rescaling so a 0/1 mask stays 0/1.
+    """
+    if in_channels < 3:
+        raise ValueError(f"in_channels must be >= 3 (RGB first), got {in_channels}")
+    extra = in_channels - 3
+    mean = np.array([m / 255.0 for m in IMAGENET_MEAN] + [0.0] * extra, dtype="float32")
+    variance = np.array([(s / 255.0) ** 2 for s in IMAGENET_STD] + [(1 / 255.0) ** 2] * extra, dtype="float32")
+    return mean, variance
+
+
+def input_normalization_layer(model: keras.Model) -> layers.Normalization:
+    """The encoder's Normalization layer (keras.applications puts exactly one in front of EfficientNet)."""
+    found = [layer for layer in model.layers if isinstance(layer, layers.Normalization)]
+    if len(found) != 1:
+        raise ValueError(f"expected one Normalization layer in {model.name}, found {len(found)}")
+    return found[0]
+
+
+def set_input_normalization(model: keras.Model) -> None:
+    """Give the encoder's Normalization layer the statistics of `input_normalization_stats`."""
+    norm = input_normalization_layer(model)
+    mean, variance = input_normalization_stats(int(model.inputs[0].shape[-1]))
+    norm.adapt_mean.assign(mean)
+    norm.adapt_variance.assign(variance)
+    norm.finalize_state()  # the layer caches mean/variance tensors: refresh them
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def conv3x3_bn_relu(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
+    """Conv3x3 (no bias, he_uniform) -> BatchNorm -> ReLU, layers named f"{name}_conv/_bn/_relu"."""
+    x = layers.Conv2D(
+        filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform", name=f"{name}_conv"
+    )(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def decoder_block(
+    x: keras.KerasTensor, skip: keras.KerasTensor | None, filters: int, stage: int
+) -> keras.KerasTensor:
+    """One decoder stage: UpSampling2D x2, concat with the skip (if any), two conv3x3_bn_relu."""
+    x = layers.UpSampling2D(size=2, name=f"decoder_stage{stage}_upsampling")(x)
+    if skip is not None:
+        x = layers.Concatenate(axis=-1, name=f"decoder_stage{stage}_concat")([x, skip])
+    x = conv3x3_bn_relu(x, filters, name=f"decoder_stage{stage}a")
+    return conv3x3_bn_relu(x, filters, name=f"decoder_stage{stage}b")
+
+
+def segmentation_head(x: keras.KerasTensor, dropout: float = 0.0, classes: int = 1) -> keras.KerasTensor:
+    """[Dropout] -> Conv3x3 `final_conv` -> sigmoid in float32 (even under a mixed-precision policy)."""
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="head_dropout")(x)
+    x = layers.Conv2D(
+        classes, 3, padding="same", use_bias=True, kernel_initializer="glorot_uniform", name="final_conv"
+    )(x)
+    return layers.Activation("sigmoid", dtype="float32", name="sigmoid")(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_encoder(encoder: str) -> str:
+    key = encoder.lower()
+    if key not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODERS)}")
+    return key
+
+
+def check_input_shape(input_shape: Sequence[int | None]) -> tuple[int | None, int | None, int]:
+    """Validate (H, W, C): H and W multiples of 32 (or None), C >= 3; return it as a tuple."""
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {tuple(input_shape)}")
+    h, w, c = input_shape
+    for side, size in (("height", h), ("width", w)):
+        if size is not None and (int(size) <= 0 or int(size) % SIZE_DIVISOR):
+            raise ValueError(
+                f"input {side} {size} is not a positive multiple of {SIZE_DIVISOR} (the U-Net downsamples "
+                f"5 times); use e.g. {max(SIZE_DIVISOR, round(int(size) / SIZE_DIVISOR) * SIZE_DIVISOR)}"
+            )
+    if c is None or int(c) < 3:
+        raise ValueError(f"input channels must be >= 3 (RGB, then e.g. the lung mask), got {c}")
+    return (None if h is None else int(h), None if w is None else int(w), int(c))
+
+
+def build_unet(
+    encoder: str = "efficientnetb3",
+    input_shape: Sequence[int | None] = (448, 448, 3),
+    encoder_weights: str | os.PathLike | None = None,
+    dropout: float = 0.0,
+    name: str | None = None,
+    stem_init: str = "cycle",
+    decoder_filters: Sequence[int] = DECODER_FILTERS,
+) -> keras.Model:
+    """A segmentation_models-style U-Net on a keras.applications EfficientNet B0-B7.
+
+    Args:
+        encoder: "efficientnetb0" ... "efficientnetb7".
+        input_shape: (H, W, C); H, W multiples of 32; C = 3 (RGB) or more (extra channels are 0/1 masks).
+            Input values: raw pixels 0..255 (RGB), 0/1 (extra channels); see the module docstring.
+        encoder_weights: None / "none", "imagenet", or a path to a 3-channel encoder weights file.
+        dropout: rate of a Dropout before the head (0 = none).
+        name: model name (default f"unet_{encoder}").
+        stem_init: how pretrained weights fill the stem kernel of extra input channels: "cycle" (default,
+            segmentation_models_pytorch's rule, which the seed's 4-channel Stage 2 was trained with: channel i
+            gets RGB kernel i % 3, all scaled by 3/C, keeping the stem's response to a gray image whose
+            extra channel looks like its pixels, and sending gradient to the mask channel from step one) or
+            "zero" (extra kernels zero: the pretrained RGB features are exactly preserved at the start, but the
+            input gradient wrt the mask channel is zero until its kernel has moved). Ignored without weights.
+        decoder_filters: filters of the decoder stages, deepest first (5 stages = back to full size).
+
+    Returns:
+        keras.Model mapping (B, H, W, C) float32 to (B, H, W, 1) float32 sigmoid probabilities.
+    """
+    key = _check_encoder(encoder)
+    shape = check_input_shape(input_shape)
+    if stem_init not in STEM_INITS:
+        raise ValueError(f"stem_init must be one of {STEM_INITS}, got {stem_init!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if len(decoder_filters) != len(SKIP_LAYERS) + 1:
+        raise ValueError(f"decoder_filters needs {len(SKIP_LAYERS) + 1} stages, got {list(decoder_filters)}")
+    weights_path = resolve_encoder_weights(key, encoder_weights)  # fail fast, before building anything
+
+    inputs = keras.Input(shape=shape, name="pixels")
+    with warnings.catch_warnings():  # keras warns that EfficientNet "usually expects 1 or 3 input channels"
+        warnings.filterwarnings("ignore", message=".*input channels", category=UserWarning)
+        backbone = ENCODERS[key](include_top=False, weights=None, input_tensor=inputs, input_shape=shape)
+    skips = [backbone.get_layer(layer_name).output for layer_name in SKIP_LAYERS]
+    x = backbone.get_layer(BOTTLENECK_LAYER).output
+    for stage, filters in enumerate(decoder_filters):
+        x = decoder_block(x, skips[stage] if stage < len(skips) else None, filters, stage)
+    outputs = segmentation_head(x, dropout=dropout)
+    model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
+
+    if weights_path is not None:
+        reference = load_reference_encoder(key, weights_path)
+        copied = transfer_encoder_weights(model, reference, stem_init=stem_init)
+        log.info("loaded %d encoder layers from %s (stem_init=%s)", copied, weights_path, stem_init)
+    set_input_normalization(model)
+    return model
+
+
+def build_stage_model(
+    cfg: StageConfig,
+    encoder_weights: str | os.PathLike | None = _FROM_CONFIG,
+    stem_init: str = "cycle",
+) -> keras.Model:
+    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout).
+
+    `encoder_weights` overrides cfg.encoder_weights when given (None / "none" = random init).
+    """
+    weights = cfg.encoder_weights if encoder_weights is _FROM_CONFIG else encoder_weights
+    return build_unet(
+        encoder=cfg.encoder,
+        input_shape=(cfg.image_size, cfg.image_size, cfg.in_channels),
+        encoder_weights=weights,
+        dropout=cfg.dropout,
+        name=f"{cfg.stage}_unet",
+        stem_init=stem_init,
+    )
