@@ -141,3 +141,45 @@ def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor, thresh
     }
     out.update(severity(lung_mask, infection_mask))
     return out
+
+
+def load_model(path: str | Any) -> Any:
+    """Load a trained stage model saved as `.keras` (custom objects registered, not compiled).
+
+    Raises:
+        FileNotFoundError: `path` does not exist (the message says how to obtain a model).
+        ValueError: `path` is not a `.keras` file Keras can load.
+    """
+    from pathlib import Path
+
+    import keras
+
+    import covidseg_tf.models  # noqa: F401  (registers the custom layers)
+
+    for extra in ("covidseg_tf.losses", "covidseg_tf.metrics"):  # registered objects a saved config may name
+        try:
+            __import__(extra)
+        except ImportError:  # pragma: no cover - optional when loading uncompiled
+            pass
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"model file {p} not found; train one with `python -m covidseg_tf.train --stage lung|infection ... "
+            "--output runs/NAME` (it writes runs/NAME/model.keras) or run `python -m covidseg_tf.demo`")
+    if p.suffix != ".keras":
+        raise ValueError(f"{p}: expected a Keras `.keras` model file (SavedModel folders are for serving only)")
+    try:
+        return keras.models.load_model(p, compile=False)
+    except Exception as e:
+        raise ValueError(f"{p}: cannot load Keras model: {type(e).__name__}: {e}") from e
+
+
+def model_image_size(model: Any, default: int | None = None) -> int:
+    """Square input size S of a model built for (B, S, S, C) input, else `default` (error if None)."""
+    shape = model.inputs[0].shape if getattr(model, "inputs", None) else None
+    size = shape[1] if shape is not None and len(shape) == 4 else None
+    if size is None or shape[2] != size:
+        if default is None:
+            raise ValueError(f"model {getattr(model, 'name', model)!r} has no fixed square input size; pass one")
+        return int(default)
+    return int(size)

@@ -1,0 +1,252 @@
+"""covidseg_tf.imageio and covidseg_tf.predict: every input kind, broken files, outputs never over inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidseg_tf.imageio import XRayReadError, find_images, read_xray
+
+H, W = 40, 52  # deliberately not square and not the model size
+
+
+def gradient(dtype=np.uint8, maxval=255) -> np.ndarray:
+    """HxW ramp: left dark -> right bright, with a brighter square to check orientation."""
+    g = np.tile(np.linspace(0, maxval, W), (H, 1))
+    g[5:15, 5:15] = maxval
+    return g.astype(dtype)
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
+                pixel_data: bool = True, slope: float = 1.0, intercept: float = 0.0) -> Path:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    if slope != 1.0 or intercept != 0.0:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixel_data:
+        ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """One file of every supported kind (good) and of every broken kind."""
+    d = tmp_path_factory.mktemp("inputs")
+    g8 = gradient()
+    files: dict[str, Path] = {}
+    files["png8_gray"] = d / "png8_gray.png"
+    Image.fromarray(g8, "L").save(files["png8_gray"])
+    files["png16_gray"] = d / "png16_gray.png"
+    Image.fromarray(gradient(np.uint16, 4095).astype(np.int32)).convert("I;16").save(files["png16_gray"])
+    files["png_rgb"] = d / "png_rgb.png"
+    Image.fromarray(np.repeat(g8[..., None], 3, -1), "RGB").save(files["png_rgb"])
+    files["png_rgba"] = d / "png_rgba.png"
+    rgba = np.concatenate([np.repeat(g8[..., None], 3, -1), np.full((H, W, 1), 128, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(files["png_rgba"])
+    files["jpeg"] = d / "sub" / "jpeg_gray.jpg"
+    files["jpeg"].parent.mkdir()
+    Image.fromarray(g8, "L").save(files["jpeg"], quality=95)
+    files["jpeg_rgb"] = d / "sub" / "jpeg_rgb.jpeg"
+    Image.fromarray(np.repeat(g8[..., None], 3, -1), "RGB").save(files["jpeg_rgb"], quality=95)
+    files["dicom_mono2"] = write_dicom(d / "mono2.dcm", gradient(np.uint16, 4095))
+    files["dicom_mono1"] = write_dicom(d / "mono1.dcm", 4095 - gradient(np.uint16, 4095), photometric="MONOCHROME1")
+    files["dicom_window"] = write_dicom(d / "window.dcm", gradient(np.uint16, 4095), window=(1024, 2048))
+    bad = d / "bad"
+    bad.mkdir()
+    files["bad_truncated"] = bad / "truncated.png"
+    data = (d / "png8_gray.png").read_bytes()
+    files["bad_truncated"].write_bytes(data[: len(data) // 2])
+    files["bad_nopixels"] = write_dicom(bad / "nopixels.dcm", gradient(np.uint16, 4095), pixel_data=False)
+    files["bad_text"] = bad / "text.png"
+    files["bad_text"].write_text("this is not an image\n")
+    return files
+
+
+GOOD = ["png8_gray", "png16_gray", "png_rgb", "png_rgba", "jpeg", "jpeg_rgb", "dicom_mono2", "dicom_mono1",
+        "dicom_window"]
+BAD = ["bad_truncated", "bad_nopixels", "bad_text"]
+
+
+@pytest.mark.parametrize("kind", GOOD)
+def test_read_xray_every_kind_is_uint8_gray_and_bright_on_the_right(inputs, kind):
+    a = read_xray(inputs[kind])
+    assert a.dtype == np.uint8 and a.shape == (H, W)
+    # same orientation and polarity for all kinds: ramp dark left -> bright right, bright square top-left
+    assert a[25:, :5].mean() < 60 and a[25:, -5:].mean() > 195, (a[25:, :5].mean(), a[25:, -5:].mean())
+    assert a[6:14, 6:14].mean() > 195
+    if kind in ("png8_gray", "png_rgb", "png_rgba"):  # 8-bit values unchanged
+        np.testing.assert_array_equal(a, gradient())
+    if kind in ("png16_gray", "dicom_mono2", "dicom_mono1"):  # 12-bit stretched to the full range
+        assert a.min() == 0 and a.max() == 255
+
+
+def test_read_xray_dicom_window_clips_values(inputs):
+    a = read_xray(inputs["dicom_window"]).astype(int)
+    # window 1024 +- 1024: everything above ~2048 is saturated
+    assert (a[25:, -15:] == 255).all()
+    assert (a == 255).mean() > 0.4
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_read_xray_bad_files_name_the_file(inputs, kind):
+    with pytest.raises(XRayReadError, match=inputs[kind].name):
+        read_xray(inputs[kind])
+
+
+def test_read_xray_missing_file(tmp_path):
+    with pytest.raises(XRayReadError, match="nope.png"):
+        read_xray(tmp_path / "nope.png")
+
+
+def test_find_images_recursive_known_extensions_and_exclude(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.png", "a/b/y.DCM", "a/b/z.jpeg", "a/notes.txt", "a/out/old_overlay.png"):
+        p = tmp_path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    files, missing = find_images([tmp_path / "a", tmp_path / "a" / "x.png", tmp_path / "gone.png"],
+                                 exclude=tmp_path / "a" / "out")
+    assert sorted(f.relative_to(tmp_path).as_posix() for f in files) == ["a/b/y.DCM", "a/b/z.jpeg", "a/x.png"]
+    assert missing == [tmp_path / "gone.png"]
+
+
+def test_plan_outputs_never_hits_inputs_nor_itself(tmp_path):
+    from covidseg_tf.predict import plan_outputs
+
+    d = tmp_path / "in"
+    d.mkdir()
+    a_png, a_dcm = d / "a.png", d / "a.dcm"
+    clash = d / "b_lung.png"  # an input that looks like an output of b.png
+    b_png = d / "b.png"
+    for p in (a_png, a_dcm, clash, b_png):
+        p.write_bytes(b"")
+    files = [a_png, a_dcm, b_png, clash]
+    plan = plan_outputs(files, [d], d.parent)  # --out = the parent of the input folder
+    outs = [plan[f].parent / (plan[f].name + s) for f in files for s in ("_lung.png", "_infection.png", "_overlay.png", ".json")]
+    assert len(set(outs)) == len(outs)
+    assert not {o.resolve() for o in outs} & {f.resolve() for f in files}
+    assert plan[a_png].name == "a_png" and plan[a_dcm].name == "a_dcm"
+    assert plan[b_png].name == "b-1"  # b_lung.png is an input
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    """Untrained efficientnetb0 U-Nets at 64 px saved as .keras (lung: 3 channels, infection: 4)."""
+    from covidseg_tf.models import build_unet
+
+    d = tmp_path_factory.mktemp("models")
+    lung = build_unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, name="lung")
+    inf = build_unet("efficientnetb0", input_shape=(64, 64, 4), encoder_weights=None, name="infection")
+    lung.save(d / "lung.keras")
+    inf.save(d / "infection.keras")
+    return d / "lung.keras", d / "infection.keras"
+
+
+def check_outputs(stem: Path, src: Path, shape: tuple[int, int]) -> dict:
+    for s in ("_lung.png", "_infection.png"):
+        m = np.asarray(Image.open(stem.parent / (stem.name + s)))
+        assert m.shape == shape and set(np.unique(m)) <= {0, 255}
+    ov = Image.open(stem.parent / (stem.name + "_overlay.png"))
+    assert ov.mode == "RGB" and ov.size == (shape[1], shape[0])
+    rec = json.loads((stem.parent / (stem.name + ".json")).read_text())
+    assert rec["file"] == str(src)
+    assert rec["size"] == {"height": shape[0], "width": shape[1]}
+    lung = np.asarray(Image.open(stem.parent / (stem.name + "_lung.png"))) > 0
+    inf = np.asarray(Image.open(stem.parent / (stem.name + "_infection.png"))) > 0
+    assert rec["lung_area_px"] == lung.sum() and rec["infection_area_px"] == inf.sum()
+    assert not (inf & ~lung).any()  # infection only inside the lung
+    for k in ("left", "right", "total"):
+        assert 0.0 <= rec["severity"][k] <= 100.0
+    assert rec["severity"]["grade"] in ("none", "mild", "moderate", "severe")
+    assert len(rec["models"]["lung"]["sha256"]) == 64 and rec["models"]["image_size"] == 64
+    return rec
+
+
+def test_predict_cli_every_kind_bad_files_skipped_exit_1(inputs, tiny_models, tmp_path, caplog):
+    from covidseg_tf.predict import main
+
+    lung, inf = tiny_models
+    folder = inputs["png8_gray"].parent
+    out = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    with caplog.at_level(logging.ERROR):
+        rc = main([str(folder), "--out", str(out), "--lung-model", str(lung), "--infection-model", str(inf), "--quiet"])
+    assert rc == 1
+    for kind in BAD:
+        assert any(inputs[kind].name in r.getMessage() for r in caplog.records), kind
+    for kind in GOOD:
+        src = inputs[kind]
+        rel = src.parent.relative_to(folder)
+        check_outputs(out / folder.name / rel / src.stem, src, (H, W))
+    assert not list((out / folder.name / "bad").glob("*.json"))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # inputs untouched
+
+
+def test_predict_cli_all_good_exit_0_and_out_inside_input_folder(inputs, tiny_models, tmp_path):
+    from covidseg_tf.predict import main
+
+    lung, inf = tiny_models
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(inputs["png8_gray"], d / "a.png")
+    shutil.copy(inputs["dicom_mono1"], d / "a.dcm")
+    args = ["--out", str(d / "preds"), "--lung-model", str(lung), "--infection-model", str(inf), "--quiet"]
+    assert main([str(d)] + args) == 0
+    check_outputs(d / "preds" / "imgs" / "a_png", d / "a.png", (H, W))
+    check_outputs(d / "preds" / "imgs" / "a_dcm", d / "a.dcm", (H, W))
+    # a second run does not pick up its own outputs as inputs
+    assert main([str(d)] + args) == 0
+    assert len(list((d / "preds").rglob("*.json"))) == 2
+
+
+def test_predict_cli_missing_model_is_a_clear_error(inputs, tmp_path, caplog):
+    from covidseg_tf.predict import main
+
+    with caplog.at_level(logging.ERROR):
+        rc = main([str(inputs["png8_gray"]), "--out", str(tmp_path), "--lung-model", str(tmp_path / "no.keras"),
+                   "--infection-model", str(tmp_path / "no2.keras")])
+    assert rc == 1
+    assert "no.keras" in caplog.text and "covidseg_tf.train" in caplog.text
+
+
+def test_predict_real_pngs_io(shared_covidqu, tiny_models, tmp_path):
+    """A few real COVID-QU-Ex PNGs go through the whole I/O path (untrained models: no accuracy claim)."""
+    from covidseg_tf.predict import main
+
+    lung, inf = tiny_models
+    imgs = sorted((shared_covidqu / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" /
+                   "COVID-19" / "images").glob("*.png"))[:3]
+    assert imgs
+    out = tmp_path / "out"
+    assert main([str(p) for p in imgs] + ["--out", str(out), "--lung-model", str(lung), "--infection-model",
+                                          str(inf), "--quiet"]) == 0
+    for p in imgs:
+        shape = read_xray(p).shape
+        assert shape == (256, 256)
+        check_outputs(out / p.stem, p, shape)
