@@ -19,6 +19,26 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation (albumentations), applied jointly to the image and its masks.
+
+    The seed's ShiftScaleRotate(shift 0.1, scale 0.1, rotate 15) is expressed as albumentations' `Affine`.
+    Gaussian noise: the seed's var_limit (10, 50) on 0-255 pixels, i.e. std sqrt(10)..sqrt(50) over 255.
+    """
+
+    hflip_p: float = 0.5
+    shift: float = 0.1
+    scale: float = 0.1
+    rotate_deg: float = 15.0
+    affine_p: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    brightness_contrast_p: float = 0.5
+    noise_std: tuple[float, float] = (10**0.5 / 255, 50**0.5 / 255)
+    noise_p: float = 0.5
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """Hyper-parameters of one stage of the cascade."""
 
@@ -38,6 +58,7 @@ class StageConfig:
     encoder_weights: str = "imagenet"
     dataset: str = "covid_qu_ex/infection"
     threshold: float = 0.5
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def replace(self, **changes: Any) -> "StageConfig":
         """A copy with some fields changed (None values are ignored)."""
@@ -52,6 +73,11 @@ class StageConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown StageConfig field(s): {sorted(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("augment"), dict):
+            aug = dict(d["augment"])
+            aug["noise_std"] = tuple(aug.get("noise_std", AugmentConfig.noise_std))
+            d["augment"] = AugmentConfig(**aug)
         return cls(**d)
 
 

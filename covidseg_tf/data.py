@@ -1,0 +1,172 @@
+"""tf.data input pipelines: TFDS examples → (pixels, mask) batches for either stage.
+
+    examples (native size, uint8) ─ cache ─ shuffle ─ albumentations (train) ─ resize ─ batch ─ prefetch
+
+* Model inputs follow the model contract: float32 pixels 0–255 with the grayscale X-ray repeated to RGB, and for
+  Stage 2 a fourth channel holding the lung mask in {0, 1}. Normalization happens inside the model.
+* Augmentation runs at native size (256 px for COVID-QU-Ex, cheaper than at 448) on the image and all its masks
+  jointly, with one seed per example drawn from `tf.data.Dataset.random`, so a seeded run is reproducible even
+  with parallel calls.
+* Images are resized bilinearly, masks with nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from covidseg_tf.config import AugmentConfig, StageConfig
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+SPLITS = ("train", "validation", "test")
+
+
+class DatasetError(RuntimeError):
+    """The requested dataset cannot be loaded or built; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------- TFDS loading
+def load_builder(dataset: str, data_dir: str | Path | None = None, manual_dir: str | Path | None = None,
+                 build: bool = True):
+    """The TFDS builder of `dataset` (e.g. "covid_qu_ex/infection"), prepared (built) if needed."""
+    import tensorflow_datasets as tfds
+
+    import tfds_covidqu  # noqa: F401  (registers covid_qu_ex)
+
+    try:
+        builder = tfds.builder(dataset, data_dir=None if data_dir is None else str(data_dir))
+    except Exception as e:  # unknown name or config
+        raise DatasetError(f"unknown dataset {dataset!r} ({e}); try covid_qu_ex/synthetic, "
+                           "covid_qu_ex/infection or covid_qu_ex/lung") from e
+    if build:
+        config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
+        builder.download_and_prepare(download_config=config)
+    return builder
+
+
+def load_split(builder, split: str) -> tf.data.Dataset:
+    """One split as a dataset of decoded feature dicts, in file order (deterministic)."""
+    if split not in builder.info.splits:
+        raise DatasetError(f"{builder.info.full_name} has no split {split!r}; it has {list(builder.info.splits)}")
+    return builder.as_dataset(split=split, shuffle_files=False)
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def build_augmenter(aug: AugmentConfig):
+    """The seed's train-time augmentation as an albumentations Compose (image + masks jointly)."""
+    import albumentations as A
+    import cv2
+
+    return A.Compose([
+        A.HorizontalFlip(p=aug.hflip_p),
+        A.Affine(translate_percent=(-aug.shift, aug.shift), scale=(1 - aug.scale, 1 + aug.scale),
+                 rotate=(-aug.rotate_deg, aug.rotate_deg), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0,
+                 p=aug.affine_p),
+        A.RandomBrightnessContrast(brightness_limit=aug.brightness, contrast_limit=aug.contrast,
+                                   p=aug.brightness_contrast_p),
+        A.GaussNoise(std_range=aug.noise_std, p=aug.noise_p),
+    ])
+
+
+def make_augment_fn(aug: AugmentConfig) -> Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """A thread-safe `fn(image HxW uint8, masks KxHxW uint8, seed) -> (image, masks)`.
+
+    Each thread owns its Compose; re-seeding it per example makes the result depend on the example's seed only.
+    """
+    local = threading.local()
+
+    def fn(image: np.ndarray, masks: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(local, "compose"):
+            local.compose = build_augmenter(aug)
+        local.compose.set_random_seed(int(seed) % (2**32))
+        out = local.compose(image=image, masks=list(masks))
+        return out["image"], np.stack(out["masks"]).astype(np.uint8)
+
+    return fn
+
+
+def augment(image: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, fn) -> tuple[tf.Tensor, tf.Tensor]:
+    """Run the numpy augmentation `fn` inside the graph; image HxWx1, masks HxWxK (uint8)."""
+    img2d = image[..., 0]
+    masks_k = tf.transpose(masks, [2, 0, 1])
+
+    def _np(i, m, s):
+        return fn(i, m, s)
+
+    out_img, out_masks = tf.numpy_function(_np, [img2d, masks_k, seed], [tf.uint8, tf.uint8], stateful=False)
+    out_img = tf.ensure_shape(out_img[..., None], image.shape)
+    out_masks = tf.ensure_shape(tf.transpose(out_masks, [1, 2, 0]), masks.shape)
+    return out_img, out_masks
+
+
+# ----------------------------------------------------------------------------------------------- pipelines
+def to_model_inputs(image: tf.Tensor, masks: tf.Tensor, size: int, stage: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """Resize a native example and arrange it as (x, y) for `stage`.
+
+    `masks` channels: [lung] for the lung stage; [lung channel, infection] for the infection stage, where the
+    lung channel is the Stage-1 prediction or the ground truth.
+    """
+    pixels = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+    pixels = tf.clip_by_value(pixels, 0.0, 255.0)
+    rgb = tf.repeat(pixels, 3, axis=-1)
+    m = tf.cast(tf.image.resize(masks, (size, size), method="nearest"), tf.float32)
+    if stage == "lung":
+        return rgb, m[..., :1]
+    return tf.concat([rgb, m[..., :1]], axis=-1), m[..., 1:2]
+
+
+def select_masks(example: Mapping[str, tf.Tensor], stage: str,
+                 stage1_masks: tf.lookup.StaticHashTable | None = None) -> tf.Tensor:
+    """The mask channels a stage needs, HxWxK uint8 in {0, 1} (see `to_model_inputs`)."""
+    if stage == "lung":
+        return tf.cast(example["lung_mask"], tf.uint8)
+    if stage1_masks is None:
+        lung = example["lung_mask"]
+    else:
+        png = stage1_masks.lookup(example["file_name"])
+        found = tf.debugging.assert_greater(tf.strings.length(png), 0,
+                                            message="no cached Stage-1 lung mask for this file name")
+        with tf.control_dependencies([found]):
+            lung = tf.image.decode_png(png, channels=1)
+        lung = tf.image.resize(lung, tf.shape(example["lung_mask"])[:2], method="nearest")
+    return tf.concat([tf.cast(lung, tf.uint8), tf.cast(example["infection_mask"], tf.uint8)], axis=-1)
+
+
+def make_pipeline(examples: tf.data.Dataset, cfg: StageConfig, *, training: bool, seed: int | None = None,
+                  stage1_masks: tf.lookup.StaticHashTable | None = None, repeat: bool = False,
+                  cache: bool = True, batch_size: int | None = None) -> tf.data.Dataset:
+    """Batches of (x, y) for `cfg.stage`. Training adds shuffle + augmentation; validation only resizes."""
+    size, stage = cfg.image_size, cfg.stage
+    if stage == "infection" and "infection_mask" not in examples.element_spec:
+        raise DatasetError("the infection stage needs a dataset with infection masks "
+                           "(covid_qu_ex/infection or covid_qu_ex/synthetic), not the lung part")
+    ds = examples.map(lambda ex: (ex["image"], select_masks(ex, stage, stage1_masks)), num_parallel_calls=AUTOTUNE)
+    if cache:
+        ds = ds.cache()  # decoded native-size examples: augmentation and resize run from memory
+    if training:
+        ds = ds.shuffle(2048, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        fn = make_augment_fn(cfg.augment)
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xm, s: augment(xm[0], xm[1], s, fn),
+                                                num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
+    elif repeat:
+        ds = ds.repeat()
+    ds = ds.map(lambda image, masks: to_model_inputs(image, masks, size, stage), num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size or cfg.batch_size, drop_remainder=False)
+    return ds.prefetch(AUTOTUNE)
+
+
+def masks_lookup(names: list[str], pngs: list[bytes]) -> tf.lookup.StaticHashTable:
+    """A file name → PNG-encoded mask table (missing names give an empty string)."""
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(names, tf.string), tf.constant(pngs, tf.string)),
+        default_value="")
