@@ -1,0 +1,251 @@
+"""The U-Net builder: architecture against segmentation_models, preprocessing, encoder weights, saving."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covidseg_tf import models
+from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, INFECTION
+
+SIZE = 64  # parameter counts do not depend on the input size; 64 px keeps the builds quick
+
+
+def _pixels(n: int = 2, channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rgb = rng.uniform(0, 255, (n, SIZE, SIZE, 3))
+    if channels == 3:
+        return rgb.astype("float32")
+    mask = rng.integers(0, 2, (n, SIZE, SIZE, channels - 3))
+    return np.concatenate([rgb, mask], axis=-1).astype("float32")
+
+
+def _weight_shapes(model: keras.Model) -> dict[str, list[tuple[int, ...]]]:
+    return {layer.name: [tuple(w.shape) for w in layer.weights] for layer in model.layers if layer.weights}
+
+
+@pytest.fixture(scope="module")
+def sm():
+    """segmentation_models (test oracle only). Its import registers qubvel's `swish`/`FixedDropout` as
+    global Keras custom objects, which would shadow Keras' own `swish` when other tests load models: undo it."""
+    os.environ["SM_FRAMEWORK"] = "tf.keras"
+    custom = keras.saving.get_custom_objects()
+    before = dict(custom)
+    sm = pytest.importorskip("segmentation_models")
+    custom.clear()
+    custom.update(before)
+    return sm
+
+
+@pytest.mark.parametrize(
+    "encoder,channels", [("efficientnetb0", 3), ("efficientnetb0", 4), ("efficientnetb3", 3), ("efficientnetb3", 4)]
+)
+def test_architecture_equals_segmentation_models_unet(sm, encoder, channels):
+    ref = sm.Unet(encoder, input_shape=(SIZE, SIZE, channels), encoder_weights=None, classes=1)
+    ours = models.build_unet(encoder, (SIZE, SIZE, channels), encoder_weights=None)
+
+    ref_shapes, our_shapes = _weight_shapes(ref), _weight_shapes(ours)
+    norm = models.input_normalization_layer(ours)
+    # Layer for layer (same names: stem_conv ... top_bn, decoder_stage0a_conv ... final_conv) same weights,
+    assert {k: v for k, v in our_shapes.items() if k != norm.name} == ref_shapes
+    # except keras.applications' input Normalization: mean (C,), variance (C,), count () - non-trainable.
+    assert our_shapes[norm.name] == [(channels,), (channels,), ()]
+    stats = 2 * channels + 1
+    assert ours.count_params() == ref.count_params() + stats
+    assert ours.count_params() - norm.count_params() == ref.count_params()  # without the statistics: equal
+    trainable = lambda m: sum(int(np.prod(w.shape)) for w in m.trainable_weights)  # noqa: E731
+    assert trainable(ours) == trainable(ref)
+    if (encoder, channels) == ("efficientnetb3", 3):
+        assert (ref.count_params(), ours.count_params()) == (17_867_833, 17_867_840)
+
+
+def test_layer_names_say_where_they_are():
+    model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4), dropout=0.3)
+    names = {layer.name for layer in model.layers}
+    for stage in range(5):
+        for suffix in ("_upsampling", "a_conv", "a_bn", "a_relu", "b_conv", "b_bn", "b_relu"):
+            assert f"decoder_stage{stage}{suffix}" in names
+    assert {f"decoder_stage{s}_concat" for s in range(4)} <= names
+    assert "decoder_stage4_concat" not in names  # the last stage has no skip (full resolution)
+    assert {"pixels", "stem_conv", "top_activation", "head_dropout", "final_conv", "sigmoid"} <= names
+    assert model.output.shape == (None, SIZE, SIZE, 1)
+    assert model.get_layer("head_dropout").rate == pytest.approx(0.3)
+    # the concat of stage i joins the upsampled features with skip SKIP_LAYERS[i]
+    concat = model.get_layer("decoder_stage0_concat")
+    assert concat.input[1].shape[-1] == model.get_layer(models.SKIP_LAYERS[0]).output.shape[-1]
+
+
+@pytest.fixture(scope="module")
+def random_b0_weights(tmp_path_factory) -> dict:
+    """A random-init 3-channel keras.applications EfficientNetB0 encoder saved in both Keras weight formats:
+    `.weights.h5` (Keras 3) and the legacy `.h5` layout of keras.applications' efficientnetb0_notop.h5."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(7)
+    encoder = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(None, None, 3))
+    folder = tmp_path_factory.mktemp("weights")
+    keras_path = folder / "encoder.weights.h5"
+    encoder.save_weights(keras_path)
+    legacy_path = folder / "efficientnetb0_notop.h5"
+    with h5py.File(legacy_path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, encoder)
+    return {"encoder": encoder, "keras": keras_path, "legacy": legacy_path}
+
+
+def _assert_encoder_transferred(model: keras.Model, encoder: keras.Model, channels: int, stem_init: str) -> None:
+    checked = 0
+    for layer in encoder.layers:
+        if not layer.weights or isinstance(layer, keras.layers.Normalization) or layer.name == "stem_conv":
+            continue
+        for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
+        checked += 1
+    assert checked > 100  # every BN/conv/SE layer of the encoder
+    old = encoder.get_layer("stem_conv").get_weights()[0]  # (3, 3, 3, 32)
+    new = model.get_layer("stem_conv").get_weights()[0]  # (3, 3, C, 32)
+    assert new.shape == old.shape[:2] + (channels,) + old.shape[3:]
+    if stem_init == "cycle":  # smp: channel i <- RGB kernel i % 3, everything scaled by 3 / C
+        for i in range(channels):
+            np.testing.assert_allclose(new[:, :, i], old[:, :, i % 3] * 3 / channels, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(new[:, :, :3], old)
+        assert not new[:, :, 3:].any()
+
+
+@pytest.mark.parametrize(
+    "fmt,channels,stem_init", [("keras", 3, "cycle"), ("legacy", 4, "cycle"), ("keras", 4, "zero")]
+)
+def test_encoder_weights_from_file(random_b0_weights, fmt, channels, stem_init):
+    model = models.build_unet(
+        "efficientnetb0", (SIZE, SIZE, channels), encoder_weights=str(random_b0_weights[fmt]), stem_init=stem_init
+    )
+    _assert_encoder_transferred(model, random_b0_weights["encoder"], channels, stem_init)
+    # loading weights never touches the in-model ImageNet normalization
+    mean, variance = models.input_normalization_stats(channels)
+    norm = models.input_normalization_layer(model)
+    np.testing.assert_array_equal(norm.adapt_mean.numpy(), mean)
+    np.testing.assert_array_equal(norm.adapt_variance.numpy(), variance)
+
+
+def test_widen_stem_kernel_rule():
+    kernel = np.arange(3 * 3 * 3 * 2, dtype="float32").reshape(3, 3, 3, 2)
+    cycle = models.widen_stem_kernel(kernel, 4, "cycle")
+    np.testing.assert_allclose(cycle[..., :3, :], kernel * 0.75)
+    np.testing.assert_allclose(cycle[..., 3, :], kernel[..., 0, :] * 0.75)
+    zero = models.widen_stem_kernel(kernel, 5, "zero")
+    np.testing.assert_array_equal(zero[..., :3, :], kernel)
+    assert not zero[..., 3:, :].any()
+    np.testing.assert_array_equal(models.widen_stem_kernel(kernel, 3, "cycle"), kernel)
+    with pytest.raises(ValueError, match="stem_init"):
+        models.widen_stem_kernel(kernel, 4, "mean")
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_preprocessing_inside_model_is_imagenet_and_mask_passthrough(channels, random_b0_weights):
+    """Raw 0..255 pixels in; the stem conv sees (x - IMAGENET_MEAN) / IMAGENET_STD and the mask as 0/1,
+    whatever the encoder weights (None or a file)."""
+    x = _pixels(channels=channels)
+    expected = (x[..., :3] - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    for weights in (None, str(random_b0_weights["keras"])):
+        model = models.build_unet("efficientnetb0", (SIZE, SIZE, channels), encoder_weights=weights)
+        stem_input = keras.Model(model.input, model.get_layer("stem_conv_pad").input)(x).numpy()
+        np.testing.assert_allclose(stem_input[..., :3], expected, atol=1e-5)
+        np.testing.assert_allclose(stem_input[..., 3:], x[..., 3:], atol=1e-6)
+
+
+def test_imagenet_offline_fails_fast_with_url(monkeypatch):
+    assert models.weights_url("efficientnetb3") == (
+        "https://storage.googleapis.com/keras-applications/efficientnetb3_notop.h5"
+    )
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(RuntimeError) as err:
+        models.build_unet("efficientnetb3", (SIZE, SIZE, 3), encoder_weights="imagenet")
+    message = str(err.value)
+    assert "https://storage.googleapis.com/keras-applications/efficientnetb3_notop.h5" in message
+    assert "--encoder-weights" in message
+
+
+def test_bad_weights_files(tmp_path, random_b0_weights):
+    with pytest.raises(FileNotFoundError, match="missing_notop.h5"):
+        models.build_unet("efficientnetb0", (SIZE, SIZE, 3), encoder_weights=tmp_path / "missing_notop.h5")
+    with pytest.raises(ValueError, match="efficientnetb0_notop.h5"):  # a B0 file for a B1 encoder
+        models.load_reference_encoder("efficientnetb1", random_b0_weights["legacy"])
+
+
+@pytest.mark.parametrize("shape,needle", [((100, 96, 3), "100"), ((96, 48, 3), "48"), ((64, 64, 1), "channels")])
+def test_bad_input_shape(shape, needle):
+    with pytest.raises(ValueError, match=needle):
+        models.build_unet("efficientnetb0", shape)
+
+
+def test_unknown_encoder():
+    with pytest.raises(ValueError, match="efficientnetb9"):
+        models.build_unet("efficientnetb9", (SIZE, SIZE, 3))
+
+
+def test_keras_save_load_round_trip(tmp_path):
+    model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4), dropout=0.3)
+    x = _pixels(channels=4)
+    before = model.predict(x, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    after = loaded.predict(x, verbose=0)
+    np.testing.assert_array_equal(before, after)
+    assert after.shape == (2, SIZE, SIZE, 1) and after.dtype == np.float32
+    assert 0.0 <= after.min() and after.max() <= 1.0
+    np.testing.assert_array_equal(
+        models.input_normalization_layer(loaded).adapt_variance.numpy(), models.input_normalization_stats(4)[1]
+    )
+
+
+def test_gradients_flow_through_all_input_channels():
+    model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4))
+    x = tf.constant(_pixels(channels=4))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_mean(model(x, training=True))
+    grad = tape.gradient(loss, x).numpy()
+    per_channel = np.abs(grad).sum(axis=(0, 1, 2))
+    assert per_channel.shape == (4,)
+    assert np.all(per_channel > 0), per_channel
+
+
+def test_mixed_precision_bf16_keeps_float32_output():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4))
+        assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+        assert model.get_layer("final_conv").compute_dtype == "bfloat16"
+        out = model(_pixels(channels=4))
+        assert model.output.dtype == "float32" and out.dtype == "float32"
+        assert np.isfinite(out.numpy()).all()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_build_stage_model_reads_config(monkeypatch):
+    cfg = INFECTION.replace(image_size=SIZE)
+    model = models.build_stage_model(cfg, encoder_weights=None)
+    assert model.name == "infection_unet"
+    assert model.input.shape == (None, SIZE, SIZE, cfg.in_channels)
+    assert model.get_layer("head_dropout").rate == pytest.approx(cfg.dropout)
+
+    # without the override the weights come from the config ("imagenet" here; offline -> clear error)
+    def offline(*args, **kwargs):
+        raise Exception("offline")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(RuntimeError, match="efficientnetb0_notop.h5"):
+        models.build_stage_model(cfg.replace(encoder_weights="imagenet"))
+    assert models.build_stage_model(cfg.replace(encoder_weights="none")).count_params() == model.count_params()
