@@ -1,0 +1,133 @@
+"""covidseg_tf.evaluate: metric-variant aggregation on hand-made masks, and a small run on synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covidseg_tf.evaluate import Scores, pick_figure_rows, pooled_from_counts
+
+COVID, NONCOVID, NORMAL = 0, 1, 2
+
+
+def masks_from(*pixel_lists, size=4) -> np.ndarray:
+    """(B, size, size, 1) masks with the listed flat pixel indices set."""
+    m = np.zeros((len(pixel_lists), size * size), np.float32)
+    for i, px in enumerate(pixel_lists):
+        m[i, list(px)] = 1
+    return m.reshape(len(pixel_lists), size, size, 1)
+
+
+@pytest.fixture()
+def hand_made() -> Scores:
+    # img0 COVID: truth 4 px, prediction 2 of them  -> Dice 2*2/6, IoU 2/4
+    # img1 Non-COVID: empty truth, empty prediction  -> 1, 1
+    # img2 Normal: empty truth, 1 false-positive px -> 0, 0
+    # img3 COVID: truth 2 px, prediction 2 other px -> 0, 0
+    y_true = masks_from([0, 1, 2, 3], [], [], [8, 9])
+    y_pred = masks_from([0, 1], [], [5], [10, 11])
+    s = Scores()
+    s.add(y_true[:2], y_pred[:2], [COVID, NONCOVID], loss=[0.5, 0.1])  # two batches
+    s.add(y_true[2:], y_pred[2:], [NORMAL, COVID], loss=[0.3, 0.9])
+    return s
+
+
+def test_scores_pooled_per_image_and_covid_only(hand_made):
+    r = hand_made.summary()
+    assert [r[k]["n"] for k in ("all", "COVID-19", "Non-COVID", "Normal")] == [4, 2, 1, 1]
+    # pooled over all: I = 2, P = 2 + 1 + 2 = 5, T = 4 + 2 = 6
+    assert r["all"]["dice_pooled"] == pytest.approx(2 * 2 / 11)
+    assert r["all"]["iou_pooled"] == pytest.approx(2 / 9)
+    assert r["all"]["dice_per_image_mean"] == pytest.approx((4 / 6 + 1 + 0 + 0) / 4)
+    assert r["all"]["iou_per_image_mean"] == pytest.approx((0.5 + 1 + 0 + 0) / 4)
+    # COVID-19 only: pooled I = 2, P = 4, T = 6; per image (2/3 + 0) / 2
+    assert r["COVID-19"]["dice_pooled"] == pytest.approx(4 / 10)
+    assert r["COVID-19"]["iou_pooled"] == pytest.approx(2 / 8)
+    assert r["COVID-19"]["dice_per_image_mean"] == pytest.approx(1 / 3)
+    assert r["COVID-19"]["loss"] == pytest.approx(0.7)
+    # empty truth: empty prediction is perfect, a false positive is 0 both ways
+    assert r["Non-COVID"]["dice_pooled"] == 1.0 and r["Non-COVID"]["dice_per_image_mean"] == 1.0
+    assert r["Normal"]["dice_pooled"] == 0.0 and r["Normal"]["iou_per_image_mean"] == 0.0
+    assert r["all"]["loss"] == pytest.approx(0.45)
+
+
+def test_scores_missing_class_has_no_numbers():
+    s = Scores()
+    s.add(masks_from([1]), masks_from([1]), [COVID])
+    r = s.summary()
+    assert r["Normal"] == {"n": 0}
+    assert r["COVID-19"]["dice_pooled"] == 1.0 and r["COVID-19"]["loss"] is None
+
+
+def test_pooled_from_counts_matches_metrics_module():
+    from covidseg_tf import metrics
+
+    rng = np.random.default_rng(0)
+    y_true = (rng.random((5, 16, 16, 1)) > 0.7).astype(np.float32)
+    y_pred = (rng.random((5, 16, 16, 1)) > 0.6).astype(np.float32)
+    y_true[2] = 0
+    s = Scores()
+    s.add(y_true, y_pred, [0] * 5)
+    r = s.summary()["all"]
+    assert r["dice_pooled"] == pytest.approx(float(metrics.pooled_dice(y_true, y_pred)), rel=1e-5)
+    assert r["iou_pooled"] == pytest.approx(float(metrics.pooled_iou(y_true, y_pred)), rel=1e-5)
+    assert r["dice_per_image_mean"] == pytest.approx(float(np.mean(metrics.dice_per_image(y_true, y_pred))), rel=1e-5)
+    assert pooled_from_counts(0, 0, 0) == (1.0, 1.0)
+
+
+def test_pick_figure_rows_spreads_mild_to_severe():
+    fractions = {i: f for i, f in enumerate([0.0, 0.5, 0.05, 0.3, 0.9, 0.01, 0.2, 0.7, 0.0, 0.4])}
+    rows = pick_figure_rows(fractions, k=4)
+    assert rows == [5, 6, 1, 4]  # ranks 0, 2, 5, 7 (linspace 0..7 rounded) of the 8 infected images by fraction
+    assert pick_figure_rows({0: 0.0, 1: 0.2}, k=4) == [1]
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    from covidseg_tf.models import build_unet
+
+    d = tmp_path_factory.mktemp("models")
+    build_unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, name="lung").save(d / "lung.keras")
+    build_unet("efficientnetb0", input_shape=(64, 64, 4), encoder_weights=None, name="inf").save(d / "inf.keras")
+    return d / "lung.keras", d / "inf.keras"
+
+
+def test_evaluate_cli_on_synthetic(synthetic_data_dir, tiny_models, tmp_path):
+    from PIL import Image
+
+    from covidseg_tf.evaluate import main
+
+    lung, inf = tiny_models
+    out = tmp_path / "report"
+    report = main(["--lung-model", str(lung), "--infection-model", str(inf), "--data-dir", str(synthetic_data_dir),
+                   "--split", "validation", "--limit", "8", "--batch-size", "3", "--out", str(out), "--quiet"])
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "fig1_validation.png"}
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["image_size"] == 64 and saved["limit"] == 8
+    res = saved["results"]["validation"]
+    assert set(res) >= {"lung", "infection_cascade", "infection_gt_lung", "severity_mae_covid"}
+    for variant in ("lung", "infection_cascade", "infection_gt_lung"):
+        assert res[variant]["all"]["n"] == 8
+        assert sum(res[variant][c]["n"] for c in ("COVID-19", "Non-COVID", "Normal")) == 8
+        for row in res[variant].values():
+            if row["n"]:
+                for k in ("dice_pooled", "dice_per_image_mean", "iou_pooled", "iou_per_image_mean"):
+                    assert 0.0 <= row[k] <= 1.0, (variant, k, row[k])
+                assert np.isfinite(row["loss"]) and row["loss"] >= 0
+    assert 0.0 <= res["severity_mae_covid"] <= 100.0
+    md = (out / "report.md").read_text()
+    assert "Table I" in md and "Table II" in md and "fig1_validation.png" in md
+    header = "| Split | Model | Subset | Images | Dice (pooled) | Dice (mean per image) | IoU (pooled) |"
+    assert md.count(header) == 2
+    table_rows = [ln for ln in md.splitlines() if ln.startswith("| validation |")]
+    assert len(table_rows) == sum(1 for v in ("lung", "infection_cascade", "infection_gt_lung")
+                                  for r in res[v].values() if r["n"])
+    assert all(ln.count("|") == 10 for ln in table_rows)
+    fig = Image.open(out / "fig1_validation.png")
+    assert fig.mode == "RGB" and fig.width > 4 * 64
+    assert 1 <= len(res["figure_rows"]) <= 6
+    assert report["results"] == saved["results"]
