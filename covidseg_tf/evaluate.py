@@ -57,26 +57,25 @@ FIGURE_ROWS = 6
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
-def pooled_from_counts(inter: float, pred: float, true: float) -> tuple[float, float]:
-    """(Dice, IoU) pooled from summed intersection / predicted / true pixel counts (1, 1 when all are empty).
+def pooled_from_counts(tp: float, fp: float, fn: float) -> tuple[float, float]:
+    """(Dice, IoU) pooled from summed TP / FP / FN pixel counts (1, 1 when truth and prediction are empty).
 
     Same definition as covidseg_tf.metrics.pooled_dice / pooled_iou, but from running sums so the masks of a
     whole split never need to be held in memory (tests check the two agree).
     """
-    union = pred + true - inter
-    if pred + true == 0:
+    if tp + fp + fn == 0:
         return 1.0, 1.0
-    return float(2.0 * inter / (pred + true)), float(inter / union)
+    return float(2.0 * tp / (2.0 * tp + fp + fn)), float(tp / (tp + fp + fn))
 
 
 @dataclass
 class Scores:
-    """Per-image counts and scores of one model variant on one split."""
+    """Per-image confusion counts, scores and losses of one model variant on one split."""
 
     labels: list[int] = field(default_factory=list)
-    inter: list[int] = field(default_factory=list)
-    pred: list[int] = field(default_factory=list)
-    true: list[int] = field(default_factory=list)
+    tp: list[int] = field(default_factory=list)
+    fp: list[int] = field(default_factory=list)
+    fn: list[int] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
     iou: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -85,14 +84,13 @@ class Scores:
         """Add a batch: y_true / y_pred (B, H, W[, 1]) in {0, 1}; labels (B,) class ids; per-image losses."""
         from covidseg_tf import metrics
 
-        t = np.asarray(y_true) > 0.5
-        p = np.asarray(y_pred) > 0.5
-        axes = tuple(range(1, t.ndim))
-        self.inter += np.sum(t & p, axis=axes).astype(np.int64).tolist()
-        self.pred += np.sum(p, axis=axes).astype(np.int64).tolist()
-        self.true += np.sum(t, axis=axes).astype(np.int64).tolist()
-        self.dice += np.asarray(metrics.dice_per_image(t.astype(np.float32), p.astype(np.float32)), np.float64).reshape(-1).tolist()
-        self.iou += np.asarray(metrics.iou_per_image(t.astype(np.float32), p.astype(np.float32)), np.float64).reshape(-1).tolist()
+        y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+        tp, fp, fn = metrics.confusion_counts(y_true, y_pred)
+        self.tp += tp.tolist()
+        self.fp += fp.tolist()
+        self.fn += fn.tolist()
+        self.dice += np.asarray(metrics.dice_per_image(y_true, y_pred), np.float64).tolist()
+        self.iou += np.asarray(metrics.iou_per_image(y_true, y_pred), np.float64).tolist()
         self.labels += [int(x) for x in labels]
         if loss is not None:
             self.loss += [float(x) for x in loss]
@@ -109,9 +107,7 @@ class Scores:
             n = int(sel.sum())
             row: dict[str, Any] = {"n": n}
             if n:
-                d, i = pooled_from_counts(float(np.sum(np.asarray(self.inter)[sel])),
-                                          float(np.sum(np.asarray(self.pred)[sel])),
-                                          float(np.sum(np.asarray(self.true)[sel])))
+                d, i = pooled_from_counts(*(float(np.sum(np.asarray(c)[sel])) for c in (self.tp, self.fp, self.fn)))
                 row.update(dice_pooled=d, dice_per_image_mean=float(np.mean(np.asarray(self.dice)[sel])),
                            iou_pooled=i, iou_per_image_mean=float(np.mean(np.asarray(self.iou)[sel])))
                 row["loss"] = float(np.mean(np.asarray(self.loss)[sel])) if len(self.loss) == len(labels) else None
