@@ -55,7 +55,9 @@ class StageConfig:
     clipnorm: float | None = None
     # Loss = sum(weight * term); terms: "dice", "bce", "focal".
     loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
-    encoder_weights: str = "imagenet"
+    # "auto": ImageNet when the weights can be had (downloaded or in ~/.keras/models), else random init with a
+    # warning; "imagenet": ImageNet or fail; "none": random init; or the path of a local Keras weights file.
+    encoder_weights: str = "auto"
     dataset: str = "covid_qu_ex/infection"
     threshold: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -46,8 +46,13 @@ def load_builder(dataset: str, data_dir: str | Path | None = None, manual_dir: s
         raise DatasetError(f"unknown dataset {dataset!r} ({e}); try covid_qu_ex/synthetic, "
                            "covid_qu_ex/infection or covid_qu_ex/lung") from e
     if build:
+        from tfds_covidqu.covid_qu_ex.sources import CovidQuExDataError
+
         config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
-        builder.download_and_prepare(download_config=config)
+        try:
+            builder.download_and_prepare(download_config=config)
+        except CovidQuExDataError as e:
+            raise DatasetError(str(e)) from e
     return builder
 
 

@@ -1,0 +1,397 @@
+"""Train one stage of the cascade: `python -m covidseg_tf.train --stage lung|infection`.
+
+A run folder (``--output``, default ``runs/<stage>``) receives::
+
+    config.json        the StageConfig and flags of the run
+    model.keras        best weights so far (validation Dice)
+    history.csv        one row per finished epoch
+    logs/              TensorBoard: losses, Dice, IoU, learning rate, validation overlays
+    backup/            BackupAndRestore state while the run is unfinished: rerun the same command to resume
+    stage1_masks/      (infection stage, --lung-masks stage1) cached Stage-1 lung masks
+
+and at the end the best model is exported as a SavedModel to ``<export-dir>/<stage>/<N>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from covidseg_tf.config import STAGES, StageConfig, default_config
+
+log = logging.getLogger("covidseg_tf.train")
+
+EXAMPLES = """\
+examples:
+  # Stage 1 on the synthetic phantoms (no download), small and quick
+  python -m covidseg_tf.train --stage lung --dataset covid_qu_ex/synthetic --image-size 128 --epochs 3 \\
+      --encoder-weights none --output runs/lung-synth
+  # Stage 2 on the same data, fed the lung masks predicted by that Stage-1 model
+  python -m covidseg_tf.train --stage infection --dataset covid_qu_ex/synthetic --image-size 128 --epochs 3 \\
+      --encoder-weights none --lung-model runs/lung-synth/model.keras --output runs/infection-synth
+  # the seed recipe on the real data (Kaggle download in ~/covidqu)
+  python -m covidseg_tf.train --stage lung --manual-dir ~/covidqu
+  # after a crash or kill: rerun the same command, it resumes from the last finished epoch
+  tensorboard --logdir runs
+"""
+
+# Config fields settable from the command line (flag = field name with dashes).
+_CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "weight_decay",
+                 "dropout", "clipnorm", "encoder_weights", "dataset", "threshold")
+
+
+class UsageError(SystemExit):
+    """A bad flag or missing input: exit code 2 with a message naming the flag."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m covidseg_tf.train",
+        description="Train Stage 1 (lung) or Stage 2 (infection) of the covidseg-tf cascade. Defaults are the "
+                    "seed recipe of the chosen stage (shown as lung / infection).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, choices=STAGES, help="which stage to train")
+    lung, inf = default_config("lung"), default_config("infection")
+    for name in _CONFIG_FLAGS:
+        f = next(f for f in dataclasses.fields(StageConfig) if f.name == name)
+        a, b = getattr(lung, name), getattr(inf, name)
+        default_txt = f"{a}" if a == b else f"{a} / {b}"
+        kind = {"image_size": int, "batch_size": int, "epochs": int, "patience": int, "learning_rate": float,
+                "weight_decay": float, "dropout": float, "clipnorm": _optional_float, "threshold": float}.get(name, str)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=f.name.upper(),
+                       help=f"default: {default_txt}")
+    p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", help="folder holding the Kaggle COVID-QU-Ex zip or its extracted folder")
+    p.add_argument("--output", help="run folder (default: runs/<stage>); rerunning resumes an unfinished run")
+    p.add_argument("--lung-model", help="Stage-1 .keras model (infection stage with --lung-masks stage1)")
+    p.add_argument("--lung-masks", choices=("stage1", "ground_truth"), default="stage1",
+                   help="Stage 2's lung channel: Stage-1 predictions (as at inference; default) or ground truth")
+    p.add_argument("--mixed-precision", choices=("off", "bf16", "fp16"), default="off",
+                   help="compute dtype; bf16 uses AMX on recent Intel CPUs, fp16 is for GPUs (default: off)")
+    p.add_argument("--strategy", choices=("auto", "mirrored", "multiworker"), default="auto",
+                   help="tf.distribute strategy; --batch-size is global (default: auto)")
+    p.add_argument("--seed", type=int, help="seed everything (weights, shuffling, augmentation) for a repeatable run")
+    p.add_argument("--steps-per-epoch", type=int, help="cap the training steps of each epoch")
+    p.add_argument("--validation-steps", type=int, help="cap the validation steps of each epoch")
+    p.add_argument("--export-dir", default="saved_models",
+                   help="TF Serving base folder; the best model goes to <export-dir>/<stage>/<N>/ "
+                        "(default: saved_models)")
+    p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+_OFF = "none"
+
+
+def _optional_float(text: str) -> float | str:
+    """A float, or the word none/off (switches the option off)."""
+    return _OFF if text.lower() in ("none", "off") else float(text)
+
+
+def config_from_args(args: argparse.Namespace) -> StageConfig:
+    """The stage's seed config with the flags given on the command line applied, validated."""
+    cfg = default_config(args.stage)
+    changes = {name: getattr(args, name) for name in _CONFIG_FLAGS}
+    cfg = cfg.replace(**changes)
+    if args.clipnorm == _OFF:  # "--clipnorm none" switches the stage's clipping off
+        cfg = dataclasses.replace(cfg, clipnorm=None)
+    checks = [
+        ("--image-size", cfg.image_size > 0 and cfg.image_size % 32 == 0, "a positive multiple of 32"),
+        ("--batch-size", cfg.batch_size > 0, "positive"),
+        ("--epochs", cfg.epochs > 0, "positive"),
+        ("--patience", cfg.patience >= 0, "zero or more"),
+        ("--learning-rate", cfg.learning_rate > 0, "positive"),
+        ("--weight-decay", cfg.weight_decay >= 0, "zero or more"),
+        ("--dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
+        ("--threshold", 0 < cfg.threshold < 1, "in (0, 1)"),
+        ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
+        ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
+    ]
+    for flag, ok, what in checks:
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"), None)
+            value = getattr(cfg, flag[2:].replace("-", "_"), value) if value is None else value
+            raise UsageError(f"{flag} must be {what}, got {value}")
+    if cfg.clipnorm is not None and cfg.clipnorm <= 0:
+        raise UsageError(f"--clipnorm must be positive or 'none', got {cfg.clipnorm}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def set_mixed_precision(mode: str) -> None:
+    import keras
+
+    policy = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mode]
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def make_strategy(name: str):
+    """auto: the default strategy (one device); mirrored: all local GPUs, or all logical CPUs without a GPU;
+    multiworker: MultiWorkerMirroredStrategy configured by TF_CONFIG."""
+    import tensorflow as tf
+
+    if name == "auto":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if "TF_CONFIG" not in os.environ:
+        raise UsageError("--strategy multiworker needs the TF_CONFIG environment variable (cluster and task)")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def stage1_lung_masks(lung_model_path: Path, builder, splits: Sequence[str], cache_dir: Path,
+                      threshold: float, batch_size: int = 16) -> tuple[list[str], list[bytes]]:
+    """Stage-1 lung masks for every example of `splits`, as (file names, PNG bytes at native size).
+
+    Predicted once and cached in `cache_dir`, keyed by the Stage-1 model file's digest, so a rerun (or a resumed
+    run) reuses them and a retrained Stage-1 model invalidates them.
+    """
+    import keras
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from covidseg_tf import data
+    from covidseg_tf.cascade import load_model
+
+    cache = cache_dir / f"{_file_digest(lung_model_path)}.tfrecord"
+    if not cache.exists():
+        model: keras.Model = load_model(lung_model_path)
+        size = int(model.input_shape[1])
+        predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        tmp = cache.with_suffix(".partial")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for split in splits:
+                ds = data.load_split(builder, split)
+                n = builder.info.splits[split].num_examples
+                for ex in tqdm(ds.batch(1).prefetch(4), total=n, desc=f"Stage-1 lung masks ({split})",
+                               unit="img", disable=None):
+                    image = ex["image"]
+                    h, w = int(image.shape[1]), int(image.shape[2])
+                    x = tf.repeat(tf.image.resize(tf.cast(image, tf.float32), (size, size)), 3, axis=-1)
+                    prob = predict(x)
+                    prob = tf.image.resize(prob, (h, w), method="bilinear")
+                    mask = tf.cast(prob[0] >= threshold, tf.uint8)
+                    feat = {"name": ex["file_name"][0].numpy(), "png": tf.io.encode_png(mask).numpy()}
+                    example = tf.train.Example(features=tf.train.Features(feature={
+                        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feat.items()}))
+                    writer.write(example.SerializeToString())
+        tmp.rename(cache)
+        log.info("cached Stage-1 lung masks in %s", cache)
+    names, pngs = [], []
+    spec = {"name": tf.io.FixedLenFeature([], tf.string), "png": tf.io.FixedLenFeature([], tf.string)}
+    for rec in tf.data.TFRecordDataset(str(cache)):
+        ex = tf.io.parse_single_example(rec, spec)
+        names.append(ex["name"].numpy())
+        pngs.append(ex["png"].numpy())
+    return names, pngs
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
+    """Each epoch, a grid of image | truth | prediction overlays on a fixed validation batch → TensorBoard."""
+    import keras
+    import tensorflow as tf
+
+    x, y = batch
+    x, y = x[:max_images], y[:max_images]
+
+    class ValidationOverlays(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.writer = tf.summary.create_file_writer(str(log_dir / "images"))
+
+        def on_epoch_end(self, epoch, logs=None):
+            pred = tf.cast(self.model(x, training=False) >= 0.5, tf.float32)
+            gray = x[..., :1] / 255.0
+            rgb = tf.repeat(gray, 3, axis=-1)
+
+            def overlay(mask):  # red tint where mask == 1
+                red = tf.concat([tf.ones_like(mask), tf.zeros_like(mask), tf.zeros_like(mask)], -1)
+                return rgb * (1 - 0.45 * mask) + 0.45 * mask * red
+
+            rows = tf.concat([rgb, overlay(y), overlay(pred)], axis=2)  # (B, H, 3W, 3)
+            grid = tf.reshape(rows, (1, -1, rows.shape[2], 3))
+            with self.writer.as_default():
+                tf.summary.image("validation/image_truth_prediction", grid, step=epoch)
+            self.writer.flush()
+
+    return ValidationOverlays()
+
+
+class LearningRateLogger:
+    """Adds the optimizer's current learning rate to the epoch logs (so TensorBoard and the CSV show it)."""
+
+    @staticmethod
+    def make():
+        import keras
+
+        class _LR(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if logs is not None:
+                    logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+        return _LR()
+
+
+def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
+    """Best validation Dice of the finished epochs of an interrupted run (None when there are none)."""
+    if not history_csv.exists():
+        return None
+    with open(history_csv, newline="") as f:
+        values = [float(r[key]) for r in csv.DictReader(f) if r.get(key) not in (None, "", "nan")]
+    return max(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------- training
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as `args` say; returns a summary (run folder, best validation Dice, SavedModel path)."""
+    import keras
+    import tensorflow as tf
+
+    from covidseg_tf import data
+    from covidseg_tf.losses import make_loss
+    from covidseg_tf.metrics import make_metrics
+    from covidseg_tf.models import build_stage_model
+
+    cfg = config_from_args(args)
+    out = Path(args.output or f"runs/{cfg.stage}")
+    if (out / "DONE").exists():
+        raise UsageError(f"--output {out} holds a finished run (see {out / 'DONE'}); choose another folder")
+    lung_model = None
+    if cfg.stage == "infection" and args.lung_masks == "stage1":
+        if not args.lung_model:
+            raise UsageError("--lung-masks stage1 (the default) needs --lung-model PATH, the Stage-1 model.keras "
+                             "made by `python -m covidseg_tf.train --stage lung ...` (it prints the path); or "
+                             "pass --lung-masks ground_truth")
+        lung_model = Path(args.lung_model)
+        if not lung_model.is_file():
+            raise UsageError(f"--lung-model {lung_model} does not exist; train Stage 1 first: "
+                             f"python -m covidseg_tf.train --stage lung --dataset {cfg.dataset} "
+                             f"--image-size {cfg.image_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "args": vars(args)}, indent=2,
+                                                default=str))
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
+    set_mixed_precision(args.mixed_precision)
+    strategy = make_strategy(args.strategy)
+    weights = resolve_weights(cfg)
+
+    builder = data.load_builder(cfg.dataset, args.data_dir, args.manual_dir)
+    table = None
+    if lung_model is not None:
+        names, pngs = stage1_lung_masks(lung_model, builder, ("train", "validation"), out / "stage1_masks",
+                                        cfg.threshold)
+        table = data.masks_lookup(names, pngs)
+    train_ds = data.make_pipeline(data.load_split(builder, "train"), cfg, training=True, seed=args.seed,
+                                  stage1_masks=table, repeat=args.steps_per_epoch is not None)
+    val_ds = data.make_pipeline(data.load_split(builder, "validation"), cfg, training=False, stage1_masks=table)
+
+    with strategy.scope():
+        model = build_stage_model(cfg, encoder_weights=weights)
+        optimizer = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           clipnorm=cfg.clipnorm)
+        model.compile(optimizer=optimizer, loss=make_loss(cfg), metrics=make_metrics(cfg.threshold))
+
+    best = _best_so_far(out / "history.csv")
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=True),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(str(out / "model.keras"), monitor="val_dice", mode="max",
+                                        save_best_only=True, initial_value_threshold=best),
+        keras.callbacks.EarlyStopping(monitor="val_dice", mode="max", patience=cfg.patience,
+                                      restore_best_weights=True),
+        LearningRateLogger.make(),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out / "logs")),
+        make_overlay_callback(out / "logs", next(iter(val_ds))),
+    ]
+    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=args.steps_per_epoch,
+              validation_steps=args.validation_steps, callbacks=callbacks, verbose=2)
+
+    best = _best_so_far(out / "history.csv")
+    if not (out / "model.keras").exists():
+        raise RuntimeError(f"training produced no model in {out} (did the loss become NaN? see history.csv)")
+    summary: dict[str, Any] = {"run": str(out), "model": str(out / "model.keras"), "best_val_dice": best,
+                               "encoder_weights": weights}
+    if not args.no_export:
+        from covidseg_tf.export import export_stage
+        from covidseg_tf.cascade import load_model
+
+        summary["saved_model"] = str(export_stage(load_model(out / "model.keras"), cfg.stage, args.export_dir,
+                                                  threshold=cfg.threshold))
+    (out / "DONE").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def resolve_weights(cfg: StageConfig) -> str | None:
+    """The encoder weights to build with: "auto" becomes "imagenet" when available, else random init."""
+    from covidseg_tf.models import resolve_encoder_weights
+
+    value = cfg.encoder_weights
+    if value.lower() in ("none", "random"):
+        return None
+    if value.lower() != "auto":
+        return value
+    try:
+        resolve_encoder_weights(cfg.encoder, "imagenet")
+    except RuntimeError as e:
+        log.warning("ImageNet weights unavailable, training %s from random init: %s", cfg.encoder, e)
+        return None
+    return "imagenet"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(args)
+    except UsageError as e:
+        parser.error(e.message)  # exits 2
+    log.info("best validation Dice %.4f; model %s", summary["best_val_dice"] or float("nan"), summary["model"])
+    if "saved_model" in summary:
+        log.info("SavedModel %s", summary["saved_model"])
+    return summary
+
+
+def cli() -> None:
+    from covidseg_tf.data import DatasetError
+
+    try:
+        main()
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,163 @@
+"""Training CLI end to end on the synthetic phantoms (tiny: 64 px, EfficientNet-B0, a few steps)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from covidseg_tf import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "covid_qu_ex/synthetic", "--image-size", "64", "--encoder", "efficientnetb0",
+        "--encoder-weights", "none", "--batch-size", "8", "--steps-per-epoch", "2", "--validation-steps", "2",
+        "--seed", "1"]
+
+
+def _rows(history: Path) -> list[dict[str, str]]:
+    with open(history, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def lung_run(synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("lung")
+    summary = train.main(["--stage", "lung", *TINY, "--epochs", "2", "--data-dir", str(synthetic_data_dir),
+                          "--output", str(root / "run"), "--export-dir", str(root / "saved_models")])
+    return {"root": root, **summary}
+
+
+def test_lung_stage_trains_saves_and_exports(lung_run: dict):
+    run = Path(lung_run["run"])
+    assert (run / "model.keras").is_file() and (run / "DONE").is_file()
+    rows = _rows(run / "history.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for key in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "learning_rate"):
+        assert key in rows[0], key
+    assert 0.0 <= lung_run["best_val_dice"] <= 1.0
+    assert lung_run["best_val_dice"] == max(float(r["val_dice"]) for r in rows)
+    saved = Path(lung_run["saved_model"])
+    assert saved == lung_run["root"] / "saved_models" / "lung" / "1" and (saved / "saved_model.pb").is_file()
+
+
+def test_tensorboard_logs_hold_scalars_and_overlay_images(lung_run: dict):
+    import tensorflow as tf
+
+    logs = Path(lung_run["run"]) / "logs"
+    tags: dict[str, set[str]] = {}
+    for event_file in logs.rglob("events.out.tfevents.*"):
+        sub = event_file.parent.name
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                tags.setdefault(sub, set()).add(value.tag)
+    assert {"epoch_loss", "epoch_dice", "epoch_iou", "epoch_learning_rate"} <= tags["train"]
+    assert {"epoch_loss", "epoch_dice", "epoch_iou"} <= tags["validation"]
+    assert "validation/image_truth_prediction" in tags["images"]
+
+
+def test_infection_stage_uses_the_stage1_model(lung_run: dict, synthetic_data_dir: Path, tmp_path: Path):
+    summary = train.main(["--stage", "infection", *TINY, "--epochs", "1", "--data-dir", str(synthetic_data_dir),
+                          "--lung-model", lung_run["model"], "--output", str(tmp_path / "run"),
+                          "--export-dir", str(lung_run["root"] / "saved_models")])
+    run = Path(summary["run"])
+    assert len(_rows(run / "history.csv")) == 1
+    assert list((run / "stage1_masks").glob("*.tfrecord")), "Stage-1 masks were not cached"
+    assert Path(summary["saved_model"]) == lung_run["root"] / "saved_models" / "infection" / "1"
+    # a finished run is never silently retrained
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "infection", *TINY, "--data-dir", str(synthetic_data_dir), "--lung-model",
+                    lung_run["model"], "--output", str(run)])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "lung", "--image-size", "100"], "--image-size must be a positive multiple of 32"),
+    (["--stage", "lung", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--stage", "lung", "--epochs", "0"], "--epochs must be positive"),
+    (["--stage", "infection", "--clipnorm", "-1"], "--clipnorm must be positive"),
+    (["--stage", "infection"], "needs --lung-model PATH"),
+    (["--stage", "infection", "--lung-model", "nowhere/model.keras"],
+     "--lung-model nowhere/model.keras does not exist; train Stage 1 first"),
+    (["--stage", "nose"], "invalid choice: 'nose'"),
+])
+def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path: Path):
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--output", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_come_from_the_stage_config():
+    from covidseg_tf.config import INFECTION, LUNG
+
+    args = train.build_parser().parse_args(["--stage", "infection"])
+    assert train.config_from_args(args) == INFECTION
+    args = train.build_parser().parse_args(["--stage", "lung", "--epochs", "3", "--image-size", "128"])
+    assert train.config_from_args(args) == LUNG.replace(epochs=3, image_size=128)
+    args = train.build_parser().parse_args(["--stage", "infection", "--clipnorm", "none"])
+    assert train.config_from_args(args).clipnorm is None
+    assert "default: 15 / 50" in train.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_missing_real_data_says_where_to_put_it(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "covidseg_tf.train", "--stage", "lung", "--dataset", "covid_qu_ex/infection",
+         "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(tmp_path / "empty"), "--output",
+         str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "anasmohammedtahir/covidqu" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _train_cmd(data_dir: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "covidseg_tf.train", "--stage", "lung", *TINY, "--epochs", str(epochs),
+            "--data-dir", str(data_dir), "--output", str(out), "--no-export", *extra]
+
+
+def test_resume_after_sigkill_loses_no_finished_epoch(synthetic_data_dir: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    cmd = _train_cmd(synthetic_data_dir, out, 3)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "history.csv").exists() and len(_rows(out / "history.csv")) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed in epoch 2"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = _rows(out / "history.csv")
+    assert [r["epoch"] for r in first] == ["0"]
+    assert (out / "backup").is_dir() and not (out / "DONE").exists()
+
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    rows = _rows(out / "history.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0 kept, not redone
+    assert rows[0] == first[0]
+    assert (out / "DONE").exists() and not (out / "backup").exists()
+
+
+def test_mirrored_strategy_on_two_logical_cpus(synthetic_data_dir: Path, tmp_path: Path):
+    script = (
+        "import tensorflow as tf, sys\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from covidseg_tf import train\n"
+        "s = train.main(sys.argv[1:])\n"
+        "import json; print('SUMMARY', json.dumps({k: str(v) for k, v in s.items()}))\n"
+        "print('REPLICAS', train.make_strategy('mirrored').num_replicas_in_sync)\n"
+    )
+    argv = ["--stage", "lung", *TINY, "--epochs", "1", "--data-dir", str(synthetic_data_dir), "--output",
+            str(tmp_path / "run"), "--no-export", "--strategy", "mirrored"]
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REPLICAS 2" in proc.stdout
+    assert len(_rows(tmp_path / "run" / "history.csv")) == 1
