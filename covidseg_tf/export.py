@@ -135,23 +135,10 @@ def export_cascade(
 
 
 def load_keras_model(path: Path | str) -> Any:
-    """Load a `.keras` file saved by training (registers the project's custom objects first)."""
-    import importlib
+    """Load a `.keras` stage model (custom objects registered); see `covidseg_tf.cascade.load_model`."""
+    from covidseg_tf.cascade import load_model
 
-    import keras
-
-    for module in ("covidseg_tf.models", "covidseg_tf.losses", "covidseg_tf.metrics"):
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:  # pragma: no cover - only while a module is missing
-            log.warning("could not import %s (%s); custom objects it defines will not load", module, exc)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as exc:
-        raise ValueError(f"could not load Keras model {path}: {exc}") from exc
+    return load_model(path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -70,6 +70,20 @@ def _be_uint32(four: tf.Tensor) -> tf.Tensor:
     return b[0] * 16777216 + b[1] * 65536 + b[2] * 256 + b[3]
 
 
+def _msg(*parts: Any) -> tf.Tensor:
+    """Join python strings and scalar/vector tensors into one error message (vectors as "a x b")."""
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(tf.constant(part))
+        else:
+            t = tf.convert_to_tensor(part)
+            if t.dtype != tf.string:
+                t = tf.strings.as_string(t)
+            out.append(tf.strings.reduce_join(t, separator="x") if t.shape.rank else t)
+    return tf.strings.join(out)
+
+
 def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, list[tf.Operation]]:
     """(height, width) int64 declared by a PNG/JPEG header, and the assert ops that validate it.
 
@@ -80,12 +94,12 @@ def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> t
     is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
     fmt_ok = tf.debugging.Assert(
         is_png | is_jpeg,
-        [tf.strings.format("{} is not a PNG or JPEG image ({} bytes)", (what, tf.strings.length(data)))],
+        [_msg(what, " is not a PNG or JPEG image (", tf.strings.length(data), " bytes)")],
     )
     with tf.control_dependencies([fmt_ok]):
         length_ok = tf.debugging.Assert(
             tf.logical_not(is_png) | (tf.strings.length(data) >= 33),
-            [tf.strings.format("{} is a truncated PNG (no IHDR chunk)", what)],
+            [_msg(what, " is a truncated PNG (no IHDR chunk)")],
         )
     with tf.control_dependencies([fmt_ok, length_ok]):
 
@@ -101,8 +115,7 @@ def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> t
         hw = tf.cond(is_jpeg, jpeg_hw, png_hw)
     size_ok = tf.debugging.Assert(
         tf.reduce_all((hw >= 1) & (hw <= max_side)),
-        [tf.strings.format("{} is {}x{} pixels (height x width); each side must be 1..{}",
-                           (what, hw[0], hw[1], max_side))],
+        [_msg(what, " is ", hw, f" pixels (height x width); each side must be 1..{max_side}")],
     )
     return hw, [fmt_ok, length_ok, size_ok]
 
@@ -163,8 +176,7 @@ def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MA
         gray = decode_gray(data, what, max_side)
         same = tf.debugging.Assert(
             tf.reduce_all(tf.equal(tf.shape(gray)[:2], hw)),
-            [tf.strings.format("{} is {} but its image is {} (height, width): sizes must match",
-                               (what, tf.shape(gray)[:2], hw))],
+            [_msg(what, " is ", tf.shape(gray)[:2], " but its image is ", hw, " (height x width): sizes must match")],
         )
         with tf.control_dependencies([same]):
             cut = tf.where(tf.reduce_max(gray) > 1, tf.constant(127, tf.uint8), tf.constant(0, tf.uint8))
