@@ -22,6 +22,9 @@ any weight loading), for every choice of encoder weights:
 * extra channel (lung mask): mean 0, variance (1/255)**2, so the 0/1 mask reaches the stem conv as 0/1
   (the seed concatenated the binary mask unnormalized to the normalized image).
 
+Under a mixed-precision policy these two layers are switched to float32 (`keep_preprocessing_float32`), so the
+stem conv gets the normalized values rounded once to bfloat16/float16; the output sigmoid is float32 too.
+
 Those statistics are the Normalization layer's non-trainable weights (mean (C,), variance (C,), count ()),
 which is why a model here has 2*C + 1 more parameters than segmentation_models' Unet, whose qubvel
 EfficientNet has no preprocessing layers (B3, 3 channels: 17,867,840 vs 17,867,833; see tests/test_models.py).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +70,7 @@ STEM_INITS: tuple[str, ...] = ("cycle", "zero")
 #: keras.applications downloads encoder weights from here (file name: f"{encoder}_notop.h5").
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
 SIZE_DIVISOR = 32
+DOWNLOAD_TIMEOUT_S = 30.0  # socket timeout while fetching "imagenet" weights
 
 _FROM_CONFIG: Any = object()  # sentinel: "use cfg.encoder_weights"
 
@@ -101,6 +106,8 @@ def resolve_encoder_weights(encoder: str, encoder_weights: str | os.PathLike | N
             file_hash = WEIGHTS_HASHES[encoder.lower().removeprefix("efficientnet")][1]
         except (ImportError, KeyError):  # private module moved: skip the hash check
             file_hash = None
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled cluster must not hang in urlretrieve
         try:
             return Path(
                 keras.utils.get_file(
@@ -114,6 +121,8 @@ def resolve_encoder_weights(encoder: str, encoder_weights: str | os.PathLike | N
                 f"{weights_url(encoder)}`), copy it over and pass its path: --encoder-weights "
                 f"/path/to/{file_name} (or put it in ~/.keras/models/)."
             ) from e
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
     path = Path(encoder_weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -205,6 +214,17 @@ def input_normalization_layer(model: keras.Model) -> layers.Normalization:
     if len(found) != 1:
         raise ValueError(f"expected one Normalization layer in {model.name}, found {len(found)}")
     return found[0]
+
+
+def keep_preprocessing_float32(model: keras.Model) -> None:
+    """Run the encoder's Rescaling + Normalization in float32 under a mixed-precision policy.
+
+    In bfloat16, x/255 - mean loses up to ~2 gray levels to cancellation and the 0/1 mask becomes 0/1.008; in
+    float32 the stem conv receives the normalized values with a single rounding to the policy's dtype.
+    """
+    for layer in model.layers:
+        if isinstance(layer, (layers.Rescaling, layers.Normalization)) and layer.compute_dtype != "float32":
+            layer.dtype_policy = "float32"
 
 
 def set_input_normalization(model: keras.Model) -> None:
@@ -328,6 +348,7 @@ def build_unet(
         x = decoder_block(x, skips[stage] if stage < len(skips) else None, filters, stage)
     outputs = segmentation_head(x, dropout=dropout)
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
+    keep_preprocessing_float32(model)
 
     if weights_path is not None:
         reference = load_reference_encoder(key, weights_path)

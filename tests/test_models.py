@@ -64,6 +64,26 @@ def test_architecture_equals_segmentation_models_unet(sm, encoder, channels):
         assert (ref.count_params(), ours.count_params()) == (17_867_833, 17_867_840)
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_same_function_as_segmentation_models_unet(sm, channels):
+    """With sm's weights copied in by layer name, our model on raw pixels computes what sm's Unet computes on
+    ImageNet-normalized pixels (mask channel unchanged): the preprocessing is the only difference."""
+    keras.utils.set_random_seed(1)
+    ref = sm.Unet("efficientnetb0", input_shape=(SIZE, SIZE, channels), encoder_weights=None)
+    ours = models.build_unet("efficientnetb0", (SIZE, SIZE, channels), encoder_weights=None)
+    for layer in ref.layers:
+        if layer.weights:
+            ours.get_layer(layer.name).set_weights(layer.get_weights())
+    x = _pixels(channels=channels)
+    normalized = x.copy()
+    normalized[..., :3] = (x[..., :3] - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    logits = lambda m: keras.Model(m.input, m.get_layer("final_conv").output)  # noqa: E731
+    expected = logits(ref).predict(normalized, verbose=0)
+    got = logits(ours).predict(x, verbose=0)
+    assert expected.std() > 1e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.std())
+
+
 def test_layer_names_say_where_they_are():
     model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4), dropout=0.3)
     names = {layer.name for layer in model.layers}
@@ -227,9 +247,16 @@ def test_mixed_precision_bf16_keeps_float32_output():
         model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4))
         assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
         assert model.get_layer("final_conv").compute_dtype == "bfloat16"
-        out = model(_pixels(channels=4))
+        x = _pixels(channels=4)
+        out = model(x)
         assert model.output.dtype == "float32" and out.dtype == "float32"
         assert np.isfinite(out.numpy()).all()
+        # the in-model preprocessing stays float32: ImageNet normalization and the 0/1 mask to float32 precision
+        stem_input = keras.Model(model.input, model.get_layer("stem_conv_pad").input)(x)
+        assert stem_input.dtype == "float32"
+        expected = (x[..., :3] - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        np.testing.assert_allclose(stem_input.numpy()[..., :3], expected, atol=1e-5)
+        np.testing.assert_allclose(stem_input.numpy()[..., 3], x[..., 3], atol=1e-6)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
