@@ -77,3 +77,19 @@ def test_intensity_threshold_alone_does_not_solve_infection():
             best = max(best, 2 * (pred & inf).sum() / (pred.sum() + inf.sum()))
         dices.append(best)
     assert max(dices) < 0.5, dices
+
+
+def test_built_synthetic_dataset_matches_generator(synthetic_data_dir):
+    """The TFDS build (conftest fixture) holds exactly the generator's pixels: rebuilding gives the same data."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("covid_qu_ex/synthetic", data_dir=str(synthetic_data_dir))
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == phantoms.SPLIT_SIZES
+    assert builder.info.file_format.value == "tfrecord"
+    names = builder.info.features["label"].names
+    for ex in tfds.as_numpy(builder.as_dataset(split="validation").take(6)):
+        index = int(ex["file_name"].decode().rsplit("_", 1)[1].split(".")[0])
+        ref = phantoms.synthetic_example("validation", index)
+        assert names[ex["label"]] == ref["label"]
+        for key in ("image", "lung_mask", "infection_mask"):
+            np.testing.assert_array_equal(ex[key][..., 0], ref[key], err_msg=key)

@@ -8,6 +8,7 @@ Importing this package registers the builder:
 """
 
 from tfds_covidqu.covid_qu_ex.covid_qu_ex_dataset_builder import Builder as CovidQuEx
-from tfds_covidqu.covid_qu_ex.sources import CovidQuExDataError
+from tfds_covidqu.covid_qu_ex.phantoms import make_phantom
+from tfds_covidqu.covid_qu_ex.sources import CovidQuExDataError, find_examples
 
-__all__ = ["CovidQuEx", "CovidQuExDataError"]
+__all__ = ["CovidQuEx", "CovidQuExDataError", "find_examples", "make_phantom"]

@@ -2,8 +2,8 @@
 
 A phantom has a dark background, a bright torso with a brighter mediastinum/spine band, two dark lung fields
 (tall, wider at the base, domed diaphragm, heart notch on the image-right lung; random size/position jitter),
-rib bands and smooth texture noise. "COVID-19" phantoms get 1-4 (more if tiny) patchy brighter opacities inside the lungs and
-`infection_mask = opacity core ∩ lung`; "Non-COVID" phantoms get a faint diffuse reticular haze (no mask),
+rib bands and smooth texture noise. "COVID-19" phantoms get 1-4 (more if tiny) patchy brighter opacities inside
+the lungs and `infection_mask = opacity core ∩ lung`; "Non-COVID" phantoms get a faint diffuse haze (no mask),
 "Normal" ones nothing. Everything is driven by the given `numpy.random.Generator`, so a seed fixes the bytes.
 
     >>> rng = np.random.default_rng(0)

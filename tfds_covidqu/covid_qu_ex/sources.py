@@ -420,10 +420,10 @@ def binarize_mask(im: Image.Image) -> np.ndarray:
     return (to_gray8(im) > 127).astype(np.uint8)
 
 
-def encode_png(arr: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 HxW array (deterministic)."""
+def encode_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG bytes of a uint8 HxW array (deterministic; lower compress_level = faster, larger)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
