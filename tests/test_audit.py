@@ -125,3 +125,17 @@ def test_unreadable_image_is_reported_not_fatal(tmp_path):
     report = audit.audit(tmp_path, "infection", progress=False)
     assert [Path(e["file"]).name for e in report["mask_problems"]["unreadable"]] == ["Normal (17).png"]
     assert report["summary"]["near_duplicate_pairs_cross_split"] == 0
+
+
+def test_zip_input_gives_the_same_findings(planted, tmp_path):
+    import zipfile
+
+    from_dir = audit.audit(planted, "infection", progress=False)["summary"]
+    manual = tmp_path / "zipped"
+    manual.mkdir()
+    with zipfile.ZipFile(manual / "archive.zip", "w") as zf:
+        for p in sorted((planted / PART).rglob("*.png")):
+            zf.write(p, p.relative_to(planted).as_posix())
+    from_zip = audit.audit(manual, "infection", progress=False)
+    assert from_zip["summary"] == from_dir
+    assert "archive.zip::" in from_zip["mask_problems"]["infection_outside_lung"][0]["file"]
