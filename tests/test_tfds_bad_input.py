@@ -292,3 +292,20 @@ def test_build_real_infection_data(shared_covidqu, tmp_path):
         covid = labels == names.index("COVID-19")
         assert (inf_max[~covid] == 0).all(), "infection masks of Non-COVID/Normal must be empty"
     print(f"infection build from {shared_covidqu}: {build_seconds:.1f} s")
+
+
+def test_incomplete_zip_is_named_and_folder_still_used(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "archive.zip").write_bytes(b"PK\x03\x04 partial download")
+    with pytest.raises(CovidQuExDataError, match="not a readable zip") as e:
+        sources.find_examples(manual, "infection")
+    assert str(manual / "archive.zip") in str(e.value) and "anasmohammedtahir/covidqu" in str(e.value)
+    make_tree(manual)  # an extracted copy beside the broken zip is used
+    assert {s: len(v) for s, v in sources.find_examples(manual, "infection").items()} == _expected_counts()
+
+
+def test_manual_dir_may_be_the_zip_file_itself(tmp_path):
+    make_tree(tmp_path / "src")
+    z = zip_dir(tmp_path / "src", tmp_path / "covidqu.zip")
+    assert {s: len(v) for s, v in sources.find_examples(z, "infection").items()} == _expected_counts()

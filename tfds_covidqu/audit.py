@@ -282,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m tfds_covidqu.audit --manual_dir D --part lung --near_threshold 0.97 --quiet",
     )
     p.add_argument("--manual_dir", required=True, type=Path,
-                   help="folder holding the Kaggle zip, the extracted download or the part folder itself")
+                   help="folder holding the Kaggle zip, the extracted download or the part folder itself; or the zip file")
     p.add_argument("--part", choices=sorted(sources.PART_FOLDERS), default="infection", help="which data part")
     p.add_argument("--out", type=Path, default=None, help="write the full JSON report here")
     p.add_argument("--near_threshold", type=float, default=DEFAULT_NEAR_THRESHOLD,

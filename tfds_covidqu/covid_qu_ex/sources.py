@@ -283,16 +283,25 @@ def _scan_source(source: Source, part: str, outer: tuple[str, ...]) -> tuple[dic
     return found, dups
 
 
-def _sources_in(manual_dir: Path) -> list[Source]:
-    sources: list[Source] = [DirSource(manual_dir)]
+def _sources_in(manual_dir: Path) -> tuple[list[Source], list[str]]:
+    """The folder itself and every readable *.zip in it (or just the zip when manual_dir is a zip file), plus
+    the errors of unreadable zips. Zips with unsafe members raise."""
+    if manual_dir.is_file():
+        return [ZipSource(manual_dir)], []
+    found: list[Source] = [DirSource(manual_dir)]
+    errors = []
     for p in sorted(manual_dir.iterdir()):
         if p.is_file() and p.suffix.lower() == ".zip" and not _hidden(p.name):
-            sources.append(ZipSource(p))
-    return sources
+            if not zipfile.is_zipfile(p):
+                errors.append(f"{p}: not a readable zip file (incomplete download?)")
+                continue
+            found.append(ZipSource(p))
+    return found, errors
 
 
 def scan(manual_dir: str | os.PathLike, part: str) -> Scan:
-    """Finds all examples of `part` ("lung" or "infection") in `manual_dir` without reading pixels.
+    """Finds all examples of `part` ("lung" or "infection") in `manual_dir` (a folder, or a zip file) without
+    reading pixels.
 
     Never raises for per-file problems (images without masks, duplicate names): they are listed in
     `Scan.problems`. Raises CovidQuExDataError when the part is missing or ambiguous, or a zip is unsafe.
@@ -300,18 +309,21 @@ def scan(manual_dir: str | os.PathLike, part: str) -> Scan:
     if part not in PART_FOLDERS:
         raise ValueError(f"unknown part {part!r}; expected one of {sorted(PART_FOLDERS)}")
     manual_dir = Path(manual_dir)
-    if not manual_dir.is_dir():
+    if not (manual_dir.is_dir() or (manual_dir.is_file() and zipfile.is_zipfile(manual_dir))):
         raise CovidQuExDataError(missing_data_message(part, manual_dir))
     outer = (manual_dir.resolve().name,)
     candidates = []
-    for source in _sources_in(manual_dir):
+    all_sources, zip_errors = _sources_in(manual_dir)
+    for source in all_sources:
         found, dups = _scan_source(source, part, outer if isinstance(source, DirSource) else ())
         if found:
             candidates.append((source, found, dups))
         else:
             source.close()
     if not candidates:
-        raise CovidQuExDataError(missing_data_message(part, manual_dir))
+        raise CovidQuExDataError("\n".join(zip_errors + [missing_data_message(part, manual_dir)]))
+    for err in zip_errors:
+        logger.warning("%s; ignored", err)
     dirs = [c for c in candidates if isinstance(c[0], DirSource)]
     if dirs:
         for s, *_ in candidates:
