@@ -20,14 +20,15 @@ any weight loading), for every choice of encoder weights:
 * RGB channel c: mean = IMAGENET_MEAN[c]/255, variance = (IMAGENET_STD[c]/255)**2, so that
   ``Normalization(Rescaling(x)) == (x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]`` (the seed's normalization);
 * extra channel (lung mask): mean 0, variance (1/255)**2, so the 0/1 mask reaches the stem conv as 0/1
-  (the seed concatenated the binary mask unnormalized to the normalized image).
-
-Under a mixed-precision policy these two layers are switched to float32 (`keep_preprocessing_float32`), so the
-stem conv gets the normalized values rounded once to bfloat16/float16; the output sigmoid is float32 too.
+  (a design choice: the mask keeps its meaning "inside lung" = 1, with a scale comparable to the normalized RGB,
+  and needs no dataset statistics).
 
 Those statistics are the Normalization layer's non-trainable weights (mean (C,), variance (C,), count ()),
 which is why a model here has 2*C + 1 more parameters than segmentation_models' Unet, whose qubvel
 EfficientNet has no preprocessing layers (B3, 3 channels: 17,867,840 vs 17,867,833; see tests/test_models.py).
+
+Under a mixed-precision policy these two layers are switched to float32 (`keep_preprocessing_float32`), so the
+stem conv gets the normalized values rounded once to bfloat16/float16; the output sigmoid is float32 too.
 
 Encoder weights: None / "none" (random init), "imagenet" (keras.applications' notop file, downloaded once to
 ~/.keras/models; offline it fails fast with the URL to fetch), or a path to a local Keras weights file of a
@@ -317,12 +318,14 @@ def build_unet(
         encoder_weights: None / "none", "imagenet", or a path to a 3-channel encoder weights file.
         dropout: rate of a Dropout before the head (0 = none).
         name: model name (default f"unet_{encoder}").
-        stem_init: how pretrained weights fill the stem kernel of extra input channels: "cycle" (default,
-            segmentation_models_pytorch's rule, which the seed's 4-channel Stage 2 was trained with: channel i
-            gets RGB kernel i % 3, all scaled by 3/C, keeping the stem's response to a gray image whose
-            extra channel looks like its pixels, and sending gradient to the mask channel from step one) or
-            "zero" (extra kernels zero: the pretrained RGB features are exactly preserved at the start, but the
-            input gradient wrt the mask channel is zero until its kernel has moved). Ignored without weights.
+        stem_init: how pretrained weights fill the stem kernel of extra input channels. "cycle" (default):
+            segmentation_models_pytorch's rule for in_channels > 3 (channel i gets RGB kernel i % 3, the whole
+            kernel scaled by 3/C), i.e. the starting point of an smp ``Unet(in_channels=4)`` like the seed's;
+            the mask channel gets a pretrained-shaped kernel, so it influences the features (and receives input
+            gradient) from the first step, and the 3/C scale keeps the stem's activation scale. "zero": RGB
+            kernels unchanged, extra kernels zero, so the pretrained RGB features are exactly preserved at the
+            start, but the mask is ignored (zero input gradient) until its kernel has moved. Ignored when
+            encoder_weights is None (everything random).
         decoder_filters: filters of the decoder stages, deepest first (5 stages = back to full size).
 
     Returns:

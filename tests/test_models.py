@@ -13,6 +13,8 @@ import tensorflow as tf
 from covidseg_tf import models
 from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, INFECTION
 
+pytestmark = pytest.mark.filterwarnings("ignore:This model usually expects:UserWarning")  # sm, 4 channels
+
 SIZE = 64  # parameter counts do not depend on the input size; 64 px keeps the builds quick
 
 
@@ -78,8 +80,8 @@ def test_same_function_as_segmentation_models_unet(sm, channels):
     normalized = x.copy()
     normalized[..., :3] = (x[..., :3] - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     logits = lambda m: keras.Model(m.input, m.get_layer("final_conv").output)  # noqa: E731
-    expected = logits(ref).predict(normalized, verbose=0)
-    got = logits(ours).predict(x, verbose=0)
+    expected = logits(ref)(normalized, training=False).numpy()
+    got = logits(ours)(x, training=False).numpy()
     assert expected.std() > 1e-3
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.std())
 
@@ -215,11 +217,11 @@ def test_unknown_encoder():
 def test_keras_save_load_round_trip(tmp_path):
     model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4), dropout=0.3)
     x = _pixels(channels=4)
-    before = model.predict(x, verbose=0)
+    before = model(x, training=False).numpy()
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    after = loaded.predict(x, verbose=0)
+    after = loaded(x, training=False).numpy()
     np.testing.assert_array_equal(before, after)
     assert after.shape == (2, SIZE, SIZE, 1) and after.dtype == np.float32
     assert 0.0 <= after.min() and after.max() <= 1.0
@@ -276,3 +278,10 @@ def test_build_stage_model_reads_config(monkeypatch):
     with pytest.raises(RuntimeError, match="efficientnetb0_notop.h5"):
         models.build_stage_model(cfg.replace(encoder_weights="imagenet"))
     assert models.build_stage_model(cfg.replace(encoder_weights="none")).count_params() == model.count_params()
+
+
+def test_dynamic_spatial_size():
+    """input_shape (None, None, C) builds one model for every multiple of 32 (e.g. for serving)."""
+    model = models.build_unet("efficientnetb0", (None, None, 3))
+    out = model(np.zeros((1, 96, 64, 3), "float32"), training=False)
+    assert out.shape == (1, 96, 64, 1)
