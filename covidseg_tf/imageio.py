@@ -133,18 +133,18 @@ def find_images(paths: list[str | Path], exclude: Path | None = None) -> tuple[l
     """Expand files and folders (recursively, known extensions, sorted) into image paths.
 
     Returns (files, missing): explicitly named files are kept whatever their extension; folders contribute
-    files with a known extension; anything under `exclude` (e.g. the output folder) is skipped.
+    files with a known extension, except those under `exclude` (e.g. the output folder).
     """
     files: list[Path] = []
     missing: list[Path] = []
     seen: set[Path] = set()
     excl = exclude.resolve() if exclude is not None else None
 
-    def add(p: Path) -> None:
+    def add(p: Path, walked: bool = False) -> None:
         r = p.resolve()
         if r in seen:
             return
-        if excl is not None and (r == excl or excl in r.parents):
+        if walked and excl is not None and (r == excl or excl in r.parents):
             return
         seen.add(r)
         files.append(p)
@@ -154,7 +154,7 @@ def find_images(paths: list[str | Path], exclude: Path | None = None) -> tuple[l
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.is_file() and f.suffix.lower() in KNOWN_EXTENSIONS:
-                    add(f)
+                    add(f, walked=True)
         elif p.is_file():
             add(p)
         else:

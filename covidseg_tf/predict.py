@@ -11,10 +11,11 @@ into --out, per input `<name>`:
     <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red)
     <name>.json           sizes, areas, severity per lung and grade, model files and versions
 
-Inputs inside a folder keep their relative sub-folders under --out. Names clashing with another input's
-outputs or with an input file get a numeric suffix, so an input is never overwritten, and files inside --out
-are never taken as inputs. A file that cannot be read or processed is logged and skipped; the exit code is 1
-if any input failed (or none was found), else 0.
+Inputs inside a folder keep their relative sub-folders under --out (``<out>/<folder name>/<sub-path>``).
+Names clashing with another input's outputs or with an input file get a suffix (``a_png``, ``a_dcm``, ``b-1``),
+so an input is never overwritten; --out may lie inside an input folder (its files are then not walked as
+inputs) but an input folder inside --out is refused. A file that cannot be read or processed is logged and
+skipped; the exit code is 1 if any input failed (or none was found), else 0.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Predictor:
         self.infection_model = load_model(self.infection_model_path)
         self.threshold = default_config("infection").threshold if threshold is None else float(threshold)
         self.image_size = model_image_size(self.lung_model, image_size or default_config("lung").image_size)
+        if image_size and image_size != self.image_size:
+            raise ValueError(f"--image-size {image_size} differs from the lung model's fixed input size {self.image_size}")
         inf_size = model_image_size(self.infection_model, self.image_size)
         if inf_size != self.image_size:
             raise ValueError(f"the lung model takes {self.image_size} px but the infection model {inf_size} px")
@@ -133,8 +136,13 @@ def overlay(gray: np.ndarray, lung: np.ndarray, infection: np.ndarray) -> np.nda
 
 
 def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Path, Path]:
-    """Output stem (without suffix) for each input: keeps sub-folders, never collides with inputs or itself."""
+    """Output stem (without suffix) for each input: keeps sub-folders, never collides with inputs or itself.
+
+    Existing outputs of an earlier run in a dedicated output folder are replaced; in a folder that holds
+    inputs, no existing file is ever replaced (a numeric suffix is added instead).
+    """
     inputs = {f.resolve() for f in files}
+    input_dirs = {f.parent for f in inputs}
     taken: set[Path] = set()
     plan: dict[Path, Path] = {}
     dir_roots = [r.resolve() for r in roots if r.is_dir()]
@@ -159,8 +167,11 @@ def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Pa
         if stems[base] > 1:  # e.g. a.png and a.dcm in one folder
             base = base.with_name(f"{f.stem}_{f.suffix.lstrip('.').lower() or 'noext'}")
         candidate, n = base, 1
+        # in a folder holding inputs, any existing file is someone's data: never replace it
+        protect = base.parent.resolve() in input_dirs
         while any((candidate.parent / (candidate.name + s)).resolve() in inputs or
-                  (candidate.parent / (candidate.name + s)) in taken for s in OUTPUT_SUFFIXES):
+                  (candidate.parent / (candidate.name + s)) in taken or
+                  (protect and (candidate.parent / (candidate.name + s)).exists()) for s in OUTPUT_SUFFIXES):
             candidate = base.with_name(f"{base.name}-{n}")
             n += 1
         taken.update(candidate.parent / (candidate.name + s) for s in OUTPUT_SUFFIXES)
@@ -246,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         log.error("--out %s exists and is not a folder", out_dir)
         return 1
+    out_abs = out_dir.resolve()
+    for p in args.inputs:
+        if p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):
+            log.error("input folder %s is inside --out %s: outputs and inputs would mix; choose another --out", p, out_dir)
+            return 1
     files, missing = find_images(list(args.inputs), exclude=out_dir)
     for m in missing:
         log.error("input %s does not exist; skipped", m)

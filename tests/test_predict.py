@@ -132,6 +132,9 @@ def test_find_images_recursive_known_extensions_and_exclude(tmp_path):
     files, missing = find_images([tmp_path / "a", tmp_path / "a" / "x.png", tmp_path / "gone.png"],
                                  exclude=tmp_path / "a" / "out")
     assert sorted(f.relative_to(tmp_path).as_posix() for f in files) == ["a/b/y.DCM", "a/b/z.jpeg", "a/x.png"]
+    # a file named explicitly is taken even inside the excluded folder
+    files, _ = find_images([tmp_path / "a" / "out" / "old_overlay.png"], exclude=tmp_path / "a" / "out")
+    assert files == [tmp_path / "a" / "out" / "old_overlay.png"]
     assert missing == [tmp_path / "gone.png"]
 
 
@@ -223,6 +226,26 @@ def test_predict_cli_all_good_exit_0_and_out_inside_input_folder(inputs, tiny_mo
     # a second run does not pick up its own outputs as inputs
     assert main([str(d)] + args) == 0
     assert len(list((d / "preds").rglob("*.json"))) == 2
+
+
+def test_predict_cli_refuses_input_folder_inside_out_and_keeps_explicit_files(inputs, tiny_models, tmp_path, caplog):
+    from covidseg_tf.predict import main
+
+    lung, inf = tiny_models
+    out = tmp_path / "out"
+    (out / "imgs").mkdir(parents=True)
+    src = out / "imgs" / "x.png"
+    shutil.copy(inputs["png8_gray"], src)
+    (out / "imgs" / "x_lung.png").write_bytes(b"not ours")  # a file that looks like an output
+    args = ["--out", str(out), "--lung-model", str(lung), "--infection-model", str(inf), "--quiet"]
+    with caplog.at_level(logging.ERROR):
+        assert main([str(out / "imgs")] + args) == 1
+    assert "inside --out" in caplog.text
+    # an explicit file inside --out is processed next to itself without touching any input
+    assert main([str(src), "--out", str(out / "imgs")] + args[2:]) == 0
+    assert (out / "imgs" / "x_lung.png").read_bytes() == b"not ours"
+    assert src.read_bytes() == inputs["png8_gray"].read_bytes()
+    check_outputs(out / "imgs" / "x-1", src, (H, W))
 
 
 def test_predict_cli_missing_model_is_a_clear_error(inputs, tmp_path, caplog):
