@@ -92,12 +92,12 @@ def weights_url(encoder: str) -> str:
 
 
 def resolve_encoder_weights(encoder: str, encoder_weights: str | os.PathLike | None) -> Path | None:
-    """The local weights file for `encoder_weights` (None for random init).
+    """The local weights file for `encoder_weights` (None for random init: None, "none" or "random").
 
     "imagenet" is fetched with keras' own downloader (cached in ~/.keras/models, hash-checked); if that fails
     (offline cluster) a RuntimeError says which URL to fetch and how to pass the file instead.
     """
-    if encoder_weights is None or str(encoder_weights).lower() in ("none", ""):
+    if encoder_weights is None or str(encoder_weights).lower() in ("none", "random", ""):
         return None
     if str(encoder_weights).lower() == "imagenet":
         file_name = weights_file_name(encoder)
