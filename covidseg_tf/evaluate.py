@@ -11,11 +11,11 @@ How the numbers are made
     * Stage 2 (Table II) twice: "cascade" feeds the Stage-1 predicted lung mask (what a user gets) and the
       predicted infection is restricted to that mask (covidseg_tf.cascade.run_cascade); "GT lungs" feeds the
       ground-truth lung mask instead (ablation: Stage 2 alone) and restricts to it.
-    * Each Dice / IoU three ways: pooled over the subset (sum of intersections over sum of areas, the seed's
-      way), and the mean of per-image scores (an image with empty truth and empty prediction scores 1, so
-      for the infection stage the Non-COVID / Normal images, which have no infection, count as perfect when
-      nothing is predicted). Rows: all images, then COVID-19, Non-COVID, Normal (the COVID-19 row's
-      per-image mean is the "COVID-19 only" variant).
+    * Each Dice / IoU three ways, in named columns: pooled over all images of the split (sum of intersections
+      over sum of areas, the seed's way), mean of per-image scores over all images (an image with empty truth
+      and empty prediction scores 1, so for the infection stage the Non-COVID / Normal images, which have no
+      infection, count as perfect when nothing is predicted and as 0 otherwise), and mean of per-image scores
+      over the COVID-19 images only. A second table per stage breaks the numbers down per class.
     * Loss: the stage's training loss (covidseg_tf.losses, weights from covidseg_tf.config.StageConfig) per
       image on the raw probabilities (for Stage 2 before restriction to the lung mask), averaged.
     * Severity: mean absolute error (percentage points) of the predicted total severity against the one
@@ -220,20 +220,36 @@ def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
-def markdown_table(title: str, results: dict[str, dict[str, dict[str, dict[str, Any]]]], variants: Sequence[str]) -> str:
-    """One Markdown table: rows split × variant × subset, columns n, Dice/IoU pooled + per-image mean, loss."""
-    lines = [f"### {title}", "",
-             "| Split | Model | Subset | Images | Dice (pooled) | Dice (mean per image) | IoU (pooled) | "
-             "IoU (mean per image) | Loss (mean per image) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+SUMMARY_HEADER = ("| Split | Model | Images | Dice, pooled | Dice, mean per image | Dice, mean per COVID-19 image | "
+                  "IoU, pooled | IoU, mean per image | IoU, mean per COVID-19 image | Loss, mean per image |")
+CLASS_HEADER = ("| Split | Model | Class | Images | Dice, pooled | Dice, mean per image | IoU, pooled | "
+                "IoU, mean per image | Loss, mean per image |")
+
+
+def markdown_table(title: str, results: dict[str, dict[str, Any]], variants: Sequence[str]) -> str:
+    """A stage's Markdown table: one row per split and model variant with each metric three ways (pooled
+    over all images, mean per image over all images, mean per image over the COVID-19 images), followed by the
+    per-class breakdown."""
+    lines = [f"### {title}", "", SUMMARY_HEADER, "|---|---|" + "---:|" * 8]
+    for split, res in results.items():
+        for v in variants:
+            if v not in res or not res[v]["all"]["n"]:
+                continue
+            a, c = res[v]["all"], res[v]["COVID-19"]
+            lines.append(f"| {split} | {VARIANTS[v]} | {a['n']} | {_fmt(a['dice_pooled'])} | "
+                         f"{_fmt(a['dice_per_image_mean'])} | {_fmt(c.get('dice_per_image_mean'))} | "
+                         f"{_fmt(a['iou_pooled'])} | {_fmt(a['iou_per_image_mean'])} | "
+                         f"{_fmt(c.get('iou_per_image_mean'))} | {_fmt(a['loss'])} |")
+    lines += ["", f"Per class ({title.split(':')[0]}):", "", CLASS_HEADER, "|---|---|---|" + "---:|" * 6]
     for split, res in results.items():
         for v in variants:
             if v not in res:
                 continue
-            for subset, row in res[v].items():
+            for cls in CLASS_NAMES:
+                row = res[v][cls]
                 if not row["n"]:
                     continue
-                lines.append(f"| {split} | {VARIANTS[v]} | {subset} | {row['n']} | {_fmt(row['dice_pooled'])} | "
+                lines.append(f"| {split} | {VARIANTS[v]} | {cls} | {row['n']} | {_fmt(row['dice_pooled'])} | "
                              f"{_fmt(row['dice_per_image_mean'])} | {_fmt(row['iou_pooled'])} | "
                              f"{_fmt(row['iou_per_image_mean'])} | {_fmt(row['loss'])} |")
     return "\n".join(lines) + "\n"
@@ -247,9 +263,10 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
           f"- Lung model: `{report['lung_model']}`", f"- Infection model: `{report['infection_model']}`",
           f"- Image size {report['image_size']} px (masks resized nearest from native), threshold "
           f"{report['threshold']}, splits: {', '.join(results)}" + (f", first {report['limit']} images" if report['limit'] else ""),
-          "- *pooled*: summed intersections over summed areas of the subset (the seed's tables); *mean per image*: "
-          "average of per-image scores, empty truth + empty prediction = 1. The COVID-19 rows are the "
-          "COVID-19-only variants.", "",
+          "- *pooled*: summed intersections over summed areas of all images (the seed's tables); *mean per "
+          "image*: average of per-image scores, where empty truth + empty prediction = 1 (Non-COVID and Normal "
+          "images have no infection, so for Stage 2 they score 1 or 0); *mean per COVID-19 image*: the same "
+          "over COVID-19 images only. Loss: the stage's training loss per image on the probabilities.", "",
           markdown_table("Table I: lung segmentation (Stage 1)", results, ["lung"]), ""]
     if any("infection_cascade" in r for r in results.values()):
         md += [markdown_table("Table II: infection segmentation (Stage 2)", results, ["infection_cascade", "infection_gt_lung"]), ""]
@@ -409,6 +426,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def cli() -> None:
+    """`python -m covidseg_tf.evaluate`: a bad model path or dataset ends with one readable error line."""
+    from covidseg_tf.data import DatasetError
+
+    try:
+        main()
+    except (FileNotFoundError, ValueError, DatasetError) as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    cli()

@@ -121,12 +121,18 @@ def test_evaluate_cli_on_synthetic(synthetic_data_dir, tiny_models, tmp_path):
     assert 0.0 <= res["severity_mae_covid"] <= 100.0
     md = (out / "report.md").read_text()
     assert "Table I" in md and "Table II" in md and "fig1_validation.png" in md
-    header = "| Split | Model | Subset | Images | Dice (pooled) | Dice (mean per image) | IoU (pooled) |"
-    assert md.count(header) == 2
-    table_rows = [ln for ln in md.splitlines() if ln.startswith("| validation |")]
-    assert len(table_rows) == sum(1 for v in ("lung", "infection_cascade", "infection_gt_lung")
-                                  for r in res[v].values() if r["n"])
-    assert all(ln.count("|") == 10 for ln in table_rows)
+    from covidseg_tf.evaluate import CLASS_HEADER, SUMMARY_HEADER
+
+    assert md.count(SUMMARY_HEADER) == 2 and md.count(CLASS_HEADER) == 2
+    rows = [ln for ln in md.splitlines() if ln.startswith("| validation |")]
+    summary_rows = [ln for ln in rows if ln.count("|") == SUMMARY_HEADER.count("|")]
+    class_rows = [ln for ln in rows if ln.count("|") == CLASS_HEADER.count("|")]
+    assert len(summary_rows) == 3  # lung, infection cascade, infection with GT lungs
+    assert len(class_rows) == sum(1 for v in ("lung", "infection_cascade", "infection_gt_lung")
+                                  for c in ("COVID-19", "Non-COVID", "Normal") if res[v][c]["n"])
+    lung_row = next(ln for ln in summary_rows if "Stage 1" in ln).split("|")
+    assert float(lung_row[4]) == pytest.approx(res["lung"]["all"]["dice_pooled"], abs=1e-4)
+    assert float(lung_row[6]) == pytest.approx(res["lung"]["COVID-19"]["dice_per_image_mean"], abs=1e-4)
     fig = Image.open(out / "fig1_validation.png")
     assert fig.mode == "RGB" and fig.width > 4 * 64
     assert 1 <= len(res["figure_rows"]) <= 6
