@@ -134,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"  Keras models:           {lung}, {infection}")
     print(f"  SavedModels:            {summary['saved_models']}/{{lung,infection,cascade}}/<N>  (cascade: {cascade_dir})")
     print(f"  predictions:            {pred_dir}  (masks, overlays, JSON for {len(samples)} PNGs in {summary['samples']})")
+    print(f"  your own images:        python -m covidseg_tf.predict IMAGES_OR_FOLDERS --out preds "
+          f"--lung-model {lung} --infection-model {infection}")
     if rc != 0:
         print("  WARNING: some predictions failed, see the log above")
     summary["predict_exit_code"] = rc
