@@ -1,0 +1,139 @@
+"""Version numbering and atomic writes of `covidseg_tf.export`, plus its command line (one tiny export)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from covidseg_tf import export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_next_version_ignores_non_integer_names(tmp_path):
+    assert export.next_version_dir(tmp_path / "missing") == 1
+    for name in ("1", "3", "7abc", ".tmp-x", "10.bak"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "12").write_text("a file, not a version folder")
+    assert export.next_version_dir(tmp_path) == 4
+
+
+def test_write_version_never_overwrites(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "keep").write_text("old")
+
+    def writer(d: Path) -> None:
+        (d / "saved_model.pb").write_text("new")
+
+    assert export.write_version(tmp_path, writer) == tmp_path / "2"
+    assert export.write_version(tmp_path, writer) == tmp_path / "3"
+    assert (tmp_path / "1" / "keep").read_text() == "old"
+    assert (tmp_path / "3" / "saved_model.pb").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]  # no temporary folder left
+
+
+def test_write_version_skips_a_number_taken_meanwhile(tmp_path, monkeypatch):
+    """If another writer claims the number between the scan and the rename, the next number is used."""
+    real = export.next_version_dir
+    calls = {"n": 0}
+
+    def racing(base: Path) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:  # someone else publishes version 1 right after our scan
+            (Path(base) / "1").mkdir()
+            (Path(base) / "1" / "saved_model.pb").write_text("theirs")
+            return 1
+        return real(base)
+
+    monkeypatch.setattr(export, "next_version_dir", racing)
+    path = export.write_version(tmp_path, lambda d: (d / "saved_model.pb").write_text("ours"))
+    assert path == tmp_path / "2" and path.joinpath("saved_model.pb").read_text() == "ours"
+    assert (tmp_path / "1" / "saved_model.pb").read_text() == "theirs"
+
+
+def test_write_version_failure_leaves_nothing(tmp_path):
+    def broken(d: Path) -> None:
+        (d / "partial").write_text("x")
+        raise RuntimeError("export failed half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        export.write_version(tmp_path, broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_dir_is_beside_the_versions(tmp_path):
+    seen = {}
+    export.write_version(tmp_path, lambda d: seen.setdefault("tmp", d))
+    assert seen["tmp"].parent == tmp_path and seen["tmp"].name.startswith(".tmp")
+
+
+def test_export_stage_rejects_wrong_models():
+    import keras
+
+    free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
+    with pytest.raises(ValueError, match="fixed square"):
+        export.export_stage(free, "lung", "/nonexistent")
+    four = keras.Sequential([keras.Input((32, 32, 4)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
+    with pytest.raises(ValueError, match="3 input channels"):
+        export.export_stage(four, "lung", "/nonexistent")
+    with pytest.raises(ValueError, match="stage must be"):
+        export.export_stage(four, "cascade", "/nonexistent")
+
+
+def test_cli_help_shows_examples_and_defaults():
+    proc = subprocess.run([sys.executable, "-m", "covidseg_tf.export", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0
+    assert "--lung-model" in proc.stdout and "examples:" in proc.stdout and "default: saved_models" in proc.stdout
+
+
+def test_cli_missing_model_file_is_a_clear_error(tmp_path, caplog):
+    code = export.main(["--lung-model", str(tmp_path / "nope.keras"), "--infection-model",
+                        str(tmp_path / "nope2.keras"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "nope.keras" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_cli_exports_next_version_from_keras_files(tmp_path):
+    """`python -m covidseg_tf.export` from .keras files: writes the next free version of the chosen servable."""
+    from covidseg_tf.models import build_unet
+
+    lung = build_unet("efficientnetb0", (64, 64, 3), encoder_weights=None)
+    inf = build_unet("efficientnetb0", (64, 64, 4), encoder_weights=None)
+    lung.save(tmp_path / "lung.keras")
+    inf.save(tmp_path / "infection.keras")
+    out = tmp_path / "saved_models"
+    (out / "lung" / "1").mkdir(parents=True)
+    (out / "lung" / "1" / "saved_model.pb").write_text("an older version")
+    code = export.main(["--lung-model", str(tmp_path / "lung.keras"), "--infection-model",
+                        str(tmp_path / "infection.keras"), "--out", str(out), "--only", "lung", "--no-warmup"])
+    assert code == 0
+    assert (out / "lung" / "1" / "saved_model.pb").read_text() == "an older version"
+    assert (out / "lung" / "2" / "saved_model.pb").stat().st_size > 1000
+    assert (out / "lung" / "2" / "assets.extra" / "covidseg_export.json").is_file()
+    assert not (out / "lung" / "2" / "assets.extra" / "tf_serving_warmup_requests").exists()
+    assert not (out / "cascade").exists() and not (out / "infection").exists()
+
+
+def test_models_config_lists_the_three_servables():
+    import re
+
+    text = (REPO / "saved_models" / "models.config").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    found = re.findall(r'name:\s*"(\w+)"\s*base_path:\s*"([^"]+)"\s*model_platform:\s*"tensorflow"', body)
+    assert found == [(name, f"/models/{name}") for name in export.SERVABLES]
+    assert body.count("{") == body.count("}") == 4
+
+
+def test_models_config_parses_with_tensorflow_serving_protos():
+    """Skipped unless tensorflow-serving-api is importable (it is not a project requirement)."""
+    config_pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
+    from google.protobuf import text_format
+
+    config = text_format.Parse((REPO / "saved_models" / "models.config").read_text(), config_pb2.ModelServerConfig())
+    assert [(c.name, c.base_path) for c in config.model_config_list.config] == [
+        (name, f"/models/{name}") for name in export.SERVABLES]
