@@ -503,3 +503,65 @@ def test_warmup_records_parse_with_tensorflow_serving_protos(lung_run, infection
             for key, value in record["inputs"].items():
                 np.testing.assert_array_equal(tf.make_ndarray(req.inputs[key]), value)
             assert msg.SerializeToString(deterministic=True) == record["raw"]
+
+
+def test_rest_client_end_to_end_with_exported_cascade(cascade_path, tmp_path):
+    """serve_client -> a local HTTP stand-in that runs the exported cascade's serving_default and maps the
+    outputs to JSON as TF Serving's REST API does (row format, `_bytes` as base64) -> masks and severity."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from covidseg_tf import serve_client
+
+    loaded = tf.saved_model.load(str(cascade_path))
+    fn = loaded.signatures["serving_default"]
+    seen: dict[str, Any] = {}
+
+    def to_json(key: str, value: np.ndarray) -> Any:
+        if key.endswith("_bytes"):
+            return {"b64": base64.b64encode(value).decode()}
+        return value.tolist()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            images = [base64.b64decode(inst["images"]["b64"]) for inst in body["instances"]]
+            try:
+                out = {k: v.numpy() for k, v in fn(images=tf.constant(strings(images))).items()}
+                reply, code = {"predictions": [{k: to_json(k, v[i]) for k, v in out.items()}
+                                               for i in range(len(images))]}, 200
+                seen["outputs"] = out
+            except tf.errors.InvalidArgumentError as exc:
+                reply, code = {"error": exc.message}, 400
+            data = json.dumps(reply).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        (tmp_path / "x.jpg").write_bytes(GOOD[1])
+        (tmp_path / "bad.png").write_bytes(patched_png_header(9000, 100))
+        done, errors = serve_client.predict_files(url, "cascade", [tmp_path / "x.jpg", tmp_path / "bad.png"],
+                                                  tmp_path / "out", timeout=120)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+    assert len(done) == 1 and len(errors) == 1
+    assert "HTTP 400" in errors[0] and "images[0] is 9000x100 pixels" in errors[0]
+    summary = json.loads((tmp_path / "out" / "x.json").read_text())
+    out = seen["outputs"]
+    assert summary["height"] == 96 and summary["width"] == 80
+    assert summary["severity_total"] == pytest.approx(float(out["severity_total"][0]))
+    assert (tmp_path / "out" / "x_lung_mask.png").read_bytes() == out["lung_mask_bytes"][0]
+    assert decode_png((tmp_path / "out" / "x_infection_mask.png").read_bytes()).shape == (96, 80)
