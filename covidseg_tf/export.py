@@ -101,19 +101,25 @@ def _write_savedmodel(
 
 
 def export_stage(
-    model: Any, stage: str, base_dir: Path | str, threshold: float = 0.5, warmup: bool = True
+    model: Any,
+    stage: str,
+    base_dir: Path | str,
+    threshold: float = 0.5,
+    warmup: bool = True,
+    image_size: int | None = None,
 ) -> Path:
     """Export one stage model (Keras, input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
 
     `stage` names the servable ("lung" or "infection"); it also prefixes the output names (`lung_prob`, ...).
+    `image_size` is only needed for a model built with a free input size (it must match a fixed one).
     """
     if stage not in ("lung", "infection"):
         raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
-    size, channels = serving.model_size(model)
+    size, channels = serving.model_size(model, image_size)
     expected = default_config(stage).in_channels
     if channels != expected:
         raise ValueError(f"the {stage} stage takes {expected} input channels, but the model takes {channels}")
-    signatures = serving.stage_signatures(model, stage, threshold)
+    signatures = serving.stage_signatures(model, stage, threshold, size)
     records = serving.warmup_requests(stage, size, channels) if warmup else None
     info = {"servable": stage, "image_size": size, "channels": channels, "threshold": threshold,
             "model": getattr(model, "name", None)}
@@ -122,11 +128,16 @@ def export_stage(
 
 
 def export_cascade(
-    lung_model: Any, infection_model: Any, base_dir: Path | str, threshold: float = 0.5, warmup: bool = True
+    lung_model: Any,
+    infection_model: Any,
+    base_dir: Path | str,
+    threshold: float = 0.5,
+    warmup: bool = True,
+    image_size: int | None = None,
 ) -> Path:
     """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity); returns that path."""
-    signatures = serving.cascade_signatures(lung_model, infection_model, threshold)
-    size, _ = serving.model_size(lung_model)
+    size, _ = serving.model_size(lung_model, image_size)
+    signatures = serving.cascade_signatures(lung_model, infection_model, threshold, size)
     records = serving.warmup_requests("cascade", size, 3) if warmup else None
     info = {"servable": "cascade", "image_size": size, "channels": 3, "threshold": threshold,
             "model": [getattr(lung_model, "name", None), getattr(infection_model, "name", None)]}
@@ -161,6 +172,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold of the masks (default: each stage's config threshold; "
                    "the cascade uses the lung stage's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="serving size S, only for models built with a free input size (default: the models' own)")
     p.add_argument("--only", nargs="+", choices=SERVABLES, default=list(SERVABLES), help="servables to write")
     p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra warm-up requests")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -180,11 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm = not args.no_warmup
     written = {}
     if "lung" in args.only:
-        written["lung"] = export_stage(lung, "lung", args.out, thr["lung"], warmup=warm)
+        written["lung"] = export_stage(lung, "lung", args.out, thr["lung"], warmup=warm,
+                                        image_size=args.image_size)
     if "infection" in args.only:
-        written["infection"] = export_stage(infection, "infection", args.out, thr["infection"], warmup=warm)
+        written["infection"] = export_stage(infection, "infection", args.out, thr["infection"], warmup=warm,
+                                             image_size=args.image_size)
     if "cascade" in args.only:
-        written["cascade"] = export_cascade(lung, infection, args.out, thr["lung"], warmup=warm)
+        written["cascade"] = export_cascade(lung, infection, args.out, thr["lung"], warmup=warm,
+                                            image_size=args.image_size)
     for name, path in written.items():
         log.info("%-9s -> %s", name, path)
     return 0

@@ -218,14 +218,25 @@ def full_size_pngs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def model_size(model: Any) -> tuple[int, int]:
-    """(S, C) of a Keras model with a fixed square (B, S, S, C) input."""
+def model_size(model: Any, image_size: int | None = None) -> tuple[int, int]:
+    """(S, C) of a Keras model with a square (B, S, S, C) input.
+
+    A model built with a free size (None, None) needs `image_size` (a multiple of 32); a fixed-size model
+    takes its own size, and `image_size`, when given, must agree with it.
+    """
     shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] is None:
-        raise ValueError(
-            f"model {getattr(model, 'name', model)!r} has input shape {shape}; export needs a fixed square "
-            "(None, S, S, C) input (build it with input_shape=(S, S, C))"
-        )
+    if len(shape) != 4 or shape[3] is None or shape[1] != shape[2]:
+        raise ValueError(f"model {getattr(model, 'name', model)!r} has input shape {shape}; export needs a square "
+                         "(None, S, S, C) input (or (None, None, None, C) with image_size=S)")
+    if shape[1] is None:
+        if image_size is None:
+            raise ValueError(f"model {getattr(model, 'name', model)!r} has a free input size {shape}; "
+                             "give the serving size (image_size=S, a multiple of 32)")
+        if image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
+        return int(image_size), int(shape[3])
+    if image_size is not None and image_size != shape[1]:
+        raise ValueError(f"model {getattr(model, 'name', model)!r} takes {shape[1]} px, not image_size={image_size}")
     return int(shape[1]), int(shape[3])
 
 
@@ -233,9 +244,11 @@ def _predict(model: Any, pixels: tf.Tensor) -> tf.Tensor:
     return tf.cast(model(pixels, training=False), tf.float32)
 
 
-def stage_signatures(model: Any, stage: str, threshold: float = 0.5) -> dict[str, tuple[Callable, list]]:
+def stage_signatures(
+    model: Any, stage: str, threshold: float = 0.5, image_size: int | None = None
+) -> dict[str, tuple[Callable, list]]:
     """{signature name: (fn, input_signature)} for one stage model (see the module docstring)."""
-    size, channels = model_size(model)
+    size, channels = model_size(model, image_size)
     p = stage
 
     def outputs_small(prob: tf.Tensor, lung: tf.Tensor | None) -> dict[str, tf.Tensor]:
@@ -285,12 +298,14 @@ def stage_signatures(model: Any, stage: str, threshold: float = 0.5) -> dict[str
     }
 
 
-def cascade_signatures(lung_model: Any, infection_model: Any, threshold: float = 0.5) -> dict[str, tuple[Callable, list]]:
+def cascade_signatures(
+    lung_model: Any, infection_model: Any, threshold: float = 0.5, image_size: int | None = None
+) -> dict[str, tuple[Callable, list]]:
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
     from covidseg_tf.cascade import run_cascade
 
-    size, c1 = model_size(lung_model)
-    size2, c2 = model_size(infection_model)
+    size, c1 = model_size(lung_model, image_size)
+    size2, c2 = model_size(infection_model, image_size or size)
     if (c1, c2) != (3, 4):
         raise ValueError(f"cascade needs a 3-channel lung model and a 4-channel infection model, got {c1} and {c2}")
     if size != size2:

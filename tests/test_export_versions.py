@@ -75,13 +75,32 @@ def test_export_stage_rejects_wrong_models():
     import keras
 
     free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
-    with pytest.raises(ValueError, match="fixed square"):
+    with pytest.raises(ValueError, match="free input size"):
         export.export_stage(free, "lung", "/nonexistent")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        export.export_stage(free, "lung", "/nonexistent", image_size=50)
     four = keras.Sequential([keras.Input((32, 32, 4)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
     with pytest.raises(ValueError, match="3 input channels"):
         export.export_stage(four, "lung", "/nonexistent")
     with pytest.raises(ValueError, match="stage must be"):
         export.export_stage(four, "cascade", "/nonexistent")
+    with pytest.raises(ValueError, match="not image_size=64"):
+        export.export_stage(four, "infection", "/nonexistent", image_size=64)
+
+
+def test_free_size_model_exports_at_the_given_size(tmp_path):
+    """A model built with a (None, None) input is served at `image_size` (tiny stand-in model: fast export)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(1, 3, padding="same",
+                                                                                activation="sigmoid")])
+    path = export.export_stage(free, "lung", tmp_path, image_size=32, warmup=False)
+    fn = tf.saved_model.load(str(path)).signatures["predict_pixels"]
+    assert fn.structured_input_signature[1]["pixels"].shape.as_list() == [None, 32, 32, 3]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    assert np.max(np.abs(fn(pixels=x)["lung_prob"].numpy() - free(x).numpy())) <= 1e-5
 
 
 def test_cli_help_shows_examples_and_defaults():
