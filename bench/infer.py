@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Cascade inference latency: Keras models (graph-compiled tf.function, fixed input signature) and exported
+SavedModels (signature `predict_pixels`), fp32 and bf16, per stage and for the whole cascade.
+
+For every precision x batch it times (median of --steps after tracing + --warmup calls):
+  keras/lung       tf.function(model(x)), input_signature (B, S, S, 3), jit_compile per --jit
+  keras/infection  same, (B, S, S, 4)
+  keras/cascade    tf.function(run_cascade(lung, infection, pixels)): both stages + thresholds + severity
+  savedmodel/cascade  covidseg_tf.export.export_cascade -> tf.saved_model.load -> signatures["predict_pixels"]
+  savedmodel/lung, savedmodel/infection   (with --savedmodel-stages)
+bf16 = the models built under keras' "mixed_bfloat16" policy (variables float32, compute bfloat16; the
+preprocessing and the sigmoid stay float32, see covidseg_tf.models).
+
+Also: forward FLOPs per image (conv/dense MACs x 2 from the layer shapes = the peer's counting rule, and the
+tf.compat.v1 profiler's total over the frozen graph, which adds element-wise ops), parameters, peak RSS, and
+the bf16-vs-fp32 agreement of the SAME weights (fp32 weights copied into the bf16 model): max |p_bf16 - p_fp32|
+of the probabilities and Dice between the thresholded masks, per stage and for the cascade's masks.
+
+Prints ONE JSON line; --json-out appends it to a file.
+
+Examples:
+  python bench/infer.py --size 448 --batch 1 8 --precision fp32 bf16 --json-out bench/results/infer.jsonl
+  python bench/infer.py --size 128 --batch 1 --steps 2 --warmup 1 --no-savedmodel      # quick smoke test
+  python bench/infer.py --size 448 --batch 1 --precision bf16 --jit off on --no-savedmodel   # XLA vs not
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+log = logging.getLogger("bench.infer")
+
+# bf16 vs fp32 acceptance (stated tolerance, checked on the same weights and inputs; see bench/README.md)
+TOL_MAX_ABS_PROB = 0.05   # max |p_bf16 - p_fp32| over all pixels
+TOL_MIN_MASK_DICE = 0.98  # Dice between the bf16 and fp32 masks at the stage threshold
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
+    p.add_argument("--jit", nargs="+", choices=["off", "on"], default=["off"],
+                   help="tf.function jit_compile (XLA) for the Keras functions")
+    p.add_argument("--targets", nargs="+", choices=["lung", "infection", "cascade"],
+                   default=["lung", "infection", "cascade"], help="Keras functions to time")
+    p.add_argument("--no-savedmodel", action="store_true", help="skip the SavedModel export + timing")
+    p.add_argument("--savedmodel-stages", action="store_true",
+                   help="also export/time the lung and infection servables (cascade only by default)")
+    p.add_argument("--no-flops", action="store_true")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--lung-model", default=None, help="trained Stage-1 .keras to take weights from (optional)")
+    p.add_argument("--infection-model", default=None, help="trained Stage-2 .keras (optional)")
+    p.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared" / "covidqu"),
+                   help="folder searched for *.png X-rays for the accuracy check (random pixels if none)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    common.add_common_args(p)
+    return p.parse_args(argv)
+
+
+def _sample_pixels(folder: str, n: int, size: int, seed: int):
+    """(n, S, S, 3) float32 0..255 from up to n real X-rays under `folder` (else uniform noise)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    files = sorted(p for p in Path(folder).rglob("*.png") if p.parent.name == "images")[:4000] \
+        if Path(folder).is_dir() else []
+    if not files:
+        return rng.uniform(0, 255, (n, size, size, 3)).astype("float32"), "uniform-noise"
+    from PIL import Image
+
+    pick = [files[i] for i in rng.choice(len(files), size=min(n, len(files)), replace=False)]
+    arrs = [np.asarray(Image.open(f).convert("L").resize((size, size), Image.BILINEAR), dtype="float32")
+            for f in pick]
+    x = np.repeat(np.stack(arrs)[..., None], 3, axis=-1)
+    return x, f"{len(pick)} png from {folder}"
+
+
+def _dice(a, b) -> float:
+    s = float(a.sum() + b.sum())
+    return 1.0 if s == 0 else float(2.0 * (a * b).sum() / s)
+
+
+def accuracy(models, pixels, threshold):
+    """bf16 vs fp32 on the same weights: per stage and for the cascade."""
+    import numpy as np
+    import tensorflow as tf
+
+    from covidseg_tf.cascade import run_cascade
+
+    out = {}
+    x = tf.constant(pixels)
+    res = {}
+    for prec in ("fp32", "bf16"):
+        lung, inf = models[prec]
+        f = tf.function(lambda px, lung=lung, inf=inf: run_cascade(lung, inf, px, threshold))
+        res[prec] = {k: v.numpy() for k, v in f(x).items()}
+        # stage 2 alone on the SAME lung channel (the fp32 lung mask), to isolate its own error
+        lm = res["fp32"]["lung_mask"]
+        res[prec]["infection_prob_same_input"] = inf(tf.concat([x, lm], -1), training=False).numpy()
+    a, b = res["fp32"], res["bf16"]
+    for key in ("lung_prob", "infection_prob_same_input", "infection_prob"):
+        d = np.abs(a[key].astype("float64") - b[key].astype("float64"))
+        near = np.abs(a[key] - threshold) < max(float(d.max()), 1e-7)
+        out[key] = {"max_abs": round(float(d.max()), 6), "mean_abs": round(float(d.mean()), 7),
+                    "mask_dice": round(_dice(a[key] >= threshold, b[key] >= threshold), 5),
+                    "share_px_within_maxabs_of_threshold": round(float(near.mean()), 5),
+                    "fp32_prob_range": [round(float(a[key].min()), 4), round(float(a[key].max()), 4)]}
+    out["cascade_lung_mask_dice"] = round(_dice(a["lung_mask"], b["lung_mask"]), 5)
+    out["cascade_infection_mask_dice"] = round(_dice(a["infection_mask"], b["infection_mask"]), 5)
+    out["severity_total_max_abs_pct"] = round(float(np.abs(a["severity_total"] - b["severity_total"]).max()), 4)
+    worst_abs = max(out[k]["max_abs"] for k in ("lung_prob", "infection_prob_same_input"))
+    worst_dice = min(out[k]["mask_dice"] for k in ("lung_prob", "infection_prob_same_input"))
+    out["tolerance"] = {"max_abs_prob": TOL_MAX_ABS_PROB, "min_mask_dice": TOL_MIN_MASK_DICE}
+    out["within_tolerance"] = bool(worst_abs <= TOL_MAX_ABS_PROB and worst_dice >= TOL_MIN_MASK_DICE)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    tfinfo = common.configure_tf(args.threads, args.inter_threads)
+    import numpy as np
+    import tensorflow as tf
+
+    from covidseg_tf.cascade import run_cascade
+
+    import models_util as mu
+
+    S = args.size
+    t0 = time.perf_counter()
+    models = {}
+    for prec in args.precision:
+        models[prec] = (mu.build_stage("lung", S, prec, args.lung_model, args.seed),
+                        mu.build_stage("infection", S, prec, args.infection_model, args.seed))
+    if "fp32" in models:  # the same weights in every precision
+        for prec in models:
+            if prec != "fp32":
+                models[prec][0].set_weights(models["fp32"][0].get_weights())
+                models[prec][1].set_weights(models["fp32"][1].get_weights())
+    build_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(args.seed)
+    result = {"script": "infer", "label": args.label, "size": S, "threshold": args.threshold,
+              "weights": {"lung": args.lung_model or "random", "infection": args.infection_model or "random"},
+              "build_s": round(build_s, 2), "results": []}
+    waited = common.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else (None, None)
+    result["wait_quiet_s"], result["busy_before"] = round(waited[0] or 0, 1), waited[1]
+
+    def timed(fn, x, **meta):
+        t = time.perf_counter()
+        fn(x)  # tracing + first run
+        trace_s = time.perf_counter() - t
+        tm = common.time_steps(lambda: fn(x), args.steps, args.warmup, args.clean_stall, args.clean_target,
+                               args.max_time)
+        rec = dict(meta, trace_s=round(trace_s, 2), **tm.summary(meta["batch"]))
+        rec["per_image_s"] = round(rec["median_s"] / meta["batch"], 5)
+        result["results"].append(rec)
+        log.info("%s %s %s b%d jit=%s: median %.4f s (foreign cpu %.2f)", meta["source"], meta["precision"],
+                 meta["target"], meta["batch"], meta.get("jit"), rec["median_s"], rec["foreign_cpu_frac"] or 0)
+        return rec
+
+    def sync(outputs):  # block on one output (the call already is synchronous on CPU; this is belt and braces)
+        if isinstance(outputs, dict):
+            outputs = next(iter(outputs.values()))
+        return outputs.numpy()
+
+    for prec, (lung, inf) in models.items():
+        for B in args.batch:
+            px = tf.constant(rng.uniform(0, 255, (B, S, S, 3)).astype("float32"))
+            px4 = tf.concat([px, tf.cast(tf.random.uniform((B, S, S, 1), seed=1) > 0.5, tf.float32)], -1)
+            for jit in args.jit:
+                jc = jit == "on"
+                fns = {
+                    "lung": (tf.function(lambda x, m=lung: m(x, training=False), jit_compile=jc,
+                                         input_signature=[tf.TensorSpec([B, S, S, 3], tf.float32)]), px),
+                    "infection": (tf.function(lambda x, m=inf: m(x, training=False), jit_compile=jc,
+                                              input_signature=[tf.TensorSpec([B, S, S, 4], tf.float32)]), px4),
+                    "cascade": (tf.function(lambda x, a=lung, b=inf: run_cascade(a, b, x, args.threshold),
+                                            jit_compile=jc,
+                                            input_signature=[tf.TensorSpec([B, S, S, 3], tf.float32)]), px),
+                }
+                for target in args.targets:
+                    fn, x = fns[target]
+                    try:
+                        timed(lambda v, fn=fn: sync(fn(v)), x, source="keras", precision=prec, target=target,
+                              batch=B, jit=jit)
+                    except Exception as e:  # noqa: BLE001  (e.g. XLA unsupported op): record, go on
+                        result["results"].append({"source": "keras", "precision": prec, "target": target,
+                                                  "batch": B, "jit": jit, "error": f"{type(e).__name__}: {e}"[:500]})
+        if not args.no_savedmodel:
+            from covidseg_tf.export import export_cascade, export_stage
+
+            with tempfile.TemporaryDirectory(prefix="bench_sm_") as tmp:
+                t = time.perf_counter()
+                paths = {"cascade": export_cascade(lung, inf, tmp, args.threshold, warmup=False)}
+                if args.savedmodel_stages:
+                    paths["lung"] = export_stage(lung, "lung", tmp, args.threshold, warmup=False)
+                    paths["infection"] = export_stage(inf, "infection", tmp, args.threshold, warmup=False)
+                export_s = time.perf_counter() - t
+                for target, path in paths.items():
+                    t = time.perf_counter()
+                    loaded = tf.saved_model.load(str(path))
+                    sig = loaded.signatures["predict_pixels"]
+                    load_s = time.perf_counter() - t
+                    for B in args.batch:
+                        px = tf.constant(rng.uniform(0, 255, (B, S, S, 3)).astype("float32"))
+                        if target == "infection":
+                            px = tf.concat([px, tf.ones((B, S, S, 1))], -1)
+                        rec = timed(lambda v, sig=sig: sync(sig(pixels=v)), px, source="savedmodel",
+                                    precision=prec, target=target, batch=B, jit="off")
+                        rec["export_s_all"], rec["load_s"] = round(export_s, 1), round(load_s, 2)
+                    del loaded, sig
+
+    ref = models.get("fp32") or next(iter(models.values()))
+    if not args.no_flops:
+        fl = {}
+        for stage, m in zip(("lung", "infection"), ref):
+            c = int(m.inputs[0].shape[-1])
+            f = tf.function(lambda x, m=m: m(x, training=False))
+            fl[stage] = {"conv_dense_from_shapes": mu.conv_flops_per_image(m),
+                         "tf_profiler_total": mu.profiler_flops(f, tf.TensorSpec([1, S, S, c], tf.float32)),
+                         "params": mu.param_count(m)}
+        fl["rule"] = ("conv_dense_from_shapes: 2 FLOPs per MAC of Conv2D/DepthwiseConv2D/Dense (the peer's "
+                      "counting rule); tf_profiler_total: tf.compat.v1 profiler float_ops of the frozen batch-1 "
+                      "graph (also counts BN, activations, adds)")
+        result["flops_per_image"] = fl
+    if not args.no_accuracy and "fp32" in models and "bf16" in models:
+        pixels, src = _sample_pixels(args.images, 4, S, args.seed)
+        result["bf16_vs_fp32"] = accuracy(models, pixels, args.threshold)
+        result["bf16_vs_fp32"]["inputs"] = src
+
+    # summary: best batch-1 cascade time per source
+    best = {}
+    for r in result["results"]:
+        if r.get("target") == "cascade" and r.get("batch") == 1 and "median_s" in r:
+            key = r["source"]
+            if key not in best or r["median_s"] < best[key]["median_s"]:
+                best[key] = {"median_s": r["median_s"], "precision": r["precision"], "jit": r["jit"]}
+    result["best_cascade_b1"] = best
+    result["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
+    result["contended_any"] = any(r.get("contended") for r in result["results"])
+    result.update(tf=tfinfo, machine=common.machine_info())
+    common.emit(result, args.json_out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Model building and counting helpers shared by bench/infer.py and bench/train_step.py."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def stage_cfg(stage: str, size: int):
+    """The seed StageConfig of `stage` at `size` px with random encoder weights (no downloads)."""
+    from covidseg_tf.config import default_config
+
+    return default_config(stage).replace(image_size=size, encoder_weights="none")
+
+
+def build_stage(stage: str, size: int, precision: str, weights_from: str | None = None, seed: int = 0):
+    """Stage model under the Keras dtype policy of `precision` (set at build time, then reset to float32).
+
+    weights_from: optional trained `.keras` file of the same stage (any input size: the U-Net is fully
+    convolutional, so its weights are copied into the model built at `size`)."""
+    import keras
+
+    from covidseg_tf.models import build_stage_model
+
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+    try:
+        model = build_stage_model(stage_cfg(stage, size), encoder_weights=None)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    if weights_from:
+        from covidseg_tf.cascade import load_model
+
+        model.set_weights(load_model(weights_from).get_weights())
+    return model
+
+
+def conv_flops_per_image(model) -> dict[str, int]:
+    """Forward FLOPs of one image from the layer shapes, conv/dense only, 2 FLOPs per MAC (as the peer's
+    torch.utils.flop_counter): Conv2D 2*kh*kw*(Cin/groups)*Cout*Ho*Wo, DepthwiseConv2D 2*kh*kw*Cin*mult*Ho*Wo,
+    Dense 2*in*out. Element-wise ops (BN, activations, SE multiply, upsampling) are not counted."""
+    from keras import layers
+
+    conv = dw = dense = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.DepthwiseConv2D):
+            _, h, w, c = layer.output.shape
+            kh, kw = layer.kernel_size
+            dw += 2 * kh * kw * h * w * c
+        elif isinstance(layer, layers.Conv2D):
+            _, h, w, cout = layer.output.shape
+            cin = layer.input.shape[-1]
+            kh, kw = layer.kernel_size
+            conv += 2 * kh * kw * (cin // layer.groups) * cout * h * w
+        elif isinstance(layer, layers.Dense):
+            dense += 2 * layer.input.shape[-1] * layer.units
+    return {"conv": int(conv), "depthwise": int(dw), "dense": int(dense), "total": int(conv + dw + dense)}
+
+
+def profiler_flops(fn, spec) -> int | None:
+    """Total float ops of a tf.function's frozen concrete graph (tf.compat.v1 profiler; all ops it has
+    statistics for: convs, matmuls AND element-wise ops such as BN, add, mul), or None when it fails."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    try:
+        frozen = convert_variables_to_constants_v2(fn.get_concrete_function(spec))
+        builder = tf.compat.v1.profiler.ProfileOptionBuilder
+        opts = builder(builder.float_operation()).with_empty_output().build()
+        prof = tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts)
+        return int(prof.total_float_ops)
+    except Exception as e:  # noqa: BLE001
+        log.warning("profiler FLOP count failed: %s", e)
+        return None
+
+
+def param_count(model) -> int:
+    return int(sum(int(__import__("numpy").prod(w.shape)) for w in model.weights))
