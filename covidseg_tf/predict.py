@@ -146,24 +146,19 @@ def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Pa
     taken: set[Path] = set()
     plan: dict[Path, Path] = {}
     dir_roots = [r.resolve() for r in roots if r.is_dir()]
+
+    def base_of(f: Path) -> Path:  # out_dir / <input folder name>/<sub-folders> / stem
+        rf = f.resolve()
+        for r in dir_roots:
+            if r in rf.parents:
+                return out_dir / r.name / rf.parent.relative_to(r) / f.stem
+        return out_dir / f.stem
+
     stems: dict[Path, int] = {}
     for f in files:
-        rf = f.resolve()
-        rel_parent = Path()
-        for r in dir_roots:
-            if r in rf.parents:
-                rel_parent = Path(r.name) / rf.parent.relative_to(r)
-                break
-        base = out_dir / rel_parent / f.stem
-        stems[base] = stems.get(base, 0) + 1
+        stems[base_of(f)] = stems.get(base_of(f), 0) + 1
     for f in files:
-        rf = f.resolve()
-        rel_parent = Path()
-        for r in dir_roots:
-            if r in rf.parents:
-                rel_parent = Path(r.name) / rf.parent.relative_to(r)
-                break
-        base = out_dir / rel_parent / f.stem
+        base = base_of(f)
         if stems[base] > 1:  # e.g. a.png and a.dcm in one folder
             base = base.with_name(f"{f.stem}_{f.suffix.lstrip('.').lower() or 'noext'}")
         candidate, n = base, 1
