@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Training throughput per stage: the full Keras train step (forward, the stage's loss, backward, AdamW with
+the stage's weight decay / clipnorm, the Dice/IoU metrics) on synthetic in-memory tensors, via
+model.train_on_batch (the same compiled train_function model.fit runs). The first call (tracing) and --warmup
+calls are excluded; the median of --steps timed calls gives images/s.
+
+Every (stage, precision, batch) runs in its own subprocess, so peak RSS (resource.getrusage ru_maxrss) belongs
+to that configuration alone, and a watchdog kills a child whose RSS passes the memory limit.
+
+--max-batch: per stage and precision, double the batch from the largest --batch while the batch is predicted
+(linear fit of peak RSS vs batch from the runs so far) to fit under --mem-limit-gib AND the memory available
+right now (minus --mem-margin-gib: the box is shared), and report the largest batch that ran plus the
+extrapolated largest batch for --mem-limit-gib.
+
+Prints ONE JSON line; --json-out appends it to a file.
+
+Examples:
+  python bench/train_step.py --size 448 --batch 4 --precision fp32 bf16 --json-out bench/results/train.jsonl
+  python bench/train_step.py --size 448 --batch 4 --precision bf16 --max-batch --max-batch-steps 2
+  python bench/train_step.py --size 128 --batch 2 --steps 2 --warmup 1            # quick smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+log = logging.getLogger("bench.train_step")
+GIB = 2**30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--stages", nargs="+", choices=["lung", "infection"], default=["lung", "infection"])
+    p.add_argument("--batch", type=int, nargs="+", default=[4])
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
+    p.add_argument("--jit", choices=["off", "on"], default="off", help="model.compile(jit_compile=...)")
+    p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
+    p.add_argument("--max-batch", action="store_true", help="find the largest batch by doubling (see above)")
+    p.add_argument("--max-batch-steps", type=int, default=2, help="timed steps of the doubling runs")
+    p.add_argument("--mem-limit-gib", type=float, default=24.0)
+    p.add_argument("--mem-margin-gib", type=float, default=1.5,
+                   help="keep this much of the currently available memory free for the other processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON config of one run
+    common.add_common_args(p)
+    p.set_defaults(steps=5, warmup=2)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- worker
+def worker(args, conf: dict) -> dict:
+    """One (stage, precision, batch) run in this process."""
+    tfinfo = common.configure_tf(args.threads, args.inter_threads)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from covidseg_tf.losses import make_loss
+    from covidseg_tf.metrics import make_metrics
+
+    import models_util as mu
+
+    stage, prec, B, S = conf["stage"], conf["precision"], conf["batch"], args.size
+    cfg = mu.stage_cfg(stage, S)
+    t = time.perf_counter()
+    model = mu.build_stage(stage, S, prec, seed=args.seed)
+    opt = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 clipnorm=cfg.clipnorm)
+    if prec == "fp16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    model.compile(optimizer=opt, loss=make_loss(cfg), metrics=None if args.no_metrics else
+                  make_metrics(cfg.threshold), jit_compile=args.jit == "on")
+    build_s = time.perf_counter() - t
+    rng = np.random.default_rng(args.seed)
+    x = rng.uniform(0, 255, (B, S, S, cfg.in_channels)).astype("float32")
+    if cfg.in_channels == 4:
+        x[..., 3] = rng.random((B, S, S)) > 0.5
+    y = (rng.random((B, S, S, 1)) > 0.7).astype("float32")  # sparse-ish mask (as the peer)
+    x, y = tf.constant(x), tf.constant(y)
+    losses = []
+
+    def step():
+        out = model.train_on_batch(x, y)
+        losses.append(float(out[0] if isinstance(out, (list, tuple)) else out))
+
+    t = time.perf_counter()
+    step()  # tracing + first step
+    trace_s = time.perf_counter() - t
+    if args.wait_quiet > 0:
+        common.wait_quiet(args.wait_quiet)
+    tm = common.time_steps(step, conf.get("steps", args.steps), args.warmup, args.clean_stall,
+                           args.clean_target, args.max_time)
+    rec = dict(conf, jit=args.jit, metrics=not args.no_metrics, build_s=round(build_s, 2),
+               trace_s=round(trace_s, 2), **tm.summary(B))
+    rec["loss_first"], rec["loss_last"] = losses[0], losses[-1]
+    rec["nan_or_inf"] = any(v != v or abs(v) == float("inf") for v in losses)
+    rec["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
+    rec["params"] = mu.param_count(model)
+    rec["tf"] = tfinfo
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- parent
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_child(args, conf: dict, limit_bytes: int) -> dict:
+    """Run one configuration in a subprocess; kill it if its RSS passes limit_bytes."""
+    import psutil
+
+    cmd = [sys.executable, __file__, "--worker", json.dumps(conf), "--size", str(args.size),
+           "--threads", str(args.threads), "--inter-threads", str(args.inter_threads), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--clean-stall", str(args.clean_stall), "--clean-target",
+           str(args.clean_target), "--max-time", str(args.max_time), "--wait-quiet", str(args.wait_quiet),
+           "--jit", args.jit, "--seed", str(args.seed)] + (["--no-metrics"] if args.no_metrics else [])
+    log.info("run %s", conf)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    killed, max_rss = False, 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss
+            max_rss = max(max_rss, rss)
+            if rss > limit_bytes:
+                proc.kill()
+                killed = True
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = f"killed: RSS passed the limit {limit_bytes / GIB:.1f} GiB" if killed else \
+        f"exit {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}"
+    return dict(conf, error=reason, watchdog_max_rss_mib=round(max_rss / 2**20, 1))
+
+
+def fit_line(points: list[tuple[int, float]]):
+    """(intercept, slope) of peak RSS (MiB) vs batch from the last two points."""
+    (b0, r0), (b1, r1) = points[-2], points[-1]
+    slope = (r1 - r0) / (b1 - b0) if b1 != b0 else 0.0
+    return r0 - slope * b0, slope
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        rec = worker(args, json.loads(args.worker))
+        print(json.dumps(rec, default=str), flush=True)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    limit = int(args.mem_limit_gib * GIB)
+    result = {"script": "train_step", "label": args.label, "size": args.size, "jit": args.jit,
+              "metrics": not args.no_metrics, "results": [], "max_batch": {}}
+    for stage in args.stages:
+        for prec in args.precision:
+            points = []
+            for B in args.batch:
+                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B}, limit)
+                result["results"].append(rec)
+                if "peak_rss_mib" in rec:
+                    points.append((B, rec["peak_rss_mib"]))
+                log.info("%s %s b%d: %s img/s, peak RSS %s MiB, foreign cpu %s", stage, prec, B,
+                         rec.get("images_per_s"), rec.get("peak_rss_mib"), rec.get("foreign_cpu_frac"))
+            if not args.max_batch or not points:
+                continue
+            B = max(b for b, _ in points)
+            largest_ok, stop = B, None
+            while True:
+                B *= 2
+                avail = mem_available_bytes() - args.mem_margin_gib * GIB
+                budget = min(limit, avail + 0)  # this process is small; children are gone between runs
+                if len(points) >= 2:
+                    a, k = fit_line(points)
+                    predicted = (a + k * B) * 2**20
+                else:  # one point: assume RSS grows proportionally above a 2 GiB base
+                    base = 2048.0
+                    predicted = (base + (points[-1][1] - base) * B / points[-1][0]) * 2**20
+                if predicted > budget:
+                    stop = (f"batch {B} predicted {predicted / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB "
+                            f"(limit {args.mem_limit_gib} GiB, available now {avail / GIB:.1f} GiB after margin)")
+                    break
+                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B,
+                                       "steps": args.max_batch_steps}, int(budget))
+                rec["max_batch_search"] = True
+                result["results"].append(rec)
+                log.info("%s %s b%d: %s img/s, peak RSS %s MiB", stage, prec, B, rec.get("images_per_s"),
+                         rec.get("peak_rss_mib"))
+                if "error" in rec:
+                    stop = f"batch {B}: {rec['error']}"
+                    break
+                points.append((B, rec["peak_rss_mib"]))
+                largest_ok = B
+            est = None
+            if len(points) >= 2:
+                a, k = fit_line(points)
+                if k > 0:
+                    est = int((args.mem_limit_gib * 1024 - a) / k)
+            result["max_batch"][f"{stage}/{prec}"] = {
+                "largest_run": largest_ok, "stopped": stop,
+                "rss_fit_mib": {"intercept": round(fit_line(points)[0], 1), "per_image": round(fit_line(points)[1], 1)}
+                if len(points) >= 2 else None,
+                f"extrapolated_max_batch_{args.mem_limit_gib:g}gib": est}
+    result["contended_any"] = any(r.get("contended") for r in result["results"])
+    result["machine"] = common.machine_info()
+    common.emit(result, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
