@@ -308,6 +308,7 @@ def build_unet(
     name: str | None = None,
     stem_init: str = "cycle",
     decoder_filters: Sequence[int] = DECODER_FILTERS,
+    bn_momentum: float | None = None,
 ) -> keras.Model:
     """A segmentation_models-style U-Net on a keras.applications EfficientNet B0-B7.
 
@@ -327,6 +328,7 @@ def build_unet(
             start, but the mask is ignored (zero input gradient) until its kernel has moved. Ignored when
             encoder_weights is None (everything random).
         decoder_filters: filters of the decoder stages, deepest first (5 stages = back to full size).
+        bn_momentum: momentum of every BatchNormalization layer's moving statistics (None keeps Keras' 0.99).
 
     Returns:
         keras.Model mapping (B, H, W, C) float32 to (B, H, W, 1) float32 sigmoid probabilities.
@@ -352,6 +354,12 @@ def build_unet(
     outputs = segmentation_head(x, dropout=dropout)
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
     keep_preprocessing_float32(model)
+    if bn_momentum is not None:
+        if not 0.0 <= bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum}")
+        for layer in model.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = bn_momentum
 
     if weights_path is not None:
         reference = load_reference_encoder(key, weights_path)
@@ -366,11 +374,13 @@ def build_stage_model(
     encoder_weights: str | os.PathLike | None = _FROM_CONFIG,
     stem_init: str = "cycle",
 ) -> keras.Model:
-    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout).
+    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout, BN).
 
-    `encoder_weights` overrides cfg.encoder_weights when given (None / "none" = random init).
+    `encoder_weights` overrides cfg.encoder_weights when given (None / "none" = random init); "auto" is
+    resolved by `choose_encoder_weights`.
     """
     weights = cfg.encoder_weights if encoder_weights is _FROM_CONFIG else encoder_weights
+    weights = choose_encoder_weights(cfg.encoder, weights)
     return build_unet(
         encoder=cfg.encoder,
         input_shape=(cfg.image_size, cfg.image_size, cfg.in_channels),
@@ -378,4 +388,18 @@ def build_stage_model(
         dropout=cfg.dropout,
         name=f"{cfg.stage}_unet",
         stem_init=stem_init,
+        bn_momentum=cfg.bn_momentum,
     )
+
+
+def choose_encoder_weights(encoder: str, value: str | os.PathLike | None) -> str | os.PathLike | None:
+    """Resolve "auto": "imagenet" when the weights can be had (download or ~/.keras/models), else None (random
+    init) with a warning. Other values are returned as they are."""
+    if value is None or str(value).lower() != "auto":
+        return value
+    try:
+        resolve_encoder_weights(encoder, "imagenet")
+    except RuntimeError as e:
+        log.warning("ImageNet weights unavailable, %s starts from random init: %s", encoder, e)
+        return None
+    return "imagenet"

@@ -48,7 +48,7 @@ examples:
 
 # Config fields settable from the command line (flag = field name with dashes).
 _CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "weight_decay",
-                 "dropout", "clipnorm", "encoder_weights", "dataset", "threshold")
+                 "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold")
 
 
 class UsageError(SystemExit):
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         a, b = getattr(lung, name), getattr(inf, name)
         default_txt = f"{a}" if a == b else f"{a} / {b}"
         kind = {"image_size": int, "batch_size": int, "epochs": int, "patience": int, "learning_rate": float,
-                "weight_decay": float, "dropout": float, "clipnorm": _optional_float, "threshold": float}.get(name, str)
+                "weight_decay": float, "dropout": float, "bn_momentum": float, "clipnorm": _optional_float, "threshold": float}.get(name, str)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=f.name.upper(),
                        help=f"default: {default_txt}")
     p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
@@ -120,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         ("--learning-rate", cfg.learning_rate > 0, "positive"),
         ("--weight-decay", cfg.weight_decay >= 0, "zero or more"),
         ("--dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
+        ("--bn-momentum", 0 <= cfg.bn_momentum < 1, "in [0, 1)"),
         ("--threshold", 0 < cfg.threshold < 1, "in (0, 1)"),
         ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
         ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from covidseg_tf import data
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
-    from covidseg_tf.models import build_stage_model
+    from covidseg_tf.models import build_stage_model, choose_encoder_weights
 
     cfg = config_from_args(args)
     out = Path(args.output or f"runs/{cfg.stage}")
@@ -303,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keras.utils.set_random_seed(args.seed)
     set_mixed_precision(args.mixed_precision)
     strategy = make_strategy(args.strategy)
-    weights = resolve_weights(cfg)
+    weights = choose_encoder_weights(cfg.encoder, cfg.encoder_weights)
 
     builder = data.load_builder(cfg.dataset, args.data_dir, args.manual_dir)
     table = None
@@ -352,23 +353,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def resolve_weights(cfg: StageConfig) -> str | None:
-    """The encoder weights to build with: "auto" becomes "imagenet" when available, else random init."""
-    from covidseg_tf.models import resolve_encoder_weights
-
-    value = cfg.encoder_weights
-    if value.lower() in ("none", "random"):
-        return None
-    if value.lower() != "auto":
-        return value
-    try:
-        resolve_encoder_weights(cfg.encoder, "imagenet")
-    except RuntimeError as e:
-        log.warning("ImageNet weights unavailable, training %s from random init: %s", cfg.encoder, e)
-        return None
-    return "imagenet"
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -385,12 +369,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    from covidseg_tf.data import DatasetError
-
     try:
         main()
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    except Exception as e:
+        from covidseg_tf.data import DatasetError  # imported late: `--help` stays free of TensorFlow
+
+        if isinstance(e, DatasetError):
+            sys.exit(f"error: {e}")
+        raise
 
 
 if __name__ == "__main__":

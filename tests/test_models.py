@@ -263,7 +263,7 @@ def test_mixed_precision_bf16_keeps_float32_output():
         keras.mixed_precision.set_global_policy(previous)
 
 
-def test_build_stage_model_reads_config(monkeypatch):
+def test_build_stage_model_reads_config(monkeypatch, caplog):
     cfg = INFECTION.replace(image_size=SIZE)
     model = models.build_stage_model(cfg, encoder_weights=None)
     assert model.name == "infection_unet"
@@ -278,6 +278,13 @@ def test_build_stage_model_reads_config(monkeypatch):
     with pytest.raises(RuntimeError, match="efficientnetb0_notop.h5"):
         models.build_stage_model(cfg.replace(encoder_weights="imagenet"))
     assert models.build_stage_model(cfg.replace(encoder_weights="none")).count_params() == model.count_params()
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(layer.momentum == cfg.bn_momentum for layer in bns)
+    # "auto" (the default): ImageNet when it can be had, else random init with a warning, never an error
+    with caplog.at_level("WARNING", logger=models.__name__):
+        assert models.choose_encoder_weights("efficientnetb0", "auto") is None
+    assert "efficientnetb0 starts from random init" in caplog.text
+    assert models.choose_encoder_weights("efficientnetb0", "none") == "none"
 
 
 def test_dynamic_spatial_size():
