@@ -8,24 +8,28 @@ Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name
     serving_default  inputs  images      (B,) string   PNG or JPEG bytes, any size up to MAX_SIDE, grey or colour
                              lung_masks  (B,) string   infection stage only: PNG lung mask of the same size
                                                        (0/1 or 0/255; any value > 0, or > 127 for 0/255 masks)
-                     outputs <p>_prob        (B, S, S, 1) float32  probabilities at the MODEL size S
-                             <p>_mask        (B, S, S, 1) float32  0/1 masks at the model size
-                             <p>_mask_bytes  (B,) string           PNG mask (uint8 0/255) at each INPUT's size
+                     outputs <p>_mask_bytes  (B,) string           PNG mask (uint8 0/255) at each INPUT's size
                              height, width   (B,) int32            each input's size
     predict_pixels   inputs  pixels      (B, S, S, C) float32  raw 0..255 (C = 3; 4 for infection: + lung 0/1)
-                     outputs <p>_prob, <p>_mask                (B, S, S, 1) float32
+                     outputs <p>_prob, <p>_mask                (B, S, S, 1) float32 at the MODEL size S
 
-The cascade servable: `serving_default` takes `images` only and returns lung_prob, lung_mask, infection_prob,
-infection_mask (model size), severity_left, severity_right, severity_total ((B,) float32 percent of the
-patient's left/right/both lungs, computed at the model size by `covidseg_tf.cascade.run_cascade`),
-lung_mask_bytes, infection_mask_bytes (input size PNGs; the infection PNG is inside the lung PNG), height and
-width; its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of `run_cascade`.
+The cascade servable: `serving_default` takes `images` only and returns lung_mask_bytes, infection_mask_bytes
+(input-size PNGs; the infection PNG is inside the lung PNG), severity_left, severity_right, severity_total
+((B,) float32 percent of the patient's left/right/both lungs, computed at the model size by
+`covidseg_tf.cascade.run_cascade`), height and width; its `predict_pixels` takes (B, S, S, 3) pixels and
+returns the seven tensors of `run_cascade` (lung_prob, lung_mask, infection_prob, infection_mask + severity).
 
-Why this representation: images of one batch may have different sizes, and one dense tensor cannot hold maps of
-different sizes, so dense maps stay at the model size (B, S, S, 1) and the input-size masks travel as PNG
-strings (one per image, any size). Output names ending in ``_bytes`` are base64-encoded by TF Serving's REST
-API (``{"b64": ...}``). All outputs have the batch as their first dimension, as TF Serving's row ("instances")
-format requires.
+Input-size masks (the documented resize rule, `full_size_pngs`): the model-size probability map is resized
+bilinearly (no antialias) to the input's height x width, then thresholded (``>= threshold``); an infection
+mask is then multiplied by its lung mask at the input size (the given one, or the cascade's lung PNG).
+
+Why this representation: `serving_default` is the REST entry point, and TF Serving's REST API returns every
+output of a signature as JSON (it cannot filter outputs), so it returns only compact (B,) outputs: a PNG string
+per image (images of one batch may differ in size, and a string can hold a mask of any size) and scalars. The
+dense (B, S, S, 1) float maps (hundreds of thousands of JSON numbers per image at S = 448) are only in
+`predict_pixels`, for gRPC / in-process batch users. Output names ending in ``_bytes`` are base64-encoded by
+TF Serving's REST API (``{"b64": ...}``). All outputs have the batch as their first dimension, as TF
+Serving's row ("instances") format requires.
 
 Bad input raises InvalidArgument (never a crash or a silent wrong answer): an empty batch, bytes that are not
 PNG or JPEG (by magic number), a PNG/JPEG whose header declares a side above MAX_SIDE (checked from the header -
@@ -57,6 +61,7 @@ ANTIALIAS = True
 DEFAULT_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "predict_pixels"
 WARMUP_FILE = "tf_serving_warmup_requests"
+SEVERITY_KEYS = ("severity_left", "severity_right", "severity_total")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -257,14 +262,14 @@ def stage_signatures(
             mask = mask * tf.cast(lung > 0.5, tf.float32)
         return {f"{p}_prob": prob, f"{p}_mask": mask}
 
+    def outputs_full(png: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {f"{p}_mask_bytes": png, "height": sizes[:, 0], "width": sizes[:, 1]}
+
     if channels == 3:
 
         def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
-            out = outputs_small(_predict(model, pixels), None)
-            out[f"{p}_mask_bytes"] = full_size_pngs(out[f"{p}_prob"], sizes, threshold)
-            out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
-            return out
+            return outputs_full(full_size_pngs(_predict(model, pixels), sizes, threshold), sizes)
 
         image_sig = [tf.TensorSpec([None], tf.string, name="images")]
 
@@ -276,10 +281,8 @@ def stage_signatures(
         def serve_images(images: tf.Tensor, lung_masks: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
             lung_small, lung_full = load_masks(lung_masks, sizes, size)
-            out = outputs_small(_predict(model, tf.concat([pixels, lung_small], axis=-1)), lung_small)
-            out[f"{p}_mask_bytes"] = full_size_pngs(out[f"{p}_prob"], sizes, threshold, within=lung_full)
-            out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
-            return out
+            prob = _predict(model, tf.concat([pixels, lung_small], axis=-1))
+            return outputs_full(full_size_pngs(prob, sizes, threshold, within=lung_full), sizes)
 
         image_sig = [
             tf.TensorSpec([None], tf.string, name="images"),
@@ -316,10 +319,11 @@ def cascade_signatures(
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels, sizes = load_images(images, size)
-        out = serve_pixels(pixels)
-        lung_png = full_size_pngs(out["lung_prob"], sizes, threshold)
+        dense = serve_pixels(pixels)
+        lung_png = full_size_pngs(dense["lung_prob"], sizes, threshold)
+        out = {key: dense[key] for key in SEVERITY_KEYS}
         out["lung_mask_bytes"] = lung_png
-        out["infection_mask_bytes"] = full_size_pngs(out["infection_prob"], sizes, threshold, within=lung_png)
+        out["infection_mask_bytes"] = full_size_pngs(dense["infection_prob"], sizes, threshold, within=lung_png)
         out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
         return out
 
