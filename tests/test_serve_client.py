@@ -75,8 +75,7 @@ class FakeServing(BaseHTTPRequestHandler):
                 return self.reply(400, {"error": f"assertion failed: [images[{i}] is not a PNG or JPEG image "
                                                  f"({len(data)} bytes)]\n\t [[{{node map/while/Assert/Assert}}]]"})
             h, w = Image.open(io.BytesIO(data)).size[::-1]
-            preds.append({
-                "lung_prob": [[[0.9]]], "lung_mask": [[[1.0]]],  # dense maps: nested lists (ignored by the client)
+            preds.append({  # the compact serving_default reply: base64 PNG masks and numbers only
                 "lung_mask_bytes": b64(png_bytes(h, w, 255)), "infection_mask_bytes": b64(png_bytes(h, w, 0)),
                 "severity_left": 12.5, "severity_right": 0.0, "severity_total": 6.25, "height": h, "width": w,
             })
@@ -129,10 +128,21 @@ def test_client_writes_masks_and_severity(server, tmp_path):
     summary = json.loads((out / "a.json").read_text())
     assert summary["severity_total"] == 6.25 and summary["height"] == 30 and summary["width"] == 40
     assert summary["masks"] == {"lung_mask": "a_lung_mask.png", "infection_mask": "a_infection_mask.png"}
-    assert "lung_prob" not in summary
+    assert set(summary) == {"image", "masks", "severity_left", "severity_right", "severity_total", "height", "width"}
     lung = np.asarray(Image.open(out / "a_lung_mask.png"))
     assert lung.shape == (30, 40) and (lung == 255).all()
     assert np.asarray(Image.open(out / "b_infection_mask.png")).shape == (20, 10)
+
+
+def test_dense_outputs_of_older_servables_are_ignored(tmp_path):
+    """Servables exported before serving_default became compact also returned dense maps as nested lists:
+    the client still saves the masks and scalars and skips those lists."""
+    pred = {"lung_prob": [[[0.9]]], "lung_mask": [[[1.0]]], "lung_mask_bytes": b64(png_bytes(3, 4, 255)),
+            "height": 3, "width": 4}
+    summary = serve_client.save_prediction(pred, "old", tmp_path)
+    assert summary == {"image": "old", "masks": {"lung_mask": "old_lung_mask.png"}, "height": 3, "width": 4}
+    assert json.loads((tmp_path / "old.json").read_text()) == summary
+    assert np.asarray(Image.open(tmp_path / "old_lung_mask.png")).shape == (3, 4)
 
 
 def test_client_infection_model_sends_lung_masks(server, tmp_path):
