@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Ours vs the PyTorch peer (segmentation_models_pytorch, /work/shared/bench/peer/smp_bench.py), side by side on
+this machine, ALTERNATING runs in subprocesses (round r: ours-infer, peer-infer, ours-train, peer-train), both
+with --threads (default 2) threads, and the ratios per target:
+
+  cascade inference at --size, batch 1:  ours best cascade time / peer best (Stage-1 + Stage-2 time)
+                                          target <= 0.5
+  training throughput per stage, batch 4: ours best images/s / peer best images/s      target >= 1.5
+
+"best": over precisions/variants and rounds, of the per-run medians. Ours = bench/infer.py (Keras tf.function:
+plain and BN-folded+frozen "fast", fp32 and bf16) and bench/train_step.py (train_on_batch, fp32 and bf16).
+Peer = bf16 autocast + channels_last (its best layout per issue 7), optionally also fp32 (--peer-layouts).
+The peer has no cascade: its cascade time is the sum of its two stage times at batch 1 (ours also includes the
+thresholds, the mask concat and the severity score, i.e. is charged slightly more).
+
+Every child's JSON line is appended to --raw-out; the summary (ONE JSON line) to --json-out. Each figure carries
+the contention indicator (foreign_cpu_frac: share of the machine used by other processes during the timed
+loop); a ratio whose runs had foreign_cpu_frac > 0.10 is flagged "contended" (rerun when quieter).
+
+Examples:
+  python bench/compare_peer.py --rounds 2 --json-out bench/results/compare.jsonl \\
+      --raw-out bench/results/compare_raw.jsonl
+  python bench/compare_peer.py --size 128 --rounds 1 --steps 2 --train-steps 2       # quick smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+log = logging.getLogger("bench.compare_peer")
+HERE = Path(__file__).resolve().parent
+PEER = {"lung": ("efficientnet-b3", 3), "infection": ("efficientnet-b0", 4)}
+LAYOUTS = {"bf16-cl": ["--amp", "bf16", "--channels-last"], "fp32": ["--amp", "none"],
+           "fp32-cl": ["--amp", "none", "--channels-last"], "bf16": ["--amp", "bf16"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed inference iterations (both sides)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed inference iterations (both sides)")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--train-warmup", type=int, default=2)
+    p.add_argument("--our-precision", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--our-train-precision", nargs="+", default=None, help="default: --our-precision")
+    p.add_argument("--our-variants", nargs="+", default=["plain", "fast"], help="bench/infer.py --variants")
+    p.add_argument("--peer-layouts", nargs="+", choices=sorted(LAYOUTS), default=["bf16-cl"])
+    p.add_argument("--peer-python", default="/tmp/peer/venv/bin/python")
+    p.add_argument("--peer-script", default="/work/shared/bench/peer/smp_bench.py")
+    p.add_argument("--skip", nargs="*", choices=["infer", "train"], default=[], help="targets to leave out")
+    p.add_argument("--raw-out", default=None, help="append every child's JSON line here")
+    p.add_argument("--json-out", default=None, help="append the summary JSON line here")
+    p.add_argument("--label", default=None)
+    return p.parse_args(argv)
+
+
+def run(cmd: list[str], raw_out: str | None, tag: dict) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        log.error("failed (%s): %s\n%s", proc.returncode, " ".join(cmd), "\n".join(tail))
+        return dict(tag, error=f"exit {proc.returncode}: {' | '.join(tail)}")
+    res = json.loads(lines[-1])
+    res["_tag"] = dict(tag, cmd=" ".join(cmd), wall_s=round(time.perf_counter() - t, 1))
+    if raw_out:
+        Path(raw_out).parent.mkdir(parents=True, exist_ok=True)
+        with open(raw_out, "a") as f:
+            f.write(json.dumps(res, default=str) + "\n")
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    py = sys.executable
+    train_prec = args.our_train_precision or args.our_precision
+    ours_cascade, ours_stage_inf, ours_train = [], [], []  # (value, contention, meta)
+    peer_inf = {s: [] for s in PEER}
+    peer_train = {s: [] for s in PEER}
+    for r in range(args.rounds):
+        if "infer" not in args.skip:
+            cmd = [py, str(HERE / "infer.py"), "--size", str(args.size), "--batch", "1", "--precision",
+                   *args.our_precision, "--variants", *args.our_variants, "--no-savedmodel", "--no-flops",
+                   "--no-accuracy", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads), "--inter-threads", "1", "--label", f"compare r{r}"]
+            res = run(cmd, args.raw_out, {"side": "ours", "what": "infer", "round": r})
+            for rec in res.get("results", []):
+                if "median_s" not in rec:
+                    continue
+                item = (rec["median_s"], rec["foreign_cpu_frac"],
+                        {k: rec[k] for k in ("precision", "variant", "target")} | {"round": r})
+                (ours_cascade if rec["target"] == "cascade" else ours_stage_inf).append(item)
+            for stage, (enc, ch) in PEER.items():
+                for lay in args.peer_layouts:
+                    cmd = [args.peer_python, args.peer_script, "--encoder", enc, "--in-channels", str(ch),
+                           "--size", str(args.size), "--mode", "infer", "--batch", "1", *LAYOUTS[lay],
+                           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup",
+                           str(args.warmup), "--flops", "on" if r == 0 else "off", "--label", f"compare r{r}"]
+                    res = run(cmd, args.raw_out, {"side": "peer", "what": "infer", "stage": stage, "round": r})
+                    if "median_s" in res:
+                        peer_inf[stage].append((res["median_s"], res["foreign_cpu_frac"],
+                                                {"layout": lay, "round": r,
+                                                 "fwd_flops_per_img": res.get("fwd_flops_per_img")}))
+        if "train" not in args.skip:
+            cmd = [py, str(HERE / "train_step.py"), "--size", str(args.size), "--batch", str(args.train_batch),
+                   "--precision", *train_prec, "--steps", str(args.train_steps), "--warmup",
+                   str(args.train_warmup), "--threads", str(args.threads), "--inter-threads", "1",
+                   "--label", f"compare r{r}"]
+            res = run(cmd, args.raw_out, {"side": "ours", "what": "train", "round": r})
+            for rec in res.get("results", []):
+                if "images_per_s" in rec:
+                    ours_train.append((rec["images_per_s"], rec["foreign_cpu_frac"],
+                                       {"stage": rec["stage"], "precision": rec["precision"], "round": r,
+                                        "peak_rss_mib": rec.get("peak_rss_mib")}))
+            for stage, (enc, ch) in PEER.items():
+                for lay in args.peer_layouts:
+                    cmd = [args.peer_python, args.peer_script, "--encoder", enc, "--in-channels", str(ch),
+                           "--size", str(args.size), "--mode", "train", "--batch", str(args.train_batch),
+                           *LAYOUTS[lay], "--threads", str(args.threads), "--steps", str(args.train_steps),
+                           "--warmup", str(args.train_warmup), "--flops", "off", "--label", f"compare r{r}"]
+                    res = run(cmd, args.raw_out, {"side": "peer", "what": "train", "stage": stage, "round": r})
+                    if "images_per_s" in res:
+                        peer_train[stage].append((res["images_per_s"], res["foreign_cpu_frac"],
+                                                  {"layout": lay, "round": r,
+                                                   "peak_rss_mib": res.get("peak_rss_mib")}))
+
+    def best(items, key=min):
+        if not items:
+            return None
+        v = key(items, key=lambda it: it[0])
+        return {"value": v[0], "foreign_cpu_frac": v[1], **v[2]}
+
+    summary = {"script": "compare_peer", "label": args.label, "size": args.size, "threads": args.threads,
+               "rounds": args.rounds, "peer_layouts": args.peer_layouts, "targets": {}}
+    if ours_cascade and all(peer_inf.values()):
+        o = best(ours_cascade)
+        p1, p2 = best(peer_inf["lung"]), best(peer_inf["infection"])
+        peer_sum = p1["value"] + p2["value"]
+        ratio = o["value"] / peer_sum
+        cont = max(v or 0 for v in (o["foreign_cpu_frac"], p1["foreign_cpu_frac"], p2["foreign_cpu_frac"]))
+        summary["targets"]["cascade_infer_b1"] = {
+            "ours_s": o, "peer_stage1_s": p1, "peer_stage2_s": p2, "peer_cascade_s": round(peer_sum, 5),
+            "ratio_ours_over_peer": round(ratio, 3), "target": "<= 0.5", "met": ratio <= 0.5,
+            "max_foreign_cpu_frac": cont, "contended": cont > common.CONTENTION_LIMIT}
+        for stage in PEER:
+            mine = [it for it in ours_stage_inf if it[2]["target"] == stage]
+            if mine:
+                ob, pb = best(mine), best(peer_inf[stage])
+                summary["targets"][f"{stage}_infer_b1"] = {
+                    "ours_s": ob, "peer_s": pb, "ratio_ours_over_peer": round(ob["value"] / pb["value"], 3)}
+    for stage in PEER:
+        mine = [it for it in ours_train if it[2]["stage"] == stage]
+        if mine and peer_train[stage]:
+            ob, pb = best(mine, max), best(peer_train[stage], max)
+            ratio = ob["value"] / pb["value"]
+            cont = max(ob["foreign_cpu_frac"] or 0, pb["foreign_cpu_frac"] or 0)
+            summary["targets"][f"{stage}_train_b{args.train_batch}"] = {
+                "ours_img_s": ob, "peer_img_s": pb, "ratio_ours_over_peer": round(ratio, 3), "target": ">= 1.5",
+                "met": ratio >= 1.5, "max_foreign_cpu_frac": cont, "contended": cont > common.CONTENTION_LIMIT}
+    summary["all_runs"] = {
+        "ours_cascade_b1": ours_cascade, "ours_stage_b1": ours_stage_inf, "ours_train": ours_train,
+        "peer_infer_b1": peer_inf, "peer_train": peer_train}
+    summary["machine"] = common.machine_info()
+    common.emit(summary, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
