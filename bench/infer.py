@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
     p.add_argument("--jit", nargs="+", choices=["off", "on"], default=["off"],
                    help="tf.function jit_compile (XLA) for the Keras functions")
-    p.add_argument("--targets", nargs="+", choices=["lung", "infection", "cascade"],
+    p.add_argument("--targets", nargs="*", choices=["lung", "infection", "cascade"],
                    default=["lung", "infection", "cascade"], help="Keras functions to time")
     p.add_argument("--variants", nargs="+", choices=["plain", "fast"], default=["plain", "fast"],
                    help="plain: tf.function(model) as built; fast: BatchNorm folded into the convs "
@@ -250,6 +250,8 @@ def main(argv=None):
                 a, b = (lung, inf) if variant == "plain" else fast[prec]
                 for jit in args.jit:
                     jc, fz = jit == "on", variant == "fast"
+                    if jc and fz:  # freezing rebuilds the graph without the XLA attribute: not a jit run
+                        continue
                     for target in args.targets:
                         try:
                             if target == "lung":
