@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="covid_qu_ex/infection")
     p.add_argument("--manual-dir", default=str(REPO.parent / "shared" / "covidqu"))
     p.add_argument("--data-dir", default="/tmp/bench_tfds", help="TFDS data_dir (built here on first use)")
-    p.add_argument("--train-json", default=None, help="bench/train_step.py JSON lines: consumption rates")
+    p.add_argument("--train-json", nargs="*", default=[], help="bench/train_step.py JSON lines files (or "
+                   "compare_peer.py --raw-out files): consumption rates")
     p.add_argument("--consumption", type=float, default=None, help="training images/s to compare with")
     p.add_argument("--seed", type=int, default=None, help="seeded (deterministic order) pipeline if given")
     p.add_argument("--threads", type=int, default=2)
@@ -58,17 +59,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def consumption_rates(path: str | None) -> dict[str, dict]:
-    """Fastest training images/s per stage in a train_step JSON lines file (uncontended runs preferred)."""
+def consumption_rates(paths: list[str], size: int) -> dict[str, dict]:
+    """Fastest training images/s per stage in train_step JSON lines files (clean-step median when there is one)."""
     best: dict[str, dict] = {}
-    if not path or not Path(path).is_file():
-        return best
-    for line in Path(path).read_text().splitlines():
+    lines = [ln for p in paths if Path(p).is_file() for ln in Path(p).read_text().splitlines()]
+    for line in lines:
         try:
             res = json.loads(line)
         except ValueError:
             continue
-        if res.get("script") != "train_step":
+        if res.get("script") != "train_step" or res.get("size") != size:
             continue
         for r in res.get("results", []):
             if "images_per_s" not in r:
@@ -102,7 +102,7 @@ def main(argv=None):
     builder = data.load_builder(args.dataset, args.data_dir, args.manual_dir)
     result["prepare_s"] = round(time.perf_counter() - t, 1)
     n_train = builder.info.splits["train"].num_examples
-    rates = consumption_rates(args.train_json)
+    rates = consumption_rates(args.train_json, args.size)
     for stage in args.stages:
         cfg = mu.stage_cfg(stage, args.size)
         ds = data.make_pipeline(data.load_split(builder, "train"), cfg, training=True, seed=args.seed,

@@ -142,7 +142,7 @@ def agreement_table(inf: dict) -> str:
            "stage 2 mask Dice | cascade infection mask Dice | severity max abs (pct points) | within tolerance |",
            "|---|---|---|---|---|---|---|---|"]
     for name, a in ag.items():
-        if not isinstance(a, dict) or "lung_prob" not in a:
+        if not isinstance(a, dict) or not isinstance(a.get("lung_prob"), dict):
             continue
         out.append(f"| {name} | {a['lung_prob']['max_abs']:.2g} | {a['infection_prob_same_input']['max_abs']:.2g} | "
                    f"{a['lung_prob']['mask_dice']:.4f} | {a['infection_prob_same_input']['mask_dice']:.4f} | "
@@ -173,8 +173,10 @@ def main():
         print("### Targets (compare_peer.py, alternating runs)\n\n" + compare_table(cmp) + "\n")
     if inf_rows:
         print("### Inference latency (infer.py)\n\n" + infer_table(inf_rows) + "\n")
-        print("### FLOPs per image at 448 (batch 1)\n\n" + flops_table(inf_rows[-1], cmp) + "\n")
-        print("### bf16 / folded variants vs fp32 (same weights)\n\n" + agreement_table(inf_rows[-1]) + "\n")
+        print(f"### FLOPs per image at {inf_rows[-1]['size']} px\n\n" + flops_table(inf_rows[-1], cmp) + "\n")
+        for res in inf_rows:
+            if res.get("agreement_vs_fp32"):
+                print(f"### Variants vs fp32/plain, same weights ({res['weights']})\n\n" + agreement_table(res) + "\n")
     if train_rows:
         print("### Training throughput (train_step.py)\n\n" + train_table(train_rows) + "\n")
     if pipe:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The full measurement behind bench/RESULTS.md (~30 min on the 2-core box; run it when the box is quiet).
+#   bash bench/run_all.sh [results_dir]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+R=${1:-bench/results}
+mkdir -p "$R"
+export TF_CPP_MIN_LOG_LEVEL=2
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+log "machine ceilings"
+/tmp/peer/venv/bin/python /work/shared/bench/peer/machine_peak.py --threads 2 | tee -a "$R/peak.jsonl"
+log "compare_peer (alternating ours/peer)"
+python bench/compare_peer.py --rounds 2 --our-train-precision bf16 --json-out "$R/compare.jsonl" \
+    --raw-out "$R/compare_raw.jsonl" > /dev/null
+log "inference: batch 1 and 8, fp32/bf16, plain/fast, SavedModels"
+python bench/infer.py --size 448 --batch 1 8 --precision fp32 bf16 --variants plain fast \
+    --savedmodel-variants plain fast --steps 5 --warmup 2 --json-out "$R/infer.jsonl" > /dev/null
+log "training: fp32 batch 4; bf16 batch 4 and the largest batch"
+python bench/train_step.py --size 448 --batch 4 --precision fp32 --json-out "$R/train.jsonl" > /dev/null
+python bench/train_step.py --size 448 --batch 4 --precision bf16 --max-batch --max-batch-steps 2 --warmup 1 \
+    --json-out "$R/train.jsonl" > /dev/null
+log "input pipeline"
+python bench/pipeline.py --size 448 --batch 32 --train-json "$R/compare_raw.jsonl" "$R/train.jsonl" \
+    --json-out "$R/pipeline.jsonl" > /dev/null
+L=${LUNG_MODEL:-/tmp/bench_models/lung.keras}; I=${INFECTION_MODEL:-/tmp/bench_models/infection.keras}
+if [[ -f $L && -f $I ]]; then
+  log "agreement of bf16 / folded variants on trained weights ($L, $I)"
+  python bench/infer.py --size 448 --batch 1 --targets --precision fp32 bf16 --variants plain fast --no-savedmodel \
+      --no-flops --lung-model "$L" --infection-model "$I" --label "trained weights" --json-out "$R/infer.jsonl" > /dev/null
+fi
+log "done"
