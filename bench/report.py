@@ -160,10 +160,12 @@ def main():
     a = ap.parse_args()
     d = Path(a.results)
     cmp = last(d / "compare.jsonl", "compare_peer")
-    inf_rows = all_rows(d / "infer.jsonl", "infer")
+    inf_all = all_rows(d / "infer.jsonl", "infer")
     train_rows = all_rows(d / "train.jsonl", "train_step")
+    timed = [r for r in inf_all if r.get("results")]
+    inf_rows = timed if a.all else timed[-1:]
     if not a.all:
-        inf_rows, train_rows = inf_rows[-1:], train_rows[-1:]
+        train_rows = [r for r in train_rows if r.get("size") == (train_rows[-1]["size"] if train_rows else None)]
     pipe = last(d / "pipeline.jsonl", "pipeline")
     peak = last(d / "peak.jsonl")
     if peak:
@@ -173,10 +175,12 @@ def main():
         print("### Targets (compare_peer.py, alternating runs)\n\n" + compare_table(cmp) + "\n")
     if inf_rows:
         print("### Inference latency (infer.py)\n\n" + infer_table(inf_rows) + "\n")
-        print(f"### FLOPs per image at {inf_rows[-1]['size']} px\n\n" + flops_table(inf_rows[-1], cmp) + "\n")
-        for res in inf_rows:
-            if res.get("agreement_vs_fp32"):
-                print(f"### Variants vs fp32/plain, same weights ({res['weights']})\n\n" + agreement_table(res) + "\n")
+    with_flops = [r for r in inf_all if r.get("flops_per_image")]
+    if with_flops:
+        print(f"### FLOPs per image at {with_flops[-1]['size']} px\n\n" + flops_table(with_flops[-1], cmp) + "\n")
+    for res in inf_all if a.all else [r for r in inf_all if r.get("agreement_vs_fp32")][-2:]:
+        if res.get("agreement_vs_fp32"):
+            print(f"### Variants vs fp32/plain, same weights ({res['weights']})\n\n" + agreement_table(res) + "\n")
     if train_rows:
         print("### Training throughput (train_step.py)\n\n" + train_table(train_rows) + "\n")
     if pipe:
