@@ -22,11 +22,9 @@ import json
 import logging
 import os
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from covidseg_tf.config import STAGES, StageConfig, default_config
 
@@ -247,19 +245,16 @@ def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
     return ValidationOverlays()
 
 
-class LearningRateLogger:
-    """Adds the optimizer's current learning rate to the epoch logs (so TensorBoard and the CSV show it)."""
+def make_lr_logger():
+    """A callback adding the optimizer's current learning rate to the epoch logs (TensorBoard and the CSV)."""
+    import keras
 
-    @staticmethod
-    def make():
-        import keras
+    class LearningRateLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
-        class _LR(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                if logs is not None:
-                    logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-        return _LR()
+    return LearningRateLogger()
 
 
 def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
@@ -275,7 +270,6 @@ def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as `args` say; returns a summary (run folder, best validation Dice, SavedModel path)."""
     import keras
-    import tensorflow as tf
 
     from covidseg_tf import data
     from covidseg_tf.losses import make_loss
@@ -330,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         save_best_only=True, initial_value_threshold=best),
         keras.callbacks.EarlyStopping(monitor="val_dice", mode="max", patience=cfg.patience,
                                       restore_best_weights=True),
-        LearningRateLogger.make(),
+        make_lr_logger(),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(out / "logs")),
         make_overlay_callback(out / "logs", next(iter(val_ds))),

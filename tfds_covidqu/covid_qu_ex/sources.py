@@ -31,7 +31,7 @@ import os
 import re
 import zipfile
 from collections import defaultdict
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
