@@ -57,17 +57,6 @@ FIGURE_ROWS = 6
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
-def pooled_from_counts(tp: float, fp: float, fn: float) -> tuple[float, float]:
-    """(Dice, IoU) pooled from summed TP / FP / FN pixel counts (1, 1 when truth and prediction are empty).
-
-    Same definition as covidseg_tf.metrics.pooled_dice / pooled_iou, but from running sums so the masks of a
-    whole split never need to be held in memory (tests check the two agree).
-    """
-    if tp + fp + fn == 0:
-        return 1.0, 1.0
-    return float(2.0 * tp / (2.0 * tp + fp + fn)), float(tp / (tp + fp + fn))
-
-
 @dataclass
 class Scores:
     """Per-image confusion counts, scores and losses of one model variant on one split."""
@@ -89,8 +78,8 @@ class Scores:
         self.tp += tp.tolist()
         self.fp += fp.tolist()
         self.fn += fn.tolist()
-        self.dice += np.asarray(metrics.dice_per_image(y_true, y_pred), np.float64).tolist()
-        self.iou += np.asarray(metrics.iou_per_image(y_true, y_pred), np.float64).tolist()
+        self.dice += metrics.dice_from_counts(tp, fp, fn).tolist()  # per image, from the same counts
+        self.iou += metrics.iou_from_counts(tp, fp, fn).tolist()
         self.labels += [int(x) for x in labels]
         if loss is not None:
             self.loss += [float(x) for x in loss]
@@ -100,6 +89,8 @@ class Scores:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per subset ("all" and each class): n, pooled and per-image-mean Dice / IoU, mean loss."""
+        from covidseg_tf.metrics import dice_from_counts, iou_from_counts
+
         labels = np.asarray(self.labels, np.int64)
         out: dict[str, dict[str, Any]] = {}
         for subset in SUBSETS:
@@ -107,7 +98,8 @@ class Scores:
             n = int(sel.sum())
             row: dict[str, Any] = {"n": n}
             if n:
-                d, i = pooled_from_counts(*(float(np.sum(np.asarray(c)[sel])) for c in (self.tp, self.fp, self.fn)))
+                counts = [np.sum(np.asarray(c)[sel]) for c in (self.tp, self.fp, self.fn)]  # pooled over the subset
+                d, i = float(dice_from_counts(*counts)), float(iou_from_counts(*counts))
                 row.update(dice_pooled=d, dice_per_image_mean=float(np.mean(np.asarray(self.dice)[sel])),
                            iou_pooled=i, iou_per_image_mean=float(np.mean(np.asarray(self.iou)[sel])))
                 row["loss"] = float(np.mean(np.asarray(self.loss)[sel])) if len(self.loss) == len(labels) else None

@@ -145,13 +145,6 @@ def export_cascade(
                          lambda tmp: _write_savedmodel(tmp, [lung_model, infection_model], signatures, records, info))
 
 
-def load_keras_model(path: Path | str) -> Any:
-    """Load a `.keras` stage model (custom objects registered); see `covidseg_tf.cascade.load_model`."""
-    from covidseg_tf.cascade import load_model
-
-    return load_model(path)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m covidseg_tf.export",
@@ -184,8 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        lung = load_keras_model(args.lung_model)
-        infection = load_keras_model(args.infection_model)
+        from covidseg_tf.cascade import load_model
+
+        lung = load_model(args.lung_model)
+        infection = load_model(args.infection_model)
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -118,25 +118,33 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
+def dice_from_counts(tp: Any, fp: Any, fn: Any) -> np.ndarray:
+    """2 TP / (2 TP + FP + FN), elementwise; 1.0 where truth and prediction are both empty."""
+    tp, fp, fn = (np.asarray(c, dtype=np.float64) for c in (tp, fp, fn))
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def iou_from_counts(tp: Any, fp: Any, fn: Any) -> np.ndarray:
+    """TP / (TP + FP + FN), elementwise; 1.0 where truth and prediction are both empty."""
+    tp, fp, fn = (np.asarray(c, dtype=np.float64) for c in (tp, fp, fn))
+    return _ratio(tp, tp + fp + fn)
+
+
 def dice_per_image(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Dice of every image, shape (N,); empty truth: 1.0 if the prediction is empty too, else 0.0."""
-    tp, fp, fn = confusion_counts(y_true, y_pred, threshold)
-    return _ratio(2 * tp, 2 * tp + fp + fn)
+    return dice_from_counts(*confusion_counts(y_true, y_pred, threshold))
 
 
 def iou_per_image(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """IoU of every image, shape (N,); empty truth: 1.0 if the prediction is empty too, else 0.0."""
-    tp, fp, fn = confusion_counts(y_true, y_pred, threshold)
-    return _ratio(tp, tp + fp + fn)
+    return iou_from_counts(*confusion_counts(y_true, y_pred, threshold))
 
 
 def pooled_dice(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
     """Dice of all pixels of all images together (same number as PooledDice over the same data)."""
-    tp, fp, fn = (c.sum() for c in confusion_counts(y_true, y_pred, threshold))
-    return float(_ratio(2 * tp, 2 * tp + fp + fn))
+    return float(dice_from_counts(*(c.sum() for c in confusion_counts(y_true, y_pred, threshold))))
 
 
 def pooled_iou(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
     """IoU of all pixels of all images together (same number as PooledIoU over the same data)."""
-    tp, fp, fn = (c.sum() for c in confusion_counts(y_true, y_pred, threshold))
-    return float(_ratio(tp, tp + fp + fn))
+    return float(iou_from_counts(*(c.sum() for c in confusion_counts(y_true, y_pred, threshold))))

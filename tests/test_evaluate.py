@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidseg_tf.evaluate import Scores, pick_figure_rows, pooled_from_counts
+from covidseg_tf.evaluate import Scores, pick_figure_rows
 
 COVID, NONCOVID, NORMAL = 0, 1, 2
 
@@ -62,7 +62,7 @@ def test_scores_missing_class_has_no_numbers():
     assert r["COVID-19"]["dice_pooled"] == 1.0 and r["COVID-19"]["loss"] is None
 
 
-def test_pooled_from_counts_matches_metrics_module():
+def test_scores_match_metrics_module():
     from covidseg_tf import metrics
 
     rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def test_pooled_from_counts_matches_metrics_module():
     assert r["dice_pooled"] == pytest.approx(float(metrics.pooled_dice(y_true, y_pred)), rel=1e-5)
     assert r["iou_pooled"] == pytest.approx(float(metrics.pooled_iou(y_true, y_pred)), rel=1e-5)
     assert r["dice_per_image_mean"] == pytest.approx(float(np.mean(metrics.dice_per_image(y_true, y_pred))), rel=1e-5)
-    assert pooled_from_counts(0, 0, 0) == (1.0, 1.0)
+    assert (metrics.dice_from_counts(0, 0, 0), metrics.iou_from_counts(0, 0, 0)) == (1.0, 1.0)
 
 
 def test_pick_figure_rows_spreads_mild_to_severe():
