@@ -50,6 +50,9 @@ class StageConfig:
     epochs: int = 15
     patience: int = 5
     learning_rate: float = 1e-4
+    # "constant" (the seed) or "cosine": cosine decay from learning_rate to 0 over all epochs' steps, which helps
+    # short runs from random init settle.
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-4
     dropout: float = 0.0
     # BatchNorm moving-statistics momentum (Keras convention). 0.9 is PyTorch's default (momentum=0.1), which the

@@ -45,7 +45,8 @@ examples:
 """
 
 # Config fields settable from the command line (flag = field name with dashes).
-_CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "weight_decay",
+_CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "lr_schedule",
+                 "weight_decay",
                  "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold")
 
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OFF = "none"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _optional_float(text: str) -> float | str:
@@ -116,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         ("--epochs", cfg.epochs > 0, "positive"),
         ("--patience", cfg.patience >= 0, "zero or more"),
         ("--learning-rate", cfg.learning_rate > 0, "positive"),
+        ("--lr-schedule", cfg.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
         ("--weight-decay", cfg.weight_decay >= 0, "zero or more"),
         ("--dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
         ("--bn-momentum", 0 <= cfg.bn_momentum < 1, "in [0, 1)"),
@@ -257,6 +260,18 @@ def make_lr_logger():
     return LearningRateLogger()
 
 
+def make_learning_rate(cfg: StageConfig, train_ds, steps_per_epoch: int | None):
+    """The optimizer's learning rate: cfg.learning_rate, or a cosine decay of it over the whole run."""
+    import keras
+
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    steps = steps_per_epoch or int(train_ds.cardinality())
+    if steps <= 0:
+        raise ValueError("--lr-schedule cosine needs a finite training set or --steps-per-epoch")
+    return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=steps * cfg.epochs)
+
+
 def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
     """Best validation Dice of the finished epochs of an interrupted run (None when there are none)."""
     if not history_csv.exists():
@@ -312,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with strategy.scope():
         model = build_stage_model(cfg, encoder_weights=weights)
-        optimizer = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        optimizer = keras.optimizers.AdamW(learning_rate=make_learning_rate(cfg, train_ds, args.steps_per_epoch), weight_decay=cfg.weight_decay,
                                            clipnorm=cfg.clipnorm)
         model.compile(optimizer=optimizer, loss=make_loss(cfg), metrics=make_metrics(cfg.threshold))
 

@@ -85,6 +85,7 @@ def test_infection_stage_uses_the_stage1_model(lung_run: dict, synthetic_data_di
     (["--stage", "infection", "--lung-model", "nowhere/model.keras"],
      "--lung-model nowhere/model.keras does not exist; train Stage 1 first"),
     (["--stage", "nose"], "invalid choice: 'nose'"),
+    (["--stage", "lung", "--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine, got step"),
 ])
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path: Path):
     with pytest.raises(SystemExit) as e:
@@ -103,6 +104,21 @@ def test_defaults_come_from_the_stage_config():
     args = train.build_parser().parse_args(["--stage", "infection", "--clipnorm", "none"])
     assert train.config_from_args(args).clipnorm is None
     assert "default: 15 / 50" in train.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_cosine_schedule_decays_to_zero_over_all_epochs():
+    import numpy as np
+    import tensorflow as tf
+
+    from covidseg_tf.config import LUNG
+
+    ds = tf.data.Dataset.range(10).batch(4)  # 3 steps per epoch
+    assert train.make_learning_rate(LUNG, ds, None) == LUNG.learning_rate  # the seed: constant
+    cfg = LUNG.replace(lr_schedule="cosine", learning_rate=1e-3, epochs=5)
+    schedule = train.make_learning_rate(cfg, ds, None)
+    lr = [float(schedule(step)) for step in (0, 7, 15)]
+    assert np.isclose(lr[0], 1e-3) and 0 < lr[1] < 1e-3 and lr[2] == 0.0
+    assert float(train.make_learning_rate(cfg, ds.repeat(), 2)(10)) == 0.0  # --steps-per-epoch 2: 10 steps
 
 
 def test_missing_real_data_says_where_to_put_it(tmp_path: Path):
