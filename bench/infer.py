@@ -6,7 +6,8 @@ For every precision x batch it times (median of --steps after tracing + --warmup
   keras/lung       tf.function(model(x)), input_signature (B, S, S, 3), jit_compile per --jit
   keras/infection  same, (B, S, S, 4)
   keras/cascade    tf.function(run_cascade(lung, infection, pixels)): both stages + thresholds + severity
-  savedmodel/cascade  covidseg_tf.export.export_cascade -> tf.saved_model.load -> signatures["predict_pixels"]
+  savedmodel/cascade  covidseg_tf.export.export_cascade(precision=fp32|bf16) -> tf.saved_model.load ->
+                      signatures["predict_pixels"] (BatchNorm folded + frozen, as the product serves it)
   savedmodel/lung, savedmodel/infection   (with --savedmodel-stages)
 bf16 = the models built under keras' "mixed_bfloat16" policy (variables float32, compute bfloat16; the
 preprocessing and the sigmoid stay float32, see covidseg_tf.models).
@@ -65,8 +66,6 @@ def parse_args(argv=None):
                    help="plain: tf.function(model) as built; fast: BatchNorm folded into the convs "
                         "(bench/fold.py) and the concrete function frozen (variables -> constants)")
     p.add_argument("--no-savedmodel", action="store_true", help="skip the SavedModel export + timing")
-    p.add_argument("--savedmodel-variants", nargs="+", choices=["plain", "fast"], default=["plain"],
-                   help="models exported: plain (as covidseg_tf.export does today) and/or BN-folded")
     p.add_argument("--savedmodel-stages", action="store_true",
                    help="also export/time the lung and infection servables (cascade only by default)")
     p.add_argument("--no-flops", action="store_true")
@@ -270,15 +269,16 @@ def main(argv=None):
         if not args.no_savedmodel:
             from covidseg_tf.export import export_cascade, export_stage
 
-            for variant in args.savedmodel_variants:
-              a, b = (lung, inf) if variant == "plain" else fast.get(prec) or \
-                  (fold.fold_batchnorm(lung), fold.fold_batchnorm(inf))
+            # what covidseg_tf.export serves: BatchNorm folded, frozen, weights in `prec` (from the fp32 model)
+            a, b = models.get("fp32", (lung, inf))
+            if prec in ("fp32", "bf16"):
               with tempfile.TemporaryDirectory(prefix="bench_sm_") as tmp:
                 t = time.perf_counter()
-                paths = {"cascade": export_cascade(a, b, tmp, args.threshold, warmup=False)}
+                paths = {"cascade": export_cascade(a, b, tmp, args.threshold, warmup=False, precision=prec)}
                 if args.savedmodel_stages:
-                    paths["lung"] = export_stage(a, "lung", tmp, args.threshold, warmup=False)
-                    paths["infection"] = export_stage(b, "infection", tmp, args.threshold, warmup=False)
+                    paths["lung"] = export_stage(a, "lung", tmp, args.threshold, warmup=False, precision=prec)
+                    paths["infection"] = export_stage(b, "infection", tmp, args.threshold, warmup=False,
+                                                      precision=prec)
                 export_s = time.perf_counter() - t
                 for target, path in paths.items():
                     t = time.perf_counter()
@@ -290,7 +290,7 @@ def main(argv=None):
                         if target == "infection":
                             px = tf.concat([px, tf.ones((B, S, S, 1))], -1)
                         rec = timed(lambda v, sig=sig: sync(sig(pixels=v)), px, source="savedmodel",
-                                    variant=variant, precision=prec, target=target, batch=B, jit="off")
+                                    variant="fast", precision=prec, target=target, batch=B, jit="off")
                         rec["export_s_all"], rec["load_s"] = round(export_s, 1), round(load_s, 2)
                     del loaded, sig
 

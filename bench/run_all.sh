@@ -13,8 +13,7 @@ log "compare_peer (alternating ours/peer)"
 python bench/compare_peer.py --rounds 2 --our-train-precision bf16 --json-out "$R/compare.jsonl" \
     --raw-out "$R/compare_raw.jsonl" > /dev/null
 log "inference: batch 1 and 8, fp32/bf16, plain/fast, SavedModels"
-python bench/infer.py --size 448 --batch 1 8 --precision fp32 bf16 --variants plain fast \
-    --savedmodel-variants plain fast --steps 5 --warmup 2 --json-out "$R/infer.jsonl" > /dev/null
+python bench/infer.py --size 448 --batch 1 8 --precision fp32 bf16 --variants plain fast --steps 5 --warmup 2 --json-out "$R/infer.jsonl" > /dev/null
 log "training: fp32 batch 4; bf16 batch 4 and the largest batch"
 python bench/train_step.py --size 448 --batch 4 --precision fp32 --json-out "$R/train.jsonl" > /dev/null
 # bf16 batch 4 comes from compare_peer; the doubling starts at 8 (one timed step per doubled batch)

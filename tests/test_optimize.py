@@ -1,0 +1,91 @@
+"""Inference copies (covidseg_tf.optimize) and what export writes with them: same outputs, each weight once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covidseg_tf.config import default_config
+from covidseg_tf.export import export_stage
+from covidseg_tf.models import build_stage_model
+from covidseg_tf.optimize import FoldedBatchNorm, fold_batchnorm, foldable_pairs, frozen_stage
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def infection_model() -> keras.Model:
+    """A small Stage-2 model whose BatchNorms are far from identity (as after training)."""
+    keras.utils.set_random_seed(3)
+    model = build_stage_model(default_config("infection").replace(image_size=SIZE), encoder_weights=None)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.2, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    x = np.random.default_rng(1).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
+    x[..., 3] = x[..., 3] > 100
+    return x
+
+
+def test_every_conv_bn_pair_is_folded(infection_model):
+    pairs = foldable_pairs(infection_model)
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in infection_model.layers)
+    assert len(pairs) == n_bn > 50  # EfficientNet-B0 + decoder: every BN follows a conv
+    folded = fold_batchnorm(infection_model, "fp32")
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert sum(isinstance(layer, FoldedBatchNorm) for layer in folded.layers) == n_bn
+
+
+def test_fp32_copy_equals_the_model(infection_model, pixels):
+    ref = infection_model(pixels, training=False).numpy()
+    got = frozen_stage(infection_model, "fp32")(pixels).numpy()
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_bf16_copy_is_within_tolerance_and_keeps_io_float32(infection_model, pixels):
+    folded = fold_batchnorm(infection_model, "bf16")
+    dtypes = {layer.name: layer.dtype_policy.name for layer in folded.layers}
+    assert dtypes["final_conv"] == "bfloat16" and dtypes["sigmoid"] == "float32"
+    assert all(dtypes[layer.name] == "float32" for layer in folded.layers
+               if isinstance(layer, (keras.layers.Normalization, keras.layers.Rescaling)))
+    ref = infection_model(pixels, training=False).numpy()
+    got = frozen_stage(infection_model, "bf16")(pixels).numpy()
+    assert got.dtype == np.float32
+    assert 0 < np.abs(got - ref).max() <= 0.01  # bf16 really differs, and stays within the stated tolerance
+
+
+def test_precision_none_keeps_the_layers_policies(infection_model):
+    folded = fold_batchnorm(infection_model)
+    assert {layer.dtype_policy.name for layer in folded.layers} == {"float32"}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fold_batchnorm(infection_model, "int8")
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and "assets.extra" not in p.parts)
+
+
+def test_exported_savedmodel_stores_each_weight_once(infection_model, pixels, tmp_path):
+    params = infection_model.count_params()
+    fp32 = export_stage(infection_model, "infection", tmp_path / "fp32", warmup=False)
+    bf16 = export_stage(infection_model, "infection", tmp_path / "bf16", warmup=False, precision="bf16")
+    # weights as graph constants: ~4 bytes per parameter in fp32 (Keras' ExportArchive wrote 8), ~2 in bf16
+    assert 4 * params < _bytes(fp32) < 4.5 * params
+    assert 2 * params < _bytes(bf16) < 2.6 * params
+    served = tf.saved_model.load(str(bf16)).signatures["predict_pixels"](pixels=tf.constant(pixels))
+    ref = infection_model(pixels, training=False).numpy()
+    assert np.abs(served["infection_prob"].numpy() - ref).max() <= 0.01
