@@ -8,6 +8,13 @@ Cascade
     (infection model) sees the raw pixels plus that lung mask as a 4th channel; its thresholded output is
     multiplied by the lung mask, so no infection is ever reported outside the predicted lungs.
 
+Models
+    `load_model` reads a stage model from a `.keras` file or from a stage SavedModel written by
+    covidseg_tf.export (a version folder, or a TF Serving base folder such as `saved_models/lung`, whose highest
+    integer version is used); the latter is wrapped as a `SavedModelStage`, callable like the Keras model.
+    `DEFAULT_LUNG_MODEL` / `DEFAULT_INFECTION_MODEL` are the repository's `saved_models/lung` and
+    `saved_models/infection`.
+
 Severity
     Severity is the infected fraction of the lung, in percent: ``100 * |infection AND lung| / |lung|``, per
     lung field and for both lungs together; it is 0 when the (half of the) lung mask is empty.
@@ -33,9 +40,14 @@ Severity grades (`severity_grade`)
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 # Central band (fractions of the width) in which the split column between the two lung fields is searched.
 SPLIT_BAND = (0.25, 0.75)
@@ -143,15 +155,115 @@ def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor, thresh
     return out
 
 
-def load_model(path: str | Any) -> Any:
-    """Load a trained stage model saved as `.keras` (custom objects registered, not compiled).
+SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
+"""The repository's TF Serving base folder (covidseg_tf.export writes `<stage>/<N>/` versions into it)."""
+DEFAULT_LUNG_MODEL = SAVED_MODELS / "lung"
+DEFAULT_INFECTION_MODEL = SAVED_MODELS / "infection"
+EXPORT_INFO = Path("assets.extra") / "covidseg_export.json"
+"""What covidseg_tf.export wrote into each version folder (servable, image_size, precision, ...)."""
+
+_EXPECTED = ("expected a Keras `.keras` file, a stage SavedModel version folder (holding saved_model.pb) or a TF "
+             "Serving base folder of integer versions such as saved_models/lung")
+_HOW_TO_GET = ("train the stages with `python -m covidseg_tf.train --stage lung|infection ... --output runs/NAME` "
+               "(it writes runs/NAME/model.keras and exports saved_models/<stage>/<N>/), export .keras models with "
+               "`python -m covidseg_tf.export ... --out saved_models/`, run `python -m covidseg_tf.demo`, or pass "
+               "--lung-model/--infection-model")
+
+
+class SavedModelStage:
+    """A stage SavedModel written by `covidseg_tf.export.export_stage`, called like the Keras stage model.
+
+    `stage(pixels, training=False)` maps (B, S, S, C) raw pixels to (B, S, S, 1) float32 probabilities through
+    the `predict_pixels` signature; it works eagerly and inside `tf.function`.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            self.info: dict[str, Any] = json.loads((self.path / EXPORT_INFO).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.path}: a SavedModel without a readable {EXPORT_INFO} ({e}); "
+                             f"{_EXPECTED}, written by covidseg_tf.export") from e
+        self.stage = self.info.get("servable")
+        if self.stage == "cascade":
+            raise ValueError(f"{self.path} is a cascade SavedModel (both stages in one servable); pass the stage "
+                             "SavedModels (saved_models/lung and saved_models/infection) or .keras files instead")
+        if self.stage not in ("lung", "infection"):
+            raise ValueError(f"{self.path}: servable {self.stage!r} in {EXPORT_INFO}; expected 'lung' or 'infection'")
+        absl = logging.getLogger("absl")  # silence "ops with unsaved custom gradients": inference needs none
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            self._loaded = tf.saved_model.load(str(self.path))  # keeps the signature's resources alive
+            self._fn = self._loaded.signatures["predict_pixels"]
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot load the `predict_pixels` signature of this SavedModel: "
+                             f"{type(e).__name__}: {e}") from e
+        finally:
+            absl.setLevel(level)
+        spec = self._fn.structured_input_signature[1]["pixels"]
+        self.input_shape: tuple[int | None, ...] = tuple(spec.shape.as_list())
+        self.name = f"{self.stage}_v{self.path.name}"
+        self._output = f"{self.stage}_prob"
+        log.info("loaded %s stage SavedModel %s (input %s)", self.stage, self.path, self.input_shape)
+
+    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities (`training` is ignored)."""
+        return self._fn(pixels=tf.cast(pixels, tf.float32))[self._output]
+
+    def __repr__(self) -> str:
+        return f"SavedModelStage({str(self.path)!r}, stage={self.stage!r}, input_shape={self.input_shape})"
+
+
+def saved_model_version(path: Path | str) -> Path:
+    """The version folder of a SavedModel path: `path` itself if it holds saved_model.pb, else its highest
+    integer-named sub-folder (TF Serving's choice; other names such as `.tmp-*` are ignored).
+
+    Raises:
+        ValueError: no saved_model.pb and no integer version folder, or the chosen version has no saved_model.pb.
+    """
+    p = Path(path)
+    if (p / "saved_model.pb").is_file():
+        return p
+    versions = [d for d in p.iterdir() if d.is_dir() and d.name.isdigit()]
+    if not versions:
+        what = "is empty" if not any(p.iterdir()) else "has no saved_model.pb and no integer version folders"
+        raise ValueError(f"{p} {what}: it is not a SavedModel; {_EXPECTED}. To get models: {_HOW_TO_GET}")
+    latest = max(versions, key=lambda d: int(d.name))
+    if not (latest / "saved_model.pb").is_file():
+        raise ValueError(f"{latest} (latest version of {p}) has no saved_model.pb; {_EXPECTED}")
+    return latest
+
+
+def load_model(path: str | Path, stage: str | None = None) -> Any:
+    """Load a stage model: a `.keras` file (custom objects registered, not compiled) or a stage SavedModel
+    (version folder or TF Serving base folder, see `saved_model_version`) as a `SavedModelStage`.
+
+    `stage` ("lung" or "infection"), when given, must be the model's stage (SavedModel) or match its number of
+    input channels (3 or 4).
 
     Raises:
         FileNotFoundError: `path` does not exist (the message says how to obtain a model).
-        ValueError: `path` is not a `.keras` file Keras can load.
+        ValueError: `path` is neither a loadable `.keras` file nor a lung/infection SavedModel (the message says
+            which, e.g. a cascade SavedModel or a base folder without versions), or is the other stage.
     """
-    from pathlib import Path
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model {p} not found; {_HOW_TO_GET}")
+    model = SavedModelStage(saved_model_version(p)) if p.is_dir() else _load_keras(p)
+    if stage is not None:
+        channels = model.input_shape[-1]
+        found = model.stage if isinstance(model, SavedModelStage) else {3: "lung", 4: "infection"}.get(channels)
+        if found != stage:
+            raise ValueError(f"{p} is not a {stage} stage model (it is {found or 'unknown'}, input shape "
+                             f"{tuple(model.input_shape)}); check --lung-model / --infection-model")
+    return model
 
+
+def _load_keras(p: Path) -> Any:
+    """A `.keras` file as an uncompiled Keras model (ValueError naming `p` if it is not one)."""
+    if p.suffix != ".keras":
+        raise ValueError(f"{p}: not a model; {_EXPECTED}")
     import keras
 
     import covidseg_tf.models  # noqa: F401  (registers the custom layers)
@@ -161,13 +273,6 @@ def load_model(path: str | Any) -> Any:
             __import__(extra)
         except ImportError:  # pragma: no cover - optional when loading uncompiled
             pass
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"model file {p} not found; train one with `python -m covidseg_tf.train --stage lung|infection ... "
-            "--output runs/NAME` (it writes runs/NAME/model.keras) or run `python -m covidseg_tf.demo`")
-    if p.suffix != ".keras":
-        raise ValueError(f"{p}: expected a Keras `.keras` model file (SavedModel folders are for serving only)")
     try:
         return keras.models.load_model(p, compile=False)
     except Exception as e:
@@ -176,7 +281,7 @@ def load_model(path: str | Any) -> Any:
 
 def model_image_size(model: Any, default: int | None = None) -> int:
     """Square input size S of a model built for (B, S, S, C) input, else `default` (error if None)."""
-    shape = model.inputs[0].shape if getattr(model, "inputs", None) else None
+    shape = model.inputs[0].shape if getattr(model, "inputs", None) else getattr(model, "input_shape", None)
     size = shape[1] if shape is not None and len(shape) == 4 else None
     if size is None or shape[2] != size:
         if default is None:

@@ -1,7 +1,11 @@
 """Evaluate the cascade on a TFDS split: Table I (lung), Table II (infection), Fig. 1, as Markdown + JSON + PNG.
 
-    python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras \\
-        --infection-model runs/infection/model.keras --dataset covid_qu_ex/infection --split validation
+    python -m covidseg_tf.evaluate --dataset covid_qu_ex/infection --split validation   # saved_models/{lung,infection}
+    python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras
+
+Models (covidseg_tf.cascade.load_model): by default the repository's exported SavedModels `saved_models/lung` and
+`saved_models/infection` (highest version of each); a version folder or a `.keras` file works too. The report
+names the files used (for a SavedModel, its version folder).
 
 How the numbers are made
     * Every image is resized to the models' input size (bilinear, like training) and its masks with nearest
@@ -42,6 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from covidseg_tf import __version__
+from covidseg_tf.cascade import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.config import default_config
 
 log = logging.getLogger(__name__)
@@ -139,6 +144,13 @@ def make_step(lung_model, infection_model, threshold: float, size: int, lung_los
         return out
 
     return step
+
+
+def model_path(model: Any, given: Path) -> Path:
+    """What the report names: the version folder of a SavedModel (a base folder resolves to one), else `given`."""
+    from covidseg_tf.cascade import SavedModelStage
+
+    return model.path if isinstance(model, SavedModelStage) else given
 
 
 def prepare(examples, size: int, with_infection: bool, batch_size: int):
@@ -349,13 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate Stage 1 and Stage 2 on a TFDS split: Tables I/II (Markdown + JSON) and Fig. 1 (PNG).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
+               "  python -m covidseg_tf.evaluate --out reports/synthetic   # the repo's saved_models/{lung,infection}\n"
                "  python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras \\\n"
                "      --infection-model runs/infection/model.keras --out reports/synthetic\n"
-               "  python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras \\\n"
-               "      --infection-model runs/infection/model.keras --dataset covid_qu_ex/infection \\\n"
-               "      --manual-dir ~/covidqu --split validation test --out reports/real\n")
-    p.add_argument("--lung-model", type=Path, required=True, help="Stage-1 model (.keras)")
-    p.add_argument("--infection-model", type=Path, required=True, help="Stage-2 model (.keras)")
+               "  python -m covidseg_tf.evaluate --lung-model saved_models/lung/2 \\\n"
+               "      --infection-model saved_models/infection/2 --dataset covid_qu_ex/infection \\\n"
+               "      --manual-dir ~/covidqu --split validation test --out reports/real\n"
+               "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
+               "file.\n")
+    p.add_argument("--lung-model", type=Path, default=DEFAULT_LUNG_MODEL,
+                   help="Stage-1 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
+    p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
+                   help="Stage-2 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
     p.add_argument("--dataset", default="covid_qu_ex/synthetic", help="TFDS name/config (default: %(default)s)")
     p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
     p.add_argument("--manual-dir", help="folder with the COVID-QU-Ex files (to build the real dataset)")
@@ -386,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
     t0 = time.time()
-    lung_model = load_model(args.lung_model)
-    infection_model = load_model(args.infection_model)
+    lung_model = load_model(args.lung_model, stage="lung")
+    infection_model = load_model(args.infection_model, stage="infection")
     size = model_image_size(lung_model, args.image_size or default_config("lung").image_size)
     if args.image_size and args.image_size != size:
         raise SystemExit(f"--image-size {args.image_size} differs from the lung model's fixed input size {size}")
@@ -408,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             figures[split] = str(fig)
     report = {
         "dataset": builder.info.full_name, "splits": list(args.split), "limit": args.limit,
-        "lung_model": str(args.lung_model), "infection_model": str(args.infection_model),
+        "lung_model": str(model_path(lung_model, args.lung_model)),
+        "infection_model": str(model_path(infection_model, args.infection_model)),
         "image_size": size, "threshold": args.threshold, "class_names": list(CLASS_NAMES),
         "results": results, "figures": figures, "seconds": time.time() - t0,
         "versions": {"covidseg_tf": __version__, "keras": keras.__version__, "tensorflow": tf.__version__},

@@ -16,6 +16,10 @@ Names clashing with another input's outputs or with an input file get a suffix (
 so an input is never overwritten; --out may lie inside an input folder (its files are then not walked as
 inputs) but an input folder inside --out is refused. A file that cannot be read or processed is logged and
 skipped; the exit code is 1 if any input failed (or none was found), else 0.
+
+Models (covidseg_tf.cascade.load_model): by default the repository's exported TF Serving SavedModels
+`saved_models/lung` and `saved_models/infection` (highest version of each); --lung-model / --infection-model
+also take a version folder or a Keras `.keras` file.
 """
 
 from __future__ import annotations
@@ -32,13 +36,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from covidseg_tf import __version__
+from covidseg_tf.cascade import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.config import default_config
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, find_images, read_xray
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LUNG_MODEL = Path("saved_models/lung.keras")
-DEFAULT_INFECTION_MODEL = Path("saved_models/infection.keras")
 OUTPUT_SUFFIXES = ("_lung.png", "_infection.png", "_overlay.png", ".json")
 
 LUNG_RGB = (0, 220, 90)
@@ -57,7 +60,8 @@ class Prediction:
 
 
 class Predictor:
-    """The two Keras stage models plus the pre/post-processing of single images."""
+    """The two stage models (Keras or SavedModel, see cascade.load_model) plus the pre/post-processing of
+    single images."""
 
     def __init__(self, lung_model_path: str | Path, infection_model_path: str | Path, threshold: float | None = None,
                  image_size: int | None = None):
@@ -67,8 +71,8 @@ class Predictor:
 
         self.lung_model_path = Path(lung_model_path)
         self.infection_model_path = Path(infection_model_path)
-        self.lung_model = load_model(self.lung_model_path)
-        self.infection_model = load_model(self.infection_model_path)
+        self.lung_model = load_model(self.lung_model_path, stage="lung")
+        self.infection_model = load_model(self.infection_model_path, stage="infection")
         self.threshold = default_config("infection").threshold if threshold is None else float(threshold)
         self.image_size = model_image_size(self.lung_model, image_size or default_config("lung").image_size)
         if image_size and image_size != self.image_size:
@@ -81,18 +85,16 @@ class Predictor:
                                     input_signature=[spec])
 
     def model_info(self) -> dict[str, Any]:
-        """Model files (path, size, sha256) and library versions for the JSON reports."""
+        """Model files and library versions for the JSON reports.
+
+        Per model: `path`, `bytes`, `sha256` of the `.keras` file; for a SavedModel the version folder, the
+        total size of its files, the sha256 of its saved_model.pb, and `precision` / `image_size` of its export.
+        """
         import keras
         import tensorflow as tf
 
-        def info(p: Path) -> dict[str, Any]:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            return {"path": str(p), "bytes": p.stat().st_size, "sha256": h.hexdigest()}
-
-        return {"lung": info(self.lung_model_path), "infection": info(self.infection_model_path),
+        return {"lung": model_file_info(self.lung_model, self.lung_model_path),
+                "infection": model_file_info(self.infection_model, self.infection_model_path),
                 "image_size": self.image_size, "threshold": self.threshold, "covidseg_tf": __version__,
                 "keras": keras.__version__, "tensorflow": tf.__version__}
 
@@ -117,6 +119,28 @@ class Predictor:
                           infection=infection.numpy()[0, :, :, 0].astype(np.uint8),
                           severity_left=sev["severity_left"], severity_right=sev["severity_right"],
                           severity_total=sev["severity_total"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_file_info(model: Any, given: Path) -> dict[str, Any]:
+    """Path, size and sha256 of a loaded model's `.keras` file (`given`) or SavedModel version folder."""
+    from covidseg_tf.cascade import SavedModelStage
+
+    if not isinstance(model, SavedModelStage):
+        return {"path": str(given), "format": "keras", "bytes": given.stat().st_size, "sha256": _sha256(given)}
+    path = model.path
+    record = {"path": str(path), "format": "savedmodel",
+              "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+              "sha256": _sha256(path / "saved_model.pb")}
+    record.update({k: model.info[k] for k in ("precision", "image_size") if k in model.info})
+    return record
 
 
 def overlay(gray: np.ndarray, lung: np.ndarray, infection: np.ndarray) -> np.ndarray:
@@ -216,17 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lung + COVID-19 infection masks, overlay and severity for X-ray files (PNG/JPEG/DICOM...).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m covidseg_tf.predict xray.png --out preds\n"
+               "  python -m covidseg_tf.predict xray.png --out preds      # the repo's saved_models/{lung,infection}\n"
                "  python -m covidseg_tf.predict scans/ other.dcm --out preds \\\n"
                "      --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras\n"
+               "  python -m covidseg_tf.predict xray.png --out preds \\\n"
+               "      --lung-model saved_models/lung/2 --infection-model saved_models/infection/2\n"
+               "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
+               "file;\n"
                f"folders are searched recursively for {', '.join(sorted(KNOWN_EXTENSIONS))}; exit code 1 if any "
                "input failed.")
     p.add_argument("inputs", nargs="+", type=Path, help="image/DICOM files or folders")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; inputs are never overwritten)")
     p.add_argument("--lung-model", type=Path, default=DEFAULT_LUNG_MODEL,
-                   help="Stage-1 model (.keras) (default: %(default)s)")
+                   help="Stage-1 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
     p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
-                   help="Stage-2 model (.keras) (default: %(default)s)")
+                   help="Stage-2 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=default_config("infection").threshold,
                    help="probability threshold of both stages (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None,
@@ -241,13 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
-    for m in (args.lung_model, args.infection_model):
-        if not m.is_file():
-            log.error("model file %s not found. Train the stages with `python -m covidseg_tf.train --stage lung|"
-                      "infection ... --output runs/NAME` and pass --lung-model/--infection-model "
-                      "runs/NAME/model.keras, copy them to %s / %s, or run `python -m covidseg_tf.demo`.",
-                      m, DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
-            return 1
     out_dir: Path = args.out
     if out_dir.exists() and not out_dir.is_dir():
         log.error("--out %s exists and is not a folder", out_dir)

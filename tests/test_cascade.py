@@ -156,3 +156,123 @@ def test_run_cascade_inside_tf_function():
     assert out["severity_total"].numpy()[0] == pytest.approx(100.0)
     assert out["severity_left"].numpy()[0] == pytest.approx(100.0)
     np.testing.assert_array_equal(out["infection_mask"].numpy(), two_lungs())
+
+
+# ------------------------------------------------------------------------------------------ SavedModel stages
+@pytest.fixture(scope="module")
+def exported_stages(tmp_path_factory):
+    """Tiny untrained U-Nets (64 px) and their fp32 stage SavedModels under one TF Serving base folder."""
+    from covidseg_tf.export import export_stage
+    from covidseg_tf.models import build_unet
+
+    keras.utils.set_random_seed(0)
+    lung = build_unet("efficientnetb0", input_shape=(S, S, 3), encoder_weights=None, name="lung")
+    inf = build_unet("efficientnetb0", input_shape=(S, S, 4), encoder_weights=None, name="infection")
+    base = tmp_path_factory.mktemp("saved_models")
+    export_stage(lung, "lung", base)
+    export_stage(inf, "infection", base)
+    return lung, inf, base
+
+
+def random_pixels(channels: int = 3, batch: int = 2, seed: int = 0) -> np.ndarray:
+    pixels = np.random.default_rng(seed).uniform(0, 255, (batch, S, S, channels)).astype(np.float32)
+    if channels == 4:
+        pixels[..., 3] = pixels[..., 3] > 127  # the lung-mask channel is 0/1
+    return pixels
+
+
+@pytest.mark.parametrize("stage,channels", [("lung", 3), ("infection", 4)])
+@pytest.mark.parametrize("which", ["base", "version"])
+def test_load_model_saved_model_stage_matches_keras(exported_stages, stage, channels, which):
+    from covidseg_tf.cascade import SavedModelStage, load_model, model_image_size
+
+    lung, inf, base = exported_stages
+    keras_model = lung if stage == "lung" else inf
+    version = base / stage / "1"
+    loaded = load_model(base / stage if which == "base" else version)
+    assert isinstance(loaded, SavedModelStage)
+    assert loaded.path == version and loaded.info["servable"] == stage and loaded.info["precision"] == "fp32"
+    assert loaded.input_shape == (None, S, S, channels) and stage in loaded.name
+    assert model_image_size(loaded) == S == model_image_size(keras_model)
+    x = random_pixels(channels)
+    got = loaded(tf.constant(x), training=False)
+    assert got.dtype == tf.float32 and got.shape == (2, S, S, 1)
+    want = keras_model(x, training=False).numpy()
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
+    assert np.ptp(want) > 1e-3  # the comparison is not between two constant maps
+
+
+def test_saved_model_version_takes_highest_integer(tmp_path):
+    from covidseg_tf.cascade import saved_model_version
+
+    for name in ("2", "10", "9", ".tmp-abc", "11b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "saved_model.pb").write_bytes(b"")
+    assert saved_model_version(tmp_path) == tmp_path / "10"  # numeric, not lexicographic; others ignored
+    assert saved_model_version(tmp_path / "9") == tmp_path / "9"
+
+
+@pytest.mark.parametrize("case", ["empty", "only_tmp", "not_saved_model", "version_without_pb", "cascade", "text_file"])
+def test_load_model_rejects_what_is_not_a_stage_model(exported_stages, tmp_path, case):
+    import json
+    import shutil
+
+    from covidseg_tf.cascade import load_model
+
+    path = tmp_path / "model"
+    path.mkdir()
+    expect = {"empty": "is empty", "only_tmp": "is empty", "not_saved_model": "no saved_model.pb",
+              "version_without_pb": "has no saved_model.pb", "cascade": "cascade SavedModel",
+              "text_file": "expected a Keras `.keras` file"}[case]
+    if case == "only_tmp":
+        (path / ".tmp-x").mkdir()  # a half-written version: not a version
+        expect = "no saved_model.pb and no integer version"
+    elif case == "not_saved_model":
+        (path / "notes.txt").write_text("hello")
+    elif case == "version_without_pb":
+        (path / "3").mkdir()
+    elif case == "cascade":  # the loader reads the servable from covidseg_export.json before loading the graph
+        shutil.copytree(exported_stages[2] / "lung" / "1", path / "1")
+        info_file = path / "1" / "assets.extra" / "covidseg_export.json"
+        info_file.write_text(json.dumps(dict(json.loads(info_file.read_text()), servable="cascade")))
+    elif case == "text_file":
+        path = tmp_path / "model.txt"
+        path.write_text("hello")
+    with pytest.raises(ValueError, match=expect) as err:
+        load_model(path)
+    assert str(path) in str(err.value)
+
+
+def test_load_model_checks_the_stage(exported_stages):
+    from covidseg_tf.cascade import load_model
+
+    base = exported_stages[2]
+    assert load_model(base / "infection", stage="infection").stage == "infection"
+    with pytest.raises(ValueError, match="not a lung stage model"):
+        load_model(base / "infection", stage="lung")
+
+
+def test_run_cascade_with_saved_model_stages_in_tf_function(exported_stages):
+    from covidseg_tf.cascade import load_model
+
+    lung, inf, base = exported_stages
+    x = tf.constant(random_pixels(3, seed=1))
+    # Untrained nets give probabilities crowded around 0.5: threshold in the widest gap between the central
+    # Keras lung probabilities, so float32 round-off (~1e-7) cannot flip a lung pixel.
+    p = np.sort(lung(x, training=False).numpy().ravel())
+    mid = p[len(p) // 4: 3 * len(p) // 4]
+    i = int(np.argmax(np.diff(mid)))
+    threshold = float((mid[i] + mid[i + 1]) / 2)
+    spec = [tf.TensorSpec([None, S, S, 3], tf.float32)]
+    outs = []
+    for stages in ((lung, inf), (load_model(base / "lung"), load_model(base / "infection"))):
+        fn = tf.function(lambda px, s=stages: run_cascade(s[0], s[1], px, threshold), input_signature=spec)
+        outs.append({k: v.numpy() for k, v in fn(x).items()})
+    want, got = outs
+    assert 0 < want["lung_mask"].mean() < 1
+    np.testing.assert_array_equal(got["lung_mask"], want["lung_mask"])
+    np.testing.assert_allclose(got["infection_prob"], want["infection_prob"], atol=1e-4)
+    # same inputs to Stage 2, so its masks agree wherever the probability is not within round-off of the threshold
+    far = np.abs(want["infection_prob"] - threshold) > 1e-5
+    assert far.mean() > 0.99 and 0 < want["infection_mask"].sum()
+    np.testing.assert_array_equal(got["infection_mask"][far], want["infection_mask"][far])

@@ -108,6 +108,7 @@ def test_evaluate_cli_on_synthetic(synthetic_data_dir, tiny_models, tmp_path):
     assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "fig1_validation.png"}
     saved = json.loads((out / "report.json").read_text())
     assert saved["image_size"] == 64 and saved["limit"] == 8
+    assert (saved["lung_model"], saved["infection_model"]) == (str(lung), str(inf))
     res = saved["results"]["validation"]
     assert set(res) >= {"lung", "infection_cascade", "infection_gt_lung", "severity_mae_covid"}
     for variant in ("lung", "infection_cascade", "infection_gt_lung"):
@@ -153,3 +154,52 @@ def test_demo_end_to_end(tmp_path):
     assert (Path(summary["cascade_saved_model"]) / "saved_model.pb").is_file()
     assert len(list(Path(summary["predictions"]).glob("*_overlay.png"))) == 2
     assert list((wd / "runs" / "lung" / "logs").rglob("*tfevents*"))
+
+
+def test_evaluate_saved_models_match_keras_and_report_version_folders(synthetic_data_dir, tiny_models, tmp_path):
+    from covidseg_tf.cascade import load_model
+    from covidseg_tf.evaluate import main
+    from covidseg_tf.export import export_stage
+
+    base = tmp_path / "saved_models"
+    for path, stage in zip(tiny_models, ("lung", "infection")):
+        export_stage(load_model(path), stage, base)
+    common = ["--data-dir", str(synthetic_data_dir), "--limit", "4", "--batch-size", "2", "--no-figure", "--quiet"]
+    keras_report = main(["--lung-model", str(tiny_models[0]), "--infection-model", str(tiny_models[1]),
+                         "--out", str(tmp_path / "keras")] + common)
+    saved_report = main(["--lung-model", str(base / "lung"), "--infection-model", str(base / "infection" / "1"),
+                         "--out", str(tmp_path / "saved")] + common)
+    saved = json.loads((tmp_path / "saved" / "report.json").read_text())
+    assert saved["lung_model"] == str(base / "lung" / "1")  # the version folder actually used
+    assert saved["infection_model"] == str(base / "infection" / "1")
+    assert f"`{base / 'lung' / '1'}`" in (tmp_path / "saved" / "report.md").read_text()
+    # the same models: same scores (a pixel whose probability is within round-off of the threshold aside)
+    for variant in ("lung", "infection_cascade", "infection_gt_lung"):
+        want = keras_report["results"]["validation"][variant]["all"]
+        got = saved_report["results"]["validation"][variant]["all"]
+        assert got["n"] == want["n"] == 4
+        for k in ("dice_pooled", "iou_pooled", "dice_per_image_mean"):
+            assert got[k] == pytest.approx(want[k], abs=1e-3), (variant, k)
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4), variant
+
+
+def test_evaluate_default_models_and_missing_default_error(tmp_path, monkeypatch):
+    from covidseg_tf import cascade, evaluate
+
+    args = evaluate.build_parser().parse_args([])
+    assert (args.lung_model, args.infection_model) == (cascade.DEFAULT_LUNG_MODEL, cascade.DEFAULT_INFECTION_MODEL)
+    monkeypatch.setattr(evaluate, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
+    with pytest.raises(FileNotFoundError, match="--lung-model/--infection-model") as err:
+        evaluate.main(["--out", str(tmp_path / "out"), "--quiet"])
+    assert str(tmp_path / "saved_models" / "lung") in str(err.value) and "covidseg_tf.export" in str(err.value)
+
+
+def test_evaluate_rejects_cascade_saved_model_as_lung_model(tmp_path):
+    from covidseg_tf.evaluate import main
+
+    version = tmp_path / "cascade" / "1"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    (version / "assets.extra" / "covidseg_export.json").write_text(json.dumps({"servable": "cascade"}))
+    with pytest.raises(ValueError, match="cascade SavedModel"):
+        main(["--lung-model", str(tmp_path / "cascade"), "--out", str(tmp_path / "out"), "--quiet"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -273,3 +274,103 @@ def test_predict_real_pngs_io(shared_covidqu, tiny_models, tmp_path):
         shape = read_xray(p).shape
         assert shape == (256, 256)
         check_outputs(out / p.stem, p, shape)
+
+
+# ------------------------------------------------------------------------------------------ SavedModel folders
+@pytest.fixture(scope="module")
+def tiny_saved_models(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """`tiny_models` exported as fp32 stage SavedModels; returns the TF Serving base folders (lung, infection)."""
+    from covidseg_tf.cascade import load_model
+    from covidseg_tf.export import export_stage
+
+    base = tmp_path_factory.mktemp("saved_models")
+    for path, stage in zip(tiny_models, ("lung", "infection")):
+        export_stage(load_model(path), stage, base)
+    return base / "lung", base / "infection"
+
+
+def test_predict_cli_saved_model_folders(inputs, tiny_saved_models, tmp_path):
+    from covidseg_tf.predict import main
+
+    lung, inf = tiny_saved_models
+    out = tmp_path / "out"
+    src = inputs["png8_gray"]
+    # base folder for Stage 1, version folder for Stage 2
+    assert main([str(src), "--out", str(out), "--lung-model", str(lung), "--infection-model", str(inf / "1"),
+                 "--quiet"]) == 0
+    rec = check_outputs(out / src.stem, src, (H, W))
+    for name, version in (("lung", lung / "1"), ("infection", inf / "1")):
+        m = rec["models"][name]
+        assert m["path"] == str(version) and m["format"] == "savedmodel"
+        assert m["precision"] == "fp32" and m["image_size"] == 64
+        assert m["bytes"] == sum(f.stat().st_size for f in version.rglob("*") if f.is_file())
+        assert m["bytes"] > (version / "saved_model.pb").stat().st_size
+        assert m["sha256"] == hashlib.sha256((version / "saved_model.pb").read_bytes()).hexdigest()
+
+
+def test_predict_saved_model_same_masks_as_keras(tiny_models, tiny_saved_models):
+    """The exported stages segment like the .keras models (pixels near the threshold aside: untrained nets)."""
+    from covidseg_tf.predict import Predictor
+
+    gray = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # model size: no resizing
+    keras_pred = Predictor(*tiny_models).predict(gray)
+    saved_pred = Predictor(*tiny_saved_models).predict(gray)
+    for k in ("lung", "infection"):
+        differ = (getattr(keras_pred, k) != getattr(saved_pred, k)).mean()
+        assert differ < 0.01, (k, differ)
+    assert 0 < keras_pred.lung.mean() < 1
+
+
+def test_predict_defaults_are_the_repo_saved_models(inputs, tiny_saved_models, tmp_path, monkeypatch):
+    from covidseg_tf import cascade, predict
+
+    repo = Path(__file__).resolve().parents[1]
+    assert cascade.DEFAULT_LUNG_MODEL == repo / "saved_models" / "lung"
+    assert cascade.DEFAULT_INFECTION_MODEL == repo / "saved_models" / "infection"
+    args = predict.build_parser().parse_args(["x.png", "--out", "o"])
+    assert (args.lung_model, args.infection_model) == (cascade.DEFAULT_LUNG_MODEL, cascade.DEFAULT_INFECTION_MODEL)
+    # without --lung-model/--infection-model the defaults are what runs
+    monkeypatch.setattr(predict, "DEFAULT_LUNG_MODEL", tiny_saved_models[0])
+    monkeypatch.setattr(predict, "DEFAULT_INFECTION_MODEL", tiny_saved_models[1])
+    assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path), "--quiet"]) == 0
+    rec = json.loads((tmp_path / "png8_gray.json").read_text())
+    assert rec["models"]["lung"]["path"] == str(tiny_saved_models[0] / "1")
+
+
+def test_predict_cli_missing_default_models_say_what_to_do(inputs, tmp_path, monkeypatch, caplog):
+    from covidseg_tf import predict
+
+    monkeypatch.setattr(predict, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
+    monkeypatch.setattr(predict, "DEFAULT_INFECTION_MODEL", tmp_path / "saved_models" / "infection")
+    with caplog.at_level(logging.ERROR):
+        assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out")]) == 1
+    assert str(tmp_path / "saved_models" / "lung") in caplog.text
+    assert "covidseg_tf.export" in caplog.text and "--lung-model/--infection-model" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["empty_base", "cascade_as_lung", "not_a_saved_model", "infection_as_lung"])
+def test_predict_cli_bad_model_folders(inputs, tiny_saved_models, tmp_path, caplog, case):
+    from covidseg_tf.predict import main
+
+    lung, inf = tiny_saved_models
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if case == "empty_base":
+        expect = "is empty"
+    elif case == "cascade_as_lung":  # a cascade version as export writes it (servable "cascade"), graph reused
+        shutil.copytree(lung / "1", bad / "1")
+        info_file = bad / "1" / "assets.extra" / "covidseg_export.json"
+        info_file.write_text(json.dumps(dict(json.loads(info_file.read_text()), servable="cascade")))
+        expect = "cascade SavedModel"
+    elif case == "not_a_saved_model":
+        (bad / "model.keras").write_bytes(b"")
+        expect = "no saved_model.pb"
+    else:
+        bad = inf
+        expect = "not a lung stage model"
+    with caplog.at_level(logging.ERROR):
+        rc = main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out"), "--lung-model", str(bad),
+                   "--infection-model", str(inf), "--quiet"])
+    assert rc == 1
+    assert expect in caplog.text and str(bad) in caplog.text
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
