@@ -47,6 +47,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, SAVED_MODELS  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 # Central band (fractions of the width) in which the split column between the two lung fields is searched.
@@ -155,10 +157,6 @@ def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor, thresh
     return out
 
 
-SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
-"""The repository's TF Serving base folder (covidseg_tf.export writes `<stage>/<N>/` versions into it)."""
-DEFAULT_LUNG_MODEL = SAVED_MODELS / "lung"
-DEFAULT_INFECTION_MODEL = SAVED_MODELS / "infection"
 EXPORT_INFO = Path("assets.extra") / "covidseg_export.json"
 """What covidseg_tf.export wrote into each version folder (servable, image_size, precision, ...)."""
 

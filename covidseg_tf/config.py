@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Stage = Literal["lung", "infection"]
@@ -112,6 +113,11 @@ INFECTION = StageConfig(
     clipnorm=1.0,
     loss_weights={"dice": 0.5, "bce": 0.3, "focal": 0.2},
 )
+
+SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
+"""The repository's TF Serving base folder (covidseg_tf.export writes `<stage>/<N>/` versions into it)."""
+DEFAULT_LUNG_MODEL = SAVED_MODELS / "lung"
+DEFAULT_INFECTION_MODEL = SAVED_MODELS / "infection"
 
 DEFAULTS: dict[str, StageConfig] = {"lung": LUNG, "infection": INFECTION}
 

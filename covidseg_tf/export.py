@@ -199,8 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from covidseg_tf.cascade import load_model
 
-        lung = load_model(args.lung_model)
-        infection = load_model(args.infection_model)
+        for flag, path in (("--lung-model", args.lung_model), ("--infection-model", args.infection_model)):
+            if path.suffix != ".keras":
+                raise ValueError(f"{flag} {path}: export takes the .keras file of a training run "
+                                 "(runs/<name>/model.keras); SavedModels are already exported")
+        lung = load_model(args.lung_model, stage="lung")
+        infection = load_model(args.infection_model, stage="infection")
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -36,8 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from covidseg_tf import __version__
-from covidseg_tf.cascade import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
-from covidseg_tf.config import default_config
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, default_config
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, find_images, read_xray
 
 log = logging.getLogger(__name__)

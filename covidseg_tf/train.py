@@ -302,6 +302,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              "made by `python -m covidseg_tf.train --stage lung ...` (it prints the path); or "
                              "pass --lung-masks ground_truth")
         lung_model = Path(args.lung_model)
+        if lung_model.is_dir():
+            raise UsageError(f"--lung-model {lung_model} is a folder; it takes the Stage-1 .keras file a training "
+                             "run writes (runs/<name>/model.keras), not a SavedModel")
         if not lung_model.is_file():
             raise UsageError(f"--lung-model {lung_model} does not exist; train Stage 1 first: "
                              f"python -m covidseg_tf.train --stage lung --dataset {cfg.dataset} "

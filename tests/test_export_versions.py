@@ -117,6 +117,14 @@ def test_cli_missing_model_file_is_a_clear_error(tmp_path, caplog):
     assert "nope.keras" in caplog.text and not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_saved_model_folder(tmp_path, caplog):
+    (tmp_path / "lung" / "1").mkdir(parents=True)
+    code = export.main(["--lung-model", str(tmp_path / "lung"), "--infection-model", str(tmp_path / "i.keras"),
+                        "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "export takes the .keras file" in caplog.text and not (tmp_path / "out").exists()
+
+
 def test_cli_exports_next_version_from_keras_files(tmp_path):
     """`python -m covidseg_tf.export` from .keras files: writes the next free version of the chosen servable."""
     from covidseg_tf.models import build_unet

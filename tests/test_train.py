@@ -94,6 +94,14 @@ def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path: Path):
     assert message in capsys.readouterr().err
 
 
+def test_lung_model_folder_is_refused(capsys, tmp_path: Path):
+    (tmp_path / "lung" / "1").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "infection", "--lung-model", str(tmp_path / "lung"), "--output", str(tmp_path / "r")])
+    assert e.value.code == 2
+    assert "is a folder; it takes the Stage-1 .keras file" in capsys.readouterr().err
+
+
 def test_defaults_come_from_the_stage_config():
     from covidseg_tf.config import INFECTION, LUNG
 
