@@ -134,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"  Keras models:           {lung}, {infection}")
     print(f"  SavedModels:            {summary['saved_models']}/{{lung,infection,cascade}}/<N>  (cascade: {cascade_dir})")
     print(f"  predictions:            {pred_dir}  (masks, overlays, JSON for {len(samples)} PNGs in {summary['samples']})")
-    print(f"  your own images:        python -m covidseg_tf.predict IMAGES_OR_FOLDERS --out preds "
+    print(f"  these models:           python -m covidseg_tf.predict IMAGES_OR_FOLDERS --out preds "
           f"--lung-model {lung} --infection-model {infection}")
+    print("  real-data models:       python -m covidseg_tf.predict IMAGES_OR_FOLDERS --out preds   "
+          "(shipped in saved_models/, see saved_models/MODEL_CARD.md)")
     if rc != 0:
         print("  WARNING: some predictions failed, see the log above")
     summary["predict_exit_code"] = rc
