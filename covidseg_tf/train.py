@@ -348,7 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         make_overlay_callback(out / "logs", next(iter(val_ds))),
     ]
     model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=args.steps_per_epoch,
-              validation_steps=args.validation_steps, callbacks=callbacks, shuffle=False, verbose=2)
+              validation_steps=args.validation_steps, callbacks=callbacks, shuffle=False,
+              verbose=1 if sys.stdout.isatty() else 2)  # a progress bar in a terminal, a line per epoch in a log
 
     best = _best_so_far(out / "history.csv")
     if not (out / "model.keras").exists():
