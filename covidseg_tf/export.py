@@ -107,11 +107,6 @@ def _write_savedmodel(
     (extra / "covidseg_export.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
 def export_stage(
     model: Any,
     stage: str,
@@ -129,7 +124,6 @@ def export_stage(
     """
     if stage not in ("lung", "infection"):
         raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
-    _check_precision(precision)
     size, channels = serving.model_size(model, image_size)
     expected = default_config(stage).in_channels
     if channels != expected:
@@ -151,7 +145,6 @@ def export_cascade(
     precision: str = "fp32",
 ) -> Path:
     """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity); returns that path."""
-    _check_precision(precision)
     size, _ = serving.model_size(lung_model, image_size)
     lung, infection = frozen_stage(lung_model, precision, size), frozen_stage(infection_model, precision, size)
     signatures = serving.cascade_signatures(lung, infection, threshold, size)
