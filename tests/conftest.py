@@ -1,10 +1,13 @@
-"""Shared fixtures: the real data folder (optional) and a built `synthetic` dataset (session-wide)."""
+"""Shared fixtures: the real data folder (optional), a built `synthetic` dataset (session-wide) and X-ray input
+files of every kind (`inputs`, used by test_imageio.py and test_predict.py, which import H, W, GOOD, BAD and the
+helpers below with `from conftest import ...`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,3 +33,84 @@ def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("tfds")
     tfds.builder("covid_qu_ex/synthetic", data_dir=str(data_dir)).download_and_prepare()
     return data_dir
+
+
+# ----------------------------------------------------------------------------------------------- X-ray input files
+H, W = 40, 52  # deliberately not square and not the model size
+GOOD = ["png8_gray", "png16_gray", "png_rgb", "png_rgba", "jpeg", "jpeg_rgb", "dicom_mono2", "dicom_mono1",
+        "dicom_window"]
+BAD = ["bad_truncated", "bad_nopixels", "bad_text"]
+
+
+def gradient(dtype=np.uint8, maxval=255) -> np.ndarray:
+    """HxW ramp: left dark -> right bright, with a brighter square to check orientation."""
+    g = np.tile(np.linspace(0, maxval, W), (H, 1))
+    g[5:15, 5:15] = maxval
+    return g.astype(dtype)
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
+                pixel_data: bool = True, slope: float = 1.0, intercept: float = 0.0) -> Path:
+    """A 12-bit (stored in 16) single-frame DICOM of `arr`."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    if slope != 1.0 or intercept != 0.0:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixel_data:
+        ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """One file of every supported kind (GOOD) and of every broken kind (BAD)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("inputs")
+    g8 = gradient()
+    files: dict[str, Path] = {}
+    files["png8_gray"] = d / "png8_gray.png"
+    Image.fromarray(g8, "L").save(files["png8_gray"])
+    files["png16_gray"] = d / "png16_gray.png"
+    Image.fromarray(gradient(np.uint16, 4095).astype(np.int32)).convert("I;16").save(files["png16_gray"])
+    files["png_rgb"] = d / "png_rgb.png"
+    Image.fromarray(np.repeat(g8[..., None], 3, -1), "RGB").save(files["png_rgb"])
+    files["png_rgba"] = d / "png_rgba.png"
+    rgba = np.concatenate([np.repeat(g8[..., None], 3, -1), np.full((H, W, 1), 128, np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(files["png_rgba"])
+    files["jpeg"] = d / "sub" / "jpeg_gray.jpg"
+    files["jpeg"].parent.mkdir()
+    Image.fromarray(g8, "L").save(files["jpeg"], quality=95)
+    files["jpeg_rgb"] = d / "sub" / "jpeg_rgb.jpeg"
+    Image.fromarray(np.repeat(g8[..., None], 3, -1), "RGB").save(files["jpeg_rgb"], quality=95)
+    files["dicom_mono2"] = write_dicom(d / "mono2.dcm", gradient(np.uint16, 4095))
+    files["dicom_mono1"] = write_dicom(d / "mono1.dcm", 4095 - gradient(np.uint16, 4095), photometric="MONOCHROME1")
+    files["dicom_window"] = write_dicom(d / "window.dcm", gradient(np.uint16, 4095), window=(1024, 2048))
+    bad = d / "bad"
+    bad.mkdir()
+    files["bad_truncated"] = bad / "truncated.png"
+    data = (d / "png8_gray.png").read_bytes()
+    files["bad_truncated"].write_bytes(data[: len(data) // 2])
+    files["bad_nopixels"] = write_dicom(bad / "nopixels.dcm", gradient(np.uint16, 4095), pixel_data=False)
+    files["bad_text"] = bad / "text.png"
+    files["bad_text"].write_text("this is not an image\n")
+    return files

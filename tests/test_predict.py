@@ -1,4 +1,5 @@
-"""covidseg_tf.imageio and covidseg_tf.predict: every input kind, broken files, outputs never over inputs."""
+"""covidseg_tf.predict: every input kind, broken files, outputs never over inputs (the input files come from
+conftest.py; reading them is tested in test_imageio.py)."""
 
 from __future__ import annotations
 
@@ -12,131 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidseg_tf.imageio import XRayReadError, find_images, read_xray
+from conftest import BAD, GOOD, H, W
 
-H, W = 40, 52  # deliberately not square and not the model size
-
-
-def gradient(dtype=np.uint8, maxval=255) -> np.ndarray:
-    """HxW ramp: left dark -> right bright, with a brighter square to check orientation."""
-    g = np.tile(np.linspace(0, maxval, W), (H, 1))
-    g[5:15, 5:15] = maxval
-    return g.astype(dtype)
-
-
-def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
-                pixel_data: bool = True, slope: float = 1.0, intercept: float = 0.0) -> Path:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    if slope != 1.0 or intercept != 0.0:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if pixel_data:
-        ds.PixelData = arr.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    """One file of every supported kind (good) and of every broken kind."""
-    d = tmp_path_factory.mktemp("inputs")
-    g8 = gradient()
-    files: dict[str, Path] = {}
-    files["png8_gray"] = d / "png8_gray.png"
-    Image.fromarray(g8, "L").save(files["png8_gray"])
-    files["png16_gray"] = d / "png16_gray.png"
-    Image.fromarray(gradient(np.uint16, 4095).astype(np.int32)).convert("I;16").save(files["png16_gray"])
-    files["png_rgb"] = d / "png_rgb.png"
-    Image.fromarray(np.repeat(g8[..., None], 3, -1), "RGB").save(files["png_rgb"])
-    files["png_rgba"] = d / "png_rgba.png"
-    rgba = np.concatenate([np.repeat(g8[..., None], 3, -1), np.full((H, W, 1), 128, np.uint8)], -1)
-    Image.fromarray(rgba, "RGBA").save(files["png_rgba"])
-    files["jpeg"] = d / "sub" / "jpeg_gray.jpg"
-    files["jpeg"].parent.mkdir()
-    Image.fromarray(g8, "L").save(files["jpeg"], quality=95)
-    files["jpeg_rgb"] = d / "sub" / "jpeg_rgb.jpeg"
-    Image.fromarray(np.repeat(g8[..., None], 3, -1), "RGB").save(files["jpeg_rgb"], quality=95)
-    files["dicom_mono2"] = write_dicom(d / "mono2.dcm", gradient(np.uint16, 4095))
-    files["dicom_mono1"] = write_dicom(d / "mono1.dcm", 4095 - gradient(np.uint16, 4095), photometric="MONOCHROME1")
-    files["dicom_window"] = write_dicom(d / "window.dcm", gradient(np.uint16, 4095), window=(1024, 2048))
-    bad = d / "bad"
-    bad.mkdir()
-    files["bad_truncated"] = bad / "truncated.png"
-    data = (d / "png8_gray.png").read_bytes()
-    files["bad_truncated"].write_bytes(data[: len(data) // 2])
-    files["bad_nopixels"] = write_dicom(bad / "nopixels.dcm", gradient(np.uint16, 4095), pixel_data=False)
-    files["bad_text"] = bad / "text.png"
-    files["bad_text"].write_text("this is not an image\n")
-    return files
-
-
-GOOD = ["png8_gray", "png16_gray", "png_rgb", "png_rgba", "jpeg", "jpeg_rgb", "dicom_mono2", "dicom_mono1",
-        "dicom_window"]
-BAD = ["bad_truncated", "bad_nopixels", "bad_text"]
-
-
-@pytest.mark.parametrize("kind", GOOD)
-def test_read_xray_every_kind_is_uint8_gray_and_bright_on_the_right(inputs, kind):
-    a = read_xray(inputs[kind])
-    assert a.dtype == np.uint8 and a.shape == (H, W)
-    # same orientation and polarity for all kinds: ramp dark left -> bright right, bright square top-left
-    assert a[25:, :5].mean() < 60 and a[25:, -5:].mean() > 195, (a[25:, :5].mean(), a[25:, -5:].mean())
-    assert a[6:14, 6:14].mean() > 195
-    if kind in ("png8_gray", "png_rgb", "png_rgba"):  # 8-bit values unchanged
-        np.testing.assert_array_equal(a, gradient())
-    if kind in ("png16_gray", "dicom_mono2", "dicom_mono1"):  # 12-bit stretched to the full range
-        assert a.min() == 0 and a.max() == 255
-
-
-def test_read_xray_dicom_window_clips_values(inputs):
-    a = read_xray(inputs["dicom_window"]).astype(int)
-    # window 1024 +- 1024: everything above ~2048 is saturated
-    assert (a[25:, -15:] == 255).all()
-    assert (a == 255).mean() > 0.4
-
-
-@pytest.mark.parametrize("kind", BAD)
-def test_read_xray_bad_files_name_the_file(inputs, kind):
-    with pytest.raises(XRayReadError, match=inputs[kind].name):
-        read_xray(inputs[kind])
-
-
-def test_read_xray_missing_file(tmp_path):
-    with pytest.raises(XRayReadError, match="nope.png"):
-        read_xray(tmp_path / "nope.png")
-
-
-def test_find_images_recursive_known_extensions_and_exclude(tmp_path):
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    for name in ("a/x.png", "a/b/y.DCM", "a/b/z.jpeg", "a/notes.txt", "a/out/old_overlay.png"):
-        p = tmp_path / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"")
-    files, missing = find_images([tmp_path / "a", tmp_path / "a" / "x.png", tmp_path / "gone.png"],
-                                 exclude=tmp_path / "a" / "out")
-    assert sorted(f.relative_to(tmp_path).as_posix() for f in files) == ["a/b/y.DCM", "a/b/z.jpeg", "a/x.png"]
-    # a file named explicitly is taken even inside the excluded folder
-    files, _ = find_images([tmp_path / "a" / "out" / "old_overlay.png"], exclude=tmp_path / "a" / "out")
-    assert files == [tmp_path / "a" / "out" / "old_overlay.png"]
-    assert missing == [tmp_path / "gone.png"]
+from covidseg_tf.imageio import read_xray
 
 
 def test_plan_outputs_never_hits_inputs_nor_itself(tmp_path):
@@ -310,11 +189,11 @@ def test_predict_cli_saved_model_folders(inputs, tiny_saved_models, tmp_path):
 
 def test_predict_saved_model_same_masks_as_keras(tiny_models, tiny_saved_models):
     """The exported stages segment like the .keras models (pixels near the threshold aside: untrained nets)."""
-    from covidseg_tf.predict import Predictor
+    from covidseg_tf.cascade import Cascade
 
     gray = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # model size: no resizing
-    keras_pred = Predictor(*tiny_models).predict(gray)
-    saved_pred = Predictor(*tiny_saved_models).predict(gray)
+    keras_pred = Cascade.load(*tiny_models).predict([gray])[0]
+    saved_pred = Cascade.load(*tiny_saved_models).predict([gray])[0]
     for k in ("lung", "infection"):
         differ = (getattr(keras_pred, k) != getattr(saved_pred, k)).mean()
         assert differ < 0.01, (k, differ)
@@ -322,13 +201,13 @@ def test_predict_saved_model_same_masks_as_keras(tiny_models, tiny_saved_models)
 
 
 def test_predict_defaults_are_the_repo_saved_models(inputs, tiny_saved_models, tmp_path, monkeypatch):
-    from covidseg_tf import cascade, predict
+    from covidseg_tf import config, predict
 
     repo = Path(__file__).resolve().parents[1]
-    assert cascade.DEFAULT_LUNG_MODEL == repo / "saved_models" / "lung"
-    assert cascade.DEFAULT_INFECTION_MODEL == repo / "saved_models" / "infection"
+    assert config.DEFAULT_LUNG_MODEL == repo / "saved_models" / "lung" / "1"  # the shipped version, pinned
+    assert config.DEFAULT_INFECTION_MODEL == repo / "saved_models" / "infection" / "1"
     args = predict.build_parser().parse_args(["x.png", "--out", "o"])
-    assert (args.lung_model, args.infection_model) == (cascade.DEFAULT_LUNG_MODEL, cascade.DEFAULT_INFECTION_MODEL)
+    assert (args.lung_model, args.infection_model) == (config.DEFAULT_LUNG_MODEL, config.DEFAULT_INFECTION_MODEL)
     # without --lung-model/--infection-model the defaults are what runs
     monkeypatch.setattr(predict, "DEFAULT_LUNG_MODEL", tiny_saved_models[0])
     monkeypatch.setattr(predict, "DEFAULT_INFECTION_MODEL", tiny_saved_models[1])
