@@ -3,9 +3,12 @@
 `read_xray(path)` accepts
 
 * PNG / JPEG / BMP / TIFF (anything Pillow opens): 8-bit images keep their values; 16-bit or 32-bit integer
-  and float images are stretched linearly from their min..max to 0..255; RGB / palette images are converted to
-  luma (ITU-R 601, Pillow's "L"); the alpha channel of RGBA / LA images is ignored; the EXIF orientation is
-  applied; multi-frame files give their first frame.
+  and float images are stretched linearly from their own min..max to 0..255 (`to_uint8`; a constant image gives
+  zeros), so 12-bit content stored in 16-bit files uses the whole 8-bit range. The TFDS builder
+  (`tfds_covidqu/covid_qu_ex/sources.py`, `to_gray8`) applies the same rule to 16-bit training images, giving
+  the same bytes (tests/test_imageio.py); RGB / palette images are converted to luma (ITU-R 601, Pillow's "L");
+  the alpha channel of RGBA / LA images is ignored; the EXIF orientation is applied; multi-frame files give their
+  first frame.
 * DICOM (by extension .dcm/.dicom or by the "DICM" magic bytes): the Modality LUT (rescale slope/intercept)
   and then the VOI LUT or window centre/width are applied (pydicom.pixels.apply_modality_lut /
   apply_voi_lut), the result is stretched min..max to 0..255 and MONOCHROME1 images (where high values are
@@ -48,7 +51,11 @@ def is_dicom(path: str | Path) -> bool:
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Linear min..max stretch of any numeric array to uint8 0..255 (a constant image gives zeros)."""
+    """Linear min..max stretch of any numeric array to uint8 0..255 (a constant image gives zeros).
+
+    `round((v - min) * 255 / (max - min))`; the one rule for high-bit-depth input, also copied (byte for byte) by
+    `tfds_covidqu.covid_qu_ex.sources.stretch_to_uint8`, which must not import this package.
+    """
     arr = np.asarray(arr, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)

@@ -1,7 +1,11 @@
-"""covidseg_tf.imageio: every input kind read to the exact expected bytes, broken files named, folders expanded."""
+"""covidseg_tf.imageio: every input kind read to the exact expected bytes, broken files named, folders expanded, and
+the one rule for 16-bit input shared with the TFDS builder (tfds_covidqu/covid_qu_ex/sources.py)."""
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -115,3 +119,56 @@ def test_find_images_recursive_known_extensions_and_exclude(tmp_path):
     files, _ = find_images([tmp_path / "a" / "out" / "old_overlay.png"], exclude=tmp_path / "a" / "out")
     assert files == [tmp_path / "a" / "out" / "old_overlay.png"]
     assert missing == [tmp_path / "gone.png"]
+
+
+# ----------------------------------------------------------------------------------------------- one 16-bit rule
+def _sixteen_bit_images() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    random = rng.integers(17, 60001, (H, W)).astype(np.uint16)
+    random[0, 0], random[0, 1] = 17, 60000  # max - min odd: no exact x.5 rounding ties
+    twelve = rng.integers(100, 3901, (H, W)).astype(np.uint16)
+    twelve[0, 0], twelve[0, 1] = 100, 3900 + 1  # 12-bit content (max - min = 3801, odd)
+    return {
+        "constant": np.full((H, W), 1234, np.uint16),
+        "full_range": gradient(np.uint16, 65535),
+        "12_bit": twelve,
+        "random": random,
+    }
+
+
+@pytest.mark.parametrize("name", list(_sixteen_bit_images()))
+def test_16bit_png_same_bytes_in_prediction_and_in_the_tfds_builder(tmp_path, name):
+    from tfds_covidqu.covid_qu_ex import sources
+
+    arr = _sixteen_bit_images()[name]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "I;16" and np.array_equal(np.asarray(im), arr)  # really a 16-bit gray PNG
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(data)
+    (tmp_path / "mask.png").write_bytes(sources.encode_png(np.zeros((H, W), np.uint8)))
+
+    predicted = read_xray(folder / "x.png")  # prediction's reader
+    loaded = sources.load_example(sources.ExampleFiles(  # the builder's reader (what _generate_examples stores)
+        sources.DirSource(tmp_path), "train", "COVID-19", "x.png", image="images/x.png", lung_mask="mask.png"))
+    stored = np.asarray(Image.open(io.BytesIO(loaded.image_png)))
+
+    want = stretched(arr)
+    if name == "constant":
+        np.testing.assert_array_equal(want, 0)
+    np.testing.assert_array_equal(predicted, want)
+    np.testing.assert_array_equal(loaded.image, want)
+    np.testing.assert_array_equal(stored, want)
+    np.testing.assert_array_equal(sources.to_gray8(sources.open_image(data, "x.png")), want)
+
+
+def test_tfds_builder_does_not_import_covidseg_tf():
+    """tfds_covidqu is a standalone TFDS builder folder: it keeps its own copy of the stretch."""
+    code = ("import sys; sys.modules['covidseg_tf'] = None; import tfds_covidqu; "
+            "from tfds_covidqu.covid_qu_ex import sources; print(sources.stretch_to_uint8([0, 1, 4]).tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0, 64, 255]"

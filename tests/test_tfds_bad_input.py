@@ -256,6 +256,15 @@ def test_mask_binarization_rule():
     np.testing.assert_array_equal(sources.binarize_mask(mask01), [[0, 1, 1, 0]])
 
 
+def test_16bit_masks_are_thresholded_on_the_stored_range_not_stretched():
+    """Images are stretched min..max; masks are not: a full or empty 16-bit mask stays full or empty."""
+    full = Image.fromarray(np.full((2, 3), 65535, np.uint16))
+    np.testing.assert_array_equal(sources.binarize_mask(full), np.ones((2, 3)))
+    np.testing.assert_array_equal(sources.to_gray8(full), np.zeros((2, 3)))  # the image rule: constant -> 0
+    values = Image.fromarray(np.array([[0, 32767, 32768, 65535]], np.uint16))
+    np.testing.assert_array_equal(sources.binarize_mask(values), [[0, 0, 1, 1]])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real data
 # ---------------------------------------------------------------------------------------------------------------

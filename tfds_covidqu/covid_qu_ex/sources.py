@@ -17,9 +17,14 @@ and a zip hold the part, the extracted folder wins (logged).
 Pixel rules:
 
 - images: any mode Pillow reads becomes 8-bit gray: RGB/RGBA/palette via Pillow's ITU-R 601 luma (alpha
-  ignored), 16-bit gray scaled linearly (`round(v * 255 / 65535)`), 1-bit to {0, 255};
+  ignored), 16-bit (and 32-bit integer) gray stretched linearly from the image's own min..max to 0..255
+  (`round((v - min) * 255 / (max - min))`, a constant image gives zeros; robust for 12-bit content stored in
+  16-bit files), 1-bit to {0, 255}. This is the same rule, to the byte, as `covidseg_tf.imageio.to_uint8`, which
+  prediction applies to 16-bit PNG/TIFF and DICOM files; this package keeps its own copy so that it does not
+  import `covidseg_tf`;
 - masks: binarized to {0, 1}. A mask whose raw values are all <= 1 is taken as a 0/1 mask (`v > 0`); any other
-  mask is converted to 8-bit gray as above and thresholded at `v > 127` (Kaggle masks are {0, 255}).
+  16-bit mask is thresholded at half its range (`v >= 32768`, no stretch: a full or empty mask stays so); any
+  other mask is converted to 8-bit gray and thresholded at `v > 127` (Kaggle masks are {0, 255}).
 """
 
 from __future__ import annotations
@@ -415,21 +420,36 @@ def raw_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))  # RGB, RGBA, P, CMYK, ...
 
 
+def stretch_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Linear min..max stretch of a numeric array to uint8 0..255 (a constant image gives zeros).
+
+    A copy of `covidseg_tf.imageio.to_uint8` (same bytes; tests/test_imageio.py checks both readers agree).
+    """
+    arr = np.asarray(arr, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.clip(np.round((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
 def to_gray8(im: Image.Image) -> np.ndarray:
-    """uint8 HxW gray image following the module's pixel rules."""
+    """uint8 HxW gray image following the module's pixel rules (16-bit: min..max stretch)."""
     arr = raw_array(im)
-    if arr.dtype != np.uint8:  # 16-bit
-        arr = np.clip(arr, 0, 65535).astype(np.int64)
-        arr = ((arr * 255 + 32767) // 65535).astype(np.uint8)
+    if arr.dtype != np.uint8:  # 16-bit or 32-bit integer gray
+        arr = stretch_to_uint8(arr)
     return arr
 
 
 def binarize_mask(im: Image.Image) -> np.ndarray:
-    """uint8 HxW mask in {0, 1} (raw values <= 1 -> `v > 0`, else 8-bit gray `v > 127`)."""
+    """uint8 HxW mask in {0, 1} (raw values <= 1 -> `v > 0`; 16-bit -> `v >= 32768`; else 8-bit gray `v > 127`)."""
     raw = raw_array(im)
     if raw.size and int(raw.max()) <= 1:
         return (raw > 0).astype(np.uint8)
-    return (to_gray8(im) > 127).astype(np.uint8)
+    if raw.dtype != np.uint8:  # a threshold on the stored range, not on the stretched image
+        return (raw >= 32768).astype(np.uint8)
+    return (raw > 127).astype(np.uint8)
 
 
 def encode_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
