@@ -25,7 +25,6 @@ from covidseg_tf.config import AugmentConfig, StageConfig
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-SPLITS = ("train", "validation", "test")
 
 
 class DatasetError(RuntimeError):
