@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Stage = Literal["lung", "infection"]
 STAGES: tuple[Stage, ...] = ("lung", "infection")
+# The terms of the segmentation loss (covidseg_tf.losses), named by StageConfig.loss_weights and --loss-weights.
+LOSS_TERMS: tuple[str, ...] = ("dice", "bce", "focal")
 
 # ImageNet statistics on 0-255 pixels (the seed's normalization).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -27,16 +29,18 @@ class AugmentConfig:
     Gaussian noise: the seed's var_limit (10, 50) on 0-255 pixels, i.e. std sqrt(10)..sqrt(50) over 255.
     """
 
-    hflip_p: float = 0.5
-    shift: float = 0.1
-    scale: float = 0.1
-    rotate_deg: float = 15.0
-    affine_p: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    brightness_contrast_p: float = 0.5
-    noise_std: tuple[float, float] = (10**0.5 / 255, 50**0.5 / 255)
-    noise_p: float = 0.5
+    # One `train --aug-<field>` flag per field, with this help text (probabilities end in `_p`).
+    hflip_p: float = field(default=0.5, metadata={"help": "probability of HorizontalFlip"})
+    shift: float = field(default=0.1, metadata={"help": "Affine translation limit, fraction of the size (+-)"})
+    scale: float = field(default=0.1, metadata={"help": "Affine scale limit X: zoom in 1-X..1+X, X in [0, 1)"})
+    rotate_deg: float = field(default=15.0, metadata={"help": "Affine rotation limit in degrees (+-)"})
+    affine_p: float = field(default=0.5, metadata={"help": "probability of the Affine transform"})
+    brightness: float = field(default=0.2, metadata={"help": "RandomBrightnessContrast brightness limit (+-)"})
+    contrast: float = field(default=0.2, metadata={"help": "RandomBrightnessContrast contrast limit (+-)"})
+    brightness_contrast_p: float = field(default=0.5, metadata={"help": "probability of RandomBrightnessContrast"})
+    noise_std: tuple[float, float] = field(default=(10**0.5 / 255, 50**0.5 / 255),
+                                           metadata={"help": "GaussNoise std range, fraction of the 0-255 range"})
+    noise_p: float = field(default=0.5, metadata={"help": "probability of GaussNoise"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class StageConfig:
     # `--bn-momentum 0.99` (the README's Training section records that command's result with the default).
     bn_momentum: float = 0.9
     clipnorm: float | None = None
-    # Loss = sum(weight * term); terms: "dice", "bce", "focal".
+    # Loss = sum(weight * term); terms: LOSS_TERMS.
     loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
     # "auto": ImageNet when the weights can be had (downloaded or in ~/.keras/models), else random init with a
     # warning; "imagenet": ImageNet or fail; "none": random init; or the path of a local Keras weights file.

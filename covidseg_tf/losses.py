@@ -27,9 +27,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from covidseg_tf.config import StageConfig
+from covidseg_tf.config import LOSS_TERMS, StageConfig
 
-TERMS: tuple[str, ...] = ("dice", "bce", "focal")
+TERMS: tuple[str, ...] = LOSS_TERMS
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from covidseg_tf.config import STAGES, StageConfig, default_config
+from covidseg_tf.config import LOSS_TERMS, STAGES, AugmentConfig, StageConfig, default_config
 
 log = logging.getLogger("covidseg_tf.train")
 
@@ -72,9 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         a, b = getattr(lung, name), getattr(inf, name)
         default_txt = f"{a}" if a == b else f"{a} / {b}"
         kind = {"image_size": int, "batch_size": int, "epochs": int, "patience": int, "learning_rate": float,
-                "weight_decay": float, "dropout": float, "bn_momentum": float, "clipnorm": _optional_float, "threshold": float}.get(name, str)
+                "weight_decay": float, "dropout": float, "bn_momentum": float, "clipnorm": _optional_float,
+                "threshold": float}.get(name, str)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=f.name.upper(),
                        help=f"default: {default_txt}")
+    p.add_argument("--loss-weights", type=_loss_weights, default=None, metavar="TERM=W[,TERM=W...]",
+                   help=f"loss = sum of weight x term over {', '.join(LOSS_TERMS)}; unnamed terms get 0 "
+                        f"(default: {_weights_txt(lung.loss_weights)} / {_weights_txt(inf.loss_weights)})")
+    aug = p.add_argument_group("augmentation (training only; AugmentConfig fields)")
+    for f in dataclasses.fields(AugmentConfig):
+        a, b = _aug_txt(getattr(lung.augment, f.name)), _aug_txt(getattr(inf.augment, f.name))
+        what = f.metadata.get("help", "")
+        aug.add_argument(_aug_flag(f.name), type=_float_pair if _is_range(f) else float, default=None,
+                         metavar="LO,HI" if _is_range(f) else "P" if f.name.endswith("_p") else "X",
+                         help=f"{what}{'; ' if what else ''}default: {a if a == b else f'{a} / {b}'}")
     p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
     p.add_argument("--manual-dir", help="folder holding the Kaggle COVID-QU-Ex zip or its extracted folder")
     p.add_argument("--output", help="run folder (default: runs/<stage>); rerunning resumes an unfinished run")
@@ -105,11 +116,93 @@ def _optional_float(text: str) -> float | str:
     return _OFF if text.lower() in ("none", "off") else float(text)
 
 
+def _loss_weights(text: str) -> dict[str, float]:
+    """`dice=0.5,bce=0.3,focal=0.2` -> {"dice": 0.5, "bce": 0.3, "focal": 0.2}: known terms, weights >= 0, at
+    least one > 0 (argparse reports the error with the flag's name)."""
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        term, sep, value = (s.strip() for s in item.partition("="))
+        try:
+            weight = float(value) if sep else None
+        except ValueError:
+            weight = None
+        if weight is None or weight != weight:  # no "=", not a number, or NaN
+            raise argparse.ArgumentTypeError(
+                f"expected TERM=WEIGHT pairs separated by commas (e.g. dice=0.5,bce=0.3,focal=0.2), got {text!r}")
+        if term not in LOSS_TERMS:
+            raise argparse.ArgumentTypeError(f"unknown loss term {term!r}; known terms: {', '.join(LOSS_TERMS)}")
+        if term in weights:
+            raise argparse.ArgumentTypeError(f"loss term {term!r} given twice in {text!r}")
+        if weight < 0:
+            raise argparse.ArgumentTypeError(f"weight of {term!r} must be zero or more, got {weight:g}")
+        weights[term] = weight
+    if not any(w > 0 for w in weights.values()):
+        raise argparse.ArgumentTypeError(f"at least one loss weight must be positive, got {text!r}")
+    return weights
+
+
+def _weights_txt(weights: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in weights.items())
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    """`LO,HI` -> (LO, HI)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers LO,HI, got {text!r}") from None
+
+
+def _is_range(f: dataclasses.Field) -> bool:
+    """An AugmentConfig field holding a (low, high) pair."""
+    return isinstance(f.default, tuple)
+
+
+def _aug_flag(name: str) -> str:
+    return "--aug-" + name.replace("_", "-")
+
+
+def _aug_txt(value) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+
+
+# Valid values of the AugmentConfig fields that need more than the rule of their kind (see _augment_problems).
+_AUG_RULES = {
+    "scale": (lambda v: 0 <= v < 1, "in [0, 1) (the zoom factor 1-X must stay positive)"),
+    "noise_std": (lambda v: 0 <= v[0] <= v[1] <= 1, "LO,HI with 0 <= LO <= HI <= 1"),
+}
+
+
+def _augment_problems(aug: AugmentConfig) -> list[str]:
+    """One message per invalid AugmentConfig field, naming its flag: probabilities (`*_p`) in [0, 1], ranges LO,HI
+    with 0 <= LO <= HI, every other limit zero or more, plus _AUG_RULES."""
+    problems = []
+    for f in dataclasses.fields(AugmentConfig):
+        v = getattr(aug, f.name)
+        if f.name in _AUG_RULES:
+            check, what = _AUG_RULES[f.name]
+        elif _is_range(f):
+            check, what = (lambda v: 0 <= v[0] <= v[1]), "LO,HI with 0 <= LO <= HI"
+        elif f.name.endswith("_p"):
+            check, what = (lambda v: 0 <= v <= 1), "a probability in [0, 1]"
+        else:
+            check, what = (lambda v: v >= 0), "zero or more"
+        if not check(v):
+            problems.append(f"{_aug_flag(f.name)} must be {what}, got {_aug_txt(v)}")
+    return problems
+
+
 def config_from_args(args: argparse.Namespace) -> StageConfig:
     """The stage's seed config with the flags given on the command line applied, validated."""
     cfg = default_config(args.stage)
     changes = {name: getattr(args, name) for name in _CONFIG_FLAGS}
-    cfg = cfg.replace(**changes)
+    cfg = cfg.replace(**changes, loss_weights=args.loss_weights)
+    aug_changes = {f.name: getattr(args, "aug_" + f.name) for f in dataclasses.fields(AugmentConfig)}
+    cfg = cfg.replace(augment=dataclasses.replace(cfg.augment, **{k: v for k, v in aug_changes.items()
+                                                                  if v is not None}))
     if args.clipnorm == _OFF:  # "--clipnorm none" switches the stage's clipping off
         cfg = dataclasses.replace(cfg, clipnorm=None)
     checks = [
@@ -133,6 +226,9 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
             raise UsageError(f"{flag} must be {what}, got {value}")
     if cfg.clipnorm is not None and cfg.clipnorm <= 0:
         raise UsageError(f"--clipnorm must be positive or 'none', got {cfg.clipnorm}")
+    problems = _augment_problems(cfg.augment)
+    if problems:
+        raise UsageError("; ".join(problems))
     return cfg
 
 

@@ -185,3 +185,80 @@ def test_mirrored_strategy_on_two_logical_cpus(synthetic_data_dir: Path, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REPLICAS 2" in proc.stdout
     assert len(_rows(tmp_path / "run" / "history.csv")) == 1
+
+
+def test_loss_weights_flag_replaces_the_stage_weights():
+    from covidseg_tf.config import INFECTION, LUNG
+
+    parse = train.build_parser().parse_args
+    cfg = train.config_from_args(parse(["--stage", "lung", "--loss-weights", "dice=0.5,bce=0.3,focal=0.2"]))
+    assert cfg == LUNG.replace(loss_weights={"dice": 0.5, "bce": 0.3, "focal": 0.2})
+    cfg = train.config_from_args(parse(["--stage", "infection", "--loss-weights", " focal = 2 "]))
+    assert cfg.loss_weights == {"focal": 2.0}  # unnamed terms get 0: the stage's dice and bce are dropped
+    assert cfg == INFECTION.replace(loss_weights={"focal": 2.0})
+    cfg = train.config_from_args(parse(["--stage", "infection", "--loss-weights", "dice=1,bce=0"]))
+    assert cfg.loss_weights == {"dice": 1.0, "bce": 0.0}
+
+
+AUG_FLAGS = ["--aug-hflip-p", "--aug-shift", "--aug-scale", "--aug-rotate-deg", "--aug-affine-p", "--aug-brightness",
+             "--aug-contrast", "--aug-brightness-contrast-p", "--aug-noise-std", "--aug-noise-p"]
+
+
+def test_one_augment_flag_per_field_and_the_config_reflects_them():
+    import dataclasses
+
+    from covidseg_tf.config import LUNG, AugmentConfig
+
+    parser = train.build_parser()
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--aug-")]
+    assert flags == AUG_FLAGS
+    assert len(AUG_FLAGS) == len(dataclasses.fields(AugmentConfig))
+    argv = ["--stage", "lung", "--aug-hflip-p", "0", "--aug-shift", "0.05", "--aug-scale", "0.2",
+            "--aug-rotate-deg", "30", "--aug-affine-p", "1", "--aug-brightness", "0.1", "--aug-contrast", "0",
+            "--aug-brightness-contrast-p", "0.25", "--aug-noise-std", "0.01,0.02", "--aug-noise-p", "0.75"]
+    cfg = train.config_from_args(parser.parse_args(argv))
+    want = AugmentConfig(hflip_p=0.0, shift=0.05, scale=0.2, rotate_deg=30.0, affine_p=1.0, brightness=0.1,
+                         contrast=0.0, brightness_contrast_p=0.25, noise_std=(0.01, 0.02), noise_p=0.75)
+    assert cfg.augment == want
+    assert cfg == LUNG.replace(augment=want)
+    # one flag changes one field, the others keep the stage's values
+    cfg = train.config_from_args(parser.parse_args(["--stage", "infection", "--aug-rotate-deg", "5"]))
+    assert cfg.augment == AugmentConfig(rotate_deg=5.0)
+
+
+def test_new_flags_show_the_config_defaults_in_help():
+    helps = {a.option_strings[0]: a.help for a in train.build_parser()._actions if a.option_strings}
+    assert helps["--loss-weights"] == ("loss = sum of weight x term over dice, bce, focal; unnamed terms get 0 "
+                                       "(default: dice=0.7,bce=0.3 / dice=0.5,bce=0.3,focal=0.2)")
+    assert helps["--aug-hflip-p"] == "probability of HorizontalFlip; default: 0.5"
+    assert helps["--aug-rotate-deg"] == "Affine rotation limit in degrees (+-); default: 15"
+    # the seed's GaussNoise var_limit (10, 50) on 0-255 pixels, as a std range over 255
+    assert helps["--aug-noise-std"] == ("GaussNoise std range, fraction of the 0-255 range; "
+                                        f"default: {10 ** 0.5 / 255:g},{50 ** 0.5 / 255:g}")
+    assert helps["--aug-noise-std"].endswith("default: 0.0124011,0.0277297")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss-weights", "dce=1"], "argument --loss-weights: unknown loss term 'dce'; known terms: dice, bce, focal"),
+    (["--loss-weights", "dice=0.5,bce=-0.1"], "argument --loss-weights: weight of 'bce' must be zero or more, got -0.1"),
+    (["--loss-weights", "dice=0,bce=0"],
+     "argument --loss-weights: at least one loss weight must be positive, got 'dice=0,bce=0'"),
+    (["--loss-weights", "dice"], "argument --loss-weights: expected TERM=WEIGHT pairs separated by commas "
+                                 "(e.g. dice=0.5,bce=0.3,focal=0.2), got 'dice'"),
+    (["--loss-weights", "dice=x"], "argument --loss-weights: expected TERM=WEIGHT pairs"),
+    (["--loss-weights", "dice=1,dice=2"], "argument --loss-weights: loss term 'dice' given twice in 'dice=1,dice=2'"),
+    (["--aug-hflip-p", "1.5"], "--aug-hflip-p must be a probability in [0, 1], got 1.5"),
+    (["--aug-noise-p", "-0.5"], "--aug-noise-p must be a probability in [0, 1], got -0.5"),
+    (["--aug-rotate-deg", "-3"], "--aug-rotate-deg must be zero or more, got -3"),
+    (["--aug-scale", "1"], "--aug-scale must be in [0, 1) (the zoom factor 1-X must stay positive), got 1"),
+    (["--aug-noise-std", "0.2,0.1"], "--aug-noise-std must be LO,HI with 0 <= LO <= HI <= 1, got 0.2,0.1"),
+    (["--aug-noise-std", "0.1,2"], "--aug-noise-std must be LO,HI with 0 <= LO <= HI <= 1, got 0.1,2"),
+    (["--aug-noise-std", "0.1"], "argument --aug-noise-std: expected two numbers LO,HI, got '0.1'"),
+    (["--aug-shift", "a"], "argument --aug-shift: invalid float value: 'a'"),
+])
+def test_loss_weights_and_augment_flags_give_clear_errors(argv, message, capsys, tmp_path: Path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "lung", *argv, "--output", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing is started on a bad flag
