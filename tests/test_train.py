@@ -262,3 +262,18 @@ def test_loss_weights_and_augment_flags_give_clear_errors(argv, message, capsys,
     assert e.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing is started on a bad flag
+
+
+def test_every_stage_config_field_is_a_train_flag():
+    """The README promises it: every StageConfig field is a flag (`in_channels` follows from --stage)."""
+    import dataclasses
+
+    from covidseg_tf.config import StageConfig
+
+    flags = {s for a in train.build_parser()._actions for s in a.option_strings}
+    for f in dataclasses.fields(StageConfig):
+        if f.name in ("stage", "in_channels"):
+            continue
+        wanted = AUG_FLAGS if f.name == "augment" else ["--" + f.name.replace("_", "-")]
+        missing = [flag for flag in wanted if flag not in flags]
+        assert not missing, f"StageConfig.{f.name} has no train flag {missing} (README, Training, promises one)"
