@@ -76,7 +76,7 @@ class StageConfig:
     threshold: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    def replace(self, **changes: Any) -> "StageConfig":
+    def replace(self, **changes: Any) -> StageConfig:
         """A copy with some fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -21,8 +21,9 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="epochs per stage")
     p.add_argument("--steps-per-epoch", type=int, default=15, help="training steps per epoch")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="learning rate (higher than the seed's for a short run)")
+    p.add_argument("--learning-rate", type=float, default=1e-3,
+                   help="learning rate (higher than the seed recipe's, for a short run)")
     p.add_argument("--encoder", default="efficientnetb0", help="encoder of both stages")
     p.add_argument("--samples", type=int, default=4, help="test images written as PNGs and predicted")
     p.add_argument("--seed", type=int, default=0, help="seed of the training runs")
@@ -132,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"  figure (Fig. 1):        {summary['figure']}")
     print(f"  TensorBoard logs:       tensorboard --logdir {summary['tensorboard']}")
     print(f"  Keras models:           {lung}, {infection}")
-    print(f"  SavedModels:            {summary['saved_models']}/{{lung,infection,cascade}}/<N>  (cascade: {cascade_dir})")
-    print(f"  predictions:            {pred_dir}  (masks, overlays, JSON for {len(samples)} PNGs in {summary['samples']})")
+    print(f"  SavedModels:            {summary['saved_models']}/{{lung,infection,cascade}}/<N>  "
+          f"(cascade: {cascade_dir})")
+    print(f"  predictions:            {pred_dir}  "
+          f"(masks, overlays, JSON for {len(samples)} PNGs in {summary['samples']})")
     print(f"  these models:           python -m covidseg_tf.predict IMAGES_OR_FOLDERS --out preds "
           f"--lung-model {lung} --infection-model {infection}")
     print("  real-data models:       python -m covidseg_tf.predict IMAGES_OR_FOLDERS --out preds   "

@@ -28,8 +28,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -201,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    thr = {s: args.threshold if args.threshold is not None else default_config(s).threshold for s in ("lung", "infection")}
+    thr = {s: args.threshold if args.threshold is not None else default_config(s).threshold
+           for s in ("lung", "infection")}
     warm = not args.no_warmup
     written = {}
     if "lung" in args.only:

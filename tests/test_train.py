@@ -240,7 +240,8 @@ def test_new_flags_show_the_config_defaults_in_help():
 
 @pytest.mark.parametrize("argv, message", [
     (["--loss-weights", "dce=1"], "argument --loss-weights: unknown loss term 'dce'; known terms: dice, bce, focal"),
-    (["--loss-weights", "dice=0.5,bce=-0.1"], "argument --loss-weights: weight of 'bce' must be zero or more, got -0.1"),
+    (["--loss-weights", "dice=0.5,bce=-0.1"],
+     "argument --loss-weights: weight of 'bce' must be zero or more, got -0.1"),
     (["--loss-weights", "dice=0,bce=0"],
      "argument --loss-weights: at least one loss weight must be positive, got 'dice=0,bce=0'"),
     (["--loss-weights", "dice"], "argument --loss-weights: expected TERM=WEIGHT pairs separated by commas "

@@ -25,9 +25,10 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -282,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m tfds_covidqu.audit --manual_dir D --part lung --near_threshold 0.97 --quiet",
     )
     p.add_argument("--manual_dir", required=True, type=Path,
-                   help="folder holding the Kaggle zip, the extracted download or the part folder itself; or the zip file")
+                   help="folder holding the Kaggle zip, the extracted download or the part folder itself; "
+                        "or the zip file")
     p.add_argument("--part", choices=sorted(sources.PART_FOLDERS), default="infection", help="which data part")
     p.add_argument("--out", type=Path, default=None, help="write the full JSON report here")
     p.add_argument("--near_threshold", type=float, default=DEFAULT_NEAR_THRESHOLD,

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .sources import CLASS_NAMES  # the builder's one list of class names (sources needs only NumPy and Pillow too)
+
 # Split sizes of the `synthetic` config and the 2:1:1 class pattern (index % 4) used for labels.
 SPLIT_SIZES = {"train": 300, "validation": 60, "test": 60}
 _LABEL_CYCLE = (0, 0, 1, 2)
