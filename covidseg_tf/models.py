@@ -1,12 +1,27 @@
 """U-Net with a keras.applications EfficientNet encoder, for both stages of the cascade.
 
-The architecture follows segmentation_models' ``Unet`` (qubvel, Keras) layer for layer: skips from
-``block6a/4a/3a/2a_expand_activation``, bottleneck ``top_activation``, decoder stages of
+The decoder follows segmentation_models' ``Unet`` (qubvel, Keras) layer for layer: decoder stages of
 UpSampling2D + concat + 2 x (Conv3x3 without bias, BatchNorm, ReLU) with 256/128/64/32/16 filters, a 3x3
 ``final_conv`` and a sigmoid (kept in float32 under a mixed-precision policy). Layer names are the same as
 segmentation_models' (``decoder_stage0_upsampling``, ``decoder_stage0_concat``, ``decoder_stage0a_conv``,
 ``decoder_stage0a_bn``, ``decoder_stage0a_relu``, ..., ``final_conv``, ``sigmoid``), encoder layers keep
 their keras.applications names (``stem_conv``, ``block1a_dwconv``, ..., ``top_activation``).
+
+Where the decoder taps the encoder is the *layout* (``build_unet(layout=...)``, ``StageConfig.unet_layout``):
+
+* ``"segmentation_models"`` (qubvel's Keras ``Unet``; what the shipped models use): skips from
+  ``block6a/4a/3a/2a_expand_activation`` (the expanded input of the first block of strides 32, 16, 8, 4,
+  i.e. features at strides 16, 8, 4, 2), bottleneck ``top_activation`` (after the encoder's 1x1 top conv:
+  1280 channels for B0, 1536 for B3).
+* ``"segmentation_models_pytorch"`` (smp's ``Unet``): skips from the output of the last block at strides 16, 8
+  and 4 and from ``stem_activation`` (stride 2), bottleneck the output of the last block at stride 32; the
+  1x1 top conv is not used (the model does not contain it). Fewer channels reach the decoder, so it is cheaper.
+  The tapped layers are found from the encoder's graph by stride (`block_outputs_by_stride`), for B0-B7. One
+  difference from smp: for B0, smp 0.6.0 takes its stride-16 feature after ``block5a`` (its hard-coded
+  index), here it is the last stride-16 block ``block5c`` (same shape, same cost; for B1-B7 smp also takes
+  the last block of each stride).
+
+A saved ``.keras`` model carries its layout in its graph: loading never needs the config.
 
 Input contract: one float32 tensor (B, H, W, C) of RAW pixels 0..255 in the three RGB channels (grayscale
 repeated 3x); channels beyond the third (Stage 2: the lung mask) hold 0/1 values. Preprocessing happens inside
@@ -40,9 +55,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +81,10 @@ SKIP_LAYERS: tuple[str, ...] = (
     "block2a_expand_activation",
 )
 BOTTLENECK_LAYER = "top_activation"
+#: Where the decoder taps the encoder (see the module docstring); the first is the default of build_unet.
+UNET_LAYOUTS: tuple[str, ...] = ("segmentation_models", "segmentation_models_pytorch")
+STEM_ACTIVATION = "stem_activation"
+_BLOCK_NAME = re.compile(r"^(block\d+[a-z])_")  # keras.applications EfficientNet block layers: block6a_...
 DECODER_FILTERS: tuple[int, ...] = (256, 128, 64, 32, 16)
 STEM_LAYER = "stem_conv"
 STEM_INITS: tuple[str, ...] = ("cycle", "zero")
@@ -140,8 +160,8 @@ def load_reference_encoder(encoder: str, weights_path: str | os.PathLike) -> ker
         ref.load_weights(str(weights_path))
     except Exception as e:  # noqa: BLE001
         raise ValueError(
-            f"cannot load encoder weights from {weights_path}: {type(e).__name__}: {str(e).rstrip('.')}. Expected a Keras "
-            f"weights file of a 3-channel keras.applications {encoder} with include_top=False (e.g. "
+            f"cannot load encoder weights from {weights_path}: {type(e).__name__}: {str(e).rstrip('.')}. Expected a "
+            f"Keras weights file of a 3-channel keras.applications {encoder} with include_top=False (e.g. "
             f"{weights_file_name(encoder)} or a .weights.h5 saved from one)."
         ) from e
     return ref
@@ -166,22 +186,29 @@ def widen_stem_kernel(kernel: np.ndarray, in_channels: int, stem_init: str = "cy
     return new.astype(kernel.dtype)
 
 
-def transfer_encoder_weights(model: keras.Model, reference: keras.Model, stem_init: str = "cycle") -> int:
+def transfer_encoder_weights(
+    model: keras.Model, reference: keras.Model, stem_init: str = "cycle", unused: Collection[str] = ()
+) -> int:
     """Copy every weight of the 3-channel `reference` encoder into `model`'s layers of the same name.
 
     The stem conv is widened with `widen_stem_kernel` when `model` has more input channels; the preprocessing
-    layers (Rescaling/Normalization) are skipped (their statistics are set by `set_input_normalization`).
-    Returns the number of layers copied.
+    layers (Rescaling/Normalization) are skipped (their statistics are set by `set_input_normalization`), and
+    so are the encoder layers named in `unused` (layers the U-Net leaves out, e.g. ``top_conv`` in the
+    segmentation_models_pytorch layout). Returns the number of layers copied.
     """
     copied = 0
     for ref_layer in reference.layers:
         values = ref_layer.get_weights()
-        if not values or isinstance(ref_layer, (layers.Normalization, layers.Rescaling)):
+        if not values or ref_layer.name in unused:
+            continue
+        if isinstance(ref_layer, (layers.Normalization, layers.Rescaling)):
             continue
         try:
             target = model.get_layer(ref_layer.name)
         except ValueError:
-            raise ValueError(f"encoder layer {ref_layer.name!r} of the weights file has no twin in the model")
+            raise ValueError(
+                f"encoder layer {ref_layer.name!r} of the weights file has no twin in the model"
+            ) from None
         if ref_layer.name == STEM_LAYER:
             in_channels = target.get_weights()[0].shape[2]
             values = [widen_stem_kernel(values[0], in_channels, stem_init), *values[1:]]
@@ -284,6 +311,42 @@ def _check_encoder(encoder: str) -> str:
     return key
 
 
+def block_outputs_by_stride(encoder: keras.Model) -> dict[int, str]:
+    """{output stride: name of the output layer of the LAST block at that stride} of a keras.applications
+    EfficientNet, e.g. {2: "block1a_project_bn", 4: "block2b_add", ..., 32: "block7a_project_bn"} for B0.
+
+    Walks the layers in graph order multiplying the strides of the convolutions; a block's output is its last
+    layer (``blockNx_add`` with a residual, else ``blockNx_project_bn``). Works for B0-B7 and any input size.
+    """
+    stride = 1
+    block_end: dict[str, tuple[str, int]] = {}  # block -> (its last layer so far, stride there)
+    for layer in encoder.layers:
+        strides = getattr(layer, "strides", None)
+        if strides is not None:
+            stride *= int(strides[0])
+        match = _BLOCK_NAME.match(layer.name)
+        if match:
+            block_end[match.group(1)] = (layer.name, stride)
+    by_stride: dict[int, str] = {}
+    for layer_name, block_stride in block_end.values():  # blocks in graph order: later ones overwrite
+        by_stride[block_stride] = layer_name
+    return by_stride
+
+
+def unet_feature_layers(encoder: keras.Model, layout: str = UNET_LAYOUTS[0]) -> tuple[tuple[str, ...], str]:
+    """(skip layer names deepest first, bottleneck layer name) of `layout` in `encoder` (see the module
+    docstring)."""
+    if layout not in UNET_LAYOUTS:
+        raise ValueError(f"unknown U-Net layout {layout!r}; expected one of {list(UNET_LAYOUTS)}")
+    if layout == "segmentation_models":
+        return SKIP_LAYERS, BOTTLENECK_LAYER
+    by_stride = block_outputs_by_stride(encoder)
+    missing = {4, 8, 16, 32} - set(by_stride)
+    if missing:
+        raise ValueError(f"{encoder.name} has no block at stride(s) {sorted(missing)}: {by_stride}")
+    return (by_stride[16], by_stride[8], by_stride[4], STEM_ACTIVATION), by_stride[32]
+
+
 def check_input_shape(input_shape: Sequence[int | None]) -> tuple[int | None, int | None, int]:
     """Validate (H, W, C): H and W multiples of 32 (or None), C >= 3; return it as a tuple."""
     if len(input_shape) != 3:
@@ -309,8 +372,9 @@ def build_unet(
     stem_init: str = "cycle",
     decoder_filters: Sequence[int] = DECODER_FILTERS,
     bn_momentum: float | None = None,
+    layout: str = UNET_LAYOUTS[0],
 ) -> keras.Model:
-    """A segmentation_models-style U-Net on a keras.applications EfficientNet B0-B7.
+    """A U-Net on a keras.applications EfficientNet B0-B7 (decoder as segmentation_models').
 
     Args:
         encoder: "efficientnetb0" ... "efficientnetb7".
@@ -329,6 +393,8 @@ def build_unet(
             encoder_weights is None (everything random).
         decoder_filters: filters of the decoder stages, deepest first (5 stages = back to full size).
         bn_momentum: momentum of every BatchNormalization layer's moving statistics (None keeps Keras' 0.99).
+        layout: where the decoder taps the encoder, one of UNET_LAYOUTS: "segmentation_models" (default) or
+            "segmentation_models_pytorch" (see the module docstring).
 
     Returns:
         keras.Model mapping (B, H, W, C) float32 to (B, H, W, 1) float32 sigmoid probabilities.
@@ -339,6 +405,8 @@ def build_unet(
         raise ValueError(f"stem_init must be one of {STEM_INITS}, got {stem_init!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if layout not in UNET_LAYOUTS:
+        raise ValueError(f"unknown U-Net layout {layout!r}; expected one of {list(UNET_LAYOUTS)}")
     if len(decoder_filters) != len(SKIP_LAYERS) + 1:
         raise ValueError(f"decoder_filters needs {len(SKIP_LAYERS) + 1} stages, got {list(decoder_filters)}")
     weights_path = resolve_encoder_weights(key, encoder_weights)  # fail fast, before building anything
@@ -347,8 +415,9 @@ def build_unet(
     with warnings.catch_warnings():  # keras warns that EfficientNet "usually expects 1 or 3 input channels"
         warnings.filterwarnings("ignore", message=".*input channels", category=UserWarning)
         backbone = ENCODERS[key](include_top=False, weights=None, input_tensor=inputs, input_shape=shape)
-    skips = [backbone.get_layer(layer_name).output for layer_name in SKIP_LAYERS]
-    x = backbone.get_layer(BOTTLENECK_LAYER).output
+    skip_layers, bottleneck_layer = unet_feature_layers(backbone, layout)
+    skips = [backbone.get_layer(layer_name).output for layer_name in skip_layers]
+    x = backbone.get_layer(bottleneck_layer).output
     for stage, filters in enumerate(decoder_filters):
         x = decoder_block(x, skips[stage] if stage < len(skips) else None, filters, stage)
     outputs = segmentation_head(x, dropout=dropout)
@@ -363,7 +432,8 @@ def build_unet(
 
     if weights_path is not None:
         reference = load_reference_encoder(key, weights_path)
-        copied = transfer_encoder_weights(model, reference, stem_init=stem_init)
+        unused = {layer.name for layer in backbone.layers} - {layer.name for layer in model.layers}
+        copied = transfer_encoder_weights(model, reference, stem_init=stem_init, unused=unused)
         log.info("loaded %d encoder layers from %s (stem_init=%s)", copied, weights_path, stem_init)
     set_input_normalization(model)
     return model
@@ -374,7 +444,8 @@ def build_stage_model(
     encoder_weights: str | os.PathLike | None = _FROM_CONFIG,
     stem_init: str = "cycle",
 ) -> keras.Model:
-    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout, BN).
+    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout, BN,
+    unet_layout).
 
     `encoder_weights` overrides cfg.encoder_weights when given (None / "none" = random init); "auto" is
     resolved by `choose_encoder_weights`.
@@ -389,6 +460,7 @@ def build_stage_model(
         name=f"{cfg.stage}_unet",
         stem_init=stem_init,
         bn_momentum=cfg.bn_momentum,
+        layout=cfg.unet_layout,
     )
 
 

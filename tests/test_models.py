@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import h5py
 import keras
@@ -292,3 +294,124 @@ def test_dynamic_spatial_size():
     model = models.build_unet("efficientnetb0", (None, None, 3))
     out = model(np.zeros((1, 96, 64, 3), "float32"), training=False)
     assert out.shape == (1, 96, 64, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The segmentation_models_pytorch layout (skips from the last block of each stride, no top conv)
+# ---------------------------------------------------------------------------------------------------------
+
+SMP = "segmentation_models_pytorch"
+
+# The peer, smp 0.6.0 / torch 2.13.0+cpu, from `bash ../shared/bench/peer/setup_cpu_venv.sh /tmp/peer/venv` and
+#   /tmp/peer/venv/bin/python ../shared/bench/peer/smp_bench.py --encoder efficientnet-b3 --in-channels 3 \
+#       --size 448 --mode infer --batch 1 --steps 1 --warmup 0 --flops on       (and efficientnet-b0 / 4)
+# -> "params", "fwd_flops_per_img" (conv/matmul FLOPs, 2 per MAC). HEAD and BN_STATS were counted on the same
+# smp.Unet objects: HEAD = parameters of encoder._conv_head + encoder._bn1 (the 1x1 top conv smp builds but
+# never calls), BN_STATS = numel of every running_mean/running_var buffer except encoder._bn1's (buffers are
+# not torch parameters; Keras counts BN moving statistics as non-trainable weights).
+PEER = {  # (our encoder, channels): (params, head params, BN statistics, forward FLOPs per 448 px image)
+    ("efficientnetb3", 3): (13_159_033, 592_896, 86_208, 23_371_667_200),
+    ("efficientnetb0", 4): (6_251_757, 412_160, 41_440, 18_142_976_768),
+}
+PEER_SIZE = 448
+#: smp 0.6.0's EfficientNet encoder out_channels (stride 2, 4, 8, 16, 32), efficient_net_encoders[...]["params"].
+SMP_CHANNELS = {
+    0: (32, 24, 40, 112, 320), 1: (32, 24, 40, 112, 320), 2: (32, 24, 48, 120, 352), 3: (40, 32, 48, 136, 384),
+    4: (48, 32, 56, 160, 448), 5: (48, 40, 64, 176, 512), 6: (56, 40, 72, 200, 576), 7: (64, 48, 80, 224, 640),
+}
+
+
+def _bench_models_util():
+    """bench/models_util.py (the FLOP counter bench/infer.py reports with; bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "models_util.py"
+    spec = importlib.util.spec_from_file_location("bench_models_util", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "index", [0, 3, *(pytest.param(i, marks=pytest.mark.slow) for i in (1, 2, 4, 5, 6, 7))]
+)
+def test_smp_layout_taps_last_block_of_each_stride(index):
+    """Stem activation + last block of strides 4, 8, 16, 32, with smp's channels, for every EfficientNet."""
+    encoder = models.ENCODERS[f"efficientnetb{index}"](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    skips, bottleneck = models.unet_feature_layers(encoder, SMP)
+    taps = [*reversed(skips), bottleneck]  # stride 2, 4, 8, 16, 32
+    assert taps[0] == "stem_activation"
+    shapes = [tuple(encoder.get_layer(name).output.shape[1:]) for name in taps]
+    assert shapes == [(SIZE // s, SIZE // s, c) for s, c in zip((2, 4, 8, 16, 32), SMP_CHANNELS[index])]
+    block_ends: dict[str, str] = {}  # block -> its last layer (its output), blocks in graph order
+    for layer in encoder.layers:
+        if layer.name.startswith("block"):
+            block_ends[layer.name.split("_")[0]] = layer.name
+    ends = list(block_ends.values())
+    for name, stride in zip(taps[1:], (4, 8, 16, 32)):  # a block output, and the next block is coarser
+        i = ends.index(name)
+        assert i == len(ends) - 1 or encoder.get_layer(ends[i + 1]).output.shape[1] < SIZE // stride
+    if index == 0:  # block7a has no residual; smp 0.6.0 taps block5a at stride 16 for B0, we the last (5c)
+        assert (skips, bottleneck) == (("block5c_add", "block3b_add", "block2b_add", "stem_activation"),
+                                       "block7a_project_bn")
+    if index == 3:
+        assert (skips, bottleneck) == (("block5e_add", "block3c_add", "block2c_add", "stem_activation"),
+                                       "block7b_add")
+
+
+@pytest.mark.parametrize("encoder,channels", sorted(PEER))
+def test_smp_layout_params_and_flops_equal_the_peer(encoder, channels):
+    peer_params, head, bn_stats, peer_flops = PEER[(encoder, channels)]
+    model = models.build_unet(encoder, (PEER_SIZE, PEER_SIZE, channels), layout=SMP)
+    assert "top_conv" not in {layer.name for layer in model.layers}
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == peer_params - head  # smp's unused _conv_head/_bn1 left out
+    # non-trainable: BN moving statistics (torch buffers) + our Normalization's 2C+1 statistics
+    assert model.count_params() == peer_params - head + bn_stats + 2 * channels + 1
+    flops = _bench_models_util().conv_flops_per_image(model)["total"]
+    assert abs(flops - peer_flops) <= 0.02 * peer_flops, (flops, peer_flops)
+    # and the old layout costs more: its wider skips and 1x1 top conv
+    old = models.build_unet(encoder, (PEER_SIZE, PEER_SIZE, channels))
+    assert _bench_models_util().conv_flops_per_image(old)["total"] > 1.2 * flops
+
+
+def test_smp_layout_keras_save_load_round_trip(tmp_path):
+    model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4), dropout=0.3, layout=SMP)
+    x = _pixels(channels=4)
+    before = model(x, training=False).numpy()
+    path = tmp_path / "smp.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # nothing but the file: the layout is in the saved graph
+    np.testing.assert_array_equal(before, loaded(x, training=False).numpy())
+    assert loaded.count_params() == model.count_params()
+    assert loaded.get_layer("decoder_stage0_concat").input[1].shape[-1] == 112  # block5c_add, not block6a
+    assert "top_conv" not in {layer.name for layer in loaded.layers}
+
+
+def test_smp_layout_takes_encoder_weights_from_file(random_b0_weights):
+    """The top conv of the weights file has no twin in this layout: skipped, everything else copied."""
+    model = models.build_unet(
+        "efficientnetb0", (SIZE, SIZE, 4), encoder_weights=str(random_b0_weights["keras"]), layout=SMP
+    )
+    encoder = random_b0_weights["encoder"]
+    names = {layer.name for layer in model.layers}
+    weighted = [
+        layer for layer in encoder.layers if layer.weights and not isinstance(layer, keras.layers.Normalization)
+    ]
+    assert {layer.name for layer in weighted if layer.name not in names} == {"top_conv", "top_bn"}
+    copied = [layer for layer in weighted if layer.name in names and layer.name != "stem_conv"]
+    assert len(copied) > 100
+    for layer in copied:
+        for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
+
+
+def test_build_stage_model_honours_unet_layout():
+    cfg = INFECTION.replace(image_size=SIZE, encoder_weights="none")
+    assert cfg.unet_layout == "segmentation_models"  # the default: the shipped models' layout
+    old = models.build_stage_model(cfg)
+    new = models.build_stage_model(cfg.replace(unet_layout=SMP))
+    assert "top_conv" in {layer.name for layer in old.layers}
+    assert "top_conv" not in {layer.name for layer in new.layers}
+    assert new.count_params() < old.count_params()
+    assert new.get_layer("decoder_stage3_concat").input[1].shape[-1] == 32  # stem_activation
+    with pytest.raises(ValueError, match="unknown U-Net layout 'smp'"):
+        models.build_stage_model(cfg.replace(unet_layout="smp"))
