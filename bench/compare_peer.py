@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Ours vs the PyTorch peer (segmentation_models_pytorch, /work/shared/bench/peer/smp_bench.py), side by side on
-this machine, ALTERNATING runs in subprocesses (round r: ours-infer, peer-infer, ours-train, peer-train), both
-with --threads (default 2) threads, and the ratios per target:
+"""Ours vs the PyTorch peer (segmentation_models_pytorch, ../shared/bench/peer/smp_bench.py from the repository
+root), side by side on this machine, ALTERNATING runs in subprocesses (round r: ours-infer, peer-infer,
+ours-train, peer-train), both with --threads (default 2) threads, and the ratios per target:
 
   cascade inference at --size, batch 1:  ours best cascade time / peer best (Stage-1 + Stage-2 time)
                                           target <= 0.5
@@ -13,6 +13,9 @@ Peer = bf16 autocast + channels_last (its best layout per issue 7), optionally a
 The peer has no cascade: its cascade time is the sum of its two stage times at batch 1 (ours also includes the
 thresholds, the mask concat and the severity score, i.e. is charged slightly more).
 
+The peer runs with --peer-python, the Python of a venv made by
+`bash ../shared/bench/peer/setup_cpu_venv.sh /tmp/peer/venv` (see bench/README.md).
+
 Every child's JSON line is appended to --raw-out; the summary (ONE JSON line) to --json-out. Each figure carries
 the contention indicator (foreign_cpu_frac: share of the machine used by other processes during the timed
 loop); a ratio whose runs had foreign_cpu_frac > 0.10 is flagged "contended" (rerun when quieter).
@@ -21,6 +24,7 @@ Examples:
   python bench/compare_peer.py --rounds 2 --json-out bench/results/compare.jsonl \\
       --raw-out bench/results/compare_raw.jsonl
   python bench/compare_peer.py --size 128 --rounds 1 --steps 2 --train-steps 2       # quick smoke test
+  python bench/compare_peer.py --peer-python ~/peer-venv/bin/python --our-layout segmentation_models_pytorch
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import common  # noqa: E402
 
 log = logging.getLogger("bench.compare_peer")
 HERE = Path(__file__).resolve().parent
+PEER_DIR = HERE.parent.parent / "shared" / "bench" / "peer"  # ../shared/bench/peer from the repository root
+DEFAULT_PEER_PYTHON = "/tmp/peer/venv/bin/python"  # bench/README.md: setup_cpu_venv.sh /tmp/peer/venv
 PEER = {"lung": ("efficientnet-b3", 3), "infection": ("efficientnet-b0", 4)}
 LAYOUTS = {"bf16-cl": ["--amp", "bf16", "--channels-last"], "fp32": ["--amp", "none"],
            "fp32-cl": ["--amp", "none", "--channels-last"], "bf16": ["--amp", "bf16"]}
@@ -58,8 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--our-train-precision", nargs="+", default=None, help="default: --our-precision")
     p.add_argument("--our-variants", nargs="+", default=["plain", "fast"], help="bench/infer.py --variants")
     p.add_argument("--peer-layouts", nargs="+", choices=sorted(LAYOUTS), default=["bf16-cl"])
-    p.add_argument("--peer-python", default="/tmp/peer/venv/bin/python")
-    p.add_argument("--peer-script", default="/work/shared/bench/peer/smp_bench.py")
+    p.add_argument("--our-layout", default=None, metavar="LAYOUT",
+                   help="U-Net layout of our models (bench/infer.py and train_step.py --layout; default: config's)")
+    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
+                   help="Python of the peer's venv, made by `bash ../shared/bench/peer/setup_cpu_venv.sh DIR` "
+                        "(then DIR/bin/python; default: %(default)s)")
+    p.add_argument("--peer-script", default=str(PEER_DIR / "smp_bench.py"), help="default: %(default)s")
     p.add_argument("--skip", nargs="*", choices=["infer", "train"], default=[], help="targets to leave out")
     p.add_argument("--raw-out", default=None, help="append every child's JSON line here")
     p.add_argument("--json-out", default=None, help="append the summary JSON line here")
@@ -87,7 +97,13 @@ def run(cmd: list[str], raw_out: str | None, tag: dict) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for what, path, hint in (("--peer-script", args.peer_script, f"expected the peer benchmark in {PEER_DIR}"),
+                             ("--peer-python", args.peer_python,
+                              f"make the venv with `bash {PEER_DIR / 'setup_cpu_venv.sh'} /tmp/peer/venv`")):
+        if not Path(path).is_file():
+            raise SystemExit(f"compare_peer: {what} {path} not found; {hint}")
     py = sys.executable
+    layout = ["--layout", args.our_layout] if args.our_layout else []
     train_prec = args.our_train_precision or args.our_precision
     ours_cascade, ours_stage_inf, ours_train = [], [], []  # (value, contention, meta)
     peer_inf = {s: [] for s in PEER}
@@ -97,7 +113,7 @@ def main(argv=None):
             cmd = [py, str(HERE / "infer.py"), "--size", str(args.size), "--batch", "1", "--precision",
                    *args.our_precision, "--variants", *args.our_variants, "--no-savedmodel", "--no-flops",
                    "--no-accuracy", "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads), "--inter-threads", "1", "--label", f"compare r{r}"]
+                   "--threads", str(args.threads), "--inter-threads", "1", "--label", f"compare r{r}", *layout]
             res = run(cmd, args.raw_out, {"side": "ours", "what": "infer", "round": r})
             for rec in res.get("results", []):
                 if "median_s" not in rec:
@@ -120,7 +136,7 @@ def main(argv=None):
             cmd = [py, str(HERE / "train_step.py"), "--size", str(args.size), "--batch", str(args.train_batch),
                    "--precision", *train_prec, "--steps", str(args.train_steps), "--warmup",
                    str(args.train_warmup), "--threads", str(args.threads), "--inter-threads", "1",
-                   "--label", f"compare r{r}"]
+                   "--label", f"compare r{r}", *layout]
             res = run(cmd, args.raw_out, {"side": "ours", "what": "train", "round": r})
             for rec in res.get("results", []):
                 if "images_per_s" in rec:
@@ -146,7 +162,8 @@ def main(argv=None):
         return {"value": v[0], "foreign_cpu_frac": v[1], **v[2]}
 
     summary = {"script": "compare_peer", "label": args.label, "size": args.size, "threads": args.threads,
-               "rounds": args.rounds, "peer_layouts": args.peer_layouts, "targets": {}}
+               "rounds": args.rounds, "our_layout": args.our_layout or "config", "peer_layouts": args.peer_layouts,
+               "targets": {}}
     if ours_cascade and all(peer_inf.values()):
         o = best(ours_cascade)
         p1, p2 = best(peer_inf["lung"]), best(peer_inf["infection"])

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import fold  # noqa: E402
+import models_util as mu  # noqa: E402
 
 log = logging.getLogger("bench.infer")
 
@@ -79,6 +80,7 @@ def parse_args(argv=None):
                    help="keep the identity BatchNorm statistics of random init (default: randomize them, "
                         "see randomize_bn_statistics)")
     p.add_argument("--seed", type=int, default=0)
+    mu.add_layout_arg(p)
     common.add_common_args(p)
     return p.parse_args(argv)
 
@@ -184,16 +186,14 @@ def main(argv=None):
 
     from covidseg_tf.cascade import run_cascade
 
-    import models_util as mu
-
     S = args.size
     t0 = time.perf_counter()
     models = {}
     for prec in args.precision:
-        models[prec] = (mu.build_stage("lung", S, prec, args.lung_model, args.seed),
-                        mu.build_stage("infection", S, prec, args.infection_model, args.seed))
+        models[prec] = (mu.build_stage("lung", S, prec, args.lung_model, args.seed, args.layout),
+                        mu.build_stage("infection", S, prec, args.infection_model, args.seed, args.layout))
     if not args.keep_bn_init:
-        for prec, pair in models.items():
+        for pair in models.values():
             if args.lung_model is None or args.infection_model is None:
                 randomize_bn_statistics(pair, args.seed, (args.lung_model is None, args.infection_model is None))
     if "fp32" in models:  # the same weights in every precision
@@ -205,6 +205,7 @@ def main(argv=None):
 
     rng = np.random.default_rng(args.seed)
     result = {"script": "infer", "label": args.label, "size": S, "threshold": args.threshold,
+              "layouts": {stage: mu.stage_cfg(stage, S, args.layout).unet_layout for stage in ("lung", "infection")},
               "weights": {"lung": args.lung_model or "random", "infection": args.infection_model or "random"},
               "build_s": round(build_s, 2), "results": []}
     waited = common.wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else (None, None)

@@ -9,18 +9,28 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
-def stage_cfg(stage: str, size: int):
-    """The seed StageConfig of `stage` at `size` px with random encoder weights (no downloads)."""
+def add_layout_arg(p) -> None:
+    """--layout: the U-Net layout of the models built (StageConfig.unet_layout), checked by build_unet."""
+    p.add_argument("--layout", default=None, metavar="LAYOUT",
+                   help="U-Net layout, one of covidseg_tf.models.UNET_LAYOUTS: segmentation_models, "
+                        "segmentation_models_pytorch (default: the stage config's)")
+
+
+def stage_cfg(stage: str, size: int, layout: str | None = None):
+    """The seed StageConfig of `stage` at `size` px with random encoder weights (no downloads), with U-Net
+    layout `layout` (None: the config's)."""
     from covidseg_tf.config import default_config
 
-    return default_config(stage).replace(image_size=size, encoder_weights="none")
+    return default_config(stage).replace(image_size=size, encoder_weights="none", unet_layout=layout)
 
 
-def build_stage(stage: str, size: int, precision: str, weights_from: str | None = None, seed: int = 0):
+def build_stage(stage: str, size: int, precision: str, weights_from: str | None = None, seed: int = 0,
+                layout: str | None = None):
     """Stage model under the Keras dtype policy of `precision` (set at build time, then reset to float32).
 
     weights_from: optional trained `.keras` file of the same stage (any input size: the U-Net is fully
-    convolutional, so its weights are copied into the model built at `size`)."""
+    convolutional, so its weights are copied into the model built at `size`; it must have the same layout).
+    layout: U-Net layout (StageConfig.unet_layout; None: the config's)."""
     import keras
 
     from covidseg_tf.models import build_stage_model
@@ -28,7 +38,7 @@ def build_stage(stage: str, size: int, precision: str, weights_from: str | None 
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(PRECISIONS[precision])
     try:
-        model = build_stage_model(stage_cfg(stage, size), encoder_weights=None)
+        model = build_stage_model(stage_cfg(stage, size, layout), encoder_weights=None)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     if weights_from:

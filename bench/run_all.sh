@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The full measurement behind bench/RESULTS.md (~35 min on the 2-core box; run it when the box is quiet).
-#   bash bench/run_all.sh [results_dir]
+#   bash bench/run_all.sh [--peer-python PY] [results_dir]
+# PY: the Python of the peer's venv (default /tmp/peer/venv/bin/python), made with
+#   bash ../shared/bench/peer/setup_cpu_venv.sh /tmp/peer/venv      (from the repository root)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PEER_PY=/tmp/peer/venv/bin/python
+if [[ ${1:-} == --peer-python ]]; then PEER_PY=${2:?--peer-python needs a path}; shift 2; fi
+PEER_DIR=../shared/bench/peer  # the peer benchmark, next to the repository
 R=${1:-bench/results}
+for f in "$PEER_PY" "$PEER_DIR/smp_bench.py"; do
+  [[ -f $f ]] || { echo "run_all.sh: $f not found (bash $PEER_DIR/setup_cpu_venv.sh /tmp/peer/venv)" >&2; exit 2; }
+done
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 log "machine ceilings"
-/tmp/peer/venv/bin/python /work/shared/bench/peer/machine_peak.py --threads 2 | tee -a "$R/peak.jsonl"
+"$PEER_PY" "$PEER_DIR/machine_peak.py" --threads 2 | tee -a "$R/peak.jsonl"
 log "compare_peer (alternating ours/peer)"
-python bench/compare_peer.py --rounds 2 --our-train-precision bf16 --json-out "$R/compare.jsonl" \
-    --raw-out "$R/compare_raw.jsonl" > /dev/null
+python bench/compare_peer.py --rounds 2 --our-train-precision bf16 --peer-python "$PEER_PY" \
+    --peer-script "$PEER_DIR/smp_bench.py" --json-out "$R/compare.jsonl" --raw-out "$R/compare_raw.jsonl" > /dev/null
 log "inference: batch 1 and 8, fp32/bf16, plain/fast, SavedModels"
 python bench/infer.py --size 448 --batch 1 8 --precision fp32 bf16 --variants plain fast --steps 5 --warmup 2 --json-out "$R/infer.jsonl" > /dev/null
 log "training: fp32 batch 4; bf16 batch 4 and the largest batch"

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import models_util as mu  # noqa: E402
 
 log = logging.getLogger("bench.train_step")
 GIB = 2**30
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--mem-margin-gib", type=float, default=1.5,
                    help="keep this much of the currently available memory free for the other processes")
     p.add_argument("--seed", type=int, default=0)
+    mu.add_layout_arg(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON config of one run
     common.add_common_args(p)
     p.set_defaults(steps=5, warmup=2)
@@ -70,12 +72,10 @@ def worker(args, conf: dict) -> dict:
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
 
-    import models_util as mu
-
     stage, prec, B, S = conf["stage"], conf["precision"], conf["batch"], args.size
-    cfg = mu.stage_cfg(stage, S)
+    cfg = mu.stage_cfg(stage, S, conf.get("layout"))
     t = time.perf_counter()
-    model = mu.build_stage(stage, S, prec, seed=args.seed)
+    model = mu.build_stage(stage, S, prec, seed=args.seed, layout=cfg.unet_layout)
     opt = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  clipnorm=cfg.clipnorm)
     if prec == "fp16":
@@ -170,11 +170,13 @@ def main(argv=None):
     limit = int(args.mem_limit_gib * GIB)
     result = {"script": "train_step", "label": args.label, "size": args.size, "jit": args.jit,
               "metrics": not args.no_metrics, "results": [], "max_batch": {}}
+    result["layouts"] = {}
     for stage in args.stages:
+        layout = result["layouts"][stage] = mu.stage_cfg(stage, args.size, args.layout).unet_layout
         for prec in args.precision:
             points = []
             for B in args.batch:
-                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B}, limit)
+                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout}, limit)
                 result["results"].append(rec)
                 if "peak_rss_mib" in rec:
                     points.append((B, rec["peak_rss_mib"]))
@@ -198,7 +200,7 @@ def main(argv=None):
                     stop = (f"batch {B} predicted {predicted / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB "
                             f"(limit {args.mem_limit_gib} GiB, available now {avail / GIB:.1f} GiB after margin)")
                     break
-                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B,
+                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout,
                                        "steps": args.max_batch_steps}, int(budget))
                 rec["max_batch_search"] = True
                 result["results"].append(rec)
