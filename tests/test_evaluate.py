@@ -140,22 +140,6 @@ def test_evaluate_cli_on_synthetic(synthetic_data_dir, tiny_models, tmp_path):
     assert report["results"] == saved["results"]
 
 
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    """The README's demo command, shortened: every promised artefact exists (minutes: marked slow)."""
-    from covidseg_tf.demo import main
-
-    wd = tmp_path / "demo"
-    summary = main(["--workdir", str(wd), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
-                    "--samples", "2"])
-    assert summary["predict_exit_code"] == 0
-    for key in ("report", "report_json", "figure", "lung_model", "infection_model"):
-        assert Path(summary[key]).is_file(), key
-    assert (Path(summary["cascade_saved_model"]) / "saved_model.pb").is_file()
-    assert len(list(Path(summary["predictions"]).glob("*_overlay.png"))) == 2
-    assert list((wd / "runs" / "lung" / "logs").rglob("*tfevents*"))
-
-
 def test_evaluate_saved_models_match_keras_and_report_version_folders(synthetic_data_dir, tiny_models, tmp_path):
     from covidseg_tf.cascade import load_model
     from covidseg_tf.evaluate import main
