@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import BAD, GOOD, H, W
+from PIL import Image
 
 from covidseg_tf.imageio import read_xray
 
