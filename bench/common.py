@@ -17,8 +17,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 CONTENTION_LIMIT = 0.10  # foreign_cpu_frac above this: the figure is flagged "contended"
 

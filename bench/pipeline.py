@@ -94,9 +94,9 @@ def main(argv=None):
         common.emit(result, args.json_out)
         return
     result["tf"] = common.configure_tf(args.threads, args.inter_threads)
-    from covidseg_tf import data
-
     import models_util as mu
+
+    from covidseg_tf import data
 
     t = time.perf_counter()
     builder = data.load_builder(args.dataset, args.data_dir, args.manual_dir)
@@ -114,7 +114,7 @@ def main(argv=None):
             x, y = next(it)
         warm_s = time.perf_counter() - t
         shapes = {"x": list(x.shape), "y": list(y.shape), "x_dtype": x.dtype.name}
-        tm = common.time_steps(lambda: next(it), args.batches, 0)
+        tm = common.time_steps(lambda it=it: next(it), args.batches, 0)
         rec = {"stage": stage, "n_train_examples": n_train, "cache_fill_epoch_s": round(warm_s, 1),
                "cache_fill_images_per_s": round(warm_batches * args.batch / warm_s, 1), **shapes,
                **tm.summary(args.batch)}
