@@ -1,19 +1,33 @@
-"""The two-stage cascade and the severity score, in pure TensorFlow ops.
+"""The cascade, in one place: image -> model pixels -> Stage 1 -> Stage 2 -> masks at a requested size -> severity.
 
-Everything here works eagerly, inside `tf.function` and in an exported SavedModel (covidseg_tf.export
-imports `run_cascade`).
+Every entry point runs these functions: `predict` (files), `evaluate` (TFDS splits), training's Stage-1 masks
+(`train --lung-masks stage1`), the SavedModel signatures (`covidseg_tf.serving`) and `bench/`. All are pure
+TensorFlow ops: they work eagerly, inside `tf.function` and inside an exported SavedModel.
 
-Cascade
-    Stage 1 (lung model) gives a lung probability map; thresholding it gives the lung mask. Stage 2
-    (infection model) sees the raw pixels plus that lung mask as a 4th channel; its thresholded output is
-    multiplied by the lung mask, so no infection is ever reported outside the predicted lungs.
+Model pixels (`to_model_pixels`)
+    A decoded grey image (0..255) is resized to the model's S x S input with ONE rule: bilinear with antialias
+    (antialias only changes anything when shrinking, e.g. a 3000 px DICOM), clipped to 0..255 and repeated to
+    RGB. Masks that are inputs or targets are resized with nearest neighbour (`resize_mask`).
+
+Stages (`run_stages`)
+    Stage 1 (lung model) gives a lung probability map at S; thresholding it AT S gives the lung mask that Stage 2
+    sees as its 4th channel (`lung_input`). A given `lung_mask` (e.g. the ground truth: the ablation of
+    `evaluate`) replaces it. Training's Stage-1 masks are this same `lung_input`, so Stage 2 trains on what it gets
+    at inference.
+
+Masks at an output size (`masks_at`)
+    The two S x S probability maps are resized bilinearly (no antialias) to the requested height x width (the
+    input's own size for `predict` and the SavedModel; S when none is asked), thresholded there (``>= threshold``)
+    and the infection mask is multiplied by the lung mask, so no infection is reported outside the lungs. A given
+    `lung_mask` at the output size replaces the predicted lung mask. Severity is computed on these output masks,
+    so one image gets the same masks and severity from every entry point.
 
 Models
     `load_model` reads a stage model from a `.keras` file or from a stage SavedModel written by
     covidseg_tf.export (a version folder, or a TF Serving base folder such as `saved_models/lung`, whose highest
     integer version is used); the latter is wrapped as a `SavedModelStage`, callable like the Keras model.
-    `DEFAULT_LUNG_MODEL` / `DEFAULT_INFECTION_MODEL` are the repository's `saved_models/lung` and
-    `saved_models/infection`.
+    `Cascade` holds the two stage models, checks that they agree (channels, input size) and runs the steps above
+    on decoded images.
 
 Severity
     Severity is the infected fraction of the lung, in percent: ``100 * |infection AND lung| / |lung|``, per
@@ -42,12 +56,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, SAVED_MODELS  # noqa: F401  (re-exported)
+from covidseg_tf.paths import integer_versions
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +74,35 @@ SPLIT_BAND = (0.25, 0.75)
 SEVERITY_BANDS: tuple[tuple[float, str], ...] = ((25.0, "mild"), (50.0, "moderate"), (float("inf"), "severe"))
 """Upper bounds (exclusive, percent) of the grades above "none"; see the module docstring."""
 
+SEVERITY_KEYS = ("severity_left", "severity_right", "severity_total")
+SIZE_DIVISOR = 32
+"""Model input sides are multiples of this (the U-Net downsamples 5 times)."""
 
+
+# ----------------------------------------------------------------------------------------------- pixels and masks
+def to_model_pixels(gray: tf.Tensor, size: int) -> tf.Tensor:
+    """Grey images (B, H, W, 1) or (H, W, 1), any numeric dtype on 0..255 -> float32 (B, S, S, 3) or (S, S, 3)
+    model pixels: bilinear with antialias, clipped to 0..255, grey repeated to RGB (module docstring)."""
+    x = tf.image.resize(tf.cast(gray, tf.float32), (size, size), method="bilinear", antialias=True)
+    return tf.repeat(tf.clip_by_value(x, 0.0, 255.0), 3, axis=-1)
+
+
+def resize_mask(mask: tf.Tensor, size: Any) -> tf.Tensor:
+    """A 0/1 mask (…, H, W, C) resized with nearest neighbour to `size` (an int S or a (height, width) pair)."""
+    hw = (size, size) if isinstance(size, int) else size
+    return tf.image.resize(mask, hw, method="nearest")
+
+
+def mask_at(prob: tf.Tensor, size: Any, threshold: float) -> tf.Tensor:
+    """(B, S, S, 1) probabilities -> (B, H, W, 1) float32 0/1 mask: bilinear resize to `size` ((H, W) or None
+    for S), then ``>= threshold``."""
+    prob = tf.cast(prob, tf.float32)
+    if size is not None:
+        prob = tf.image.resize(prob, size, method="bilinear")
+    return tf.cast(prob >= threshold, tf.float32)
+
+
+# ----------------------------------------------------------------------------------------------- severity
 def _binary(mask: tf.Tensor) -> tf.Tensor:
     """(B, H, W) or (B, H, W, 1) mask -> (B, H, W) float32 in {0, 1} (values > 0.5 count as set)."""
     mask = tf.convert_to_tensor(mask)
@@ -128,33 +173,159 @@ def severity_grade(total_percent: Any) -> str:
     return SEVERITY_BANDS[-1][1]
 
 
-def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor, threshold: float = 0.5) -> dict[str, tf.Tensor]:
-    """Run Stage 1 then Stage 2 on a batch and score severity.
+# ----------------------------------------------------------------------------------------------- the cascade
+def run_stages(lung_model: Any, infection_model: Any | None, pixels: tf.Tensor, threshold: float,
+               lung_mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """Stage 1, then (unless `infection_model` is None) Stage 2, at the models' size S.
 
     Args:
-        lung_model: Keras model (or any callable) mapping (B, S, S, 3) pixels to (B, S, S, 1) probabilities.
-        infection_model: callable mapping (B, S, S, 4) (pixels + lung mask) to (B, S, S, 1) probabilities.
-        pixels: float32 (B, S, S, 3), raw 0..255, at the models' input size.
-        threshold: probability at or above which a pixel is set (both stages).
+        lung_model: callable mapping (B, S, S, 3) pixels to (B, S, S, 1) probabilities (Keras or SavedModelStage).
+        infection_model: callable mapping (B, S, S, 4) (pixels + lung mask 0/1) to (B, S, S, 1) probabilities.
+        pixels: float32 (B, S, S, 3) model pixels (`to_model_pixels`).
+        threshold: probability at or above which a Stage-1 pixel is lung.
+        lung_mask: (B, S, S, 1) 0/1 mask fed to Stage 2 instead of Stage 1's (e.g. the ground truth).
 
     Returns:
-        {"lung_prob", "lung_mask", "infection_prob", "infection_mask"}: (B, S, S, 1) float32 (masks 0/1; the
-        infection mask is inside the lung mask) and {"severity_left", "severity_right", "severity_total"}
-        (B,) float32 percentages (see `severity`).
+        {"lung_prob", "lung_input", "infection_prob"} (B, S, S, 1) float32; `lung_input` is the 0/1 mask Stage 2
+        was given (absent `infection_prob` without an infection model).
     """
     pixels = tf.cast(pixels, tf.float32)
     lung_prob = tf.cast(lung_model(pixels, training=False), tf.float32)
-    lung_mask = tf.cast(lung_prob >= threshold, tf.float32)
-    infection_prob = tf.cast(infection_model(tf.concat([pixels, lung_mask], axis=-1), training=False), tf.float32)
-    infection_mask = tf.cast(infection_prob >= threshold, tf.float32) * lung_mask
-    out = {
-        "lung_prob": lung_prob,
-        "lung_mask": lung_mask,
-        "infection_prob": infection_prob,
-        "infection_mask": infection_mask,
-    }
-    out.update(severity(lung_mask, infection_mask))
+    lung_input = tf.cast(lung_prob >= threshold, tf.float32) if lung_mask is None else tf.cast(lung_mask, tf.float32)
+    out = {"lung_prob": lung_prob, "lung_input": lung_input}
+    if infection_model is not None:
+        out["infection_prob"] = run_stage2(infection_model, pixels, lung_input)
     return out
+
+
+def run_stage2(infection_model: Any, pixels: tf.Tensor, lung_input: tf.Tensor) -> tf.Tensor:
+    """Stage 2 alone: (B, S, S, 3) model pixels + (B, S, S, 1) 0/1 lung mask -> (B, S, S, 1) float32 probabilities."""
+    x = tf.concat([tf.cast(pixels, tf.float32), tf.cast(lung_input, tf.float32)], axis=-1)
+    return tf.cast(infection_model(x, training=False), tf.float32)
+
+
+def masks_at(lung_prob: tf.Tensor, infection_prob: tf.Tensor, threshold: float, size: Any = None,
+             lung_mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """Lung and infection masks of a batch at `size` ((H, W); None = the maps' own size) and their severity.
+
+    `lung_mask`, (B, H, W, 1) 0/1 at the output size, replaces the predicted lung mask (the ground-truth ablation).
+    Returns {"lung_mask", "infection_mask"} (B, H, W, 1) float32 0/1 (infection inside lung) and the
+    `SEVERITY_KEYS` (B,) float32 percentages (see `severity`).
+    """
+    lung = mask_at(lung_prob, size, threshold) if lung_mask is None else tf.cast(lung_mask, tf.float32)
+    infection = mask_at(infection_prob, size, threshold) * lung
+    out = {"lung_mask": lung, "infection_mask": infection}
+    out.update(severity(lung, infection))
+    return out
+
+
+def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor,
+                threshold: float = 0.5) -> dict[str, tf.Tensor]:
+    """Both stages on a batch of model pixels, masks and severity at the models' size S.
+
+    Returns {"lung_prob", "lung_mask", "infection_prob", "infection_mask"}: (B, S, S, 1) float32 (masks 0/1; the
+    infection mask is inside the lung mask) and the `SEVERITY_KEYS` (B,) float32 percentages.
+    """
+    stages = run_stages(lung_model, infection_model, pixels, threshold)
+    out = {"lung_prob": stages["lung_prob"], "infection_prob": stages["infection_prob"]}
+    out.update(masks_at(stages["lung_prob"], stages["infection_prob"], threshold))
+    return out
+
+
+@dataclass
+class Prediction:
+    """Masks (H x W uint8 0/1, at the image's own size) and severity (percent) of one image."""
+
+    lung: np.ndarray
+    infection: np.ndarray
+    severity_left: float
+    severity_right: float
+    severity_total: float
+
+
+class Cascade:
+    """The two stage models (Keras or SavedModel, see `load_model`), checked to agree, with their threshold.
+
+    `cascade.predict([gray, ...])` runs decoded H x W uint8 images (any sizes) through `to_model_pixels`, both
+    stages in one batch, and `masks_at` each image's own size.
+    """
+
+    def __init__(self, lung_model: Any, infection_model: Any, threshold: float = 0.5, image_size: int | None = None):
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.lung_model, self.infection_model = lung_model, infection_model
+        self.sources: dict[str, Path | None] = {"lung": None, "infection": None}
+        self.threshold = float(threshold)
+        self.image_size = stage_agreement(lung_model, infection_model, image_size)
+        s = self.image_size
+        self._stages = tf.function(lambda p: run_stages(lung_model, infection_model, p, self.threshold),
+                                   input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
+        prob = tf.TensorSpec([1, s, s, 1], tf.float32)
+        self._masks = tf.function(lambda lp, ip, hw: masks_at(lp, ip, self.threshold, hw),
+                                  input_signature=[prob, prob, tf.TensorSpec([2], tf.int32)])
+
+    @classmethod
+    def load(cls, lung_path: str | Path, infection_path: str | Path, threshold: float = 0.5,
+             image_size: int | None = None) -> Cascade:
+        """Load both stage models (`load_model`) and check them; `sources` keeps the paths given."""
+        cascade = cls(load_model(lung_path, stage="lung"), load_model(infection_path, stage="infection"), threshold,
+                      image_size)
+        cascade.sources = {"lung": Path(lung_path), "infection": Path(infection_path)}
+        return cascade
+
+    def model_pixels(self, gray: np.ndarray) -> tf.Tensor:
+        """H x W uint8 -> (S, S, 3) float32 model pixels (`to_model_pixels`)."""
+        return to_model_pixels(tf.convert_to_tensor(np.asarray(gray)[:, :, None]), self.image_size)
+
+    def predict(self, grays: Sequence[np.ndarray]) -> list[Prediction]:
+        """Masks and severity of decoded H x W uint8 images, each at its own size."""
+        if not len(grays):
+            return []
+        stages = self._stages(tf.stack([self.model_pixels(g) for g in grays]))
+        out = []
+        for i, gray in enumerate(grays):
+            m = self._masks(stages["lung_prob"][i:i + 1], stages["infection_prob"][i:i + 1],
+                            tf.constant(np.shape(gray)[:2], tf.int32))
+            out.append(Prediction(lung=m["lung_mask"].numpy()[0, :, :, 0].astype(np.uint8),
+                                  infection=m["infection_mask"].numpy()[0, :, :, 0].astype(np.uint8),
+                                  **{k: float(m[k].numpy()[0]) for k in SEVERITY_KEYS}))
+        return out
+
+
+def model_input_size(model: Any, image_size: int | None = None) -> tuple[int, int]:
+    """(S, C) of a model with a square (B, S, S, C) input (Keras model or SavedModelStage).
+
+    A model built with a free size (None, None) takes `image_size` (a multiple of 32); a fixed-size model takes
+    its own size, and `image_size`, when given, must agree with it.
+    """
+    shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else tuple(model.input_shape)
+    name = getattr(model, "name", model)
+    if len(shape) != 4 or shape[3] is None or shape[1] != shape[2]:
+        raise ValueError(f"model {name!r} has input shape {shape}; expected a square (None, S, S, C) input "
+                         "(or (None, None, None, C) with an image size S)")
+    if shape[1] is None:
+        if image_size is None:
+            raise ValueError(f"model {name!r} has a free input size {shape}; give the image size (a multiple of "
+                             f"{SIZE_DIVISOR})")
+        if image_size <= 0 or image_size % SIZE_DIVISOR:
+            raise ValueError(f"image size must be a positive multiple of {SIZE_DIVISOR}, got {image_size}")
+        return int(image_size), int(shape[3])
+    if image_size is not None and image_size != shape[1]:
+        raise ValueError(f"model {name!r} takes {shape[1]} px, not an image size of {image_size}")
+    return int(shape[1]), int(shape[3])
+
+
+def stage_agreement(lung_model: Any, infection_model: Any, image_size: int | None = None) -> int:
+    """The cascade's input size S, after checking that the lung model takes 3 channels, the infection model 4,
+    and both the same size (ValueError naming what differs)."""
+    size, c1 = model_input_size(lung_model, image_size)
+    size2, c2 = model_input_size(infection_model, image_size or size)
+    if (c1, c2) != (3, 4):
+        raise ValueError(f"the cascade needs a 3-channel lung model and a 4-channel infection model, got {c1} and {c2}")
+    if size != size2:
+        raise ValueError(f"the lung model takes {size} px but the infection model {size2} px; the cascade needs "
+                         "one size")
+    return size
 
 
 EXPORT_INFO = Path("assets.extra") / "covidseg_export.json"
@@ -223,11 +394,11 @@ def saved_model_version(path: Path | str) -> Path:
     p = Path(path)
     if (p / "saved_model.pb").is_file():
         return p
-    versions = [d for d in p.iterdir() if d.is_dir() and d.name.isdigit()]
+    versions = integer_versions(p)
     if not versions:
         what = "is empty" if not any(p.iterdir()) else "has no saved_model.pb and no integer version folders"
         raise ValueError(f"{p} {what}: it is not a SavedModel; {_EXPECTED}. To get models: {_HOW_TO_GET}")
-    latest = max(versions, key=lambda d: int(d.name))
+    latest = versions[max(versions)]
     if not (latest / "saved_model.pb").is_file():
         raise ValueError(f"{latest} (latest version of {p}) has no saved_model.pb; {_EXPECTED}")
     return latest
@@ -275,14 +446,3 @@ def _load_keras(p: Path) -> Any:
         return keras.models.load_model(p, compile=False)
     except Exception as e:
         raise ValueError(f"{p}: cannot load Keras model: {type(e).__name__}: {e}") from e
-
-
-def model_image_size(model: Any, default: int | None = None) -> int:
-    """Square input size S of a model built for (B, S, S, C) input, else `default` (error if None)."""
-    shape = model.inputs[0].shape if getattr(model, "inputs", None) else getattr(model, "input_shape", None)
-    size = shape[1] if shape is not None and len(shape) == 4 else None
-    if size is None or shape[2] != size:
-        if default is None:
-            raise ValueError(f"model {getattr(model, 'name', model)!r} has no fixed square input size; pass one")
-        return int(default)
-    return int(size)

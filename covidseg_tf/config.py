@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Stage = Literal["lung", "infection"]
 STAGES: tuple[Stage, ...] = ("lung", "infection")
+UNET_LAYOUTS: tuple[str, ...] = ("segmentation_models", "segmentation_models_pytorch")
+"""Where the U-Net takes its skips and bottleneck (covidseg_tf.models explains both)."""
 # The terms of the segmentation loss (covidseg_tf.losses), named by StageConfig.loss_weights and --loss-weights.
 LOSS_TERMS: tuple[str, ...] = ("dice", "bce", "focal")
 
@@ -67,7 +69,7 @@ class StageConfig:
     # `--bn-momentum 0.99` (the README's Training section records that command's result with the default).
     bn_momentum: float = 0.9
     clipnorm: float | None = None
-    # Where the U-Net taps the encoder (models.UNET_LAYOUTS): "segmentation_models" (qubvel's Keras Unet, the
+    # Where the U-Net taps the encoder (UNET_LAYOUTS): "segmentation_models" (qubvel's Keras Unet, the
     # shipped models) or "segmentation_models_pytorch" (smp's Unet: last block of each stride, no top conv).
     unet_layout: str = "segmentation_models"
     # Loss = sum(weight * term); terms: LOSS_TERMS.
@@ -111,8 +113,11 @@ INFECTION = StageConfig(
 
 SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
 """The repository's TF Serving base folder (covidseg_tf.export writes `<stage>/<N>/` versions into it)."""
-DEFAULT_LUNG_MODEL = SAVED_MODELS / "lung"
-DEFAULT_INFECTION_MODEL = SAVED_MODELS / "infection"
+SHIPPED_VERSION = 1
+"""The version of each servable committed to the repository: predict's and evaluate's default models. Pinned, so
+that a version a user exports into saved_models/ never silently replaces the shipped one."""
+DEFAULT_LUNG_MODEL = SAVED_MODELS / "lung" / str(SHIPPED_VERSION)
+DEFAULT_INFECTION_MODEL = SAVED_MODELS / "infection" / str(SHIPPED_VERSION)
 
 DEFAULTS: dict[str, StageConfig] = {"lung": LUNG, "infection": INFECTION}
 

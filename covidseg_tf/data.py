@@ -7,19 +7,21 @@
 * Augmentation runs at native size (256 px for COVID-QU-Ex, cheaper than at 448) on the image and all its masks
   jointly, with one seed per example drawn from `tf.data.Dataset.random`, so a seeded run is reproducible even
   with parallel calls.
-* Images are resized bilinearly, masks with nearest neighbour.
+* Images become model pixels with `covidseg_tf.cascade.to_model_pixels` (the rule every entry point uses); masks
+  are resized with nearest neighbour (`cascade.resize_mask`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
+from covidseg_tf.cascade import resize_mask, to_model_pixels
 from covidseg_tf.config import AugmentConfig, StageConfig
 
 log = logging.getLogger(__name__)
@@ -117,10 +119,8 @@ def to_model_inputs(image: tf.Tensor, masks: tf.Tensor, size: int, stage: str) -
     `masks` channels: [lung] for the lung stage; [lung channel, infection] for the infection stage, where the
     lung channel is the Stage-1 prediction or the ground truth.
     """
-    pixels = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
-    pixels = tf.clip_by_value(pixels, 0.0, 255.0)
-    rgb = tf.repeat(pixels, 3, axis=-1)
-    m = tf.cast(tf.image.resize(masks, (size, size), method="nearest"), tf.float32)
+    rgb = to_model_pixels(image, size)
+    m = tf.cast(resize_mask(masks, size), tf.float32)
     if stage == "lung":
         return rgb, m[..., :1]
     return tf.concat([rgb, m[..., :1]], axis=-1), m[..., 1:2]
@@ -139,7 +139,7 @@ def select_masks(example: Mapping[str, tf.Tensor], stage: str,
                                             message="no cached Stage-1 lung mask for this file name")
         with tf.control_dependencies([found]):
             lung = tf.image.decode_png(png, channels=1)
-        lung = tf.image.resize(lung, tf.shape(example["lung_mask"])[:2], method="nearest")
+        lung = resize_mask(lung, tf.shape(example["lung_mask"])[:2])
     return tf.concat([tf.cast(lung, tf.uint8), tf.cast(example["infection_mask"], tf.uint8)], axis=-1)
 
 

@@ -1,32 +1,32 @@
 """Evaluate the cascade on a TFDS split: Table I (lung), Table II (infection), Fig. 1, as Markdown + JSON + PNG.
 
-    python -m covidseg_tf.evaluate --dataset covid_qu_ex/infection --split validation   # saved_models/{lung,infection}
+    python -m covidseg_tf.evaluate --dataset covid_qu_ex/infection --split validation   # the shipped models
     python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras
 
-Models (covidseg_tf.cascade.load_model): by default the repository's exported SavedModels `saved_models/lung` and
-`saved_models/infection` (highest version of each); a version folder or a `.keras` file works too. The report
-names the files used (for a SavedModel, its version folder).
+Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels (`saved_models/lung/1`,
+`saved_models/infection/1`); a base or version folder or a `.keras` file works too. The report names the
+files used (for a SavedModel, its version folder).
 
 How the numbers are made
-    * Every image is resized to the models' input size (bilinear, like training) and its masks with nearest
-      neighbour from their native size; all metrics are computed at that size on 0/1 masks (probability >=
-      --threshold). They are therefore not native-resolution (256 px for COVID-QU-Ex) metrics.
-    * Stage 1 (Table I): lung probability vs the ground-truth lung mask.
-    * Stage 2 (Table II) twice: "cascade" feeds the Stage-1 predicted lung mask (what a user gets) and the
-      predicted infection is restricted to that mask (covidseg_tf.cascade.run_cascade); "GT lungs" feeds the
-      ground-truth lung mask instead (ablation: Stage 2 alone) and restricts to it.
+    * Every image runs through `covidseg_tf.cascade` exactly as `predict` runs it (model pixels, both stages,
+      masks at the image's own size, severity on those masks); Dice and IoU compare these masks with the
+      ground-truth masks at their NATIVE size (256 px for COVID-QU-Ex). The images of one batch must share a size.
+    * Stage 1 (Table I): the predicted lung mask vs the ground-truth lung mask.
+    * Stage 2 (Table II) twice: "cascade" feeds Stage 2 the Stage-1 lung mask and restricts the infection to it
+      (what a user gets); "GT lungs" feeds the ground-truth lung mask (nearest to the model size) instead and
+      restricts to the ground truth (ablation: Stage 2 alone).
     * Each Dice / IoU three ways, in named columns: pooled over all images of the split (sum of intersections
-      over sum of areas, the seed's way), mean of per-image scores over all images (an image with empty truth
-      and empty prediction scores 1, so for the infection stage the Non-COVID / Normal images, which have no
-      infection, count as perfect when nothing is predicted and as 0 otherwise), and mean of per-image scores
-      over the COVID-19 images only. A second table per stage breaks the numbers down per class.
+      over sum of areas, the seed recipe's way), mean of per-image scores over all images (an image with empty
+      truth and empty prediction scores 1, so for the infection stage the Non-COVID / Normal images, which have
+      no infection, count as perfect when nothing is predicted and as 0 otherwise), and mean of per-image scores
+      over the COVID-19 images only. A second table per stage breaks the numbers down per class (the class names
+      come from the dataset's `label` feature).
     * Loss: the stage's training loss (covidseg_tf.losses, weights from covidseg_tf.config.StageConfig) per
-      image on the raw probabilities (for Stage 2 before restriction to the lung mask), averaged.
+      image on the raw probabilities at the model size (for Stage 2 before restriction to the lung mask), averaged.
     * Severity: mean absolute error (percentage points) of the predicted total severity against the one
       computed from the ground-truth masks, over COVID-19 images.
-    * Fig. 1: COVID-19 images with infection, ordered by ground-truth infected lung fraction and picked at
-      evenly spaced ranks (mild to severe; a fixed choice for a given split), with X-ray, Stage-1 lung mask,
-      ground-truth infection and predicted (cascade) infection, each row annotated with its Dice values.
+    * Fig. 1 (covidseg_tf.report): COVID-19 images with infection, ordered by ground-truth infected lung fraction
+      and picked at evenly spaced ranks (mild to severe; a fixed choice for a given split).
 
 Memory stays small: only per-image counts and scores are kept, never the masks (the figure re-reads its few
 images in a second pass).
@@ -35,13 +35,13 @@ images in a second pass).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,21 +50,14 @@ from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, defa
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("COVID-19", "Non-COVID", "Normal")
-SUBSETS = ("all",) + CLASS_NAMES
-VARIANTS = {
-    "lung": "Stage 1 (lung)",
-    "infection_cascade": "Stage 2 (infection), Stage-1 lung masks (cascade)",
-    "infection_gt_lung": "Stage 2 (infection), ground-truth lung masks (ablation)",
-}
-FIGURE_ROWS = 6
-
 
 # ----------------------------------------------------------------------------------------------- aggregation
 @dataclass
 class Scores:
-    """Per-image confusion counts, scores and losses of one model variant on one split."""
+    """Per-image confusion counts, scores and losses of one model variant on one split; `class_names` are the
+    dataset's label names (index = label id)."""
 
+    class_names: Sequence[str] = ()
     labels: list[int] = field(default_factory=list)
     tp: list[int] = field(default_factory=list)
     fp: list[int] = field(default_factory=list)
@@ -73,7 +66,8 @@ class Scores:
     iou: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
 
-    def add(self, y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int], loss: Sequence[float] | None = None) -> None:
+    def add(self, y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int],
+            loss: Sequence[float] | None = None) -> None:
         """Add a batch: y_true / y_pred (B, H, W[, 1]) in {0, 1}; labels (B,) class ids; per-image losses."""
         from covidseg_tf import metrics
 
@@ -97,8 +91,8 @@ class Scores:
 
         labels = np.asarray(self.labels, np.int64)
         out: dict[str, dict[str, Any]] = {}
-        for subset in SUBSETS:
-            sel = np.ones(len(labels), bool) if subset == "all" else labels == CLASS_NAMES.index(subset)
+        for subset in ("all", *self.class_names):
+            sel = np.ones(len(labels), bool) if subset == "all" else labels == list(self.class_names).index(subset)
             n = int(sel.sum())
             row: dict[str, Any] = {"n": n}
             if n:
@@ -119,27 +113,43 @@ def make_loss(stage: str):
     return losses.make_loss(default_config(stage))
 
 
-def make_step(lung_model, infection_model, threshold: float, size: int, lung_loss, infection_loss, with_infection: bool):
-    """A tf.function: (rgb, lung_gt, infection_gt) -> predictions, masks and per-image losses of a batch."""
+def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
+    """A tf.function: native (gray, lung_gt, infection_gt) batch -> masks at native size and per-image losses.
+
+    Outputs: "lung_pred", "infection_cascade", "infection_gt_lung" (B, H, W, 1) 0/1, "severity_total" (B,) of the
+    cascade, and "<name>_loss" (B,) per-image losses at the model size.
+    """
     import tensorflow as tf
+
+    from covidseg_tf.cascade import mask_at, masks_at, resize_mask, run_stage2, run_stages, to_model_pixels
+
+    size, threshold = cascade.image_size, cascade.threshold
 
     def per_image(loss_fn, y_true, y_pred):
         return tf.map_fn(lambda a: tf.cast(loss_fn(a[0][None], a[1][None]), tf.float32), (y_true, y_pred),
                          fn_output_signature=tf.float32)
 
-    img = tf.TensorSpec([None, size, size, 3], tf.float32)
-    msk = tf.TensorSpec([None, size, size, 1], tf.float32)
+    img = tf.TensorSpec([None, None, None, 1], tf.uint8)
+    msk = tf.TensorSpec([None, None, None, 1], tf.float32)
 
     @tf.function(input_signature=[img, msk, msk])
-    def step(rgb, lung_gt, infection_gt):
-        lung_prob = tf.cast(lung_model(rgb, training=False), tf.float32)
-        lung_pred = tf.cast(lung_prob >= threshold, tf.float32)
-        out = {"lung_pred": lung_pred, "lung_loss": per_image(lung_loss, lung_gt, lung_prob)}
-        if with_infection:
-            for name, lung in (("cascade", lung_pred), ("gt_lung", lung_gt)):
-                prob = tf.cast(infection_model(tf.concat([rgb, lung], -1), training=False), tf.float32)
-                out[f"infection_{name}"] = tf.cast(prob >= threshold, tf.float32) * lung
-                out[f"infection_{name}_loss"] = per_image(infection_loss, infection_gt, prob)
+    def step(gray, lung_gt, infection_gt):
+        hw = tf.shape(gray)[1:3]
+        pixels = to_model_pixels(gray, size)
+        stages = run_stages(cascade.lung_model, cascade.infection_model if with_infection else None, pixels, threshold)
+        lung_gt_small = resize_mask(lung_gt, size)
+        out = {"lung_loss": per_image(lung_loss, lung_gt_small, stages["lung_prob"])}
+        if not with_infection:
+            out["lung_pred"] = mask_at(stages["lung_prob"], hw, threshold)
+            return out
+        inf_gt_small = resize_mask(infection_gt, size)
+        m = masks_at(stages["lung_prob"], stages["infection_prob"], threshold, hw)
+        out.update(lung_pred=m["lung_mask"], infection_cascade=m["infection_mask"], severity_total=m["severity_total"],
+                   infection_cascade_loss=per_image(infection_loss, inf_gt_small, stages["infection_prob"]))
+        prob_gt = run_stage2(cascade.infection_model, pixels, lung_gt_small)
+        gt = masks_at(stages["lung_prob"], prob_gt, threshold, hw, lung_mask=lung_gt)
+        out["infection_gt_lung"] = gt["infection_mask"]
+        out["infection_gt_lung_loss"] = per_image(infection_loss, inf_gt_small, prob_gt)
         return out
 
     return step
@@ -152,177 +162,52 @@ def model_path(model: Any, given: Path) -> Path:
     return model.path if isinstance(model, SavedModelStage) else given
 
 
-def prepare(examples, size: int, with_infection: bool, batch_size: int):
-    """Examples -> batches of (rgb, lung_gt, infection_gt, label, index) at `size` (see data.to_model_inputs)."""
+def prepare(examples, with_infection: bool, batch_size: int):
+    """Examples -> batches of (gray uint8, lung_gt, infection_gt float32 0/1, label, index) at native size."""
     import tensorflow as tf
 
-    from covidseg_tf.data import to_model_inputs
-
     def fn(i, ex):
-        lung = tf.cast(ex["lung_mask"], tf.uint8)
-        inf = tf.cast(ex["infection_mask"], tf.uint8) if with_infection else tf.zeros_like(lung)
-        x, y = to_model_inputs(ex["image"], tf.concat([lung, inf], -1), size, "infection")
-        return x[..., :3], x[..., 3:], y, ex["label"], i
+        lung = tf.cast(ex["lung_mask"] > 0, tf.float32)
+        inf = tf.cast(ex["infection_mask"] > 0, tf.float32) if with_infection else tf.zeros_like(lung)
+        return ex["image"], lung, inf, ex["label"], i
 
     return examples.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
 
 
-# ----------------------------------------------------------------------------------------------- figure
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def make_figure(rows: list[dict[str, Any]], path: Path, panel: int = 192) -> None:
-    """Fig. 1 as a PNG (PIL): per row X-ray | Stage-1 lung | GT infection | predicted infection + caption."""
-    from PIL import Image, ImageDraw
-
-    titles = ("X-ray", "Stage-1 lung mask", "GT infection", "Predicted infection")
-    head, cap, pad = 28, 22, 6
-    width = pad + len(titles) * (panel + pad)
-    height = head + max(1, len(rows)) * (panel + cap + pad)
-    fig = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(fig)
-    font, small = _font(16), _font(13)
-    for j, t in enumerate(titles):
-        draw.text((pad + j * (panel + pad) + 4, 6), t, fill="black", font=font)
-    if not rows:
-        draw.text((pad, head + 10), "no COVID-19 image with infection in this selection", fill="black", font=font)
-    for r, row in enumerate(rows):
-        y0 = head + r * (panel + cap + pad)
-        gray = row["image"].astype(np.uint8)
-        panels = [np.repeat(gray[..., None], 3, -1)]
-        for key, color in (("lung_pred", (0, 200, 90)), ("infection_gt", (255, 200, 0)), ("infection_pred", (255, 30, 30))):
-            m = row[key].astype(bool)
-            p = np.repeat(gray[..., None].astype(np.float32) * 0.6, 3, -1)
-            p[m] = 0.35 * p[m] + 0.65 * np.array(color, np.float32)
-            panels.append(np.clip(p, 0, 255).astype(np.uint8))
-        for j, p in enumerate(panels):
-            im = Image.fromarray(p).resize((panel, panel), Image.NEAREST)
-            fig.paste(im, (pad + j * (panel + pad), y0))
-        draw.text((pad, y0 + panel + 3), row["caption"], fill="black", font=small)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.save(path)
-
-
-def pick_figure_rows(infected_fraction: dict[int, float], k: int = FIGURE_ROWS) -> list[int]:
-    """Indices of up to k images with infection, at evenly spaced ranks of their infected fraction."""
-    items = sorted((f, i) for i, f in infected_fraction.items() if f > 0)
-    if len(items) <= k:
-        return [i for _, i in items]
-    ranks = np.unique(np.round(np.linspace(0, len(items) - 1, k)).astype(int))
-    return [items[r][1] for r in ranks]
-
-
-# ----------------------------------------------------------------------------------------------- report
-def _fmt(v: Any) -> str:
-    return "–" if v is None else f"{v:.4f}"
-
-
-SUMMARY_HEADER = ("| Split | Model | Images | Dice, pooled | Dice, mean per image | Dice, mean per COVID-19 image | "
-                  "IoU, pooled | IoU, mean per image | IoU, mean per COVID-19 image | Loss, mean per image |")
-CLASS_HEADER = ("| Split | Model | Class | Images | Dice, pooled | Dice, mean per image | IoU, pooled | "
-                "IoU, mean per image | Loss, mean per image |")
-
-
-def markdown_table(title: str, results: dict[str, dict[str, Any]], variants: Sequence[str]) -> str:
-    """A stage's Markdown table: one row per split and model variant with each metric three ways (pooled
-    over all images, mean per image over all images, mean per image over the COVID-19 images), followed by the
-    per-class breakdown."""
-    lines = [f"### {title}", "", SUMMARY_HEADER, "|---|---|" + "---:|" * 8]
-    for split, res in results.items():
-        for v in variants:
-            if v not in res or not res[v]["all"]["n"]:
-                continue
-            a, c = res[v]["all"], res[v]["COVID-19"]
-            lines.append(f"| {split} | {VARIANTS[v]} | {a['n']} | {_fmt(a['dice_pooled'])} | "
-                         f"{_fmt(a['dice_per_image_mean'])} | {_fmt(c.get('dice_per_image_mean'))} | "
-                         f"{_fmt(a['iou_pooled'])} | {_fmt(a['iou_per_image_mean'])} | "
-                         f"{_fmt(c.get('iou_per_image_mean'))} | {_fmt(a['loss'])} |")
-    lines += ["", f"Per class ({title.split(':')[0]}):", "", CLASS_HEADER, "|---|---|---|" + "---:|" * 6]
-    for split, res in results.items():
-        for v in variants:
-            if v not in res:
-                continue
-            for cls in CLASS_NAMES:
-                row = res[v][cls]
-                if not row["n"]:
-                    continue
-                lines.append(f"| {split} | {VARIANTS[v]} | {cls} | {row['n']} | {_fmt(row['dice_pooled'])} | "
-                             f"{_fmt(row['dice_per_image_mean'])} | {_fmt(row['iou_pooled'])} | "
-                             f"{_fmt(row['iou_per_image_mean'])} | {_fmt(row['loss'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    """report.json, report.md (Tables I and II) beside the figure(s) already in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    results = report["results"]
-    md = [f"# Evaluation of the covidseg-tf cascade on `{report['dataset']}`", "",
-          f"- Lung model: `{report['lung_model']}`", f"- Infection model: `{report['infection_model']}`",
-          f"- Image size {report['image_size']} px (masks resized nearest from native), threshold "
-          f"{report['threshold']}, splits: {', '.join(results)}" + (f", first {report['limit']} images" if report['limit'] else ""),
-          "- *pooled*: summed intersections over summed areas of all images (the seed's tables); *mean per "
-          "image*: average of per-image scores, where empty truth + empty prediction = 1 (Non-COVID and Normal "
-          "images have no infection, so for Stage 2 they score 1 or 0); *mean per COVID-19 image*: the same "
-          "over COVID-19 images only. Loss: the stage's training loss per image on the probabilities.", "",
-          markdown_table("Table I: lung segmentation (Stage 1)", results, ["lung"]), ""]
-    if any("infection_cascade" in r for r in results.values()):
-        md += [markdown_table("Table II: infection segmentation (Stage 2)", results, ["infection_cascade", "infection_gt_lung"]), ""]
-        sev = {s: r.get("severity_mae_covid") for s, r in results.items()}
-        md += ["Severity (total infected lung %), mean absolute error vs ground truth over COVID-19 images: " +
-               ", ".join(f"{s}: {_fmt(v)} points" for s, v in sev.items()), ""]
-    else:
-        md += ["Table II: not computed (the dataset has no infection masks).", ""]
-    for split, fig in report.get("figures", {}).items():
-        md += [f"Fig. 1 ({split}): COVID-19 images from mild to severe ground-truth infection "
-               f"(X-ray | Stage-1 lung mask | GT infection | predicted infection).", "",
-               f"![Fig. 1 {split}]({Path(fig).name})", ""]
-    md += [f"covidseg-tf {report['versions']['covidseg_tf']}, Keras {report['versions']['keras']}, "
-           f"TensorFlow {report['versions']['tensorflow']}; {report['seconds']:.0f} s."]
-    paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text("\n".join(md) + "\n")
-    return paths
-
-
 # ----------------------------------------------------------------------------------------------- main work
-def evaluate_split(builder, split: str, step, size: int, with_infection: bool, batch_size: int,
-                   limit: int | None, figure_path: Path | None, progress: bool = True) -> dict[str, Any]:
+def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: int, limit: int | None,
+                   figure_path: Path | None, progress: bool = True) -> dict[str, Any]:
     """Run the models over one split; returns the summaries (and writes Fig. 1 when asked)."""
     import tensorflow as tf
     from tqdm import tqdm
 
     from covidseg_tf.cascade import severity
     from covidseg_tf.data import load_split
+    from covidseg_tf.report import make_figure, pick_figure_rows
 
+    class_names = builder.info.features["label"].names
+    covid_id = class_names.index("COVID-19")
     examples = load_split(builder, split)
     total = builder.info.splits[split].num_examples
     if limit:
         examples = examples.take(limit)
         total = min(total, limit)
-    scores = {"lung": Scores()}
+    scores = {"lung": Scores(class_names)}
     if with_infection:
-        scores.update(infection_cascade=Scores(), infection_gt_lung=Scores())
+        scores.update(infection_cascade=Scores(class_names), infection_gt_lung=Scores(class_names))
     sev_err: list[float] = []
     infected_fraction: dict[int, float] = {}
     bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress)
-    for rgb, lung_gt, inf_gt, label, idx in prepare(examples, size, with_infection, batch_size):
-        out = step(rgb, lung_gt, inf_gt)
+    for gray, lung_gt, inf_gt, label, idx in prepare(examples, with_infection, batch_size):
+        out = step(gray, lung_gt, inf_gt)
         labels = label.numpy()
         scores["lung"].add(lung_gt.numpy(), out["lung_pred"].numpy(), labels, out["lung_loss"].numpy())
         if with_infection:
-            for name in ("cascade", "gt_lung"):
-                scores[f"infection_{name}"].add(inf_gt.numpy(), out[f"infection_{name}"].numpy(), labels,
-                                                out[f"infection_{name}_loss"].numpy())
-            pred_sev = severity(out["lung_pred"], out["infection_cascade"])["severity_total"].numpy()
+            for name in ("infection_cascade", "infection_gt_lung"):
+                scores[name].add(inf_gt.numpy(), out[name].numpy(), labels, out[f"{name}_loss"].numpy())
             true_sev = severity(lung_gt, inf_gt)["severity_total"].numpy()
-            covid = labels == CLASS_NAMES.index("COVID-19")
-            sev_err += np.abs(pred_sev - true_sev)[covid].tolist()
+            covid = labels == covid_id
+            sev_err += np.abs(out["severity_total"].numpy() - true_sev)[covid].tolist()
             lung_px = lung_gt.numpy().sum(axis=(1, 2, 3))
             inf_px = (inf_gt.numpy() * lung_gt.numpy()).sum(axis=(1, 2, 3))
             for i, c, lp, ip in zip(idx.numpy(), covid, lung_px, inf_px):
@@ -338,12 +223,12 @@ def evaluate_split(builder, split: str, step, size: int, with_infection: bool, b
         rows: dict[int, dict[str, Any]] = {}
         if chosen:
             sel = tf.constant(chosen, tf.int64)
-            for rgb, lung_gt, inf_gt, label, idx in prepare(examples, size, True, batch_size).unbatch().filter(
+            for gray, lung_gt, inf_gt, _label, idx in prepare(examples, True, batch_size).unbatch().filter(
                     lambda *a: tf.reduce_any(tf.equal(a[4], sel))).batch(len(chosen)):
-                out = step(rgb, lung_gt, inf_gt)
+                out = step(gray, lung_gt, inf_gt)
                 for j, i in enumerate(idx.numpy()):
                     i = int(i)
-                    rows[i] = {"image": rgb.numpy()[j, :, :, 0], "lung_pred": out["lung_pred"].numpy()[j, :, :, 0],
+                    rows[i] = {"image": gray.numpy()[j, :, :, 0], "lung_pred": out["lung_pred"].numpy()[j, :, :, 0],
                                "infection_gt": inf_gt.numpy()[j, :, :, 0],
                                "infection_pred": out["infection_cascade"].numpy()[j, :, :, 0],
                                "caption": f"#{i}  GT infected {100 * infected_fraction[i]:.1f}% of lung  |  "
@@ -360,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate Stage 1 and Stage 2 on a TFDS split: Tables I/II (Markdown + JSON) and Fig. 1 (PNG).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m covidseg_tf.evaluate --out reports/synthetic   # the repo's saved_models/{lung,infection}\n"
+               "  python -m covidseg_tf.evaluate --out reports/synthetic   # the shipped models\n"
                "  python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras \\\n"
                "      --infection-model runs/infection/model.keras --out reports/synthetic\n"
                "  python -m covidseg_tf.evaluate --lung-model saved_models/lung/2 \\\n"
@@ -396,37 +281,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from covidseg_tf.cascade import load_model, model_image_size
+    from covidseg_tf.cascade import Cascade
     from covidseg_tf.data import load_builder
+    from covidseg_tf.report import write_report
 
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
     t0 = time.time()
-    lung_model = load_model(args.lung_model, stage="lung")
-    infection_model = load_model(args.infection_model, stage="infection")
-    size = model_image_size(lung_model, args.image_size or default_config("lung").image_size)
-    if args.image_size and args.image_size != size:
-        raise SystemExit(f"--image-size {args.image_size} differs from the lung model's fixed input size {size}")
-    inf_size = model_image_size(infection_model, size)
-    if inf_size != size:
-        raise SystemExit(f"the lung model takes {size} px but the infection model {inf_size} px")
+    cascade = Cascade.load(args.lung_model, args.infection_model, args.threshold, args.image_size)
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     with_infection = "infection_mask" in builder.info.features
-    step = make_step(lung_model, infection_model, args.threshold, size, make_loss("lung"), make_loss("infection"),
-                     with_infection)
+    step = make_step(cascade, make_loss("lung"), make_loss("infection"), with_infection)
     results: dict[str, Any] = {}
     figures: dict[str, str] = {}
     for split in args.split:
         fig = None if args.no_figure or not with_infection else args.out / f"fig1_{split}.png"
-        results[split] = evaluate_split(builder, split, step, size, with_infection, args.batch_size, args.limit,
-                                        fig, progress=not args.quiet)
+        results[split] = evaluate_split(builder, split, step, with_infection, args.batch_size, args.limit, fig,
+                                        progress=not args.quiet)
         if fig is not None:
             figures[split] = str(fig)
     report = {
         "dataset": builder.info.full_name, "splits": list(args.split), "limit": args.limit,
-        "lung_model": str(model_path(lung_model, args.lung_model)),
-        "infection_model": str(model_path(infection_model, args.infection_model)),
-        "image_size": size, "threshold": args.threshold, "class_names": list(CLASS_NAMES),
+        "lung_model": str(model_path(cascade.lung_model, args.lung_model)),
+        "infection_model": str(model_path(cascade.infection_model, args.infection_model)),
+        "image_size": cascade.image_size, "threshold": cascade.threshold,
+        "class_names": list(builder.info.features["label"].names),
         "results": results, "figures": figures, "seconds": time.time() - t0,
         "versions": {"covidseg_tf": __version__, "keras": keras.__version__, "tensorflow": tf.__version__},
     }

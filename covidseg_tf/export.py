@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -35,20 +34,19 @@ from typing import Any
 import tensorflow as tf
 
 from covidseg_tf import serving
+from covidseg_tf.cascade import model_input_size, stage_agreement
 from covidseg_tf.config import default_config
 from covidseg_tf.optimize import PRECISIONS, frozen_stage
+from covidseg_tf.paths import integer_versions
 
 log = logging.getLogger(__name__)
 
 SERVABLES = ("lung", "infection", "cascade")
-_VERSION = re.compile(r"^[0-9]+$")
 
 
 def next_version_dir(base: Path | str) -> int:
     """The next free version number under a model base path (1 when there is none yet)."""
-    base = Path(base)
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and _VERSION.match(p.name)] if base.is_dir() else []
-    return max(versions, default=0) + 1
+    return max(integer_versions(base), default=0) + 1
 
 
 def write_version(base: Path | str, writer: Callable[[Path], None], attempts: int = 20) -> Path:
@@ -125,7 +123,7 @@ def export_stage(
     """
     if stage not in ("lung", "infection"):
         raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
-    size, channels = serving.model_size(model, image_size)
+    size, channels = model_input_size(model, image_size)
     expected = default_config(stage).in_channels
     if channels != expected:
         raise ValueError(f"the {stage} stage takes {expected} input channels, but the model takes {channels}")
@@ -146,7 +144,7 @@ def export_cascade(
     precision: str = "fp32",
 ) -> Path:
     """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity); returns that path."""
-    size, _ = serving.model_size(lung_model, image_size)
+    size = stage_agreement(lung_model, infection_model, image_size)
     lung, infection = frozen_stage(lung_model, precision, size), frozen_stage(infection_model, precision, size)
     signatures = serving.cascade_signatures(lung, infection, threshold, size)
     records = serving.warmup_requests("cascade", size, 3) if warmup else None

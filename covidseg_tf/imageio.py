@@ -20,6 +20,7 @@ Any failure raises `XRayReadError` naming the file.
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -71,13 +72,13 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(source: io.BytesIO, name: str) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(str(path))
+    ds = pydicom.dcmread(source)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise XRayReadError(f"{path}: DICOM file has no pixel data")
+        raise XRayReadError(f"{name}: DICOM file has no pixel data")
     arr = ds.pixel_array
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
@@ -93,12 +94,12 @@ def _read_dicom(path: Path) -> np.ndarray:
     return out
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def _read_pillow(source: io.BytesIO) -> np.ndarray:
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.seek(0)
             img.load()  # decode now: truncated / corrupt files fail here
             img = ImageOps.exif_transpose(img)
@@ -125,14 +126,29 @@ def read_xray(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise XRayReadError(f"{path}: no such file")
     try:
-        arr = _read_dicom(path) if is_dicom(path) else _read_pillow(path)
+        data = path.read_bytes()
+    except OSError as e:
+        raise XRayReadError(f"{path}: cannot read: {e}") from e
+    return decode_xray(data, str(path))
+
+
+def decode_xray(data: bytes, name: str) -> np.ndarray:
+    """The bytes of an X-ray image or DICOM file as an HxW uint8 grayscale array, by `read_xray`'s rules; `name`
+    (a path or URL) decides DICOM by its extension (or the "DICM" magic bytes) and names the input in errors.
+
+    Raises:
+        XRayReadError: not an image, unreadable, or no pixel data.
+    """
+    dicom = Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
+    try:
+        arr = _read_dicom(io.BytesIO(data), name) if dicom else _read_pillow(io.BytesIO(data))
     except XRayReadError:
         raise
     except Exception as e:  # Pillow / pydicom raise many types; keep the reason, name the file
-        kind = "DICOM" if is_dicom(path) else "image"
-        raise XRayReadError(f"{path}: cannot read as {kind}: {type(e).__name__}: {e}") from e
+        kind = "DICOM" if dicom else "image"
+        raise XRayReadError(f"{name}: cannot read as {kind}: {type(e).__name__}: {e}") from e
     if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise XRayReadError(f"{path}: expected a 2-D image, got an array of shape {arr.shape}")
+        raise XRayReadError(f"{name}: expected a 2-D image, got an array of shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 

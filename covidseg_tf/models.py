@@ -66,7 +66,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, StageConfig
+from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, UNET_LAYOUTS, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ SKIP_LAYERS: tuple[str, ...] = (
 )
 BOTTLENECK_LAYER = "top_activation"
 #: Where the decoder taps the encoder (see the module docstring); the first is the default of build_unet.
-UNET_LAYOUTS: tuple[str, ...] = ("segmentation_models", "segmentation_models_pytorch")
 STEM_ACTIVATION = "stem_activation"
 _BLOCK_NAME = re.compile(r"^(block\d+[a-z])_")  # keras.applications EfficientNet block layers: block6a_...
 DECODER_FILTERS: tuple[int, ...] = (256, 128, 64, 32, 16)

@@ -126,13 +126,12 @@ class FrozenStage:
     """A stage model as a frozen graph function; called like the Keras model (`stage(pixels, training=False)`)."""
 
     def __init__(self, model: keras.Model, precision: str = "fp32", image_size: int | None = None):
-        shape = tuple(model.input_shape)
-        size = shape[1] or image_size
-        if size is None:
-            raise ValueError(f"model {model.name!r} has a free input size {shape}; give image_size")
+        from covidseg_tf.cascade import model_input_size
+
+        size, channels = model_input_size(model, image_size)
         self.name = model.name
         self.precision = precision
-        self.input_shape = (None, int(size), int(size), int(shape[3]))
+        self.input_shape = (None, size, size, channels)
         fast = fold_batchnorm(model, precision)
         spec = tf.TensorSpec(self.input_shape, tf.float32, name="pixels")
         fn = tf.function(lambda x: tf.cast(fast(x, training=False), tf.float32), input_signature=[spec])

@@ -1,10 +1,9 @@
 """Segment lungs and COVID-19 infection on X-ray files and score severity.
 
 For each input image (PNG / JPEG / BMP / TIFF, 8 or 16 bit, gray / RGB / RGBA, or DICOM; see
-covidseg_tf.imageio) the cascade runs at the models' input size; the two probability maps are resized
-bilinearly back to the input's resolution and thresholded there, the infection mask is restricted to the
-lung mask, and severity (covidseg_tf.cascade.severity) is computed on these full-resolution masks. Written
-into --out, per input `<name>`:
+covidseg_tf.imageio) `covidseg_tf.cascade.Cascade` gives the lung and infection masks and the severity at the
+input's own resolution (the same function the cascade SavedModel and `evaluate` run). Written into --out, per
+input `<name>`:
 
     <name>_lung.png       lung mask, 8-bit 0/255, input resolution
     <name>_infection.png  infection mask, 8-bit 0/255, input resolution
@@ -17,27 +16,31 @@ so an input is never overwritten; --out may lie inside an input folder (its file
 inputs) but an input folder inside --out is refused. A file that cannot be read or processed is logged and
 skipped; the exit code is 1 if any input failed (or none was found), else 0.
 
-Models (covidseg_tf.cascade.load_model): by default the repository's exported TF Serving SavedModels
-`saved_models/lung` and `saved_models/infection` (highest version of each); --lung-model / --infection-model
-also take a version folder or a Keras `.keras` file.
+Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels `saved_models/lung/1` and
+`saved_models/infection/1` (config.SHIPPED_VERSION); --lung-model / --infection-model also take a TF Serving base
+folder (its highest integer version), a version folder or a Keras `.keras` file.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import io
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from covidseg_tf import __version__
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, default_config
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, find_images, read_xray
+from covidseg_tf.paths import sha256_file
+
+if TYPE_CHECKING:
+    from covidseg_tf.cascade import Cascade, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -47,97 +50,28 @@ LUNG_RGB = (0, 220, 90)
 INFECTION_RGB = (255, 30, 30)
 
 
-@dataclass
-class Prediction:
-    """Masks (HxW uint8 0/1, input resolution) and severity of one image."""
+def model_info(cascade: Cascade) -> dict[str, Any]:
+    """Model files and library versions for the JSON reports (see `model_file_info`)."""
+    import keras
+    import tensorflow as tf
 
-    lung: np.ndarray
-    infection: np.ndarray
-    severity_left: float
-    severity_right: float
-    severity_total: float
-
-
-class Predictor:
-    """The two stage models (Keras or SavedModel, see cascade.load_model) plus the pre/post-processing of
-    single images."""
-
-    def __init__(self, lung_model_path: str | Path, infection_model_path: str | Path, threshold: float | None = None,
-                 image_size: int | None = None):
-        import tensorflow as tf
-
-        from covidseg_tf.cascade import load_model, model_image_size, run_cascade
-
-        self.lung_model_path = Path(lung_model_path)
-        self.infection_model_path = Path(infection_model_path)
-        self.lung_model = load_model(self.lung_model_path, stage="lung")
-        self.infection_model = load_model(self.infection_model_path, stage="infection")
-        self.threshold = default_config("infection").threshold if threshold is None else float(threshold)
-        self.image_size = model_image_size(self.lung_model, image_size or default_config("lung").image_size)
-        if image_size and image_size != self.image_size:
-            raise ValueError(f"--image-size {image_size} differs from the lung model's fixed input size {self.image_size}")
-        inf_size = model_image_size(self.infection_model, self.image_size)
-        if inf_size != self.image_size:
-            raise ValueError(f"the lung model takes {self.image_size} px but the infection model {inf_size} px")
-        spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
-        self._cascade = tf.function(lambda p: run_cascade(self.lung_model, self.infection_model, p, self.threshold),
-                                    input_signature=[spec])
-
-    def model_info(self) -> dict[str, Any]:
-        """Model files and library versions for the JSON reports.
-
-        Per model: `path`, `bytes`, `sha256` of the `.keras` file; for a SavedModel the version folder, the
-        total size of its files, the sha256 of its saved_model.pb, and `precision` / `image_size` of its export.
-        """
-        import keras
-        import tensorflow as tf
-
-        return {"lung": model_file_info(self.lung_model, self.lung_model_path),
-                "infection": model_file_info(self.infection_model, self.infection_model_path),
-                "image_size": self.image_size, "threshold": self.threshold, "covidseg_tf": __version__,
-                "keras": keras.__version__, "tensorflow": tf.__version__}
-
-    def predict(self, gray: np.ndarray) -> Prediction:
-        """Run the cascade on one HxW uint8 image; masks come back at HxW (see the module docstring)."""
-        import tensorflow as tf
-
-        from covidseg_tf.cascade import severity
-
-        h, w = gray.shape
-        s = self.image_size
-        x = tf.convert_to_tensor(gray[None, :, :, None], tf.float32)
-        # bilinear like the training pipeline; antialias only matters when shrinking large (e.g. DICOM) images
-        x = tf.clip_by_value(tf.image.resize(x, (s, s), method="bilinear", antialias=True), 0.0, 255.0)
-        out = self._cascade(tf.repeat(x, 3, axis=-1))
-        lung_prob = tf.image.resize(out["lung_prob"], (h, w), method="bilinear")
-        inf_prob = tf.image.resize(out["infection_prob"], (h, w), method="bilinear")
-        lung = tf.cast(lung_prob >= self.threshold, tf.float32)
-        infection = tf.cast(inf_prob >= self.threshold, tf.float32) * lung
-        sev = {k: float(v.numpy()[0]) for k, v in severity(lung, infection).items()}
-        return Prediction(lung=lung.numpy()[0, :, :, 0].astype(np.uint8),
-                          infection=infection.numpy()[0, :, :, 0].astype(np.uint8),
-                          severity_left=sev["severity_left"], severity_right=sev["severity_right"],
-                          severity_total=sev["severity_total"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return {"lung": model_file_info(cascade.lung_model, cascade.sources["lung"]),
+            "infection": model_file_info(cascade.infection_model, cascade.sources["infection"]),
+            "image_size": cascade.image_size, "threshold": cascade.threshold, "covidseg_tf": __version__,
+            "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
 def model_file_info(model: Any, given: Path) -> dict[str, Any]:
-    """Path, size and sha256 of a loaded model's `.keras` file (`given`) or SavedModel version folder."""
+    """Path, size and sha256 of a loaded model's `.keras` file (`given`) or, for a SavedModel, its version folder,
+    the total size of its files, the sha256 of its saved_model.pb and `precision` / `image_size` of its export."""
     from covidseg_tf.cascade import SavedModelStage
 
     if not isinstance(model, SavedModelStage):
-        return {"path": str(given), "format": "keras", "bytes": given.stat().st_size, "sha256": _sha256(given)}
+        return {"path": str(given), "format": "keras", "bytes": given.stat().st_size, "sha256": sha256_file(given)}
     path = model.path
     record = {"path": str(path), "format": "savedmodel",
               "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-              "sha256": _sha256(path / "saved_model.pb")}
+              "sha256": sha256_file(path / "saved_model.pb")}
     record.update({k: model.info[k] for k in ("precision", "image_size") if k in model.info})
     return record
 
@@ -197,23 +131,24 @@ def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Pa
     return plan
 
 
-def process_file(predictor: Predictor, path: Path, stem: Path, models: dict[str, Any]) -> dict[str, Any]:
-    """Predict one file and write its four outputs; returns the JSON record."""
+def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
+                   models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The JSON record and the encoded outputs of one prediction: {output path: bytes} for `stem` + each of
+    OUTPUT_SUFFIXES (the JSON last). `source` names the input, `stem` is any path prefix (local or a URL)."""
     from PIL import Image
 
     from covidseg_tf.cascade import severity_grade
 
-    gray = read_xray(path)
-    pred = predictor.predict(gray)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    names = {k: stem.parent / (stem.name + s) for k, s in zip(("lung", "infection", "overlay", "json"), OUTPUT_SUFFIXES)}
-    Image.fromarray(pred.lung * 255).save(names["lung"])
-    Image.fromarray(pred.infection * 255).save(names["infection"])
-    Image.fromarray(overlay(gray, pred.lung, pred.infection)).save(names["overlay"])
+    def png(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    names = dict(zip(("lung", "infection", "overlay", "json"), (stem + s for s in OUTPUT_SUFFIXES)))
     h, w = gray.shape
     lung_px, inf_px = int(pred.lung.sum()), int(pred.infection.sum())
     record = {
-        "file": str(path),
+        "file": source,
         "size": {"height": h, "width": w},
         "lung_area_px": lung_px,
         "lung_area_percent_of_image": 100.0 * lung_px / (h * w),
@@ -226,10 +161,22 @@ def process_file(predictor: Predictor, path: Path, stem: Path, models: dict[str,
             "grade": severity_grade(pred.severity_total),
             "unit": "percent of lung area infected",
         },
-        "outputs": {k: str(v) for k, v in names.items() if k != "json"},
+        "outputs": {k: v for k, v in names.items() if k != "json"},
         "models": models,
     }
-    names["json"].write_text(json.dumps(record, indent=2) + "\n")
+    encoded = {names["lung"]: png(pred.lung * 255), names["infection"]: png(pred.infection * 255),
+               names["overlay"]: png(overlay(gray, pred.lung, pred.infection)),
+               names["json"]: (json.dumps(record, indent=2) + "\n").encode()}
+    return record, encoded
+
+
+def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any]) -> dict[str, Any]:
+    """Predict one file and write its four outputs (`render_outputs`); returns the JSON record."""
+    gray = read_xray(path)
+    record, encoded = render_outputs(str(path), gray, cascade.predict([gray])[0], str(stem), models)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for name, data in encoded.items():
+        Path(name).write_bytes(data)
     return record
 
 
@@ -239,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lung + COVID-19 infection masks, overlay and severity for X-ray files (PNG/JPEG/DICOM...).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m covidseg_tf.predict xray.png --out preds      # the repo's saved_models/{lung,infection}\n"
+               "  python -m covidseg_tf.predict xray.png --out preds      # the shipped models\n"
                "  python -m covidseg_tf.predict scans/ other.dcm --out preds \\\n"
                "      --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras\n"
                "  python -m covidseg_tf.predict xray.png --out preds \\\n"
@@ -275,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_abs = out_dir.resolve()
     for p in args.inputs:
         if p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):
-            log.error("input folder %s is inside --out %s: outputs and inputs would mix; choose another --out", p, out_dir)
+            log.error("input folder %s is inside --out %s: outputs and inputs would mix; choose another --out",
+                      p, out_dir)
             return 1
     files, missing = find_images(list(args.inputs), exclude=out_dir)
     for m in missing:
@@ -284,16 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("no input images found in %s", ", ".join(map(str, args.inputs)))
         return 1
     try:
-        predictor = Predictor(args.lung_model, args.infection_model, args.threshold, args.image_size)
+        from covidseg_tf.cascade import Cascade
+
+        cascade = Cascade.load(args.lung_model, args.infection_model, args.threshold, args.image_size)
     except (ValueError, FileNotFoundError, ImportError) as e:
         log.error("%s", e)
         return 1
-    models = predictor.model_info()
+    models = model_info(cascade)
     plan = plan_outputs(files, list(args.inputs), out_dir)
     failed = list(missing)
     for f in tqdm(files, desc="predict", unit="img", disable=args.quiet):
         try:
-            rec = process_file(predictor, f, plan[f], models)
+            rec = process_file(cascade, f, plan[f], models)
             log.info("%s: lung %d px, infection %d px, severity %.1f%% (%s)", f, rec["lung_area_px"],
                      rec["infection_area_px"], rec["severity"]["total"], rec["severity"]["grade"])
         except Exception as e:  # one bad file never loses the rest

@@ -15,13 +15,14 @@ Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name
 
 The cascade servable: `serving_default` takes `images` only and returns lung_mask_bytes, infection_mask_bytes
 (input-size PNGs; the infection PNG is inside the lung PNG), severity_left, severity_right, severity_total
-((B,) float32 percent of the patient's left/right/both lungs, computed at the model size by
-`covidseg_tf.cascade.run_cascade`), height and width; its `predict_pixels` takes (B, S, S, 3) pixels and
-returns the seven tensors of `run_cascade` (lung_prob, lung_mask, infection_prob, infection_mask + severity).
+((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height and
+width; its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of
+`covidseg_tf.cascade.run_cascade` (lung_prob, lung_mask, infection_prob, infection_mask + severity, at S).
 
-Input-size masks (the documented resize rule, `full_size_pngs`): the model-size probability map is resized
-bilinearly (no antialias) to the input's height x width, then thresholded (``>= threshold``); an infection
-mask is then multiplied by its lung mask at the input size (the given one, or the cascade's lung PNG).
+Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
+`to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
+input's height x width, then ``>= threshold``; infection multiplied by the lung mask), so `predict` and this
+SavedModel give the same masks and severity for the same image.
 
 Why this representation: `serving_default` is the REST entry point, and TF Serving's REST API returns every
 output of a signature as JSON (it cannot filter outputs), so it returns only compact (B,) outputs: a PNG string
@@ -40,11 +41,24 @@ corrupt image (the decoder's own error), a lung mask whose size differs from its
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from covidseg_tf.cascade import (
+    SEVERITY_KEYS,
+    mask_at,
+    masks_at,
+    model_input_size,
+    resize_mask,
+    run_cascade,
+    run_stages,
+    stage_agreement,
+    to_model_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +67,9 @@ MAX_SIDE = 4096
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
-RESIZE_METHOD = "bilinear"
-"""Resizing in both directions (image -> model size, probabilities -> input size)."""
-ANTIALIAS = True
-"""Antialias when shrinking large images to the model size (no effect when enlarging)."""
-
 DEFAULT_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "predict_pixels"
 WARMUP_FILE = "tf_serving_warmup_requests"
-SEVERITY_KEYS = ("severity_left", "severity_right", "severity_total")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,10 +162,7 @@ def load_images(images: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple
     def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         data, what = args
         gray = decode_gray(data, what, max_side)
-        hw = tf.shape(gray)[:2]
-        x = tf.image.resize(tf.cast(gray, tf.float32), [size, size], method=RESIZE_METHOD, antialias=ANTIALIAS)
-        x = tf.clip_by_value(x, 0.0, 255.0)
-        return tf.repeat(x, 3, axis=-1), hw
+        return to_model_pixels(gray, size), tf.shape(gray)[:2]
 
     return tf.map_fn(
         one,
@@ -186,8 +191,7 @@ def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MA
         with tf.control_dependencies([same]):
             cut = tf.where(tf.reduce_max(gray) > 1, tf.constant(127, tf.uint8), tf.constant(0, tf.uint8))
             binary = tf.cast(gray > cut, tf.uint8)
-        small = tf.image.resize(binary, [size, size], method="nearest")
-        return tf.cast(small, tf.float32), tf.io.encode_png(binary)
+        return tf.cast(resize_mask(binary, size), tf.float32), tf.io.encode_png(binary)
 
     return tf.map_fn(
         one,
@@ -196,53 +200,44 @@ def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MA
     )
 
 
-def full_size_pngs(
-    prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.Tensor | None = None
-) -> tf.Tensor:
-    """(B, S, S, 1) probabilities -> (B,) PNG masks (uint8 0/255) at each image's own size.
+def _png(mask: tf.Tensor) -> tf.Tensor:
+    """(1, H, W, 1) 0/1 float mask -> PNG string of uint8 0/255."""
+    return tf.io.encode_png(tf.cast(mask[0], tf.uint8) * 255)
 
-    The map is resized (bilinear) back to the input size, then thresholded (`>= threshold`). `within`, when
-    given, is a (B,) string tensor of full-size 0/1 PNG masks (or 0/255) that the mask is multiplied by.
+
+def stage_pngs(prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.Tensor | None = None) -> tf.Tensor:
+    """(B, S, S, 1) probabilities -> (B,) PNG masks (uint8 0/255) at each image's own size (`cascade.mask_at`).
+
+    `within`, when given, is a (B,) string tensor of full-size 0/1 (or 0/255) PNG masks the mask is multiplied by.
     """
 
     def one(args: tuple[Any, ...]) -> tf.Tensor:
-        p, hw = args[0], args[1]
-        full = tf.image.resize(p, hw, method=RESIZE_METHOD)
-        mask = tf.cast(full >= threshold, tf.uint8)
+        mask = mask_at(args[0][tf.newaxis], args[1], threshold)
         if within is not None:
-            outer = tf.io.decode_png(args[2], channels=1)
-            mask = mask * tf.cast(outer > 0, tf.uint8)
-        return tf.io.encode_png(mask * 255)
+            mask = mask * tf.cast(tf.io.decode_png(args[2], channels=1) > 0, tf.float32)[tf.newaxis]
+        return _png(mask)
 
     elems: tuple[tf.Tensor, ...] = (prob, sizes) if within is None else (prob, sizes, within)
     return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec([], tf.string))
 
 
+def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.Tensor,
+                    threshold: float) -> dict[str, tf.Tensor]:
+    """Per image, `cascade.masks_at` its own size: lung and infection PNGs and the severity computed on them."""
+
+    def one(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
+        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], threshold, args[2])
+        return (_png(m["lung_mask"]), _png(m["infection_mask"])) + tuple(m[k][0] for k in SEVERITY_KEYS)
+
+    string, number = tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float32)
+    out = tf.map_fn(one, (lung_prob, infection_prob, sizes),
+                    fn_output_signature=(string, string) + (number,) * len(SEVERITY_KEYS))
+    return dict(zip(("lung_mask_bytes", "infection_mask_bytes") + SEVERITY_KEYS, out))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Signature functions
 # --------------------------------------------------------------------------------------------------------------
-
-
-def model_size(model: Any, image_size: int | None = None) -> tuple[int, int]:
-    """(S, C) of a Keras model with a square (B, S, S, C) input.
-
-    A model built with a free size (None, None) needs `image_size` (a multiple of 32); a fixed-size model
-    takes its own size, and `image_size`, when given, must agree with it.
-    """
-    shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[3] is None or shape[1] != shape[2]:
-        raise ValueError(f"model {getattr(model, 'name', model)!r} has input shape {shape}; export needs a square "
-                         "(None, S, S, C) input (or (None, None, None, C) with image_size=S)")
-    if shape[1] is None:
-        if image_size is None:
-            raise ValueError(f"model {getattr(model, 'name', model)!r} has a free input size {shape}; "
-                             "give the serving size (image_size=S, a multiple of 32)")
-        if image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
-        return int(image_size), int(shape[3])
-    if image_size is not None and image_size != shape[1]:
-        raise ValueError(f"model {getattr(model, 'name', model)!r} takes {shape[1]} px, not image_size={image_size}")
-    return int(shape[1]), int(shape[3])
 
 
 def _predict(model: Any, pixels: tf.Tensor) -> tf.Tensor:
@@ -253,11 +248,11 @@ def stage_signatures(
     model: Any, stage: str, threshold: float = 0.5, image_size: int | None = None
 ) -> dict[str, tuple[Callable, list]]:
     """{signature name: (fn, input_signature)} for one stage model (see the module docstring)."""
-    size, channels = model_size(model, image_size)
+    size, channels = model_input_size(model, image_size)
     p = stage
 
     def outputs_small(prob: tf.Tensor, lung: tf.Tensor | None) -> dict[str, tf.Tensor]:
-        mask = tf.cast(prob >= threshold, tf.float32)
+        mask = mask_at(prob, None, threshold)
         if lung is not None:
             mask = mask * tf.cast(lung > 0.5, tf.float32)
         return {f"{p}_prob": prob, f"{p}_mask": mask}
@@ -269,7 +264,7 @@ def stage_signatures(
 
         def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
-            return outputs_full(full_size_pngs(_predict(model, pixels), sizes, threshold), sizes)
+            return outputs_full(stage_pngs(_predict(model, pixels), sizes, threshold), sizes)
 
         image_sig = [tf.TensorSpec([None], tf.string, name="images")]
 
@@ -282,7 +277,7 @@ def stage_signatures(
             pixels, sizes = load_images(images, size)
             lung_small, lung_full = load_masks(lung_masks, sizes, size)
             prob = _predict(model, tf.concat([pixels, lung_small], axis=-1))
-            return outputs_full(full_size_pngs(prob, sizes, threshold, within=lung_full), sizes)
+            return outputs_full(stage_pngs(prob, sizes, threshold, within=lung_full), sizes)
 
         image_sig = [
             tf.TensorSpec([None], tf.string, name="images"),
@@ -305,25 +300,15 @@ def cascade_signatures(
     lung_model: Any, infection_model: Any, threshold: float = 0.5, image_size: int | None = None
 ) -> dict[str, tuple[Callable, list]]:
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
-    from covidseg_tf.cascade import run_cascade
-
-    size, c1 = model_size(lung_model, image_size)
-    size2, c2 = model_size(infection_model, image_size or size)
-    if (c1, c2) != (3, 4):
-        raise ValueError(f"cascade needs a 3-channel lung model and a 4-channel infection model, got {c1} and {c2}")
-    if size != size2:
-        raise ValueError(f"lung model size {size} != infection model size {size2}; the cascade needs one size")
+    size = stage_agreement(lung_model, infection_model, image_size)
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return dict(run_cascade(lung_model, infection_model, pixels, threshold=threshold))
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels, sizes = load_images(images, size)
-        dense = serve_pixels(pixels)
-        lung_png = full_size_pngs(dense["lung_prob"], sizes, threshold)
-        out = {key: dense[key] for key in SEVERITY_KEYS}
-        out["lung_mask_bytes"] = lung_png
-        out["infection_mask_bytes"] = full_size_pngs(dense["infection_prob"], sizes, threshold, within=lung_png)
+        stages = run_stages(lung_model, infection_model, pixels, threshold)
+        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, threshold)
         out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
         return out
 

@@ -9,7 +9,9 @@ A run folder (``--output``, default ``runs/<stage>``) receives::
     backup/            BackupAndRestore state while the run is unfinished: rerun the same command to resume
     stage1_masks/      (infection stage, --lung-masks stage1) cached Stage-1 lung masks
 
-and at the end the best model is exported as a SavedModel to ``<export-dir>/<stage>/<N>/``.
+and at the end the best model is exported as a SavedModel to ``<export-dir>/<stage>/<N>/`` (by default
+``<output>/saved_models/``: training never writes into the repository's shipped ``saved_models/`` unless
+``--export-dir`` names it).
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-
-from covidseg_tf.config import LOSS_TERMS, STAGES, AugmentConfig, StageConfig, default_config
+from covidseg_tf.config import LOSS_TERMS, STAGES, UNET_LAYOUTS, AugmentConfig, StageConfig, default_config
 
 log = logging.getLogger("covidseg_tf.train")
 
@@ -47,7 +48,7 @@ examples:
 # Config fields settable from the command line (flag = field name with dashes).
 _CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "lr_schedule",
                  "weight_decay",
-                 "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold")
+                 "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold", "unet_layout")
 
 
 class UsageError(SystemExit):
@@ -99,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed everything (weights, shuffling, augmentation) for a repeatable run")
     p.add_argument("--steps-per-epoch", type=int, help="cap the training steps of each epoch")
     p.add_argument("--validation-steps", type=int, help="cap the validation steps of each epoch")
-    p.add_argument("--export-dir", default="saved_models",
+    p.add_argument("--export-dir", default=None,
                    help="TF Serving base folder; the best model goes to <export-dir>/<stage>/<N>/ "
-                        "(default: saved_models)")
+                        "(default: <output>/saved_models)")
     p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -216,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         ("--dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
         ("--bn-momentum", 0 <= cfg.bn_momentum < 1, "in [0, 1)"),
         ("--threshold", 0 < cfg.threshold < 1, "in (0, 1)"),
+        ("--unet-layout", cfg.unet_layout in UNET_LAYOUTS, f"one of {', '.join(UNET_LAYOUTS)}"),
         ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
         ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
     ]
@@ -256,33 +258,33 @@ def make_strategy(name: str):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def stage1_lung_masks(lung_model_path: Path, builder, splits: Sequence[str], cache_dir: Path, threshold: float,
+                      image_size: int, batch_size: int = 16) -> tuple[list[str], list[bytes]]:
+    """Stage-1 lung masks for every example of `splits`, as (file names, PNG bytes at the model size).
 
-
-def stage1_lung_masks(lung_model_path: Path, builder, splits: Sequence[str], cache_dir: Path,
-                      threshold: float, batch_size: int = 16) -> tuple[list[str], list[bytes]]:
-    """Stage-1 lung masks for every example of `splits`, as (file names, PNG bytes at native size).
-
-    Predicted once and cached in `cache_dir`, keyed by the Stage-1 model file's digest, so a rerun (or a resumed
-    run) reuses them and a retrained Stage-1 model invalidates them.
+    Each mask is `cascade.run_stages`' `lung_input`: the image made model pixels, Stage 1, thresholded at the
+    model size, i.e. exactly the mask Stage 2 is given at inference (the pipeline resizes it nearest to the
+    example's native size for augmentation and back). Predicted once and cached in `cache_dir`, keyed by the
+    Stage-1 model file's digest and the threshold, so a rerun (or a resumed run) reuses them and a retrained
+    Stage-1 model invalidates them.
     """
-    import keras
     import tensorflow as tf
     from tqdm import tqdm
 
     from covidseg_tf import data
-    from covidseg_tf.cascade import load_model
+    from covidseg_tf.cascade import load_model, model_input_size, run_stages, to_model_pixels
+    from covidseg_tf.paths import sha256_file
 
-    cache = cache_dir / f"{_file_digest(lung_model_path)}.tfrecord"
+    model = load_model(lung_model_path, stage="lung")
+    size, _ = model_input_size(model, image_size)
+    if size != image_size:
+        raise UsageError(f"--lung-model {lung_model_path} takes {size} px but this stage trains at --image-size "
+                         f"{image_size}; the cascade runs both stages at one size")
+    cache = cache_dir / f"{sha256_file(lung_model_path)[:16]}-t{threshold:g}.tfrecord"
     if not cache.exists():
-        model: keras.Model = load_model(lung_model_path)
-        size = int(model.input_shape[1])
-        predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        spec = tf.TensorSpec([None, None, None, 1], tf.uint8)
+        lung_input = tf.function(lambda g: run_stages(model, None, to_model_pixels(g, size), threshold)["lung_input"],
+                                 input_signature=[spec])
         tmp = cache.with_suffix(".partial")
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tf.io.TFRecordWriter(str(tmp)) as writer:
@@ -291,12 +293,7 @@ def stage1_lung_masks(lung_model_path: Path, builder, splits: Sequence[str], cac
                 n = builder.info.splits[split].num_examples
                 for ex in tqdm(ds.batch(1).prefetch(4), total=n, desc=f"Stage-1 lung masks ({split})",
                                unit="img", disable=None):
-                    image = ex["image"]
-                    h, w = int(image.shape[1]), int(image.shape[2])
-                    x = tf.repeat(tf.image.resize(tf.cast(image, tf.float32), (size, size)), 3, axis=-1)
-                    prob = predict(x)
-                    prob = tf.image.resize(prob, (h, w), method="bilinear")
-                    mask = tf.cast(prob[0] >= threshold, tf.uint8)
+                    mask = tf.cast(lung_input(ex["image"])[0], tf.uint8)
                     feat = {"name": ex["file_name"][0].numpy(), "png": tf.io.encode_png(mask).numpy()}
                     example = tf.train.Example(features=tf.train.Features(feature={
                         k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feat.items()}))
@@ -418,7 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table = None
     if lung_model is not None:
         names, pngs = stage1_lung_masks(lung_model, builder, ("train", "validation"), out / "stage1_masks",
-                                        cfg.threshold)
+                                        cfg.threshold, cfg.image_size)
         table = data.masks_lookup(names, pngs)
     train_ds = data.make_pipeline(data.load_split(builder, "train"), cfg, training=True, seed=args.seed,
                                   stage1_masks=table, repeat=args.steps_per_epoch is not None)
@@ -426,8 +423,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with strategy.scope():
         model = build_stage_model(cfg, encoder_weights=weights)
-        optimizer = keras.optimizers.AdamW(learning_rate=make_learning_rate(cfg, train_ds, args.steps_per_epoch), weight_decay=cfg.weight_decay,
-                                           clipnorm=cfg.clipnorm)
+        optimizer = keras.optimizers.AdamW(learning_rate=make_learning_rate(cfg, train_ds, args.steps_per_epoch),
+                                           weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)
         model.compile(optimizer=optimizer, loss=make_loss(cfg), metrics=make_metrics(cfg.threshold))
 
     best = _best_so_far(out / "history.csv")
@@ -453,10 +450,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"run": str(out), "model": str(out / "model.keras"), "best_val_dice": best,
                                "encoder_weights": weights}
     if not args.no_export:
-        from covidseg_tf.export import export_stage
         from covidseg_tf.cascade import load_model
+        from covidseg_tf.export import export_stage
 
-        summary["saved_model"] = str(export_stage(load_model(out / "model.keras"), cfg.stage, args.export_dir,
+        export_dir = Path(args.export_dir) if args.export_dir else out / "saved_models"
+        summary["saved_model"] = str(export_stage(load_model(out / "model.keras"), cfg.stage, export_dir,
                                                   threshold=cfg.threshold))
     (out / "DONE").write_text(json.dumps(summary, indent=2))
     return summary

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
 from covidseg_tf.cascade import run_cascade, severity, severity_grade, split_columns
 
 S = 64
@@ -94,7 +94,8 @@ def test_severity_in_tf_function_with_unknown_shape():
 
 
 @pytest.mark.parametrize(
-    "p,grade", [(0.0, "none"), (0.01, "mild"), (24.9, "mild"), (25.0, "moderate"), (49.99, "moderate"), (50.0, "severe"), (100.0, "severe")]
+    "p,grade", [(0.0, "none"), (0.01, "mild"), (24.9, "mild"), (25.0, "moderate"), (49.99, "moderate"),
+                (50.0, "severe"), (100.0, "severe")]
 )
 def test_severity_grade_bands(p, grade):
     assert severity_grade(p) == grade
@@ -151,7 +152,8 @@ def test_run_cascade_masks_infection_outside_lung_and_feeds_lung_mask():
 def test_run_cascade_inside_tf_function():
     lung_model = fixed_model(two_lungs()[0], 3, "lung")
     inf_model = fixed_model(np.full((S, S, 1), 0.7, np.float32), 4, "inf")
-    fn = tf.function(lambda p: run_cascade(lung_model, inf_model, p), input_signature=[tf.TensorSpec([None, S, S, 3], tf.float32)])
+    fn = tf.function(lambda p: run_cascade(lung_model, inf_model, p),
+                     input_signature=[tf.TensorSpec([None, S, S, 3], tf.float32)])
     out = fn(tf.zeros((1, S, S, 3)))
     assert out["severity_total"].numpy()[0] == pytest.approx(100.0)
     assert out["severity_left"].numpy()[0] == pytest.approx(100.0)
@@ -184,7 +186,7 @@ def random_pixels(channels: int = 3, batch: int = 2, seed: int = 0) -> np.ndarra
 @pytest.mark.parametrize("stage,channels", [("lung", 3), ("infection", 4)])
 @pytest.mark.parametrize("which", ["base", "version"])
 def test_load_model_saved_model_stage_matches_keras(exported_stages, stage, channels, which):
-    from covidseg_tf.cascade import SavedModelStage, load_model, model_image_size
+    from covidseg_tf.cascade import SavedModelStage, load_model, model_input_size
 
     lung, inf, base = exported_stages
     keras_model = lung if stage == "lung" else inf
@@ -193,7 +195,7 @@ def test_load_model_saved_model_stage_matches_keras(exported_stages, stage, chan
     assert isinstance(loaded, SavedModelStage)
     assert loaded.path == version and loaded.info["servable"] == stage and loaded.info["precision"] == "fp32"
     assert loaded.input_shape == (None, S, S, channels) and stage in loaded.name
-    assert model_image_size(loaded) == S == model_image_size(keras_model)
+    assert model_input_size(loaded) == (S, channels) == model_input_size(keras_model)
     x = random_pixels(channels)
     got = loaded(tf.constant(x), training=False)
     assert got.dtype == tf.float32 and got.shape == (2, S, S, 1)

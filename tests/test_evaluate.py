@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidseg_tf.evaluate import Scores, pick_figure_rows
+from covidseg_tf.evaluate import Scores
+from covidseg_tf.report import pick_figure_rows
+from tfds_covidqu.covid_qu_ex.sources import CLASS_NAMES
 
 COVID, NONCOVID, NORMAL = 0, 1, 2
 
@@ -29,7 +31,7 @@ def hand_made() -> Scores:
     # img3 COVID: truth 2 px, prediction 2 other px -> 0, 0
     y_true = masks_from([0, 1, 2, 3], [], [], [8, 9])
     y_pred = masks_from([0, 1], [], [5], [10, 11])
-    s = Scores()
+    s = Scores(CLASS_NAMES)
     s.add(y_true[:2], y_pred[:2], [COVID, NONCOVID], loss=[0.5, 0.1])  # two batches
     s.add(y_true[2:], y_pred[2:], [NORMAL, COVID], loss=[0.3, 0.9])
     return s
@@ -55,7 +57,7 @@ def test_scores_pooled_per_image_and_covid_only(hand_made):
 
 
 def test_scores_missing_class_has_no_numbers():
-    s = Scores()
+    s = Scores(CLASS_NAMES)
     s.add(masks_from([1]), masks_from([1]), [COVID])
     r = s.summary()
     assert r["Normal"] == {"n": 0}
@@ -69,7 +71,7 @@ def test_scores_match_metrics_module():
     y_true = (rng.random((5, 16, 16, 1)) > 0.7).astype(np.float32)
     y_pred = (rng.random((5, 16, 16, 1)) > 0.6).astype(np.float32)
     y_true[2] = 0
-    s = Scores()
+    s = Scores(CLASS_NAMES)
     s.add(y_true, y_pred, [0] * 5)
     r = s.summary()["all"]
     assert r["dice_pooled"] == pytest.approx(float(metrics.pooled_dice(y_true, y_pred)), rel=1e-5)
@@ -122,7 +124,7 @@ def test_evaluate_cli_on_synthetic(synthetic_data_dir, tiny_models, tmp_path):
     assert 0.0 <= res["severity_mae_covid"] <= 100.0
     md = (out / "report.md").read_text()
     assert "Table I" in md and "Table II" in md and "fig1_validation.png" in md
-    from covidseg_tf.evaluate import CLASS_HEADER, SUMMARY_HEADER
+    from covidseg_tf.report import CLASS_HEADER, SUMMARY_HEADER
 
     assert md.count(SUMMARY_HEADER) == 2 and md.count(CLASS_HEADER) == 2
     rows = [ln for ln in md.splitlines() if ln.startswith("| validation |")]
@@ -168,10 +170,10 @@ def test_evaluate_saved_models_match_keras_and_report_version_folders(synthetic_
 
 
 def test_evaluate_default_models_and_missing_default_error(tmp_path, monkeypatch):
-    from covidseg_tf import cascade, evaluate
+    from covidseg_tf import config, evaluate
 
     args = evaluate.build_parser().parse_args([])
-    assert (args.lung_model, args.infection_model) == (cascade.DEFAULT_LUNG_MODEL, cascade.DEFAULT_INFECTION_MODEL)
+    assert (args.lung_model, args.infection_model) == (config.DEFAULT_LUNG_MODEL, config.DEFAULT_INFECTION_MODEL)
     monkeypatch.setattr(evaluate, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
     with pytest.raises(FileNotFoundError, match="--lung-model/--infection-model") as err:
         evaluate.main(["--out", str(tmp_path / "out"), "--quiet"])

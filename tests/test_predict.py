@@ -29,7 +29,8 @@ def test_plan_outputs_never_hits_inputs_nor_itself(tmp_path):
         p.write_bytes(b"")
     files = [a_png, a_dcm, b_png, clash]
     plan = plan_outputs(files, [d], d.parent)  # --out = the parent of the input folder
-    outs = [plan[f].parent / (plan[f].name + s) for f in files for s in ("_lung.png", "_infection.png", "_overlay.png", ".json")]
+    suffixes = ("_lung.png", "_infection.png", "_overlay.png", ".json")
+    outs = [plan[f].parent / (plan[f].name + s) for f in files for s in suffixes]
     assert len(set(outs)) == len(outs)
     assert not {o.resolve() for o in outs} & {f.resolve() for f in files}
     assert plan[a_png].name == "a_png" and plan[a_dcm].name == "a_dcm"

@@ -1,4 +1,4 @@
-"""The models shipped in saved_models/ (issue 8): on real Val images they do at least as well as the model card says.
+"""The models shipped in saved_models/: on real Val images they do at least as well as the model card says.
 
 The floors below are the Val figures of saved_models/MODEL_CARD.md, lowered by a margin for the small sample
 (the card lists both). The images are a fixed choice: the first N of each class, by file name, from
@@ -33,14 +33,14 @@ def _dice(t: np.ndarray, p: np.ndarray) -> float:
 def predictions(shared_covidqu: Path) -> list[dict]:
     if not (DEFAULT_LUNG_MODEL.is_dir() and DEFAULT_INFECTION_MODEL.is_dir()):
         pytest.fail(f"the shipped models are missing: {DEFAULT_LUNG_MODEL}, {DEFAULT_INFECTION_MODEL}")
-    from covidseg_tf.predict import Predictor
+    from covidseg_tf.cascade import Cascade
 
-    predictor = Predictor(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
+    cascade = Cascade.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
     rows = []
     for cls, n in PER_CLASS.items():
         folder = shared_covidqu / VAL / cls
         for image in sorted((folder / "images").glob("*.png"))[:n]:
-            pred = predictor.predict(read_xray(image))
+            pred = cascade.predict([read_xray(image)])[0]
             rows.append({
                 "class": cls,
                 "lung_true": read_xray(folder / "lung masks" / image.name) > 127,
@@ -77,18 +77,41 @@ def test_infection_stays_inside_the_predicted_lungs(predictions):
     assert all(not (r["infection"] & ~r["lung"]).any() for r in predictions)
 
 
-def test_shipped_cascade_servable_agrees_with_predict(shared_covidqu: Path):
-    """The cascade SavedModel (what TF Serving serves) gives predict's masks on a real X-ray."""
+def test_predict_evaluate_and_cascade_servable_agree_exactly(shared_covidqu: Path, tmp_path: Path):
+    """One cascade: the same real X-rays give the same masks and severity through `predict` (the CLI, its PNGs and
+    JSON), `evaluate`'s step and the shipped cascade SavedModel (what TF Serving serves)."""
+    import json
+
     import tensorflow as tf
 
-    from covidseg_tf.config import SAVED_MODELS
-    from covidseg_tf.predict import Predictor
+    from covidseg_tf import evaluate, predict
+    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.config import SAVED_MODELS, SHIPPED_VERSION
 
-    image = sorted((shared_covidqu / VAL / "COVID-19" / "images").glob("*.png"))[0]
-    served = tf.saved_model.load(str(SAVED_MODELS / "cascade" / "1")).signatures["serving_default"](
-        images=tf.constant([image.read_bytes()]))
-    pred = Predictor(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL).predict(read_xray(image))
-    for key, mask in (("lung_mask_bytes", pred.lung), ("infection_mask_bytes", pred.infection)):
-        png = tf.io.decode_png(served[key][0]).numpy()[..., 0] > 127
-        assert png.shape == mask.shape and _dice(png, mask.astype(bool)) >= 0.98
-    assert abs(float(served["severity_total"][0]) - pred.severity_total) < 2.0
+    images = [p for cls in PER_CLASS for p in sorted((shared_covidqu / VAL / cls / "images").glob("*.png"))[:3]]
+    assert predict.main([*map(str, images), "--out", str(tmp_path), "--quiet"]) == 0
+    records = {Path(r["file"]).name: r for r in map(json.loads, map(Path.read_text, tmp_path.rglob("*.json")))}
+    served = tf.saved_model.load(str(SAVED_MODELS / "cascade" / str(SHIPPED_VERSION))).signatures["serving_default"](
+        images=tf.constant([p.read_bytes() for p in images]))
+    cascade = Cascade.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
+    step = evaluate.make_step(cascade, evaluate.make_loss("lung"), evaluate.make_loss("infection"), True)
+    grays = np.stack([read_xray(p) for p in images])[..., None]
+    zeros = tf.zeros(grays.shape, tf.float32)
+    by_evaluate = step(tf.constant(grays), zeros, zeros)
+    infected = 0
+    for i, image in enumerate(images):
+        rec = records[image.name]
+        for key, served_key, eval_key in (("lung", "lung_mask_bytes", "lung_pred"),
+                                          ("infection", "infection_mask_bytes", "infection_cascade")):
+            from_predict = read_xray(Path(rec["outputs"][key])) > 127
+            from_served = tf.io.decode_png(served[served_key][i]).numpy()[..., 0] > 127
+            from_evaluate = by_evaluate[eval_key].numpy()[i, :, :, 0] > 0.5
+            np.testing.assert_array_equal(from_served, from_predict, err_msg=f"{image.name} {key}: served")
+            np.testing.assert_array_equal(from_evaluate, from_predict, err_msg=f"{image.name} {key}: evaluate")
+        infected += int(from_predict.any())
+        sev = rec["severity"]["total"]
+        assert abs(float(served["severity_total"][i]) - sev) <= 0.01, image.name
+        assert abs(float(by_evaluate["severity_total"][i]) - sev) <= 0.01, image.name
+        assert (float(served["severity_left"][i]), float(served["severity_right"][i])) == pytest.approx(
+            (rec["severity"]["left"], rec["severity"]["right"]), abs=0.01)
+    assert infected >= 2  # the sample exercises the infection masks, not only empty ones

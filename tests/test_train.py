@@ -63,12 +63,12 @@ def test_tensorboard_logs_hold_scalars_and_overlay_images(lung_run: dict):
 
 def test_infection_stage_uses_the_stage1_model(lung_run: dict, synthetic_data_dir: Path, tmp_path: Path):
     summary = train.main(["--stage", "infection", *TINY, "--epochs", "1", "--data-dir", str(synthetic_data_dir),
-                          "--lung-model", lung_run["model"], "--output", str(tmp_path / "run"),
-                          "--export-dir", str(lung_run["root"] / "saved_models")])
+                          "--lung-model", lung_run["model"], "--output", str(tmp_path / "run")])
     run = Path(summary["run"])
     assert len(_rows(run / "history.csv")) == 1
     assert list((run / "stage1_masks").glob("*.tfrecord")), "Stage-1 masks were not cached"
-    assert Path(summary["saved_model"]) == lung_run["root"] / "saved_models" / "infection" / "1"
+    # without --export-dir the SavedModel goes into the run folder, never into the repository's saved_models/
+    assert Path(summary["saved_model"]) == run / "saved_models" / "infection" / "1"
     # a finished run is never silently retrained
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "infection", *TINY, "--data-dir", str(synthetic_data_dir), "--lung-model",
