@@ -46,9 +46,10 @@ Under a mixed-precision policy these two layers are switched to float32 (`keep_p
 stem conv gets the normalized values rounded once to bfloat16/float16; the output sigmoid is float32 too.
 
 Encoder weights: None / "none" (random init), "imagenet" (keras.applications' notop file, downloaded once to
-~/.keras/models; offline it fails fast with the URL to fetch), or a path to a local Keras weights file of a
-3-channel keras.applications encoder: the ``efficientnetbN_notop.h5`` file keras downloads, or a
-``.weights.h5`` saved from ``keras.applications.EfficientNetBN(include_top=False)``.
+~/.keras/models; offline it fails fast with the URL to fetch), a path to a local Keras weights file of a
+3-channel keras.applications encoder (the ``efficientnetbN_notop.h5`` file keras downloads, or a
+``.weights.h5`` saved from ``keras.applications.EfficientNetBN(include_top=False)``), or a trained stage model's
+``.keras`` file (domain-matched pretraining, `transfer_stage_weights`: every layer whose name and shapes match).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ STEM_ACTIVATION = "stem_activation"
 _BLOCK_NAME = re.compile(r"^(block\d+[a-z])_")  # keras.applications EfficientNet block layers: block6a_...
 DECODER_FILTERS: tuple[int, ...] = (256, 128, 64, 32, 16)
 STEM_LAYER = "stem_conv"
+ENCODER_PREFIXES = ("stem_", "block", "top_")
+"""Name prefixes of keras.applications EfficientNet layers (the encoder)."""
 STEM_INITS: tuple[str, ...] = ("cycle", "zero")
 #: keras.applications downloads encoder weights from here (file name: f"{encoder}_notop.h5").
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
@@ -214,6 +217,53 @@ def transfer_encoder_weights(
         target.set_weights(values)
         copied += 1
     return copied
+
+
+def load_stage_model(path: str | os.PathLike) -> keras.Model:
+    """A trained stage model (`.keras` file written by training), uncompiled."""
+    from covidseg_tf.cascade import load_model
+
+    model = load_model(path)
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{path}: encoder weights from a trained stage need its .keras file, not a SavedModel")
+    return model
+
+
+def transfer_stage_weights(model: keras.Model, source: keras.Model, stem_init: str = "cycle") -> int:
+    """Initialise `model` from a trained stage model (domain-matched pretraining instead of ImageNet): every layer
+    of `source` whose name and weight shapes match a layer of `model` is copied (the encoder, and the decoder and
+    head too when their shapes match, e.g. a lung model starting the infection stage, or a 128 px model starting
+    a 256 px run); the stem conv is widened with `widen_stem_kernel` when `model` takes more input channels. The
+    preprocessing statistics are set by `set_input_normalization` afterwards. Returns the number of layers copied.
+
+    Raises:
+        ValueError: `source` has no matching encoder (e.g. another EfficientNet size) or more input channels.
+    """
+    copied: set[str] = set()
+    for src in source.layers:
+        values = src.get_weights()
+        if not values or isinstance(src, (layers.Normalization, layers.Rescaling)):
+            continue
+        try:
+            target = model.get_layer(src.name)
+        except ValueError:
+            continue
+        shapes = [tuple(w.shape) for w in target.get_weights()]
+        if src.name == STEM_LAYER and values[0].shape[2] != shapes[0][2]:
+            if values[0].shape[2] > shapes[0][2]:
+                raise ValueError(f"{source.name} takes {values[0].shape[2]} input channels, more than the model's "
+                                 f"{shapes[0][2]}")
+            values = [widen_stem_kernel(values[0], shapes[0][2], stem_init), *values[1:]]
+        if [tuple(v.shape) for v in values] != shapes:
+            continue
+        target.set_weights(values)
+        copied.add(src.name)
+    encoder = {layer.name for layer in model.layers if layer.weights and layer.name.startswith(ENCODER_PREFIXES)
+               and not isinstance(layer, layers.Normalization)}
+    if not encoder <= copied:
+        raise ValueError(f"no encoder layer match for {len(encoder - copied)} of {len(encoder)} encoder layers of "
+                         f"{model.name} in {source.name} (another encoder size or layout?)")
+    return len(copied)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -429,7 +479,11 @@ def build_unet(
             if isinstance(layer, layers.BatchNormalization):
                 layer.momentum = bn_momentum
 
-    if weights_path is not None:
+    if weights_path is not None and weights_path.suffix == ".keras":
+        copied = transfer_stage_weights(model, load_stage_model(weights_path), stem_init=stem_init)
+        log.info("initialised %d layers from the trained stage model %s (stem_init=%s)", copied, weights_path,
+                 stem_init)
+    elif weights_path is not None:
         reference = load_reference_encoder(key, weights_path)
         unused = {layer.name for layer in backbone.layers} - {layer.name for layer in model.layers}
         copied = transfer_encoder_weights(model, reference, stem_init=stem_init, unused=unused)

@@ -415,3 +415,21 @@ def test_build_stage_model_honours_unet_layout():
     assert new.get_layer("decoder_stage3_concat").input[1].shape[-1] == 32  # stem_activation
     with pytest.raises(ValueError, match="unknown U-Net layout 'smp'"):
         models.build_stage_model(cfg.replace(unet_layout="smp"))
+
+
+def test_encoder_weights_from_a_trained_stage_model(tmp_path):
+    """A lung model's .keras file starts an infection model: encoder and decoder copied, stem widened by the cycle
+    rule, at another input size; another encoder size is refused."""
+    keras.utils.set_random_seed(3)
+    lung = models.build_unet("efficientnetb0", (SIZE, SIZE, 3), encoder_weights=None, name="lung")
+    path = tmp_path / "lung.keras"
+    lung.save(path)
+    inf = models.build_unet("efficientnetb0", (2 * SIZE, 2 * SIZE, 4), encoder_weights=path, name="infection")
+    for name in ("block3b_project_conv", "decoder_stage2a_conv", "final_conv"):
+        for a, b in zip(lung.get_layer(name).get_weights(), inf.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    stem = lung.get_layer(models.STEM_LAYER).get_weights()[0]
+    np.testing.assert_allclose(inf.get_layer(models.STEM_LAYER).get_weights()[0],
+                               models.widen_stem_kernel(stem, 4, "cycle"))
+    with pytest.raises(ValueError, match="no encoder layer"):
+        models.build_unet("efficientnetb1", (SIZE, SIZE, 3), encoder_weights=path)
