@@ -17,10 +17,25 @@ Stages (`run_stages`)
 
 Masks at an output size (`masks_at`)
     The two S x S probability maps are resized bilinearly (no antialias) to the requested height x width (the
-    input's own size for `predict` and the SavedModel; S when none is asked), thresholded there (``>= threshold``)
-    and the infection mask is multiplied by the lung mask, so no infection is reported outside the lungs. A given
-    `lung_mask` at the output size replaces the predicted lung mask. Severity is computed on these output masks,
-    so one image gets the same masks and severity from every entry point.
+    input's own size for `predict` and the SavedModel; S when none is asked), thresholded there (``>= threshold``
+    for the lung, ``>= infection_threshold`` for the infection) and the infection mask is multiplied by the lung
+    mask, so no infection is reported outside the lungs. A given `lung_mask` at the output size replaces the
+    predicted lung mask. Image-level decision: an infection mask covering less than `min_infection_percent` of
+    the lung mask is emptied (healthy X-rays get no scattered false positives). Severity is computed on these
+    output masks, so one image gets the same masks and severity from every entry point.
+
+Decision (`Decision`)
+    The thresholds, the image-level rule and horizontal-flip test-time augmentation (`hflip`: each stage's
+    probability is the mean of the image's and its mirror's) are one frozen object. Its values are chosen on the
+    validation split (`python -m covidseg_tf.tune`) and recorded in exported SavedModels (`covidseg_export.json`);
+    `Cascade.load` takes them from an exported infection stage unless told otherwise.
+
+Input-quality gate (`input_quality`)
+    Images that cannot be chest X-rays - too small, extremely elongated, near-constant; the thresholds and why are
+    in `covidseg_tf.limits` - are "not assessed": `masks_at(..., assessed=...)` empties their masks and zeroes
+    their severity, and every entry point says so with the reason (`Prediction.assessed` / `.reason`, predict's
+    JSON, the cascade SavedModel's `assessed` / `reason` outputs) instead of a grade. The rule is computed once,
+    here, from the input's height x width and its model pixels, so it costs the same for any input size.
 
 Models
     `load_model` reads a stage model from a `.keras` file or from a stage SavedModel written by
@@ -57,13 +72,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from covidseg_tf.config import Decision
+from covidseg_tf.limits import MAX_ASPECT, MIN_SIDE, MIN_STD
 from covidseg_tf.paths import integer_versions
 
 log = logging.getLogger(__name__)
@@ -100,6 +117,37 @@ def mask_at(prob: tf.Tensor, size: Any, threshold: float) -> tf.Tensor:
     if size is not None:
         prob = tf.image.resize(prob, size, method="bilinear")
     return tf.cast(prob >= threshold, tf.float32)
+
+
+# ----------------------------------------------------------------------------------------------- input quality
+def input_quality(pixels: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The input-quality gate (`covidseg_tf.limits`) of a batch, as TensorFlow ops.
+
+    Args:
+        pixels: (B, S, S, C) model pixels of the images (`to_model_pixels`, 0..255; channel 0 is used).
+        sizes: (B, 2) the images' own (height, width).
+
+    Returns:
+        {"assessed": (B,) bool, "reason": (B,) string ("" when assessed), "grey_std": (B,) float32 standard
+        deviation of the grey levels}. The first failing check names the reason: too small (a side below
+        MIN_SIDE), extreme aspect ratio (long side > MAX_ASPECT x short side), near-constant (grey_std < MIN_STD).
+    """
+    sizes = tf.cast(sizes, tf.int32)
+    hw = tf.cast(sizes, tf.float32)
+    short, long = tf.reduce_min(hw, axis=1), tf.reduce_max(hw, axis=1)
+    std = tf.math.reduce_std(tf.cast(pixels, tf.float32)[..., 0], axis=[1, 2])
+    small, elongated, flat = short < MIN_SIDE, long > MAX_ASPECT * short, std < MIN_STD
+    size_text = tf.strings.join([tf.strings.as_string(sizes[:, 0]), "x", tf.strings.as_string(sizes[:, 1]),
+                                 " pixels (height x width)"])
+    reason = tf.where(flat, tf.strings.join(["near-constant image: grey-level standard deviation ",
+                                             tf.strings.as_string(std, precision=2), f" < {MIN_STD:g}"]),
+                      tf.fill(tf.shape(std), ""))
+    reason = tf.where(elongated, tf.strings.join(["extreme aspect ratio: ", size_text, ", ",
+                                                  tf.strings.as_string(long / short, precision=1),
+                                                  f":1 > {MAX_ASPECT:g}:1"]), reason)
+    reason = tf.where(small, tf.strings.join(["too small: ", size_text, f"; each side must be >= {MIN_SIDE}"]),
+                      reason)
+    return {"assessed": ~(small | elongated | flat), "reason": reason, "grey_std": std}
 
 
 # ----------------------------------------------------------------------------------------------- severity
@@ -175,7 +223,7 @@ def severity_grade(total_percent: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- the cascade
 def run_stages(lung_model: Any, infection_model: Any | None, pixels: tf.Tensor, threshold: float,
-               lung_mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+               lung_mask: tf.Tensor | None = None, hflip: bool = False) -> dict[str, tf.Tensor]:
     """Stage 1, then (unless `infection_model` is None) Stage 2, at the models' size S.
 
     Args:
@@ -184,92 +232,136 @@ def run_stages(lung_model: Any, infection_model: Any | None, pixels: tf.Tensor, 
         pixels: float32 (B, S, S, 3) model pixels (`to_model_pixels`).
         threshold: probability at or above which a Stage-1 pixel is lung.
         lung_mask: (B, S, S, 1) 0/1 mask fed to Stage 2 instead of Stage 1's (e.g. the ground truth).
+        hflip: average each stage's probabilities with those of the mirrored input (test-time augmentation).
 
     Returns:
         {"lung_prob", "lung_input", "infection_prob"} (B, S, S, 1) float32; `lung_input` is the 0/1 mask Stage 2
         was given (absent `infection_prob` without an infection model).
     """
     pixels = tf.cast(pixels, tf.float32)
-    lung_prob = tf.cast(lung_model(pixels, training=False), tf.float32)
+    lung_prob = _probabilities(lung_model, pixels, hflip)
     lung_input = tf.cast(lung_prob >= threshold, tf.float32) if lung_mask is None else tf.cast(lung_mask, tf.float32)
     out = {"lung_prob": lung_prob, "lung_input": lung_input}
     if infection_model is not None:
-        out["infection_prob"] = run_stage2(infection_model, pixels, lung_input)
+        out["infection_prob"] = run_stage2(infection_model, pixels, lung_input, hflip)
     return out
 
 
-def run_stage2(infection_model: Any, pixels: tf.Tensor, lung_input: tf.Tensor) -> tf.Tensor:
+def run_stage2(infection_model: Any, pixels: tf.Tensor, lung_input: tf.Tensor, hflip: bool = False) -> tf.Tensor:
     """Stage 2 alone: (B, S, S, 3) model pixels + (B, S, S, 1) 0/1 lung mask -> (B, S, S, 1) float32 probabilities."""
     x = tf.concat([tf.cast(pixels, tf.float32), tf.cast(lung_input, tf.float32)], axis=-1)
-    return tf.cast(infection_model(x, training=False), tf.float32)
+    return _probabilities(infection_model, x, hflip)
 
 
-def masks_at(lung_prob: tf.Tensor, infection_prob: tf.Tensor, threshold: float, size: Any = None,
-             lung_mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+def _probabilities(model: Any, x: tf.Tensor, hflip: bool) -> tf.Tensor:
+    """model(x) as float32; with `hflip`, the mean with the mirrored prediction on the mirrored input."""
+    prob = tf.cast(model(x, training=False), tf.float32)
+    if hflip:
+        mirrored = tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32)
+        prob = 0.5 * (prob + tf.reverse(mirrored, axis=[2]))
+    return prob
+
+
+def masks_at(lung_prob: tf.Tensor, infection_prob: tf.Tensor, decision: Decision | float, size: Any = None,
+             lung_mask: tf.Tensor | None = None, assessed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Lung and infection masks of a batch at `size` ((H, W); None = the maps' own size) and their severity.
 
+    `decision` gives the thresholds and the image-level rule (a float: one threshold for both, no rule).
     `lung_mask`, (B, H, W, 1) 0/1 at the output size, replaces the predicted lung mask (the ground-truth ablation).
+    `assessed`, (B,) bool (`input_quality`), empties both masks and zeroes the severity where it is False.
     Returns {"lung_mask", "infection_mask"} (B, H, W, 1) float32 0/1 (infection inside lung) and the
     `SEVERITY_KEYS` (B,) float32 percentages (see `severity`).
     """
-    lung = mask_at(lung_prob, size, threshold) if lung_mask is None else tf.cast(lung_mask, tf.float32)
-    infection = mask_at(infection_prob, size, threshold) * lung
-    out = {"lung_mask": lung, "infection_mask": infection}
-    out.update(severity(lung, infection))
-    return out
+    decision = Decision.of(decision)
+    lung = mask_at(lung_prob, size, decision.threshold) if lung_mask is None else tf.cast(lung_mask, tf.float32)
+    infection = mask_at(infection_prob, size, decision.infection_threshold) * lung
+    sev = severity(lung, infection)
+    if decision.min_infection_percent > 0:
+        keep = tf.cast(sev["severity_total"] >= decision.min_infection_percent, tf.float32)
+        infection = infection * keep[:, tf.newaxis, tf.newaxis, tf.newaxis]
+        sev = {k: v * keep for k, v in sev.items()}
+    if assessed is not None:  # the quality gate: no result for an input that cannot be a chest X-ray
+        keep = tf.cast(assessed, tf.float32)
+        lung, infection = (m * keep[:, tf.newaxis, tf.newaxis, tf.newaxis] for m in (lung, infection))
+        sev = {k: v * keep for k, v in sev.items()}
+    return {"lung_mask": lung, "infection_mask": infection, **sev}
 
 
 def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor,
-                threshold: float = 0.5) -> dict[str, tf.Tensor]:
+                threshold: Decision | float = 0.5) -> dict[str, tf.Tensor]:
     """Both stages on a batch of model pixels, masks and severity at the models' size S.
 
     Returns {"lung_prob", "lung_mask", "infection_prob", "infection_mask"}: (B, S, S, 1) float32 (masks 0/1; the
     infection mask is inside the lung mask) and the `SEVERITY_KEYS` (B,) float32 percentages.
     """
-    stages = run_stages(lung_model, infection_model, pixels, threshold)
+    decision = Decision.of(threshold)
+    stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
     out = {"lung_prob": stages["lung_prob"], "infection_prob": stages["infection_prob"]}
-    out.update(masks_at(stages["lung_prob"], stages["infection_prob"], threshold))
+    out.update(masks_at(stages["lung_prob"], stages["infection_prob"], decision))
     return out
 
 
 @dataclass
 class Prediction:
-    """Masks (H x W uint8 0/1, at the image's own size) and severity (percent) of one image."""
+    """Masks (H x W uint8 0/1, at the image's own size) and severity (percent) of one image.
+
+    `assessed` is False for an image the quality gate refused (`input_quality`; `reason` says why): its masks are
+    empty and its severity 0, which is no finding - report it as "not assessed", never as a grade.
+    """
 
     lung: np.ndarray
     infection: np.ndarray
     severity_left: float
     severity_right: float
     severity_total: float
+    assessed: bool = True
+    reason: str = ""
 
 
 class Cascade:
-    """The two stage models (Keras or SavedModel, see `load_model`), checked to agree, with their threshold.
+    """The two stage models (Keras or SavedModel, see `load_model`), checked to agree, with their `Decision`.
 
     `cascade.predict([gray, ...])` runs decoded H x W uint8 images (any sizes) through `to_model_pixels`, both
     stages in one batch, and `masks_at` each image's own size.
     """
 
-    def __init__(self, lung_model: Any, infection_model: Any, threshold: float = 0.5, image_size: int | None = None):
-        if not 0.0 < float(threshold) < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    def __init__(self, lung_model: Any, infection_model: Any, decision: Decision | float = 0.5,
+                 image_size: int | None = None):
+        decision = Decision.of(decision)
         self.lung_model, self.infection_model = lung_model, infection_model
         self.sources: dict[str, Path | None] = {"lung": None, "infection": None}
-        self.threshold = float(threshold)
+        self.decision = decision
         self.image_size = stage_agreement(lung_model, infection_model, image_size)
         s = self.image_size
-        self._stages = tf.function(lambda p: run_stages(lung_model, infection_model, p, self.threshold),
-                                   input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
+        self._stages = tf.function(
+            lambda p: run_stages(lung_model, infection_model, p, decision.threshold, hflip=decision.hflip),
+            input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
         prob = tf.TensorSpec([1, s, s, 1], tf.float32)
-        self._masks = tf.function(lambda lp, ip, hw: masks_at(lp, ip, self.threshold, hw),
-                                  input_signature=[prob, prob, tf.TensorSpec([2], tf.int32)])
+        self._masks = tf.function(lambda lp, ip, hw, ok: masks_at(lp, ip, decision, hw, assessed=ok),
+                                  input_signature=[prob, prob, tf.TensorSpec([2], tf.int32),
+                                                   tf.TensorSpec([1], tf.bool)])
+
+    @property
+    def threshold(self) -> float:
+        """The lung (Stage-1) threshold."""
+        return self.decision.threshold
 
     @classmethod
-    def load(cls, lung_path: str | Path, infection_path: str | Path, threshold: float = 0.5,
-             image_size: int | None = None) -> Cascade:
-        """Load both stage models (`load_model`) and check them; `sources` keeps the paths given."""
-        cascade = cls(load_model(lung_path, stage="lung"), load_model(infection_path, stage="infection"), threshold,
-                      image_size)
+    def load(cls, lung_path: str | Path, infection_path: str | Path, decision: Decision | None = None,
+             image_size: int | None = None, **overrides: Any) -> Cascade:
+        """Load both stage models (`load_model`) and check them; `sources` keeps the paths given.
+
+        `decision` defaults to the one recorded in an exported infection stage (`Decision()` for a `.keras`
+        file); `overrides` (Decision field=value, None ignored) replace single fields, e.g. threshold=0.4.
+        """
+        lung, infection = load_model(lung_path, stage="lung"), load_model(infection_path, stage="infection")
+        if decision is None:
+            recorded = getattr(infection, "info", {}).get("decision")
+            decision = Decision.from_dict(recorded) if recorded else Decision()
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if changes:
+            decision = replace(decision, **changes)
+        cascade = cls(lung, infection, decision, image_size)
         cascade.sources = {"lung": Path(lung_path), "infection": Path(infection_path)}
         return cascade
 
@@ -278,17 +370,23 @@ class Cascade:
         return to_model_pixels(tf.convert_to_tensor(np.asarray(gray)[:, :, None]), self.image_size)
 
     def predict(self, grays: Sequence[np.ndarray]) -> list[Prediction]:
-        """Masks and severity of decoded H x W uint8 images, each at its own size."""
+        """Masks and severity of decoded H x W uint8 images, each at its own size, after the quality gate
+        (`input_quality`: an image it refuses gets `assessed=False`, its reason, empty masks, severity 0)."""
         if not len(grays):
             return []
-        stages = self._stages(tf.stack([self.model_pixels(g) for g in grays]))
+        pixels = tf.stack([self.model_pixels(g) for g in grays])
+        sizes = tf.constant([np.shape(g)[:2] for g in grays], tf.int32)
+        quality = input_quality(pixels, sizes)
+        stages = self._stages(pixels)
         out = []
-        for i, gray in enumerate(grays):
-            m = self._masks(stages["lung_prob"][i:i + 1], stages["infection_prob"][i:i + 1],
-                            tf.constant(np.shape(gray)[:2], tf.int32))
+        for i in range(len(grays)):
+            ok = bool(quality["assessed"][i])
+            m = self._masks(stages["lung_prob"][i:i + 1], stages["infection_prob"][i:i + 1], sizes[i],
+                            tf.constant([ok]))
             out.append(Prediction(lung=m["lung_mask"].numpy()[0, :, :, 0].astype(np.uint8),
                                   infection=m["infection_mask"].numpy()[0, :, :, 0].astype(np.uint8),
-                                  **{k: float(m[k].numpy()[0]) for k in SEVERITY_KEYS}))
+                                  **{k: float(m[k].numpy()[0]) for k in SEVERITY_KEYS},
+                                  assessed=ok, reason=quality["reason"][i].numpy().decode()))
         return out
 
 

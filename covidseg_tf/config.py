@@ -6,6 +6,7 @@ the `--help` text, the training run and the exported model card together.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,3 +129,58 @@ def default_config(stage: str) -> StageConfig:
         return DEFAULTS[stage]
     except KeyError:
         raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}") from None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How the cascade turns probabilities into masks (covidseg_tf.cascade explains each field).
+
+    Defaults: the stages' config thresholds, no image-level rule, no test-time augmentation. Values chosen on the
+    validation split (`python -m covidseg_tf.tune`) are recorded in exported SavedModels.
+    """
+
+    threshold: float = LUNG.threshold
+    infection_threshold: float = INFECTION.threshold
+    min_infection_percent: float = 0.0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "infection_threshold"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not 0.0 <= float(self.min_infection_percent) < 100.0:
+            raise ValueError(f"min_infection_percent must be in [0, 100), got {self.min_infection_percent}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, value: Decision | float) -> Decision:
+        """`value` itself, or for a number the decision with that threshold for both stages."""
+        return value if isinstance(value, Decision) else cls(threshold=value, infection_threshold=value)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Decision:
+        """From `to_dict` output (unknown keys are an error naming them)."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Decision field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def add_decision_flags(parser: Any) -> None:
+    """--threshold, --infection-threshold, --min-infection-percent, --hflip/--no-hflip on an argparse parser; each
+    defaults to None: the decision recorded in the models (see `decision_overrides`)."""
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="lung probability threshold (default: the models' recorded decision, else 0.5)")
+    parser.add_argument("--infection-threshold", type=float, default=None,
+                        help="infection probability threshold (default: recorded, else 0.5)")
+    parser.add_argument("--min-infection-percent", type=float, default=None,
+                        help="empty infection masks covering less of the lung than this (default: recorded, else 0)")
+    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                        help="horizontal-flip test-time augmentation (default: recorded, else off)")
+
+
+def decision_overrides(args: Any) -> dict[str, Any]:
+    """The Decision fields given on the command line (for `Cascade.load(..., **overrides)`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Decision) if getattr(args, f.name) is not None}

@@ -46,7 +46,13 @@ from typing import Any
 import numpy as np
 
 from covidseg_tf import __version__
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, default_config
+from covidseg_tf.config import (
+    DEFAULT_INFECTION_MODEL,
+    DEFAULT_LUNG_MODEL,
+    add_decision_flags,
+    decision_overrides,
+    default_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +129,7 @@ def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
 
     from covidseg_tf.cascade import mask_at, masks_at, resize_mask, run_stage2, run_stages, to_model_pixels
 
-    size, threshold = cascade.image_size, cascade.threshold
+    size, decision = cascade.image_size, cascade.decision
 
     def per_image(loss_fn, y_true, y_pred):
         return tf.map_fn(lambda a: tf.cast(loss_fn(a[0][None], a[1][None]), tf.float32), (y_true, y_pred),
@@ -136,18 +142,19 @@ def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
     def step(gray, lung_gt, infection_gt):
         hw = tf.shape(gray)[1:3]
         pixels = to_model_pixels(gray, size)
-        stages = run_stages(cascade.lung_model, cascade.infection_model if with_infection else None, pixels, threshold)
+        stages = run_stages(cascade.lung_model, cascade.infection_model if with_infection else None, pixels,
+                            decision.threshold, hflip=decision.hflip)
         lung_gt_small = resize_mask(lung_gt, size)
         out = {"lung_loss": per_image(lung_loss, lung_gt_small, stages["lung_prob"])}
         if not with_infection:
-            out["lung_pred"] = mask_at(stages["lung_prob"], hw, threshold)
+            out["lung_pred"] = mask_at(stages["lung_prob"], hw, decision.threshold)
             return out
         inf_gt_small = resize_mask(infection_gt, size)
-        m = masks_at(stages["lung_prob"], stages["infection_prob"], threshold, hw)
+        m = masks_at(stages["lung_prob"], stages["infection_prob"], decision, hw)
         out.update(lung_pred=m["lung_mask"], infection_cascade=m["infection_mask"], severity_total=m["severity_total"],
                    infection_cascade_loss=per_image(infection_loss, inf_gt_small, stages["infection_prob"]))
-        prob_gt = run_stage2(cascade.infection_model, pixels, lung_gt_small)
-        gt = masks_at(stages["lung_prob"], prob_gt, threshold, hw, lung_mask=lung_gt)
+        prob_gt = run_stage2(cascade.infection_model, pixels, lung_gt_small, decision.hflip)
+        gt = masks_at(stages["lung_prob"], prob_gt, decision, hw, lung_mask=lung_gt)
         out["infection_gt_lung"] = gt["infection_mask"]
         out["infection_gt_lung_loss"] = per_image(infection_loss, inf_gt_small, prob_gt)
         return out
@@ -264,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="input size; only for models without a fixed one (default: the models' input size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=default_config("infection").threshold,
-                   help="probability threshold of both stages (default: %(default)s)")
+    add_decision_flags(p)
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
     p.add_argument("--out", type=Path, default=Path("reports/eval"), help="report folder (default: %(default)s)")
     p.add_argument("--no-figure", action="store_true", help="skip Fig. 1")
@@ -288,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
     t0 = time.time()
-    cascade = Cascade.load(args.lung_model, args.infection_model, args.threshold, args.image_size)
+    cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                           **decision_overrides(args))
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     with_infection = "infection_mask" in builder.info.features
     step = make_step(cascade, make_loss("lung"), make_loss("infection"), with_infection)
@@ -304,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dataset": builder.info.full_name, "splits": list(args.split), "limit": args.limit,
         "lung_model": str(model_path(cascade.lung_model, args.lung_model)),
         "infection_model": str(model_path(cascade.infection_model, args.infection_model)),
-        "image_size": cascade.image_size, "threshold": cascade.threshold,
+        "image_size": cascade.image_size, "decision": cascade.decision.to_dict(),
         "class_names": list(builder.info.features["label"].names),
         "results": results, "figures": figures, "seconds": time.time() - t0,
         "versions": {"covidseg_tf": __version__, "keras": keras.__version__, "tensorflow": tf.__version__},

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from covidseg_tf import serving
 from covidseg_tf.cascade import model_input_size, stage_agreement
-from covidseg_tf.config import default_config
+from covidseg_tf.config import Decision, add_decision_flags, decision_overrides, default_config
 from covidseg_tf.optimize import PRECISIONS, frozen_stage
 from covidseg_tf.paths import integer_versions
 
@@ -110,7 +110,7 @@ def export_stage(
     model: Any,
     stage: str,
     base_dir: Path | str,
-    threshold: float = 0.5,
+    threshold: Decision | float = 0.5,
     warmup: bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
@@ -118,6 +118,8 @@ def export_stage(
     """Export one stage model (Keras, input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
 
     `stage` names the servable ("lung" or "infection"); it also prefixes the output names (`lung_prob`, ...).
+    `threshold` (a number or a `Decision`) gives the stage's mask threshold; the whole decision is recorded in
+    `covidseg_export.json`, where `Cascade.load` finds it.
     `image_size` is only needed for a model built with a free input size (it must match a fixed one).
     The graph is BatchNorm-folded and frozen, in `precision` ("fp32" or "bf16"; see covidseg_tf.optimize).
     """
@@ -127,10 +129,12 @@ def export_stage(
     expected = default_config(stage).in_channels
     if channels != expected:
         raise ValueError(f"the {stage} stage takes {expected} input channels, but the model takes {channels}")
+    decision = Decision.of(threshold)
+    threshold = decision.threshold if stage == "lung" else decision.infection_threshold
     signatures = serving.stage_signatures(frozen_stage(model, precision, size), stage, threshold, size)
     records = serving.warmup_requests(stage, size, channels) if warmup else None
     info = {"servable": stage, "image_size": size, "channels": channels, "threshold": threshold,
-            "precision": precision, "model": getattr(model, "name", None)}
+            "decision": decision.to_dict(), "precision": precision, "model": getattr(model, "name", None)}
     return write_version(Path(base_dir) / stage, lambda tmp: _write_savedmodel(tmp, signatures, records, info))
 
 
@@ -138,17 +142,20 @@ def export_cascade(
     lung_model: Any,
     infection_model: Any,
     base_dir: Path | str,
-    threshold: float = 0.5,
+    threshold: Decision | float = 0.5,
     warmup: bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
 ) -> Path:
-    """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity); returns that path."""
+    """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity, by the `Decision` given
+    as `threshold`, recorded in `covidseg_export.json`); returns that path."""
+    decision = Decision.of(threshold)
     size = stage_agreement(lung_model, infection_model, image_size)
     lung, infection = frozen_stage(lung_model, precision, size), frozen_stage(infection_model, precision, size)
-    signatures = serving.cascade_signatures(lung, infection, threshold, size)
+    signatures = serving.cascade_signatures(lung, infection, decision, size)
     records = serving.warmup_requests("cascade", size, 3) if warmup else None
-    info = {"servable": "cascade", "image_size": size, "channels": 3, "threshold": threshold, "precision": precision,
+    info = {"servable": "cascade", "image_size": size, "channels": 3, "threshold": decision.threshold,
+            "decision": decision.to_dict(), "precision": precision,
             "model": [getattr(lung_model, "name", None), getattr(infection_model, "name", None)]}
     return write_version(Path(base_dir) / "cascade", lambda tmp: _write_savedmodel(tmp, signatures, records, info))
 
@@ -158,28 +165,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m covidseg_tf.export",
         description="Export the two trained stage models as versioned TF Serving SavedModels "
         "(<out>/lung/<N>, <out>/infection/<N>, <out>/cascade/<N>; N = next free version).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # examples keep their lines; defaults in the help
         epilog="examples:\n"
         "  python -m covidseg_tf.export --lung-model runs/lung/model.keras \\\n"
         "      --infection-model runs/infection/model.keras --out saved_models/\n"
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade\n"
         "then serve them:\n"
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
-        "--model_config_file=/models/models.config",
+        "--model_config_file=/models/models.config\n",
     )
     p.add_argument("--lung-model", required=True, type=Path, help="Stage 1 .keras file")
     p.add_argument("--infection-model", required=True, type=Path, help="Stage 2 .keras file")
-    p.add_argument("--out", type=Path, default=Path("saved_models"), help="base folder of the servables")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold of the masks (default: each stage's config threshold; "
-                   "the cascade uses the lung stage's)")
+    p.add_argument("--out", type=Path, default=Path("saved_models"),
+                   help="base folder of the servables (default: %(default)s)")
+    p.add_argument("--decision", type=Path, default=None,
+                   help="JSON file of the decision chosen on the validation split (`python -m covidseg_tf.tune "
+                   "--out FILE`); the flags below override single fields (default: the stages' config "
+                   "thresholds, no image-level rule, no flip)")
+    add_decision_flags(p)
     p.add_argument("--image-size", type=int, default=None,
                    help="serving size S, only for models built with a free input size (default: the models' own)")
-    p.add_argument("--only", nargs="+", choices=SERVABLES, default=list(SERVABLES), help="servables to write")
+    p.add_argument("--only", nargs="+", choices=SERVABLES, default=list(SERVABLES),
+                   help=f"servables to write (default: {' '.join(SERVABLES)})")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights and compute of the served graphs (BatchNorm is folded either way); bf16 halves "
                    "the size and is ~2x faster on CPUs with AVX512_BF16/AMX, within the tolerance in "
-                   "saved_models/MODEL_CARD.md")
+                   "saved_models/MODEL_CARD.md (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra warm-up requests")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
@@ -200,18 +211,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    thr = {s: args.threshold if args.threshold is not None else default_config(s).threshold
-           for s in ("lung", "infection")}
+    try:
+        recorded = json.loads(args.decision.read_text()) if args.decision else {}
+        decision = Decision.from_dict({**recorded.get("decision", recorded), **decision_overrides(args)})
+    except (OSError, ValueError, TypeError) as exc:
+        log.error("--decision %s: %s", args.decision, exc)
+        return 2
     warm = not args.no_warmup
     written = {}
     if "lung" in args.only:
-        written["lung"] = export_stage(lung, "lung", args.out, thr["lung"], warmup=warm,
+        written["lung"] = export_stage(lung, "lung", args.out, decision, warmup=warm,
                                         image_size=args.image_size, precision=args.precision)
     if "infection" in args.only:
-        written["infection"] = export_stage(infection, "infection", args.out, thr["infection"], warmup=warm,
+        written["infection"] = export_stage(infection, "infection", args.out, decision, warmup=warm,
                                              image_size=args.image_size, precision=args.precision)
     if "cascade" in args.only:
-        written["cascade"] = export_cascade(lung, infection, args.out, thr["lung"], warmup=warm,
+        written["cascade"] = export_cascade(lung, infection, args.out, decision, warmup=warm,
                                             image_size=args.image_size, precision=args.precision)
     for name, path in written.items():
         log.info("%-9s -> %s", name, path)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covidseg_tf import __version__
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, default_config
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, add_decision_flags, decision_overrides
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, find_images, read_xray
 from covidseg_tf.paths import sha256_file
 
@@ -57,7 +57,7 @@ def model_info(cascade: Cascade) -> dict[str, Any]:
 
     return {"lung": model_file_info(cascade.lung_model, cascade.sources["lung"]),
             "infection": model_file_info(cascade.infection_model, cascade.sources["infection"]),
-            "image_size": cascade.image_size, "threshold": cascade.threshold, "covidseg_tf": __version__,
+            "image_size": cascade.image_size, "decision": cascade.decision.to_dict(), "covidseg_tf": __version__,
             "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
@@ -201,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Stage-1 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
     p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
                    help="Stage-2 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=default_config("infection").threshold,
-                   help="probability threshold of both stages (default: %(default)s)")
+    add_decision_flags(p)
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size, only for models without a fixed one (default: the models' size)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -234,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from covidseg_tf.cascade import Cascade
 
-        cascade = Cascade.load(args.lung_model, args.infection_model, args.threshold, args.image_size)
+        cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                               **decision_overrides(args))
     except (ValueError, FileNotFoundError, ImportError) as e:
         log.error("%s", e)
         return 1

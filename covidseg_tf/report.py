@@ -117,8 +117,8 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     results = report["results"]
     md = [f"# Evaluation of the covidseg-tf cascade on `{report['dataset']}`", "",
           f"- Lung model: `{report['lung_model']}`", f"- Infection model: `{report['infection_model']}`",
-          f"- Models at {report['image_size']} px; masks and metrics at each image's native size, threshold "
-          f"{report['threshold']}, splits: {', '.join(results)}"
+          f"- Models at {report['image_size']} px; masks and metrics at each image's native size; decision "
+          f"{report['decision']}; splits: {', '.join(results)}"
           + (f", first {report['limit']} images" if report['limit'] else ""),
           "- *pooled*: summed intersections over summed areas of all images (the seed's tables); *mean per "
           "image*: average of per-image scores, where empty truth + empty prediction = 1 (Non-COVID and Normal "

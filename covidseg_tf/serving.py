@@ -48,8 +48,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from covidseg_tf import limits
 from covidseg_tf.cascade import (
     SEVERITY_KEYS,
+    input_quality,
     mask_at,
     masks_at,
     model_input_size,
@@ -59,11 +61,13 @@ from covidseg_tf.cascade import (
     stage_agreement,
     to_model_pixels,
 )
+from covidseg_tf.config import Decision
 
 log = logging.getLogger(__name__)
 
-MAX_SIDE = 4096
-"""Largest accepted image side in pixels (checked from the file header before decoding)."""
+MAX_SIDE = limits.MAX_SIDE
+"""Largest accepted image side in pixels (checked from the file header before decoding; `covidseg_tf.limits`)."""
+MAX_PIXELS = limits.MAX_PIXELS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -97,49 +101,94 @@ def _msg(*parts: Any) -> tf.Tensor:
     return tf.strings.join(out)
 
 
-def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, list[tf.Operation]]:
-    """(height, width) int64 declared by a PNG/JPEG header, and the assert ops that validate it.
-
-    `what` is a scalar string naming the item in error messages (e.g. "images[3]"). The asserts check, in
-    order: PNG or JPEG magic number, PNG long enough to hold IHDR, both sides in 1..max_side.
-    """
+def _header(data: tf.Tensor, what: tf.Tensor, max_side: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(height, width) int64 declared by a PNG/JPEG header ([0, 0] if none) and the problem with it: a scalar
+    string naming `what`, "" when the item may be decoded. Checks, in order: PNG or JPEG magic number, PNG long
+    enough to hold IHDR, both sides in 1..max_side, at most `limits.MAX_PIXELS` pixels. A JPEG whose header
+    cannot be parsed makes `tf.image.extract_jpeg_shape` fail (`decode_each` names the item)."""
+    length = tf.strings.length(data)
     is_png = tf.equal(tf.strings.substr(data, 0, len(PNG_MAGIC)), PNG_MAGIC)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
-    fmt_ok = tf.debugging.Assert(
-        is_png | is_jpeg,
-        [_msg(what, " is not a PNG or JPEG image (", tf.strings.length(data), " bytes)")],
-    )
-    with tf.control_dependencies([fmt_ok]):
-        length_ok = tf.debugging.Assert(
-            tf.logical_not(is_png) | (tf.strings.length(data) >= 33),
-            [_msg(what, " is a truncated PNG (no IHDR chunk)")],
-        )
-    with tf.control_dependencies([fmt_ok, length_ok]):
+    has_ihdr = is_png & (length >= 33)
 
-        def png_hw() -> tf.Tensor:
-            # Padded so that even a short non-PNG string gives 8 bytes (the branch is not taken then).
-            padded = tf.strings.join([data, tf.constant(b"\0" * 24)])
-            ihdr = tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8)
-            return tf.stack([_be_uint32(ihdr[4:8]), _be_uint32(ihdr[0:4])])  # IHDR: width, then height
+    def png_hw() -> tf.Tensor:
+        # Padded so that even a short string gives 8 bytes (the result is only used for a long enough PNG).
+        padded = tf.strings.join([data, tf.constant(b"\0" * 24)])
+        ihdr = tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8)
+        return tf.stack([_be_uint32(ihdr[4:8]), _be_uint32(ihdr[0:4])])  # IHDR: width, then height
 
-        def jpeg_hw() -> tf.Tensor:
-            return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)
+    def jpeg_hw() -> tf.Tensor:
+        return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)
 
-        hw = tf.cond(is_jpeg, jpeg_hw, png_hw)
-    size_ok = tf.debugging.Assert(
-        tf.reduce_all((hw >= 1) & (hw <= max_side)),
-        [_msg(what, " is ", hw, f" pixels (height x width); each side must be 1..{max_side}")],
-    )
-    return hw, [fmt_ok, length_ok, size_ok]
+    hw = tf.cond(is_jpeg, jpeg_hw, lambda: tf.where(has_ihdr, png_hw(), tf.zeros([2], tf.int64)))
+    problem = tf.where(hw[0] * hw[1] > MAX_PIXELS,
+                       _msg(what, " is ", hw, f" pixels (height x width); at most {MAX_PIXELS} pixels are decoded"),
+                       "")
+    problem = tf.where(tf.reduce_all((hw >= 1) & (hw <= max_side)), problem,
+                       _msg(what, " is ", hw, f" pixels (height x width); each side must be 1..{max_side}"))
+    problem = tf.where(is_png & ~has_ihdr, _msg(what, " is a truncated PNG (no IHDR chunk)"), problem)
+    problem = tf.where(is_png | is_jpeg, problem, _msg(what, " is not a PNG or JPEG image (", length, " bytes)"))
+    return hw, problem
+
+
+def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, list[tf.Operation]]:
+    """(height, width) int64 declared by a PNG/JPEG header, and the assert op that validates it (`what` is a
+    scalar string naming the item in the error message, e.g. "images[3]"; the checks are `decode_each`'s)."""
+    hw, problem = _header(data, what, max_side)
+    return hw, [tf.debugging.Assert(tf.equal(problem, ""), [problem])]
 
 
 def decode_gray(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tf.Tensor:
-    """Decode one PNG/JPEG (validated by `header_size` first) to (H, W, 1) uint8 grey."""
+    """Decode one PNG/JPEG (validated by `header_size` first) to (H, W, 1) uint8 grey (the decoder's own error,
+    which does not name `what`, for a corrupt file; `decode_each` names it)."""
     _, checks = header_size(data, what, max_side)
     with tf.control_dependencies(checks):
         image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 1])
     return image
+
+
+def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tuple[tf.Tensor, ...]],
+                signature: tuple[tf.TensorSpec, ...], max_side: int = MAX_SIDE) -> tuple[tf.Tensor, ...]:
+    """`fn(gray)` of every encoded item of a (B,) batch, stacked: tensors of `signature`, batch first.
+
+    Each item's header is checked (`_header`: format, truncation, the size policy) and only an item that passes
+    is decoded to (H, W, 1) uint8 grey and given to `fn`, so a decompression bomb is never inflated. This runs
+    in a `tf.data` map with `ignore_errors`: an item the decoder rejects (a corrupt PNG/JPEG behind a valid
+    magic number) is dropped instead of failing with the decoder's own message ("Invalid PNG data, size 14560"),
+    which cannot say which item it was. Then ONE InvalidArgument names the first bad item in batch order and
+    why, e.g. "images[3] is a corrupt PNG or JPEG: the decoder rejects its data".
+    """
+    n = tf.size(items)
+
+    def item(i: tf.Tensor, data: tf.Tensor, what: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        _, problem = _header(data, what, max_side)
+
+        def decoded() -> tuple[tf.Tensor, ...]:
+            gray = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+            gray.set_shape([None, None, 1])
+            return tuple(fn(gray))
+
+        def skipped() -> tuple[tf.Tensor, ...]:
+            return tuple(tf.zeros(spec.shape, spec.dtype) for spec in signature)
+
+        return (i, problem) + tuple(tf.cond(tf.equal(problem, ""), decoded, skipped))
+
+    specs = (tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.string)) + tuple(signature)
+    empty = tuple(tf.zeros([0] + spec.shape.as_list(), spec.dtype) for spec in specs)  # when every item fails
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(n), items, names)).map(item).ignore_errors()
+    ds = ds.batch(tf.cast(n, tf.int64)).concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+    out = ds.get_single_element()
+    index, problems = out[0], tf.concat([out[1], [""]], 0)
+    present = tf.scatter_nd(index[:, tf.newaxis], tf.ones_like(index), [n]) > 0
+    position = tf.scatter_nd(index[:, tf.newaxis], tf.range(tf.size(index)) + 1, [n]) - 1
+    corrupt = tf.strings.join([names, " is a corrupt PNG or JPEG: the decoder rejects its data"])
+    item_problem = tf.where(present, tf.gather(problems, tf.where(present, position, tf.size(index))), corrupt)
+    bad = tf.not_equal(item_problem, "")
+    first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
+    all_ok = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.gather(item_problem, first)])
+    with tf.control_dependencies([all_ok]):
+        return tuple(tf.identity(t) for t in out[2:])
 
 
 def _names(prefix: str, n: tf.Tensor) -> tf.Tensor:
@@ -156,19 +205,15 @@ def _assert_nonempty(batch: tf.Tensor, name: str) -> tf.Tensor:
 
 
 def load_images(images: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor]:
-    """(B,) encoded images -> model pixels (B, size, size, 3) float32 0..255 and input sizes (B, 2) int32."""
+    """(B,) encoded images -> model pixels (B, size, size, 3) float32 0..255 and input sizes (B, 2) int32
+    (`decode_each`: every bad item is an InvalidArgument naming it)."""
     images = _assert_nonempty(images, "images")
 
-    def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        data, what = args
-        gray = decode_gray(data, what, max_side)
+    def one(gray: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return to_model_pixels(gray, size), tf.shape(gray)[:2]
 
-    return tf.map_fn(
-        one,
-        (images, _names("images", tf.size(images))),
-        fn_output_signature=(tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32)),
-    )
+    return decode_each(images, _names("images", tf.size(images)), one,
+                       (tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32)), max_side)
 
 
 def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor]:
@@ -181,23 +226,23 @@ def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MA
     with tf.control_dependencies([count_ok]):
         masks = tf.identity(masks)
 
-    def one(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        data, hw, what = args
-        gray = decode_gray(data, what, max_side)
-        same = tf.debugging.Assert(
-            tf.reduce_all(tf.equal(tf.shape(gray)[:2], hw)),
-            [_msg(what, " is ", tf.shape(gray)[:2], " but its image is ", hw, " (height x width): sizes must match")],
-        )
-        with tf.control_dependencies([same]):
-            cut = tf.where(tf.reduce_max(gray) > 1, tf.constant(127, tf.uint8), tf.constant(0, tf.uint8))
-            binary = tf.cast(gray > cut, tf.uint8)
-        return tf.cast(resize_mask(binary, size), tf.float32), tf.io.encode_png(binary)
+    def one(gray: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        cut = tf.where(tf.reduce_max(gray) > 1, tf.constant(127, tf.uint8), tf.constant(0, tf.uint8))
+        binary = tf.cast(gray > cut, tf.uint8)
+        return tf.cast(resize_mask(binary, size), tf.float32), tf.io.encode_png(binary), tf.shape(gray)[:2]
 
-    return tf.map_fn(
-        one,
-        (masks, sizes, _names("lung_masks", tf.size(masks))),
-        fn_output_signature=(tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([], tf.string)),
+    names = _names("lung_masks", tf.size(masks))
+    signature = (tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32))
+    small, full, hw = decode_each(masks, names, one, signature, max_side)
+    differs = tf.reduce_any(tf.not_equal(hw, sizes), axis=1)
+    first = tf.argmax(tf.cast(differs, tf.int32), output_type=tf.int32)
+    same = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(differs)),
+        [_msg(tf.gather(names, first), " is ", tf.gather(hw, first), " but its image is ", tf.gather(sizes, first),
+              " (height x width): sizes must match")],
     )
+    with tf.control_dependencies([same]):
+        return tf.identity(small), tf.identity(full)
 
 
 def _png(mask: tf.Tensor) -> tf.Tensor:
@@ -222,15 +267,18 @@ def stage_pngs(prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.T
 
 
 def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.Tensor,
-                    threshold: float) -> dict[str, tf.Tensor]:
-    """Per image, `cascade.masks_at` its own size: lung and infection PNGs and the severity computed on them."""
+                    decision: Decision, assessed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """Per image, `cascade.masks_at` its own size: lung and infection PNGs and the severity computed on them
+    (empty masks and severity 0 where `assessed`, (B,) bool from `cascade.input_quality`, is False)."""
+    if assessed is None:
+        assessed = tf.ones(tf.shape(sizes)[:1], tf.bool)
 
-    def one(args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
-        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], threshold, args[2])
+    def one(args: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
+        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis])
         return (_png(m["lung_mask"]), _png(m["infection_mask"])) + tuple(m[k][0] for k in SEVERITY_KEYS)
 
     string, number = tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float32)
-    out = tf.map_fn(one, (lung_prob, infection_prob, sizes),
+    out = tf.map_fn(one, (lung_prob, infection_prob, sizes, assessed),
                     fn_output_signature=(string, string) + (number,) * len(SEVERITY_KEYS))
     return dict(zip(("lung_mask_bytes", "infection_mask_bytes") + SEVERITY_KEYS, out))
 
@@ -297,19 +345,22 @@ def stage_signatures(
 
 
 def cascade_signatures(
-    lung_model: Any, infection_model: Any, threshold: float = 0.5, image_size: int | None = None
+    lung_model: Any, infection_model: Any, decision: Decision | float = 0.5, image_size: int | None = None
 ) -> dict[str, tuple[Callable, list]]:
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
+    decision = Decision.of(decision)
     size = stage_agreement(lung_model, infection_model, image_size)
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return dict(run_cascade(lung_model, infection_model, pixels, threshold=threshold))
+        return dict(run_cascade(lung_model, infection_model, pixels, decision))
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels, sizes = load_images(images, size)
-        stages = run_stages(lung_model, infection_model, pixels, threshold)
-        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, threshold)
+        quality = input_quality(pixels, sizes)
+        stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
+        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"])
         out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
+        out["assessed"], out["reason"] = quality["assessed"], quality["reason"]
         return out
 
     return {

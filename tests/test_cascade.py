@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -278,3 +280,55 @@ def test_run_cascade_with_saved_model_stages_in_tf_function(exported_stages):
     far = np.abs(want["infection_prob"] - threshold) > 1e-5
     assert far.mean() > 0.99 and 0 < want["infection_mask"].sum()
     np.testing.assert_array_equal(got["infection_mask"][far], want["infection_mask"][far])
+
+
+# ------------------------------------------------------------------------------------------ decision
+def test_decision_rule_empties_small_infections_and_their_severity():
+    from covidseg_tf.cascade import masks_at
+    from covidseg_tf.config import Decision
+
+    lung_prob = np.repeat(two_lungs(), 2, axis=0) * 0.9  # (2, S, S, 1): both images the same lungs
+    inf_prob = np.zeros_like(lung_prob)
+    inf_prob[0, 8:32, 4:26] = 0.8  # image 0: 528 px of the image-left lung
+    inf_prob[1, 8:10, 4:6] = 0.8  # image 1: 4 px
+    lung_px = float(two_lungs()[0].sum())
+    keep_all = masks_at(lung_prob, inf_prob, Decision())
+    small_pct = 100 * 4 / lung_px
+    assert float(keep_all["severity_total"][1]) == pytest.approx(small_pct, rel=1e-5)
+    rule = masks_at(lung_prob, inf_prob, Decision(min_infection_percent=small_pct * 2))
+    assert rule["infection_mask"].numpy()[1].sum() == 0 and float(rule["severity_total"][1]) == 0.0
+    np.testing.assert_array_equal(rule["infection_mask"].numpy()[0], keep_all["infection_mask"].numpy()[0])
+    assert float(rule["severity_total"][0]) == pytest.approx(100 * 528 / lung_px, rel=1e-5)
+    # the infection threshold is its own: 0.85 > 0.8 drops both, the lung stays
+    high = masks_at(lung_prob, inf_prob, Decision(infection_threshold=0.85))
+    assert high["infection_mask"].numpy().sum() == 0 and high["lung_mask"].numpy().sum() == 2 * lung_px
+
+
+def test_hflip_tta_averages_the_mirrored_prediction():
+    from covidseg_tf.cascade import run_stages
+
+    ramp = np.tile(np.linspace(0.0, 1.0, S, dtype=np.float32)[None, :, None], (S, 1, 1))  # left 0 -> right 1
+    model = fixed_model(ramp, 3, "ramp")
+    pixels = tf.zeros((1, S, S, 3))
+    plain = run_stages(model, None, pixels, 0.5)["lung_prob"].numpy()
+    tta = run_stages(model, None, pixels, 0.5, hflip=True)["lung_prob"].numpy()
+    np.testing.assert_allclose(plain[0], ramp)
+    np.testing.assert_allclose(tta[0], 0.5 * (ramp + ramp[:, ::-1]), atol=1e-6)  # mean with the mirror: flat
+
+
+def test_decision_is_recorded_by_export_and_read_by_cascade_load(exported_stages, tmp_path):
+    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.config import Decision
+    from covidseg_tf.export import export_stage
+
+    lung, inf, _ = exported_stages
+    chosen = Decision(threshold=0.45, infection_threshold=0.6, min_infection_percent=2.0, hflip=True)
+    for model, stage in ((lung, "lung"), (inf, "infection")):
+        export_stage(model, stage, tmp_path, chosen, warmup=False)
+    loaded = Cascade.load(tmp_path / "lung", tmp_path / "infection")
+    assert loaded.decision == chosen
+    assert Cascade.load(tmp_path / "lung", tmp_path / "infection", hflip=False).decision == Decision(0.45, 0.6, 2.0)
+    info = json.loads((tmp_path / "infection" / "1" / "assets.extra" / "covidseg_export.json").read_text())
+    assert info["threshold"] == 0.6 and info["decision"] == chosen.to_dict()
+    with pytest.raises(ValueError, match="infection_threshold must be in"):
+        Decision(infection_threshold=1.5)

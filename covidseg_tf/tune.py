@@ -1,0 +1,180 @@
+"""Choose the cascade's decision on the validation split: infection threshold, image-level rule, flip TTA.
+
+    python -m covidseg_tf.tune --dataset covid_qu_ex/infection --manual-dir ~/covidqu --out reports/decision.json
+    python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --decision reports/decision.json ...
+
+Both stages run once over the split (twice with `--hflip both`: without and with horizontal-flip test-time
+augmentation); every candidate decision then turns the same probabilities into masks with
+`covidseg_tf.cascade.masks_at` (the function every entry point runs), at the models' input size, against the
+ground-truth masks resized there with nearest neighbour (for COVID-QU-Ex and 256 px models that is the native
+size). The objective is the mean per-image infection Dice over ALL images, where an image with no infection
+scores 1 when nothing is predicted and 0 otherwise: it rewards segmenting COVID-19 images and leaving
+Non-COVID / Normal images empty alike. The JSON written to --out holds the chosen decision (what
+`export --decision` reads), its figures and the whole grid. Use the validation split to choose, never the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, Decision
+
+log = logging.getLogger(__name__)
+
+INFECTION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_INFECTION_PERCENTS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+
+
+def collect(cascade, builder, split: str, hflip: bool, batch_size: int, limit: int | None) -> dict[str, np.ndarray]:
+    """Probabilities (float16) and ground truth at the model size, and labels, for every image of `split`."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from covidseg_tf.cascade import resize_mask, run_stages, to_model_pixels
+    from covidseg_tf.data import load_split
+
+    size = cascade.image_size
+    examples = load_split(builder, split)
+    total = builder.info.splits[split].num_examples if not limit else limit
+    if limit:
+        examples = examples.take(limit)
+
+    @tf.function(reduce_retracing=True)
+    def step(image, lung, infection):
+        st = run_stages(cascade.lung_model, cascade.infection_model, to_model_pixels(image, size),
+                        cascade.decision.threshold, hflip=hflip)
+        return st["lung_prob"], st["infection_prob"], resize_mask(lung, size), resize_mask(infection, size)
+
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("lung_prob", "infection_prob", "lung", "infection", "label")}
+    batches = examples.map(lambda ex: (ex["image"], tf.cast(ex["lung_mask"] > 0, tf.float32),
+                                       tf.cast(ex["infection_mask"] > 0, tf.float32), ex["label"])).batch(batch_size)
+    with tqdm(total=total, desc=f"tune {split} (hflip {'on' if hflip else 'off'})", unit="img", disable=None) as bar:
+        for image, lung, infection, label in batches:
+            outs = step(image, lung, infection)
+            for key, value in zip(("lung_prob", "infection_prob", "lung", "infection"), outs):
+                parts[key].append(value.numpy().astype(np.float16))
+            parts["label"].append(label.numpy())
+            bar.update(len(label))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def score(data: dict[str, np.ndarray], decision: Decision, class_names: Sequence[str],
+          chunk: int = 128) -> dict[str, float]:
+    """Infection figures of one decision on collected probabilities (see the module docstring)."""
+    import tensorflow as tf
+
+    from covidseg_tf import metrics
+    from covidseg_tf.cascade import masks_at, severity
+
+    counts, pred_sev, true_sev, any_px = [], [], [], []
+    for i in range(0, len(data["label"]), chunk):
+        sl = slice(i, i + chunk)
+        m = masks_at(tf.constant(data["lung_prob"][sl], tf.float32), tf.constant(data["infection_prob"][sl],
+                     tf.float32), decision)
+        pred = m["infection_mask"].numpy()
+        counts.append(np.stack(metrics.confusion_counts(data["infection"][sl].astype(np.float32), pred), axis=1))
+        pred_sev.append(m["severity_total"].numpy())
+        true_sev.append(severity(data["lung"][sl].astype(np.float32),
+                                 data["infection"][sl].astype(np.float32))["severity_total"].numpy())
+        any_px.append(pred.reshape(len(pred), -1).max(axis=1) > 0)
+    tp, fp, fn = np.concatenate(counts).T
+    covid = data["label"] == list(class_names).index("COVID-19")
+    dice = metrics.dice_from_counts(tp, fp, fn)
+    err = np.abs(np.concatenate(pred_sev) - np.concatenate(true_sev))
+    any_px = np.concatenate(any_px)
+    return {"dice_per_image_mean": float(dice.mean()),
+            "dice_pooled": float(metrics.dice_from_counts(tp.sum(), fp.sum(), fn.sum())),
+            "dice_per_covid_image_mean": float(dice[covid].mean()) if covid.any() else float("nan"),
+            "healthy_with_infection_fraction": float(any_px[~covid].mean()) if (~covid).any() else float("nan"),
+            "severity_mae_covid": float(err[covid].mean()) if covid.any() else float("nan")}
+
+
+def lung_dice(data: dict[str, np.ndarray], threshold: float) -> float:
+    """Pooled lung Dice at the model size."""
+    from covidseg_tf import metrics
+
+    tp, fp, fn = metrics.confusion_counts(data["lung"].astype(np.float32),
+                                          (data["lung_prob"] >= threshold).astype(np.float32))
+    return float(metrics.dice_from_counts(tp.sum(), fp.sum(), fn.sum()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m covidseg_tf.tune",
+        description="Choose the cascade's infection threshold, image-level rule and flip TTA on the validation "
+                    "split; writes the decision that `python -m covidseg_tf.export --decision FILE` records.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m covidseg_tf.tune --dataset covid_qu_ex/infection --manual-dir ~/covidqu \\\n"
+               "      --out reports/decision.json                         # the shipped models\n"
+               "  python -m covidseg_tf.tune --lung-model runs/lung/model.keras \\\n"
+               "      --infection-model runs/infection/model.keras --manual-dir ~/covidqu --hflip both \\\n"
+               "      --out reports/decision.json\n")
+    p.add_argument("--lung-model", type=Path, default=DEFAULT_LUNG_MODEL,
+                   help="Stage-1 model: SavedModel base or version folder, or .keras file (default: the shipped one)")
+    p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
+                   help="Stage-2 model (default: the shipped one)")
+    p.add_argument("--dataset", default="covid_qu_ex/infection", help="TFDS name/config (default: %(default)s)")
+    p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", help="folder (or zip) with the COVID-QU-Ex files (to build the real dataset)")
+    p.add_argument("--split", default="validation", help="split to choose on (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=Decision().threshold,
+                   help="lung threshold, kept fixed (default: %(default)s)")
+    p.add_argument("--hflip", choices=("off", "on", "both"), default="off",
+                   help="flip TTA: try without, with, or both (both runs the models 3x) (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.data import load_builder
+
+    t0 = time.time()
+    cascade = Cascade.load(args.lung_model, args.infection_model, Decision(threshold=args.threshold))
+    builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
+    if "infection_mask" not in builder.info.features:
+        raise SystemExit(f"{args.dataset} has no infection masks: tune on covid_qu_ex/infection or synthetic")
+    class_names = builder.info.features["label"].names
+    grid = []
+    for hflip in {"off": [False], "on": [True], "both": [False, True]}[args.hflip]:
+        data = collect(cascade, builder, args.split, hflip, args.batch_size, args.limit)
+        lung = lung_dice(data, args.threshold)
+        for t in INFECTION_THRESHOLDS:
+            for m in MIN_INFECTION_PERCENTS:
+                decision = Decision(args.threshold, t, m, hflip)
+                grid.append({"decision": decision.to_dict(), "lung_dice_pooled": lung,
+                             **score(data, decision, class_names)})
+    best = max(grid, key=lambda r: r["dice_per_image_mean"])
+    baseline = next(r for r in grid if r["decision"] == Decision(threshold=args.threshold).to_dict()) \
+        if args.hflip != "on" else None
+    result = {"decision": best["decision"], "objective": "dice_per_image_mean", "chosen": best,
+              "baseline": baseline, "split": args.split, "dataset": builder.info.full_name, "limit": args.limit,
+              "lung_model": str(args.lung_model), "infection_model": str(args.infection_model),
+              "seconds": round(time.time() - t0, 1), "grid": grid}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("chosen on %s: %s (%s); baseline %s", args.split, best["decision"],
+             {k: round(v, 4) for k, v in best.items() if k != "decision"},
+             baseline and {k: round(v, 4) for k, v in baseline.items() if k != "decision"})
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
