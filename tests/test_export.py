@@ -534,8 +534,8 @@ def test_warmup_records_parse_and_run(request, name):
 
 
 def test_warmup_records_parse_with_tensorflow_serving_protos(lung_run, infection_run):
-    """Cross-check the hand-encoded bytes with the real protos (skipped unless tensorflow-serving-api is
-    importable, e.g. `pip install --no-deps tensorflow-serving-api` into a scratch PYTHONPATH)."""
+    """Cross-check the hand-encoded bytes with the real protos of tensorflow-serving-api, which the README's test
+    command and .ci/run install with --no-deps (skipped where it is not installed)."""
     prediction_log_pb2 = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
     for run in (lung_run, infection_run):
         for record in read_warmup(run["path"]):

@@ -157,7 +157,8 @@ def test_models_config_lists_the_three_servables():
 
 
 def test_models_config_parses_with_tensorflow_serving_protos():
-    """Skipped unless tensorflow-serving-api is importable (it is not a project requirement)."""
+    """With TF Serving's own protos: tensorflow-serving-api, which the README's test command and .ci/run install
+    with --no-deps (skipped where it is not installed)."""
     config_pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
     from google.protobuf import text_format
 
