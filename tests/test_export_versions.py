@@ -165,3 +165,25 @@ def test_models_config_parses_with_tensorflow_serving_protos():
     config = text_format.Parse((REPO / "saved_models" / "models.config").read_text(), config_pb2.ModelServerConfig())
     assert [(c.name, c.base_path) for c in config.model_config_list.config] == [
         (name, f"/models/{name}") for name in export.SERVABLES]
+
+
+def test_help_keeps_example_lines_and_states_each_default_once(capsys):
+    """Reproduction: `export --help` ran its examples into one paragraph and printed "(default: ...) (default:
+    None)"."""
+    with pytest.raises(SystemExit) as e:
+        export.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[lines.index("examples:") + 1:] == [
+        "  python -m covidseg_tf.export --lung-model runs/lung/model.keras \\",
+        "      --infection-model runs/infection/model.keras --out saved_models/",
+        "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade",
+        "then serve them:",
+        "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
+        "--model_config_file=/models/models.config",
+    ]
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and ") (default:" not in flat
+    for default in ("(default: saved_models)", "(default: lung infection cascade)", "(default: fp32)"):
+        assert flat.count(default) == 1, default
