@@ -15,6 +15,13 @@
   dark) are inverted so that bone is always bright. Multi-frame DICOMs give their first frame; colour DICOMs
   are converted to luma.
 
+Size policy (`covidseg_tf.limits`, the same for the SavedModel): the image's height and width are read from
+its header first (Pillow's lazy open: PNG IHDR, JPEG SOF, ...; DICOM Rows / Columns with pydicom's
+``stop_before_pixels``) and an image above `limits.MAX_SIDE` pixels a side or `limits.MAX_PIXELS` pixels is
+refused BEFORE its pixels are decoded (`header_size`, `decode_xray`). A multi-frame DICOM decodes its first
+frame only. Small, near-constant or very elongated images are decoded: the cascade's quality gate reports them
+"not assessed" (`covidseg_tf.cascade.input_quality`).
+
 Any failure raises `XRayReadError` naming the file.
 """
 
@@ -23,9 +30,13 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from covidseg_tf.limits import MAX_INFLATED_BYTES, MAX_PIXELS, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +83,57 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def _read_dicom(source: io.BytesIO, name: str) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # (Float / Double Float) Pixel Data
+_HEADER_BYTES = 1 << 22
+"""Most bytes of a deflated DICOM inflated to read its header (4 MiB)."""
 
-    ds = pydicom.dcmread(source)
+
+def _dicom_dataset(data: bytes, name: str, header_only: bool) -> Any:
+    """The pydicom dataset of a DICOM file; `header_only` stops before the pixel data.
+
+    A deflated file (transfer syntax 1.2.840.10008.1.2.1.99: the whole dataset is zlib-compressed) is inflated
+    here, bounded: 4 MiB for a header, `limits.MAX_INFLATED_BYTES` for the whole file, so a small file never
+    inflates without limit (pydicom itself inflates the whole stream, even with ``stop_before_pixels``).
+    """
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    if data[128:132] == b"DICM":
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            cap = _HEADER_BYTES if header_only else MAX_INFLATED_BYTES
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            body = inflater.decompress(data[fp.tell():], cap)
+            if inflater.unconsumed_tail and not header_only:
+                raise XRayReadError(f"{name}: deflated DICOM inflates to more than {cap} bytes (the limit; not read)")
+            stop = (lambda tag, vr, length: tag in _PIXEL_TAGS) if header_only else None
+            ds = read_dataset(pydicom.filebase.DicomBytesIO(body), False, True, stop_when=stop)
+            return pydicom.dataset.FileDataset(name, ds, preamble=preamble, file_meta=meta, is_implicit_VR=False,
+                                               is_little_endian=True)
+        fp.seek(0)
+    return pydicom.dcmread(fp, stop_before_pixels=header_only)
+
+
+def _dicom_size(data: bytes, name: str) -> tuple[int, int]:
+    """(Rows, Columns) of a DICOM file, read without its pixel data."""
+    ds = _dicom_dataset(data, name, header_only=True)
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise XRayReadError(f"{name}: DICOM file has no Rows / Columns (not an image)")
+    return int(rows), int(cols)
+
+
+def _read_dicom(data: bytes, name: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+    ds = _dicom_dataset(data, name, header_only=False)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise XRayReadError(f"{name}: DICOM file has no pixel data")
-    arr = ds.pixel_array
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    arr = pixel_array(ds, index=0)  # the first frame only: a multi-frame file is never decoded whole
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
     if samples > 1:  # colour DICOM: pixel_array is already RGB (pydicom converts YBR by default)
         return to_uint8(_luma(arr))
     arr = apply_modality_lut(arr, ds)
@@ -94,13 +144,14 @@ def _read_dicom(source: io.BytesIO, name: str) -> np.ndarray:
     return out
 
 
-def _read_pillow(source: io.BytesIO) -> np.ndarray:
+def _read_pillow(source: io.BytesIO, name: str) -> np.ndarray:
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(source) as img:
+        with _open_pillow(source, name) as img:
             img.seek(0)
+            _check_size(img.size[1], img.size[0], name)  # from the header, before decoding
             img.load()  # decode now: truncated / corrupt files fail here
             img = ImageOps.exif_transpose(img)
             mode = img.mode
@@ -114,6 +165,48 @@ def _read_pillow(source: io.BytesIO) -> np.ndarray:
     if arr.ndim == 3:
         arr = _luma(arr)
     return to_uint8(arr)
+
+
+def _open_pillow(source: io.BytesIO, name: str) -> Any:
+    """Pillow's lazy open (header only); its own decompression-bomb refusal becomes our size error."""
+    from PIL import Image
+
+    try:
+        return Image.open(source)
+    except Image.DecompressionBombError as e:
+        raise XRayReadError(f"{name}: {e}; at most {MAX_PIXELS} pixels are decoded") from e
+
+
+def _check_size(height: int, width: int, name: str) -> None:
+    problem = size_problem(height, width)
+    if problem is not None:
+        raise XRayReadError(f"{name} {problem} (checked from the file header; the image was not decoded)")
+
+
+def header_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) an image or DICOM file declares in its header, without decoding any pixel (`name` as in
+    `decode_xray`).
+
+    Raises:
+        XRayReadError: the header cannot be read.
+    """
+    try:
+        if _is_dicom(data, name):
+            return _dicom_size(data, name)
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _open_pillow(io.BytesIO(data), name) as img:
+                return img.size[1], img.size[0]
+    except XRayReadError:
+        raise
+    except Exception as e:
+        raise XRayReadError(f"{name}: cannot read the header: {type(e).__name__}: {e}") from e
+
+
+def _is_dicom(data: bytes, name: str) -> bool:
+    return Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
 
 
 def read_xray(path: str | Path) -> np.ndarray:
@@ -136,19 +229,25 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
     """The bytes of an X-ray image or DICOM file as an HxW uint8 grayscale array, by `read_xray`'s rules; `name`
     (a path or URL) decides DICOM by its extension (or the "DICM" magic bytes) and names the input in errors.
 
+    The size policy (`covidseg_tf.limits`) is checked from the header before decoding.
+
     Raises:
-        XRayReadError: not an image, unreadable, or no pixel data.
+        XRayReadError: not an image, unreadable, no pixel data, or larger than the size limits (the message names
+            `name` and the limit).
     """
-    dicom = Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
+    dicom = _is_dicom(data, name)
     try:
-        arr = _read_dicom(io.BytesIO(data), name) if dicom else _read_pillow(io.BytesIO(data))
+        if dicom:
+            _check_size(*_dicom_size(data, name), name)
+        arr = _read_dicom(data, name) if dicom else _read_pillow(io.BytesIO(data), name)
     except XRayReadError:
         raise
     except Exception as e:  # Pillow / pydicom raise many types; keep the reason, name the file
         kind = "DICOM" if dicom else "image"
         raise XRayReadError(f"{name}: cannot read as {kind}: {type(e).__name__}: {e}") from e
-    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise XRayReadError(f"{name}: expected a 2-D image, got an array of shape {arr.shape}")
+    if arr.ndim != 2 or arr.size == 0:
+        raise XRayReadError(f"{name}: decoded to an array of shape {arr.shape}; expected one grey image (H x W)")
+    _check_size(arr.shape[0], arr.shape[1], name)  # the header's promise kept (e.g. after the EXIF rotation)
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import BAD, GOOD, H, W, gradient
 from PIL import Image
 
-from covidseg_tf.imageio import XRayReadError, find_images, read_xray
+from covidseg_tf import limits
+from covidseg_tf.imageio import XRayReadError, decode_xray, find_images, header_size, read_xray
 
 
 def stretched(arr: np.ndarray) -> np.ndarray:
@@ -172,3 +173,113 @@ def test_tfds_builder_does_not_import_covidseg_tf():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[0, 64, 255]"
+
+
+# ----------------------------------------------------------------------------------------------- size policy
+def png_bytes(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def lying_png(height: int, width: int) -> bytes:
+    """A 4 x 4 PNG whose IHDR (CRC fixed up) declares height x width: only the size lies."""
+    import zlib
+
+    data = bytearray(png_bytes(np.zeros((4, 4), np.uint8)))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def deflated(data: bytes) -> bytes:
+    """A DICOM file re-encoded with the deflated transfer syntax (the whole dataset zlib-compressed)."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> dict[str, bytes]:
+    """The issue's decompression bombs: a 12000 x 12000 PNG of zeros (optimize=True, ~140 kB) and a deflated
+    12000 x 12000 DICOM (~280 kB)."""
+    from conftest import write_dicom
+
+    d = tmp_path_factory.mktemp("bombs")
+    zeros = np.zeros((12000, 12000), np.uint16)
+    return {"png": png_bytes(zeros.astype(np.uint8), optimize=True),
+            "dicom": deflated(write_dicom(d / "big.dcm", zeros).read_bytes())}
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom"])
+def test_decode_xray_refuses_a_decompression_bomb_from_its_header(bombs, kind):
+    import time
+
+    name = f"big.{'png' if kind == 'png' else 'dcm'}"
+    t0 = time.time()
+    with pytest.raises(XRayReadError) as e:
+        decode_xray(bombs[kind], name)
+    assert time.time() - t0 < 5  # no 144 MB decode, no unbounded inflation
+    assert str(e.value) == (f"{name} is 12000x12000 pixels (height x width); each side must be 1..{limits.MAX_SIDE} "
+                            "(checked from the file header; the image was not decoded)")
+
+
+@pytest.mark.parametrize("case, data, name", [
+    ("lying_png", lying_png(5000, 3000), "x.png"),  # declares 5000 x 3000, holds 4 x 4: refused before decoding
+    ("wide_jpeg", None, "x.jpg"),
+    ("rows_dicom", None, "x.dcm"),
+])
+def test_decode_xray_size_limit_every_format(tmp_path, case, data, name):
+    from conftest import write_dicom
+
+    if case == "wide_jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, limits.MAX_SIDE + 1), np.uint8)).save(buf, format="JPEG")
+        data = buf.getvalue()
+    elif case == "rows_dicom":
+        data = write_dicom(tmp_path / name, np.zeros((limits.MAX_SIDE + 1, 2), np.uint16)).read_bytes()
+    with pytest.raises(XRayReadError, match=r"pixels \(height x width\); each side must be 1\.\.4096 \(checked from"):
+        decode_xray(data, name)
+    assert header_size(data, name) == {"lying_png": (5000, 3000), "wide_jpeg": (8, limits.MAX_SIDE + 1),
+                                       "rows_dicom": (limits.MAX_SIDE + 1, 2)}[case]
+
+
+def test_deflated_dicom_decodes_like_the_plain_one_and_inflates_bounded(inputs, tmp_path, monkeypatch):
+    from covidseg_tf import imageio
+
+    plain = inputs["dicom_mono2"].read_bytes()
+    np.testing.assert_array_equal(decode_xray(deflated(plain), "x.dcm"), read_xray(inputs["dicom_mono2"]))
+    assert header_size(deflated(plain), "x.dcm") == (H, W)
+    monkeypatch.setattr(imageio, "MAX_INFLATED_BYTES", 1000)  # smaller than this file's dataset
+    with pytest.raises(XRayReadError, match="deflated DICOM inflates to more than 1000 bytes"):
+        decode_xray(deflated(plain), "x.dcm")
+
+
+def test_multiframe_dicom_decodes_only_its_first_frame(tmp_path, monkeypatch):
+    import pydicom
+    from conftest import write_dicom
+
+    frames = np.stack([gradient(np.uint16, 4095), 4095 - gradient(np.uint16, 4095), np.zeros((H, W), np.uint16)])
+    path = write_dicom(tmp_path / "multi.dcm", frames[0])
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    ds.save_as(path)
+    calls = []
+    real = pydicom.pixels.pixel_array
+    monkeypatch.setattr("pydicom.pixels.pixel_array", lambda *a, **k: calls.append(k) or real(*a, **k))
+    np.testing.assert_array_equal(read_xray(path), stretched(frames[0]))
+    assert calls == [{"index": 0}]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (1, 300)])
+def test_tiny_images_decode_for_the_quality_gate(shape):
+    """Tiny images are no read error any more: the cascade's quality gate reports them "not assessed" (the old
+    "expected a 2-D image, got (1, 1)" message was misleading)."""
+    a = decode_xray(png_bytes(np.full(shape, 7, np.uint8)), "tiny.png")
+    assert a.shape == shape and a.dtype == np.uint8
