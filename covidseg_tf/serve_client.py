@@ -5,8 +5,9 @@ so one bad image never loses the others. For each IMAGE it writes into --out:
 
     <stem>_<output>.png   every `*_bytes` output (PNG masks at the image's own size, decoded from base64),
                           e.g. <stem>_lung_mask.png, <stem>_infection_mask.png
-    <stem>.json           the scalar outputs (severity_left/right/total in percent, height, width) and the
-                          names of the mask files
+    <stem>.json           the scalar and text outputs (severity_left/right/total in percent, height, width;
+                          the cascade's `assessed` and `reason`: severities are null for an image the input
+                          quality gate did not assess) and the names of the mask files
 
 Request sent (TF Serving REST predict API, row format, binary input as {"b64": ...}):
 
@@ -99,8 +100,10 @@ def save_prediction(pred: dict[str, Any], stem: str, out_dir: Path) -> dict[str,
             path = out_dir / f"{stem}_{name}.png"
             path.write_bytes(base64.b64decode(value["b64"]))
             summary["masks"][name] = path.name
-        elif isinstance(value, (int, float)):
+        elif isinstance(value, (int, float, str)):
             summary[key] = value
+    if summary.get("assessed") is False:  # the quality gate refused the image: its zeros are no finding
+        summary.update({k: None for k in list(summary) if k.startswith("severity_")})
     (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -163,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     done, errors = predict_files(args.url, args.model, args.images, args.out, args.lung_masks, args.version,
                                  args.signature, args.timeout)
     for s in done:
+        if s.get("assessed") is False:
+            log.warning("%s: not assessed (input quality gate): %s", s["image"], s.get("reason", ""))
+            continue
         sev = ", ".join(f"{k[len('severity_'):]} {s[k]:.1f}%" for k in ("severity_right", "severity_left",
                                                                         "severity_total") if k in s)
         log.info("%s -> %s%s", s["image"], ", ".join(s["masks"].values()), f" (severity {sev})" if sev else "")

@@ -15,14 +15,23 @@ Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name
 
 The cascade servable: `serving_default` takes `images` only and returns lung_mask_bytes, infection_mask_bytes
 (input-size PNGs; the infection PNG is inside the lung PNG), severity_left, severity_right, severity_total
-((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height and
-width; its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of
-`covidseg_tf.cascade.run_cascade` (lung_prob, lung_mask, infection_prob, infection_mask + severity, at S).
+((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height, width,
+and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thresholds in `covidseg_tf.limits`):
+
+                     assessed        (B,) bool    False: the image cannot be a chest X-ray (too small, extreme
+                                                  aspect ratio, near-constant); its masks are EMPTY and its
+                                                  severities 0, which is no finding: report "not assessed"
+                     reason          (B,) string  why not ("" when assessed), e.g. "too small: 2x2 pixels ..."
+
+Its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of `covidseg_tf.cascade.run_cascade`
+(lung_prob, lung_mask, infection_prob, infection_mask + severity, at S), without the gate (the caller chose the
+pixels). Versions exported before the gate (the shipped version 1) have no `assessed` / `reason` outputs.
 
 Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
 `to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
 input's height x width, then ``>= threshold``; infection multiplied by the lung mask), so `predict` and this
-SavedModel give the same masks and severity for the same image.
+SavedModel give the same masks and severity for the same image. They also decode alike (`gray_pixels`): JPEG
+with the accurate integer DCT that Pillow uses, 16-bit grey PNG stretched min..max like `imageio.to_uint8`.
 
 Why this representation: `serving_default` is the REST entry point, and TF Serving's REST API returns every
 output of a signature as JSON (it cannot filter outputs), so it returns only compact (B,) outputs: a PNG string
@@ -32,10 +41,21 @@ dense (B, S, S, 1) float maps (hundreds of thousands of JSON numbers per image a
 TF Serving's REST API (``{"b64": ...}``). All outputs have the batch as their first dimension, as TF
 Serving's row ("instances") format requires.
 
-Bad input raises InvalidArgument (never a crash or a silent wrong answer): an empty batch, bytes that are not
-PNG or JPEG (by magic number), a PNG/JPEG whose header declares a side above MAX_SIDE (checked from the header -
-PNG IHDR bytes, `tf.image.extract_jpeg_shape` - BEFORE decoding, so a decompression bomb is never inflated), a
-corrupt image (the decoder's own error), a lung mask whose size differs from its image.
+Bad input raises ONE InvalidArgument naming the first bad item of the batch and why (never a crash or a silent
+wrong answer): an empty batch, bytes that are not PNG or JPEG (by magic number), a truncated PNG header, a
+PNG/JPEG whose header declares more than the size policy of `covidseg_tf.limits` (sides 1..MAX_SIDE, at most
+MAX_PIXELS; checked from the header - PNG IHDR bytes, `tf.image.extract_jpeg_shape` - BEFORE decoding, so a
+decompression bomb is never inflated), a corrupt image ("images[3] is a corrupt PNG or JPEG: the decoder rejects
+its data"; decoding runs in a `tf.data` map with `ignore_errors` so that the failing item can be named, see
+`decode_each`; the shipped version 1 answers with the decoder's own message, which names no item), a lung mask
+whose size differs from its image.
+
+Numerics: the served graphs' convolutions (TensorFlow's CPU kernels as grappler rewrites them) sum in an order
+that depends on the intra-op thread count, so probabilities differ in the last bits (fp32) or by
+up to ~1e-2 (bf16) between thread counts, and a few mask pixels at the threshold (hence severity in the second
+decimal) may flip. The TF1 (TF Serving) and TF2 loaders give bit-identical outputs at the same thread count; pin
+`--tensorflow_intra_op_parallelism` (TF Serving) / `tf.config.threading.set_intra_op_parallelism_threads` for
+bit-exact reproducibility across machines.
 """
 
 from __future__ import annotations
@@ -139,11 +159,36 @@ def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> t
 
 
 def decode_gray(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tf.Tensor:
-    """Decode one PNG/JPEG (validated by `header_size` first) to (H, W, 1) uint8 grey (the decoder's own error,
-    which does not name `what`, for a corrupt file; `decode_each` names it)."""
+    """Decode one PNG/JPEG (validated by `header_size` first) to (H, W, 1) uint8 grey (`gray_pixels`; the
+    decoder's own error, which does not name `what`, for a corrupt file; `decode_each` names it)."""
     _, checks = header_size(data, what, max_side)
     with tf.control_dependencies(checks):
-        image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+        return gray_pixels(data)
+
+
+def gray_pixels(data: tf.Tensor) -> tf.Tensor:
+    """(H, W, 1) uint8 grey pixels of PNG/JPEG bytes by `covidseg_tf.imageio`'s rules, so `predict` and the
+    SavedModel see the same pixels: a JPEG through libjpeg's accurate integer DCT (Pillow's; TensorFlow's default
+    fast DCT differs by up to a dozen grey levels), a 16-bit grey PNG stretched from its own min..max to 0..255
+    (`imageio.to_uint8`), other PNGs as TensorFlow decodes them to 8-bit grey (luma of colour within 1 level)."""
+    head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, b"\0" * 26]), 0, 26), tf.uint8)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    gray16 = tf.equal(tf.strings.substr(data, 0, len(PNG_MAGIC)), PNG_MAGIC) & tf.equal(head[24], 16) & tf.equal(
+        head[25], 0)  # IHDR bit depth 16, colour type 0 (grey)
+
+    def jpeg() -> tf.Tensor:
+        return tf.io.decode_jpeg(data, channels=1, dct_method="INTEGER_ACCURATE")
+
+    def png16() -> tf.Tensor:
+        v = tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16), tf.float64)
+        lo, hi = tf.reduce_min(v), tf.reduce_max(v)
+        scale = tf.math.divide_no_nan(tf.constant(255.0, tf.float64), hi - lo)
+        return tf.cast(tf.clip_by_value(tf.round((v - lo) * scale), 0.0, 255.0), tf.uint8)
+
+    def other() -> tf.Tensor:
+        return tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+
+    image = tf.cond(is_jpeg, jpeg, lambda: tf.cond(gray16, png16, other))
     image.set_shape([None, None, 1])
     return image
 
@@ -153,11 +198,11 @@ def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tu
     """`fn(gray)` of every encoded item of a (B,) batch, stacked: tensors of `signature`, batch first.
 
     Each item's header is checked (`_header`: format, truncation, the size policy) and only an item that passes
-    is decoded to (H, W, 1) uint8 grey and given to `fn`, so a decompression bomb is never inflated. This runs
-    in a `tf.data` map with `ignore_errors`: an item the decoder rejects (a corrupt PNG/JPEG behind a valid
-    magic number) is dropped instead of failing with the decoder's own message ("Invalid PNG data, size 14560"),
-    which cannot say which item it was. Then ONE InvalidArgument names the first bad item in batch order and
-    why, e.g. "images[3] is a corrupt PNG or JPEG: the decoder rejects its data".
+    is decoded to (H, W, 1) uint8 grey (`gray_pixels`) and given to `fn`, so a decompression bomb is never
+    inflated. This runs in a `tf.data` map with `ignore_errors`: an item the decoder rejects (a corrupt PNG/JPEG
+    behind a valid magic number) is dropped instead of failing with the decoder's own message ("Invalid PNG
+    data, size 14560"), which cannot say which item it was. Then ONE InvalidArgument names the first bad item in
+    batch order and why, e.g. "images[3] is a corrupt PNG or JPEG: the decoder rejects its data".
     """
     n = tf.size(items)
 
@@ -165,9 +210,7 @@ def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tu
         _, problem = _header(data, what, max_side)
 
         def decoded() -> tuple[tf.Tensor, ...]:
-            gray = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
-            gray.set_shape([None, None, 1])
-            return tuple(fn(gray))
+            return tuple(fn(gray_pixels(data)))
 
         def skipped() -> tuple[tf.Tensor, ...]:
             return tuple(tf.zeros(spec.shape, spec.dtype) for spec in signature)

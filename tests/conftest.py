@@ -114,3 +114,47 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     files["bad_text"] = bad / "text.png"
     files["bad_text"].write_text("this is not an image\n")
     return files
+
+
+# ----------------------------------------------------------------------------------------------- SavedModels
+# Runs a list of cases against a SavedModel exactly as TF Serving does: TF1 loader, tag "serve", feeds and
+# fetches by the signature's tensor names. Errors are returned (type + message), never raised.
+TF1_RUNNER = """
+import os, pickle, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
+path, cases_file, out_file = sys.argv[1:4]
+with open(cases_file, "rb") as f:
+    cases = pickle.load(f)
+results = []
+with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+    meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+    for case in cases:
+        sig = meta.signature_def[case["signature"]]
+        feed = {sig.inputs[k].name: v for k, v in case["feeds"].items()}
+        fetch = {k: t.name for k, t in sig.outputs.items()}
+        try:
+            results.append({"outputs": sess.run(fetch, feed)})
+        except tf.errors.OpError as e:
+            results.append({"error": type(e).__name__, "message": e.message})
+with open(out_file, "wb") as f:
+    pickle.dump(results, f)
+"""
+
+
+def run_tf1(path: Path, cases: list[dict], workdir: Path) -> list[dict]:
+    """Run `cases` ({"signature", "feeds"}) against the SavedModel at `path` in a fresh Python process through
+    the TF1 loader (as TF Serving loads it); one {"outputs": {...}} or {"error", "message"} per case."""
+    import pickle
+    import subprocess
+    import sys
+
+    runner = workdir / "tf1_runner.py"
+    runner.write_text(TF1_RUNNER)
+    cases_file, out_file = workdir / "cases.pkl", workdir / "results.pkl"
+    cases_file.write_bytes(pickle.dumps(cases))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(runner), str(path), str(cases_file), str(out_file)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return pickle.loads(out_file.read_bytes())

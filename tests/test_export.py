@@ -327,7 +327,7 @@ COMPACT = {  # serving_default outputs: (B,) strings and scalars only, no dense 
     "lung": {"lung_mask_bytes", "height", "width"},
     "infection": {"infection_mask_bytes", "height", "width"},
     "cascade": {"lung_mask_bytes", "infection_mask_bytes", "severity_left", "severity_right", "severity_total",
-                "height", "width"},
+                "height", "width", "assessed", "reason"},
 }
 MARGIN = 1e-4
 """Pixels whose resized probability is within MARGIN of the threshold are not compared: SavedModel and Keras
@@ -566,7 +566,7 @@ def test_rest_client_end_to_end_with_exported_cascade(cascade_path, tmp_path):
     def to_json(key: str, value: np.ndarray) -> Any:
         if key.endswith("_bytes"):
             return {"b64": base64.b64encode(value).decode()}
-        return value.tolist()
+        return value.decode() if isinstance(value, bytes) else value.tolist()  # other strings as JSON strings
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -612,6 +612,7 @@ def test_rest_client_end_to_end_with_exported_cascade(cascade_path, tmp_path):
     assert decode_png((tmp_path / "out" / "x_infection_mask.png").read_bytes()).shape == (96, 80)
     row = seen["reply"]["predictions"][0]  # compact: base64 PNGs and numbers, no nested lists of dense maps
     assert set(row) == COMPACT["cascade"]
-    assert all(isinstance(v, dict) or isinstance(v, (int, float)) for v in row.values())
+    assert all(isinstance(v, (dict, int, float, str)) for v in row.values())
+    assert row["assessed"] is True and row["reason"] == "" and summary["assessed"] is True
     pngs = sum(len(row[k]["b64"]) for k in ("lung_mask_bytes", "infection_mask_bytes"))
     assert len(json.dumps(seen["reply"])) < pngs + 500

@@ -145,6 +145,18 @@ def test_dense_outputs_of_older_servables_are_ignored(tmp_path):
     assert np.asarray(Image.open(tmp_path / "old_lung_mask.png")).shape == (3, 4)
 
 
+def test_not_assessed_image_gets_null_severities(tmp_path):
+    """The cascade's quality gate: `assessed` false and its `reason` are kept, the zero severities become null
+    (no finding)."""
+    pred = {"lung_mask_bytes": b64(png_bytes(2, 2, 0)), "severity_left": 0.0, "severity_right": 0.0,
+            "severity_total": 0.0, "height": 2, "width": 2, "assessed": False,
+            "reason": "too small: 2x2 pixels (height x width); each side must be >= 32"}
+    summary = serve_client.save_prediction(pred, "tiny", tmp_path)
+    assert summary["assessed"] is False and summary["reason"].startswith("too small")
+    assert summary["severity_total"] is None and summary["severity_left"] is None
+    assert json.loads((tmp_path / "tiny.json").read_text()) == summary
+
+
 def test_client_infection_model_sends_lung_masks(server, tmp_path):
     img, mask = tmp_path / "x.png", tmp_path / "x_lung.png"
     img.write_bytes(png_bytes(8, 8))

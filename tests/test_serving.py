@@ -1,0 +1,351 @@
+"""The cascade SavedModel's serving_default on bad and strange input, the way TF Serving runs it (TF1 loader, in a
+fresh process): the input-quality gate (`assessed`, `reason`) agreeing with the Python path, corrupt images named
+inside a batch, the size policy; plus a seeded fuzz of mutated PNG/JPEG/DICOM bytes through `imageio.decode_xray`
+and through the serving signature (clean errors or valid results, never a crash, hang or unbounded memory).
+
+The cascade here is tiny (two 1x1-convolution stages with fixed weights, exported in seconds): dark pixels are
+lung, brighter pixels inside the lung are infection, far from the threshold, so both paths give the same masks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_tf1, write_dicom
+from PIL import Image
+
+from covidseg_tf import limits
+
+S = 64
+
+
+def tiny_stage(channels: int, kernel: list[float], bias: float, name: str) -> keras.Model:
+    """sigmoid(kernel . pixel + bias) per pixel: a stage model of fixed, readable behaviour."""
+    inp = keras.Input((S, S, channels), name=f"{name}_pixels")
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_conv")
+    model = keras.Model(inp, conv(inp), name=name)
+    conv.set_weights([np.array(kernel, np.float32).reshape(1, 1, channels, 1), np.array([bias], np.float32)])
+    return model
+
+
+def tiny_models() -> tuple[keras.Model, keras.Model]:
+    lung = tiny_stage(3, [-0.1 / 3] * 3, 10.0, "lung_tiny")  # grey < 100: lung
+    infection = tiny_stage(4, [0.1 / 3] * 3 + [20.0], -26.0, "infection_tiny")  # in the lung and grey > 60
+    return lung, infection
+
+
+def phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A chest-X-ray-like grey image: bright body, two dark lung fields, a brighter patch in the image-left one."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    img = np.full((h, w), 180.0)
+    for cx in (0.3, 0.7):
+        img[((x - cx) / 0.16) ** 2 + ((y - 0.5) / 0.35) ** 2 < 1] = 40.0
+    img[((x - 0.3) / 0.08) ** 2 + ((y - 0.6) / 0.1) ** 2 < 1] = 90.0
+    return np.clip(img + rng.normal(0, 3, (h, w)), 0, 255).astype(np.uint8)
+
+
+def png(array: np.ndarray, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def corrupt(data: bytes, at: int = 60, length: int = 120) -> bytes:
+    """The same header, broken data: `length` bytes from `at` overwritten."""
+    return data[:at] + bytes((b + 97) % 256 for b in data[at:at + length]) + data[at + length:]
+
+
+def strings(items: list[bytes]) -> np.ndarray:
+    return np.array(items, dtype=object).reshape([len(items)])
+
+
+GATE = {  # name: (encoded image, expected reason prefix or "" for assessed)
+    "good_png": (png(phantom(96, 80, 1)), ""),
+    "grey_256": (png(np.full((256, 256), 128, np.uint8)), "near-constant image"),
+    "tiny_2x2": (png(np.array([[0, 255], [255, 0]], np.uint8)), "too small: 2x2 pixels"),
+    "tiny_1x1": (png(np.zeros((1, 1), np.uint8)), "too small: 1x1 pixels"),
+    "strip_3000x300": (png(phantom(3000, 300, 2)), "extreme aspect ratio: 3000x300 pixels"),
+    "good_jpeg": (jpeg(phantom(40, 52, 3)), ""),  # small, but above MIN_SIDE
+}
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[keras.Model, keras.Model]:
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def cascade_path(models, tmp_path_factory) -> Path:
+    from covidseg_tf.export import export_cascade
+
+    return export_cascade(*models, tmp_path_factory.mktemp("served"), threshold=0.5, warmup=False)
+
+
+@pytest.fixture(scope="module")
+def tf1(cascade_path, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """Every case below, through the TF1 loader in one fresh process."""
+    good, good_jpeg = GATE["good_png"][0], GATE["good_jpeg"][0]
+    cases = {
+        "gate": [v[0] for v in GATE.values()],
+        "corrupt_png": [good, corrupt(png(phantom(70, 60, 4)))],  # header fine, IDAT broken
+        "corrupt_jpeg": [good, good_jpeg, jpeg(phantom(70, 60, 5))[:400]],  # scan data cut short
+        "corrupt_first_of_two": [corrupt(png(phantom(70, 60, 4))), b"GIF89a not ours"],
+        "bomb": [good, png(np.zeros((12000, 12000), np.uint8), optimize=True)],
+        "side": [png(np.zeros((1, limits.MAX_SIDE + 1), np.uint8)), good],
+    }
+    results = run_tf1(cascade_path, [{"signature": "serving_default", "feeds": {"images": strings(v)}}
+                                     for v in cases.values()], tmp_path_factory.mktemp("tf1"))
+    return dict(zip(cases, results))
+
+
+def test_gate_flags_what_cannot_be_a_chest_xray_in_the_saved_model(tf1):
+    """A uniform grey image, 2x2 and 1x1 images and a 10:1 strip are "not assessed" with their reason, empty masks
+    at their own size and severity 0 (never a grade); real-looking images in the same batch are assessed."""
+    out = tf1["gate"]["outputs"]
+    for i, (name, (data, reason)) in enumerate(GATE.items()):
+        assert bool(out["assessed"][i]) == (reason == ""), name
+        assert out["reason"][i].decode().startswith(reason), (name, out["reason"][i])
+        h, w = np.asarray(Image.open(io.BytesIO(data))).shape[:2]
+        assert (out["height"][i], out["width"][i]) == (h, w)
+        lung = np.asarray(Image.open(io.BytesIO(out["lung_mask_bytes"][i])))
+        assert lung.shape == (h, w)
+        if reason:
+            assert not lung.any() and not np.asarray(Image.open(io.BytesIO(out["infection_mask_bytes"][i]))).any()
+            assert all(out[k][i] == 0.0 for k in ("severity_left", "severity_right", "severity_total")), name
+        else:
+            assert lung.mean() > 0.1 and out["severity_total"][i] > 0, name  # the phantom has lungs and infection
+
+
+def test_gate_same_rule_in_python_and_saved_model(tf1, models):
+    """`Cascade.predict` (predict, the batch predictor) gives the same flags, reasons, masks and severity."""
+    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.imageio import decode_xray
+
+    out = tf1["gate"]["outputs"]
+    grays = [decode_xray(data, f"{name}.{'jpg' if 'jpeg' in name else 'png'}") for name, (data, _) in GATE.items()]
+    preds = Cascade(*models, 0.5).predict(grays)
+    for i, (name, pred) in enumerate(zip(GATE, preds)):
+        assert pred.assessed == bool(out["assessed"][i]), name
+        assert pred.reason == out["reason"][i].decode(), name
+        served = np.asarray(Image.open(io.BytesIO(out["lung_mask_bytes"][i]))) > 0
+        assert (served != pred.lung.astype(bool)).mean() < 0.002, name  # JPEG decoders may differ by a grey level
+        assert pred.severity_total == pytest.approx(float(out["severity_total"][i]), abs=0.5), name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("corrupt_png", "images[1] is a corrupt PNG or JPEG"),
+    ("corrupt_jpeg", "images[2] is a corrupt PNG or JPEG"),
+    ("corrupt_first_of_two", "images[0] is a corrupt PNG or JPEG"),  # the first bad item in batch order
+    ("bomb", "images[1] is 12000x12000 pixels (height x width); each side must be 1..4096"),
+    ("side", f"images[0] is 1x{limits.MAX_SIDE + 1} pixels"),
+])
+def test_bad_items_are_named_through_the_tf1_loader(tf1, case, message):
+    result = tf1[case]
+    assert result.get("error") == "InvalidArgumentError", result
+    assert message in result["message"], result["message"]
+
+
+def test_serving_limits_are_the_one_size_policy():
+    from covidseg_tf import export, serving
+
+    assert serving.MAX_SIDE == limits.MAX_SIDE and serving.MAX_PIXELS == limits.MAX_PIXELS
+    assert "max_side=serving.MAX_SIDE" in Path(export.__file__).read_text()  # recorded in covidseg_export.json
+
+
+# ----------------------------------------------------------------------------------------------------- fuzzing
+def dicom_bytes(tmp: Path, arr: np.ndarray, deflated: bool = False, **kw: Any) -> bytes:
+    path = write_dicom(tmp / "x.dcm", arr, **kw)
+    data = path.read_bytes()
+    return deflate_dicom(data) if deflated else data
+
+
+def deflate_dicom(data: bytes) -> bytes:
+    """An explicit-VR-little-endian DICOM file re-encoded with the deflated transfer syntax."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def mutations(seeds: dict[str, bytes], count: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """`count` seeded mutants of the seed files: bit flips, overwritten runs, truncation, inserted bytes, and header
+    sizes rewritten (PNG IHDR, JPEG SOF, DICOM Rows/Columns) to huge, zero or odd values."""
+    rng = np.random.default_rng(seed)
+    names = sorted(seeds)
+    out = []
+    for k in range(count):
+        name = names[k % len(names)]
+        data = bytearray(seeds[name])
+        kind = k // len(names) % 5
+        if kind == 0:
+            for _ in range(int(rng.integers(1, 9))):
+                i = int(rng.integers(0, len(data)))
+                data[i] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:
+            i = int(rng.integers(0, len(data)))
+            n = int(rng.integers(1, 64))
+            data[i:i + n] = rng.integers(0, 256, min(n, len(data) - i), dtype=np.uint8).tobytes()
+        elif kind == 2:
+            data = data[: int(rng.integers(0, len(data)))]
+        elif kind == 3:
+            i = int(rng.integers(0, len(data)))
+            data[i:i] = rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+        else:
+            data = bytearray(resize_header(bytes(data), int(rng.choice([0, 1, 31, 4096, 4097, 65535, 2**31 - 1])),
+                                           int(rng.choice([0, 2, 300, 12000, 65535]))))
+        out.append((f"{k:03d}_{kind}_{name}", bytes(data)))
+    return out
+
+
+def resize_header(data: bytes, height: int, width: int) -> bytes:
+    """`data` with the image size in its header replaced (CRC of a PNG IHDR fixed up, so only the size lies)."""
+    b = bytearray(data)
+    if data.startswith(b"\x89PNG"):
+        b[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, "big")
+    elif data.startswith(b"\xff\xd8"):
+        i = data.find(b"\xff\xc0")
+        if i > 0:
+            b[i + 5:i + 9] = (height % 65536).to_bytes(2, "big") + (width % 65536).to_bytes(2, "big")
+    else:  # DICOM explicit VR LE: (0028,0010) Rows, (0028,0011) Columns, US
+        for tag, value in ((b"\x28\x00\x10\x00US\x02\x00", height), (b"\x28\x00\x11\x00US\x02\x00", width)):
+            i = data.find(tag)
+            if i > 0:
+                b[i + 8:i + 10] = (value % 65536).to_bytes(2, "little")
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def fuzz_inputs(tmp_path_factory) -> list[tuple[str, bytes]]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    g = phantom(48, 40, 6)
+    seeds = {
+        "gray.png": png(g), "rgb.png": png(np.stack([g, g // 2, 255 - g], -1)),
+        "16bit.png": png(g.astype(np.uint16) * 16), "gray.jpg": jpeg(g), "rgb.jpg": jpeg(np.stack([g, g, g], -1)),
+        "mono2.dcm": dicom_bytes(tmp, g.astype(np.uint16) * 16),
+        "deflated.dcm": dicom_bytes(tmp, g.astype(np.uint16) * 16, deflated=True),
+    }
+    special = [  # the decompression bombs of the issue and their relatives
+        ("bomb.png", png(np.zeros((12000, 12000), np.uint8), optimize=True)),
+        ("bomb_deflated.dcm", deflate_dicom(dicom_bytes(tmp, np.zeros((12000, 12000), np.uint16)))),
+        ("lying_rows.dcm", resize_header(seeds["mono2.dcm"], 4000, 4000)),
+        ("empty.png", b""), ("magic_only.png", b"\x89PNG\r\n\x1a\n"), ("soi_only.jpg", b"\xff\xd8\xff"),
+        ("dicm_only.dcm", b"\0" * 128 + b"DICM"),
+    ]
+    return special + mutations(seeds, 280)
+
+
+FUZZ_RUNNER = textwrap.dedent(
+    """
+    import os, pickle, resource, sys, time
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    which, path, cases_file, out_file = sys.argv[1:5]
+    with open(cases_file, "rb") as f:
+        cases = pickle.load(f)
+    results = []
+    if which == "imageio":
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a bomb fails with MemoryError, not the host
+        from covidseg_tf.imageio import XRayReadError, decode_xray
+        for name, data in cases:
+            t = time.time()
+            try:
+                a = decode_xray(data, name)
+                results.append(("ok", (a.shape, str(a.dtype)), time.time() - t))
+            except XRayReadError as e:
+                results.append(("XRayReadError", str(e), time.time() - t))
+            except BaseException as e:
+                results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
+    else:
+        import numpy as np, tensorflow as tf
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+        for name, data in cases:
+            t = time.time()
+            try:
+                out = {k: v.numpy() for k, v in fn(images=tf.constant([data])).items()}
+                results.append(("ok", {k: (v.tolist() if v.dtype != object else None) for k, v in out.items()
+                                       if not k.endswith("_bytes")}, time.time() - t))
+            except tf.errors.InvalidArgumentError as e:
+                results.append(("InvalidArgumentError", e.message, time.time() - t))
+            except BaseException as e:
+                results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
+    try:  # this process's own peak (ru_maxrss may start at the parent's peak after fork + exec)
+        status = open("/proc/self/status").read()
+        peak_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(out_file, "wb") as f:
+        pickle.dump({"results": results, "peak_mb": peak_mb}, f)
+    """
+)
+
+
+def run_fuzz(which: str, cases: list[tuple[str, bytes]], workdir: Path, model: Path | None = None) -> dict[str, Any]:
+    runner = workdir / "fuzz_runner.py"
+    runner.write_text(FUZZ_RUNNER)
+    cases_file, out_file = workdir / f"{which}.pkl", workdir / f"{which}_out.pkl"
+    cases_file.write_bytes(pickle.dumps(cases))
+    proc = subprocess.run([sys.executable, str(runner), which, str(model), str(cases_file), str(out_file)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, f"the {which} fuzz process died ({proc.returncode}): {proc.stderr[-3000:]}"
+    return pickle.loads(out_file.read_bytes())
+
+
+def test_fuzz_decode_xray_clean_errors_or_valid_images(fuzz_inputs, tmp_path):
+    """A few hundred mutated files: each is a 2-D uint8 image within the size policy or an XRayReadError naming
+    the file; no other exception, no crash, under 3 GB of address space, each under 10 s."""
+    run = run_fuzz("imageio", fuzz_inputs, tmp_path)
+    outcomes = dict(zip((n for n, _ in fuzz_inputs), run["results"]))
+    for name, (kind, detail, seconds) in outcomes.items():
+        assert kind in ("ok", "XRayReadError"), (name, detail)
+        assert seconds < 10, (name, seconds)
+        if kind == "ok":
+            (h, w), dtype = detail
+            assert dtype == "uint8" and 1 <= h <= limits.MAX_SIDE and 1 <= w <= limits.MAX_SIDE, (name, detail)
+        else:
+            assert detail.startswith(name), (name, detail)
+    assert "each side must be 1..4096" in outcomes["bomb.png"][1]
+    assert "each side must be 1..4096" in outcomes["bomb_deflated.dcm"][1]
+    kinds = [k for k, _, _ in outcomes.values()]
+    assert 20 < kinds.count("ok") < len(kinds) - 20, "the mutations should give both outcomes"
+    assert run["peak_mb"] < 1500, run["peak_mb"]
+
+
+def test_fuzz_serving_signature_clean_errors_or_valid_results(fuzz_inputs, cascade_path, tmp_path):
+    """The same bytes, one request each, to the exported cascade: a complete result (sizes within the policy,
+    a bool `assessed`, severities in 0..100) or an InvalidArgument naming images[0]; never anything else."""
+    run = run_fuzz("serving", fuzz_inputs, tmp_path, cascade_path)
+    kinds = []
+    for (name, _), (kind, detail, seconds) in zip(fuzz_inputs, run["results"]):
+        kinds.append(kind)
+        assert kind in ("ok", "InvalidArgumentError"), (name, detail)
+        assert seconds < 20, (name, seconds)
+        if kind == "ok":
+            assert 1 <= detail["height"][0] <= limits.MAX_SIDE and 1 <= detail["width"][0] <= limits.MAX_SIDE
+            assert detail["assessed"][0] in (True, False)
+            assert all(0.0 <= detail[k][0] <= 100.0 for k in ("severity_left", "severity_right", "severity_total"))
+        else:
+            assert "images[0]" in detail, (name, detail)
+    assert 20 < kinds.count("ok") < len(kinds) - 20
+    assert run["peak_mb"] < 3000, run["peak_mb"]
