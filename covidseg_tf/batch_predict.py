@@ -1,0 +1,675 @@
+"""Batch prediction at archive scale on Apache Beam: `predict`'s outputs for every file of a bucket or folder.
+
+    python -m covidseg_tf.batch_predict 'gs://archive/xrays/**' --output gs://results/run1 \\
+        --runner DataflowRunner --project P --region R --temp_location gs://results/tmp ...
+
+The pipeline (`build_pipeline`):
+
+1. **match**: each input pattern through `FileSystems.match` (what `fileio.MatchFiles` runs: local paths and globs,
+   ``gs://``, ``s3://``; ``*`` stays inside one folder, ``**`` crosses folders). A local folder or a pattern ending
+   in ``/`` means everything below it (``**``). A file matched by two patterns is processed once; files under
+   --output are never inputs. A literal path (no glob characters) that does not exist is a dead letter.
+2. **stems** (`relative_stem`, `assign_stems`, `resolve_collisions`): each input's output stem is its path relative
+   to its pattern's fixed prefix (the part before the first ``*?[``, up to its last ``/``), without the extension,
+   under ``<output>/images/``. Stems that would coincide (``a.png`` and ``a.dcm``, the same relative path under two
+   patterns, names differing only in case) all get ``-<first 8 hex of sha256(URI)>``; should such a name still meet
+   another, those inputs get the full 64-hex hash. So no two inputs share a stem, and the same inputs always get
+   the same stems.
+3. **read + decode** (`ReadDecodeFn`): bytes through `fileio.ReadableFile` (as `fileio.ReadMatches` gives them),
+   then `covidseg_tf.imageio.decode_xray`; unreadable files go to the dead letter with the reason.
+4. **RunInference** with `CascadeModelHandler`: `load_model` loads `covidseg_tf.cascade.Cascade` once per worker
+   process (models on ``gs://``/``s3://`` are copied to a local temporary folder first); `run_inference` runs a
+   batch (up to --batch-size images, any sizes: the cascade resizes each and returns masks at each input's size)
+   through `Cascade.predict`. If a batch fails, its images are retried one by one and only the failing ones go to
+   the dead letter.
+5. **render + write** (`WriteOutputsFn`): `covidseg_tf.predict.render_outputs` gives exactly `predict`'s four files
+   per image (``<stem>_lung.png``, ``<stem>_infection.png`` at the input size, ``<stem>_overlay.png``,
+   ``<stem>.json``), written with `FileSystems.create` (so ``gs://`` works).
+6. **summaries** with Beam's text sink, each as ONE file (`WriteToText` with ``shard_name_template=""``, i.e. one
+   shard: fine for summaries, ~1.5 kB per image in ``summary.jsonl``):
+
+   - ``<output>/summary.jsonl``: one JSON record per image (the per-image JSON, on one line);
+   - ``<output>/severity.csv``: ``file,severity_left,severity_right,severity_total,grade`` per image;
+   - ``<output>/dead_letter.jsonl``: one ``{"file", "stage", "reason"}`` per input that failed
+     (stage: match, read, decode, inference or render).
+
+   Lines are in no particular order (Beam does not keep one); sort them if you need to.
+
+Beam metrics (namespace ``covidseg_batch_predict``): ``images_ok``, ``images_failed`` (and ``failed_<stage>``),
+printed at the end with the output files as one JSON line on stdout. Exit code 0 when every input was processed,
+1 when any failed or nothing matched, or when the run was refused.
+
+Reruns: when --output already holds results of a run (``images/``, ``summary.jsonl``, ``severity.csv`` or
+``dead_letter.jsonl``) the command refuses to start; ``--overwrite`` deletes exactly those files first (nothing
+else under --output is touched), so no stale output of the earlier run stays mixed with the new ones.
+
+All flags this command does not know are Beam pipeline options (`PipelineOptions`): ``--runner``,
+``--direct_num_workers``, ``--direct_running_mode``, Dataflow's ``--project``/``--region``/``--temp_location``...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from covidseg_tf.config import (
+    DEFAULT_INFECTION_MODEL,
+    DEFAULT_LUNG_MODEL,
+    Decision,
+    add_decision_flags,
+    decision_overrides,
+)
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "covidseg_batch_predict"
+"""Namespace of this pipeline's Beam metrics."""
+IMAGES_DIR = "images"
+SUMMARY = "summary.jsonl"
+SEVERITY_CSV = "severity.csv"
+DEAD_LETTER = "dead_letter.jsonl"
+CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade")
+STAGES = ("match", "read", "decode", "inference", "render")
+DEFAULT_BATCH_SIZE = 8
+GLOB_CHARS = "*?["
+SHORT_HASH = 8
+
+
+# ----------------------------------------------------------------------------------------------- paths and stems
+def is_remote(path: str) -> bool:
+    """True for a URL such as gs://... or s3://... (a scheme Beam's FileSystems handles), False for local paths."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) is not None
+
+
+def has_glob(pattern: str) -> bool:
+    return any(c in pattern for c in GLOB_CHARS)
+
+
+def normalize_pattern(pattern: str) -> str:
+    """A pattern as the pipeline matches it: local paths absolute; a local folder or a pattern ending in ``/``
+    becomes ``<folder>/**`` (everything below it)."""
+    if not is_remote(pattern):
+        trailing = pattern.endswith(("/", os.sep))
+        pattern = os.path.abspath(os.path.expanduser(pattern))
+        if trailing or (not has_glob(pattern) and os.path.isdir(pattern)):
+            return pattern.rstrip("/") + "/**"
+        return pattern
+    return pattern + "**" if pattern.endswith("/") else pattern
+
+
+def fixed_prefix(pattern: str) -> str:
+    """The folder part of a pattern before its first glob character, ending in ``/`` (inputs' stems are relative
+    to it): ``gs://b/x/**/*.png`` -> ``gs://b/x/``; a literal file -> its folder."""
+    m = min((pattern.index(c) for c in GLOB_CHARS if c in pattern), default=len(pattern))
+    return pattern[: pattern.rfind("/", 0, m) + 1]
+
+
+def relative_stem(uri: str, prefix: str) -> str:
+    """The stem candidate of an input: its path below `prefix` without the extension (``x/a.png`` -> ``x/a``)."""
+    rel = uri[len(prefix):] if prefix and uri.startswith(prefix) else posixpath.basename(uri)
+    rel = rel.replace("\\", "/").lstrip("/")
+    head, tail = posixpath.split(rel)
+    root = posixpath.splitext(tail)[0] or tail
+    return posixpath.join(head, root) if head else root
+
+
+def uri_hash(uri: str, n: int = SHORT_HASH) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:n]
+
+
+def assign_stems(candidate_key: str, members: Iterable[tuple[str, str]]) -> Iterator[tuple[str, tuple[str, str]]]:
+    """One group of inputs whose stem candidates are equal ignoring case: ``(candidate, uri)`` members.
+
+    Yields ``(final stem lower-cased, (final stem, uri))``: the candidate itself when the group holds one input,
+    else ``candidate-<8 hex of sha256(uri)>`` for each member.
+    """
+    members = sorted(set(members))
+    for candidate, uri in members:
+        stem = candidate if len(members) == 1 else f"{candidate}-{uri_hash(uri)}"
+        yield stem.lower(), (stem, uri)
+
+
+def resolve_collisions(stem_key: str, members: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """The second check: inputs whose final stems still coincide (a file literally named like another's hashed
+    stem, or a short-hash collision) get ``-<full sha256 of the URI>`` instead. Yields ``(uri, stem)``."""
+    members = sorted(set(members))
+    for stem, uri in members:
+        yield uri, stem if len(members) == 1 else f"{stem}-{uri_hash(uri, 64)}"
+
+
+def plan_stems(uris_and_prefixes: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Outside Beam (tests, small runs): {uri: stem} with the pipeline's rules for ``(uri, prefix)`` pairs."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for uri, prefix in uris_and_prefixes:
+        cand = relative_stem(uri, prefix)
+        groups.setdefault(cand.lower(), []).append((cand, uri))
+    second: dict[str, list[tuple[str, str]]] = {}
+    for key, members in groups.items():
+        for k, v in assign_stems(key, members):
+            second.setdefault(k, []).append(v)
+    return {uri: stem for key, members in second.items() for uri, stem in resolve_collisions(key, members)}
+
+
+def stem_candidate(element: tuple[str, int], prefixes: Sequence[str]) -> tuple[str, tuple[str, str]]:
+    """``(uri, pattern index)`` -> ``(candidate lower-cased, (candidate, uri))`` (`relative_stem`)."""
+    uri, index = element
+    cand = relative_stem(uri, prefixes[index])
+    return cand.lower(), (cand, uri)
+
+
+def join(root: str, *parts: str) -> str:
+    """`FileSystems.join` for URLs and local paths (no doubled ``/`` when `root` ends in one)."""
+    return FileSystems.join(root.rstrip("/") if len(root) > 1 else root, *parts)
+
+
+def output_files(output: str) -> list[str]:
+    """The files an earlier run left in `output`: everything under images/ and the three summary files."""
+    patterns = [join(output, IMAGES_DIR, "**")] + [join(output, n) for n in (SUMMARY, SEVERITY_CSV, DEAD_LETTER)]
+    found: list[str] = []
+    for result in FileSystems.match(patterns):
+        found.extend(m.path for m in result.metadata_list)
+    return sorted(set(found))
+
+
+# ----------------------------------------------------------------------------------------------- elements
+@dataclass
+class XRay:
+    """One decoded input on its way through the pipeline."""
+
+    file: str  # the input's URI (local path or URL) as matched
+    stem: str  # output path prefix: <output>/images/<stem>
+    gray: np.ndarray = field(repr=False)  # H x W uint8
+    sha256: str = ""  # of the input's bytes
+
+
+@dataclass
+class InferenceFailure:
+    """Stands in for a Prediction when the cascade raised on this image."""
+
+    reason: str
+
+
+def dead_letter(file: str, stage: str, reason: str) -> str:
+    return json.dumps({"file": file, "stage": stage, "reason": reason})
+
+
+def _failed(stage: str) -> None:
+    Metrics.counter(NAMESPACE, "images_failed").inc()
+    Metrics.counter(NAMESPACE, f"failed_{stage}").inc()
+
+
+class MatchFn(beam.DoFn):
+    """``(pattern index, pattern)`` -> ``(uri, pattern index)`` for each matched file (`FileSystems.match`, as
+    `fileio.MatchFiles` does); files under `exclude` (the output location) are skipped; a literal pattern that
+    matches nothing goes to the dead letter."""
+
+    def __init__(self, exclude: str):
+        self.exclude = exclude.rstrip("/") + "/"
+
+    def process(self, element: tuple[int, str]) -> Iterator[Any]:
+        index, pattern = element
+        try:
+            matched = FileSystems.match([pattern])[0].metadata_list
+        except Exception as e:  # e.g. a bucket that does not exist: the other patterns go on
+            _failed("match")
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(pattern, "match", f"{type(e).__name__}: {e}"))
+            return
+        if not matched and not has_glob(pattern):
+            _failed("match")
+            hint = " (for everything below a prefix give a pattern such as PREFIX/**)" if is_remote(pattern) else ""
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(pattern, "match", "no such file" + hint))
+            return
+        for m in matched:
+            if m.path.endswith(("/", "\\")):
+                continue
+            if m.path.startswith(self.exclude):
+                Metrics.counter(NAMESPACE, "skipped_in_output").inc()
+                continue
+            yield m.path, index
+
+
+class ReadDecodeFn(beam.DoFn):
+    """``(uri, stem)`` -> `XRay` (bytes through `fileio.ReadableFile`, then `imageio.decode_xray`); failures go to
+    the ``dead_letter`` output with the reason."""
+
+    def __init__(self, images_root: str):
+        self.images_root = images_root
+
+    def process(self, element: tuple[str, str]) -> Iterator[Any]:
+        from covidseg_tf.imageio import decode_xray
+
+        uri, stem = element
+        try:
+            data = fileio.ReadableFile(FileMetadata(uri, 0)).read()
+        except Exception as e:
+            _failed("read")
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(uri, "read", f"{type(e).__name__}: {e}"))
+            return
+        if not data:
+            _failed("decode")
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(uri, "decode", f"{uri}: empty file (0 bytes)"))
+            return
+        try:
+            gray = decode_xray(data, uri)
+        except Exception as e:  # XRayReadError, or anything else the decoders raise
+            _failed("decode")
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(uri, "decode", str(e)))
+            return
+        yield XRay(file=uri, stem=join(self.images_root, stem), gray=gray, sha256=hashlib.sha256(data).hexdigest())
+
+
+# ----------------------------------------------------------------------------------------------- the model
+def stage_locally(path: str) -> str:
+    """A model path the cascade can load: local paths as they are; a remote `.keras` file or SavedModel folder
+    (any FileSystems URL) copied into a new local temporary folder (same last name, same layout)."""
+    if not is_remote(path):
+        return path
+    src = path.rstrip("/")
+    dest_root = tempfile.mkdtemp(prefix="covidseg-model-")
+    dest = os.path.join(dest_root, posixpath.basename(src))
+    files = [m.path for m in FileSystems.match([src + "/**"])[0].metadata_list] or [src]  # a folder, or a .keras
+    base = posixpath.dirname(src) + "/"
+    for f in files:
+        target = os.path.join(dest_root, *f[len(base):].split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with FileSystems.open(f, compression_type=CompressionTypes.UNCOMPRESSED) as r, open(target, "wb") as w:
+            while chunk := r.read(1 << 24):
+                w.write(chunk)
+    log.info("copied model %s (%d files) to %s", path, len(files), dest)
+    return dest
+
+
+@dataclass
+class LoadedCascade:
+    """What `CascadeModelHandler.load_model` gives each worker: the cascade and its `predict.model_info`."""
+
+    cascade: Any
+    models: dict[str, Any]
+
+
+class CascadeModelHandler(ModelHandler):
+    """RunInference's handler for the two-stage cascade: examples are `XRay`s, results ``(XRay, Prediction or
+    InferenceFailure, models info)`` triples.
+
+    Args:
+        lung_model, infection_model: paths or URLs of the stage models (`covidseg_tf.cascade.load_model`).
+        decision: `Decision` fields that replace the models' recorded decision (`Cascade.load`'s overrides, as
+            predict's --threshold ... flags); image_size: for models without a fixed input size.
+        max_batch_size: images per `Cascade.predict` call (BatchElements' upper bound; it starts at 1 and grows
+            while larger batches are faster per image). Images of any size share a batch: the cascade resizes
+            each to the model size and returns masks at each input's own size.
+        tf_threads: TensorFlow intra-op threads per worker process (None: TensorFlow's default, all cores);
+            useful when several worker processes share one machine.
+    """
+
+    def __init__(self, lung_model: str, infection_model: str, decision: dict[str, Any] | None = None,
+                 image_size: int | None = None, max_batch_size: int = DEFAULT_BATCH_SIZE,
+                 tf_threads: int | None = None):
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        self.lung_model, self.infection_model = str(lung_model), str(infection_model)
+        self.decision, self.image_size, self.tf_threads = dict(decision or {}), image_size, tf_threads
+
+    def load_model(self) -> LoadedCascade:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        if self.tf_threads:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(self.tf_threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError as e:  # TensorFlow already running in this process (e.g. the in-process runner)
+                log.warning("--tf-threads %s not applied: %s", self.tf_threads, e)
+        from covidseg_tf.cascade import Cascade
+        from covidseg_tf.predict import model_info
+
+        given = {"lung": self.lung_model, "infection": self.infection_model}
+        local = {k: stage_locally(v) for k, v in given.items()}
+        cascade = Cascade.load(local["lung"], local["infection"], image_size=self.image_size, **self.decision)
+        models = model_info(cascade)
+        for k in given:  # report the models by the paths the user gave, not the temporary copies
+            if local[k] != given[k]:
+                models[k]["path"] = models[k]["path"].replace(os.path.dirname(local[k]),
+                                                              posixpath.dirname(given[k].rstrip("/")), 1)
+        return LoadedCascade(cascade, models)
+
+    def run_inference(self, batch: Sequence[XRay], model: LoadedCascade,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[tuple[XRay, Any, dict[str, Any]]]:
+        try:
+            preds: list[Any] = model.cascade.predict([x.gray for x in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                preds = [InferenceFailure(f"{type(e).__name__}: {e}")]
+            else:  # find the image(s) that fail; the others keep their predictions
+                log.warning("a batch of %d failed (%s: %s); retrying its images one by one", len(batch),
+                            type(e).__name__, e)
+                preds = [next(iter(self.run_inference([x], model)))[1] for x in batch]
+        return [(x, p, model.models) for x, p in zip(batch, preds)]
+
+    def get_num_bytes(self, batch: Sequence[XRay]) -> int:
+        return sum(x.gray.nbytes for x in batch)  # the default pickles the whole batch to measure it
+
+    def get_metrics_namespace(self) -> str:
+        return f"{NAMESPACE}_RunInference"
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def csv_line(record: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    sev = record["severity"]
+    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"],
+                                                 sev["grade"]])
+    return buf.getvalue()
+
+
+class WriteOutputsFn(beam.DoFn):
+    """``(XRay, Prediction or InferenceFailure, models)`` -> `predict`'s four files per image (written with
+    `FileSystems.create`); yields the JSON record, failures go to ``dead_letter``."""
+
+    def process(self, element: tuple[XRay, Any, dict[str, Any]]) -> Iterator[Any]:
+        from covidseg_tf.predict import render_outputs
+
+        x, pred, models = element
+        if isinstance(pred, InferenceFailure):
+            _failed("inference")
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(x.file, "inference", pred.reason))
+            return
+        try:
+            record, encoded = render_outputs(x.file, x.gray, pred, x.stem, models)
+        except Exception as e:
+            _failed("render")
+            yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(x.file, "render", f"{type(e).__name__}: {e}"))
+            return
+        for path, data in encoded.items():  # an unwritable output is the run's problem, not the image's: raise
+            mime = "application/json" if path.endswith(".json") else "image/png"
+            with FileSystems.create(path, mime_type=mime, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                f.write(data)
+        Metrics.counter(NAMESPACE, "images_ok").inc()
+        yield record
+
+
+@dataclass
+class Settings:
+    """Everything `build_pipeline` needs besides the Beam pipeline."""
+
+    patterns: list[str]
+    output: str
+    lung_model: str = str(DEFAULT_LUNG_MODEL)
+    infection_model: str = str(DEFAULT_INFECTION_MODEL)
+    decision: dict[str, Any] = field(default_factory=dict)  # Decision fields replacing the models' recorded ones
+    image_size: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    tf_threads: int | None = None
+
+
+def build_pipeline(p: beam.Pipeline, s: Settings) -> None:
+    """Add the whole job (module docstring) to `p`; `s.patterns` already normalized (`normalize_pattern`)."""
+    prefixes = [fixed_prefix(pat) for pat in s.patterns]
+    matched = (p | "Patterns" >> beam.Create(list(enumerate(s.patterns)))
+               | "Match" >> beam.ParDo(MatchFn(s.output)).with_outputs("dead_letter", main="files"))
+    stems = (matched.files
+             | "OnePatternPerFile" >> beam.CombinePerKey(min)
+             | "StemCandidate" >> beam.Map(stem_candidate, prefixes)
+             | "GroupCandidates" >> beam.GroupByKey()
+             | "AssignStems" >> beam.FlatMap(lambda kv: assign_stems(*kv))
+             | "GroupStems" >> beam.GroupByKey()
+             | "ResolveCollisions" >> beam.FlatMap(lambda kv: resolve_collisions(*kv)))
+    decoded = stems | "ReadDecode" >> beam.ParDo(ReadDecodeFn(join(s.output, IMAGES_DIR))).with_outputs(
+        "dead_letter", main="images")
+    handler = CascadeModelHandler(s.lung_model, s.infection_model, s.decision, s.image_size, s.batch_size,
+                                  s.tf_threads)
+    written = (decoded.images
+               | "RunInference" >> RunInference(handler)
+               | "WriteOutputs" >> beam.ParDo(WriteOutputsFn()).with_outputs("dead_letter", main="records"))
+    records = written.records
+    (records | "SummaryLines" >> beam.Map(json.dumps)
+     | "WriteSummary" >> beam.io.WriteToText(join(s.output, SUMMARY), shard_name_template=""))
+    (records | "CsvLines" >> beam.Map(csv_line)
+     | "WriteSeverityCsv" >> beam.io.WriteToText(join(s.output, SEVERITY_CSV), shard_name_template="",
+                                                 header=",".join(CSV_COLUMNS)))
+    ((matched.dead_letter, decoded.dead_letter, written.dead_letter) | "DeadLetters" >> beam.Flatten()
+     | "WriteDeadLetter" >> beam.io.WriteToText(join(s.output, DEAD_LETTER), shard_name_template=""))
+
+
+# ----------------------------------------------------------------------------------------------- the command
+@dataclass
+class RunResult:
+    """What `run` reports: counts from the Beam metrics (None where the runner gives none) and the output files."""
+
+    images_ok: int | None
+    images_failed: int | None
+    failed_by_stage: dict[str, int]
+    output: str
+    files: dict[str, str]
+    state: str
+    seconds: float
+    run_inference: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def counters(result: Any) -> dict[str, int] | None:
+    """This pipeline's counters from `result.metrics()` (committed values, attempted where a runner has none);
+    None when the runner reports no metrics."""
+    out: dict[str, int] = {}
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except (NotImplementedError, AttributeError, KeyError) as e:
+        log.warning("the runner gives no metrics: %s", e)
+        return None
+    for m in found:
+        try:
+            value = m.committed
+        except Exception:  # some runners support attempted values only
+            value = None
+        value = m.attempted if value is None else value
+        out[m.key.metric.name] = out.get(m.key.metric.name, 0) + int(value or 0)
+    return out
+
+
+def inference_metrics(result: Any) -> dict[str, float]:
+    """RunInference's own metrics, summed over worker processes: batches, images, mean batch size, seconds in
+    `run_inference` (`inference_s`, all processes together) and in `load_model` (`model_load_s`, `model_loads`)."""
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(f"{NAMESPACE}_RunInference"))
+    except (NotImplementedError, AttributeError) as e:
+        log.debug("no RunInference metrics: %s", e)
+        return {}
+
+    def value(m: Any) -> Any:
+        try:
+            return m.committed if m.committed is not None else m.attempted
+        except Exception:
+            return m.attempted
+
+    dist = {m.key.metric.name: value(m) for m in found.get("distributions", []) if value(m) is not None}
+    out: dict[str, float] = {}
+    if "inference_batch_latency_micro_secs" in dist:
+        d = dist["inference_batch_latency_micro_secs"]
+        out.update(batches=d.count, inference_s=round(d.sum / 1e6, 2))
+    if "inference_request_batch_size" in dist:
+        d = dist["inference_request_batch_size"]
+        out.update(images=d.sum, mean_batch=round(d.sum / max(d.count, 1), 2))
+    if "load_model_latency_milli_secs" in dist:
+        d = dist["load_model_latency_milli_secs"]
+        out.update(model_loads=d.count, model_load_s=round(d.sum / 1e3, 2))
+    return out
+
+
+class Refused(Exception):
+    """The run was not started (existing results without --overwrite, missing model...)."""
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Refuse when `output` holds an earlier run's results, unless `overwrite` (then delete exactly those)."""
+    if not is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise Refused(f"--output {output} exists and is not a folder")
+    existing = output_files(output)
+    if not existing:
+        return
+    if not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise Refused(f"--output {output} already holds the results of a run ({len(existing)} files: {shown}); "
+                      "choose another --output, or pass --overwrite to delete them and run again")
+    log.warning("--overwrite: deleting %d files of an earlier run in %s", len(existing), output)
+    for i in range(0, len(existing), 1000):
+        FileSystems.delete(existing[i:i + 1000])
+
+
+def check_model(path: str, flag: str) -> None:
+    if is_remote(path):  # a file, or a "folder" (prefix) holding at least one file
+        src = path.rstrip("/")
+        exists = FileSystems.exists(src) or bool(FileSystems.match([src + "/**"], limits=[1])[0].metadata_list)
+    else:
+        exists = os.path.exists(path)
+    if not exists:
+        raise Refused(f"{flag} {path} not found (on Dataflow and other remote runners give a path every worker "
+                      "can read, e.g. gs://bucket/models/lung/1)")
+
+
+def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = False) -> RunResult:
+    """Check the output and models, run the pipeline to the end and return its counts (raises `Refused`)."""
+    settings.patterns = [normalize_pattern(p) for p in settings.patterns]
+    if not is_remote(settings.output):
+        settings.output = os.path.abspath(os.path.expanduser(settings.output))
+    for pat in settings.patterns:  # (the output inside an input folder is fine: its files are not inputs)
+        if fixed_prefix(pat).startswith(settings.output.rstrip("/") + "/"):
+            raise Refused(f"input {pat} lies inside --output {settings.output}: outputs and inputs would mix")
+    check_model(settings.lung_model, "--lung-model")
+    check_model(settings.infection_model, "--infection-model")
+    prepare_output(settings.output, overwrite)
+    options = PipelineOptions(list(beam_args))
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    if runner not in ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner") and any(
+            not is_remote(m) for m in (settings.lung_model, settings.infection_model)):
+        log.warning("--runner %s with local model paths: every worker must see %s and %s (put the models on "
+                    "gs:// or into the worker container)", runner, settings.lung_model, settings.infection_model)
+    t0 = time.perf_counter()
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, settings)
+    result = p.run()
+    state = result.wait_until_finish()
+    seconds = time.perf_counter() - t0
+    c = counters(result)
+    files = {"summary": join(settings.output, SUMMARY), "severity_csv": join(settings.output, SEVERITY_CSV),
+             "dead_letter": join(settings.output, DEAD_LETTER), "images": join(settings.output, IMAGES_DIR)}
+    return RunResult(images_ok=None if c is None else c.get("images_ok", 0),
+                     images_failed=None if c is None else c.get("images_failed", 0),
+                     failed_by_stage={s: c[f"failed_{s}"] for s in STAGES if (c or {}).get(f"failed_{s}")},
+                     output=settings.output, files=files, state=str(state), seconds=round(seconds, 2),
+                     run_inference=inference_metrics(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m covidseg_tf.batch_predict",
+        description="predict's masks, overlays and severity for whole archives of X-rays, as an Apache Beam "
+                    "pipeline (RunInference); writes <output>/images/<stem>_{lung,infection,overlay}.png + .json, "
+                    "summary.jsonl, severity.csv and dead_letter.jsonl. Flags not listed here are Beam pipeline "
+                    "options (--runner, --direct_num_workers, --direct_running_mode, Dataflow's --project ...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  # this machine, the shipped models, two worker processes\n"
+               "  python -m covidseg_tf.batch_predict 'scans/**' --output preds \\\n"
+               "      --runner DirectRunner --direct_num_workers 2 --direct_running_mode multi_processing\n"
+               "  # only some files, two patterns, your own models\n"
+               "  python -m covidseg_tf.batch_predict 'scans/2020/*.png' 'scans/dicom/**.dcm' --output preds \\\n"
+               "      --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras\n"
+               "  # Google Cloud Dataflow (models and data on GCS; pip install 'apache-beam[gcp]')\n"
+               "  python -m covidseg_tf.batch_predict 'gs://archive/xrays/**' --output gs://results/run1 \\\n"
+               "      --lung-model gs://models/lung/1 --infection-model gs://models/infection/1 \\\n"
+               "      --runner DataflowRunner --project P --region europe-west1 \\\n"
+               "      --temp_location gs://results/tmp --sdk_container_image IMAGE   # or --requirements_file ...\n"
+               "patterns: * stays in one folder, ** crosses folders; a local folder or a pattern ending in / "
+               "means everything below it.\n"
+               "exit code 0 when every input was processed, 1 when any failed (see dead_letter.jsonl), nothing "
+               "matched, or the run was refused.")
+    p.add_argument("inputs", nargs="+", help="file patterns or paths: local, gs://, s3:// (quote globs)")
+    p.add_argument("--output", required=True, help="output location (local folder, gs://..., s3://...)")
+    p.add_argument("--lung-model", default=str(DEFAULT_LUNG_MODEL),
+                   help="Stage-1 model: SavedModel base or version folder, or .keras file; a URL is copied to each "
+                        "worker (default: %(default)s)")
+    p.add_argument("--infection-model", default=str(DEFAULT_INFECTION_MODEL),
+                   help="Stage-2 model, like --lung-model (default: %(default)s)")
+    add_decision_flags(p)  # --threshold, --infection-threshold, --min-infection-percent, --hflip, as predict
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size, only for models without a fixed one (default: the models' size)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="most images per cascade call (RunInference batches grow from 1 up to this; "
+                        "default: %(default)s)")
+    p.add_argument("--tf-threads", type=int, default=None,
+                   help="TensorFlow intra-op threads per worker process (default: TensorFlow's, all cores)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if --output holds an earlier run's results, delete them and run (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, beam_args = build_parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    # Beam 2.77's RunInference warns at every model load that it cannot measure memory when torch is absent
+    # (its `resource` import shares a try block with a torch-only module): harmless, and not our memory
+    logging.getLogger().addFilter(lambda r: not r.getMessage().startswith("Resource module is not available"))
+    decision = decision_overrides(args)
+    try:  # checked here, before any worker starts
+        dataclasses.replace(Decision(), **decision)
+    except (TypeError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    if args.batch_size < 1:
+        log.error("--batch-size must be >= 1, got %s", args.batch_size)
+        return 1
+    settings = Settings(patterns=list(args.inputs), output=args.output, lung_model=args.lung_model,
+                        infection_model=args.infection_model, decision=decision, image_size=args.image_size,
+                        batch_size=args.batch_size, tf_threads=args.tf_threads)
+    try:
+        res = run(settings, beam_args, overwrite=args.overwrite)
+    except Refused as e:
+        log.error("%s", e)
+        return 1
+    print(json.dumps(res.as_dict()), flush=True)
+    if res.images_ok is not None:
+        log.info("%d image(s) processed, %d failed (%s) into %s", res.images_ok, res.images_failed,
+                 res.failed_by_stage or "none", res.output)
+    if res.images_failed:
+        log.error("%d input(s) failed: see %s", res.images_failed, res.files["dead_letter"])
+        return 1
+    if res.images_ok == 0:
+        log.error("no input matched %s", " ".join(settings.patterns))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the module under its own name, so the DoFns pickled for the workers refer to covidseg_tf.batch_predict
+    # (importable on every worker), not to __main__.
+    from covidseg_tf.batch_predict import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,291 @@
+"""covidseg_tf.batch_predict on Beam's DirectRunner: stems, dead letters and metrics, rerun refusal and --overwrite
+(tiny untrained models), and the same masks and severity as `predict` on real Val images (shipped models, slow)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BAD, GOOD, H, W
+from PIL import Image
+
+from covidseg_tf import batch_predict as bp
+
+RUNNER = ["--runner", "DirectRunner"]
+
+
+# ----------------------------------------------------------------------------------------------- stems (no Beam run)
+def test_patterns_prefixes_and_relative_stems(tmp_path):
+    assert bp.fixed_prefix("gs://b/x/**/*.png") == "gs://b/x/"
+    assert bp.fixed_prefix("gs://b/x/a*.png") == "gs://b/x/"
+    assert bp.fixed_prefix("s3://b/x/y.dcm") == "s3://b/x/"
+    assert bp.relative_stem("gs://b/x/2020/p1/a.png", "gs://b/x/") == "2020/p1/a"
+    assert bp.relative_stem("gs://b/x/noext", "gs://b/x/") == "noext"
+    assert bp.relative_stem("gs://b/x/a.b.dcm", "gs://b/x/") == "a.b"
+    (tmp_path / "d").mkdir()
+    assert bp.normalize_pattern(str(tmp_path / "d")) == f"{tmp_path}/d/**"  # a local folder: everything below
+    assert bp.normalize_pattern("gs://b/x/") == "gs://b/x/**"
+    assert bp.normalize_pattern("gs://b/x/*.png") == "gs://b/x/*.png"
+    rel = bp.normalize_pattern("some/file.png")
+    assert os.path.isabs(rel) and rel.endswith("some/file.png")
+
+
+def test_stems_are_collision_free_and_stable():
+    pairs = [("gs://b/x/a.png", "gs://b/x/"), ("gs://b/x/a.dcm", "gs://b/x/"),  # same folder, two extensions
+             ("gs://b/y/a.png", "gs://b/y/"),  # the same relative path under a second pattern
+             ("gs://b/x/B.png", "gs://b/x/"), ("gs://b/x/b.png", "gs://b/x/"),  # case only
+             ("gs://b/x/c.png", "gs://b/x/"), ("gs://b/x/sub/c.png", "gs://b/x/")]
+    plan = bp.plan_stems(pairs)
+    assert plan["gs://b/x/c.png"] == "c" and plan["gs://b/x/sub/c.png"] == "sub/c"  # no clash: no hash
+    for uri in ("gs://b/x/a.png", "gs://b/x/a.dcm", "gs://b/y/a.png"):
+        assert plan[uri] == f"a-{bp.uri_hash(uri)}"
+    assert plan["gs://b/x/B.png"] == f"B-{bp.uri_hash('gs://b/x/B.png')}"
+    assert len({s.lower() for s in plan.values()}) == len(plan)
+    assert bp.plan_stems(reversed(pairs)) == plan  # the same inputs always get the same stems
+    # a file literally named like another input's hashed stem: both move to full hashes
+    uri = "gs://b/x/a.png"
+    named = f"gs://b/x/a-{bp.uri_hash(uri)}.png"
+    plan = bp.plan_stems([(uri, "gs://b/x/"), ("gs://b/x/a.dcm", "gs://b/x/"), (named, "gs://b/x/")])
+    assert plan[uri] == f"a-{bp.uri_hash(uri)}-{bp.uri_hash(uri, 64)}"
+    assert plan[named] == f"a-{bp.uri_hash(uri)}-{bp.uri_hash(named, 64)}"
+    assert len(set(plan.values())) == 3
+
+
+def test_match_skips_the_output_and_dead_letters_missing_files(tmp_path):
+    d = tmp_path / "in"
+    (d / "preds" / "images").mkdir(parents=True)
+    (d / "x.png").write_bytes(b"x")
+    (d / "preds" / "images" / "x_lung.png").write_bytes(b"y")  # an earlier run's output inside the input folder
+    fn = bp.MatchFn(str(d / "preds"))
+    assert list(fn.process((3, bp.normalize_pattern(str(d))))) == [(str(d / "x.png"), 3)]
+    (missing,) = fn.process((0, str(d / "nope.png")))
+    assert missing.tag == "dead_letter"
+    assert json.loads(missing.value) == {"file": str(d / "nope.png"), "stage": "match", "reason": "no such file"}
+    assert list(fn.process((0, str(d / "*.dcm")))) == []  # a glob may match nothing
+
+
+def test_beam_flags_pass_through():
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    args, rest = bp.build_parser().parse_known_args(
+        ["gs://b/**", "--output", "o", "--overwrite", "--runner", "DirectRunner", "--direct_num_workers", "2",
+         "--direct_running_mode", "multi_processing", "--project", "p"])
+    assert args.inputs == ["gs://b/**"] and args.overwrite and args.batch_size == bp.DEFAULT_BATCH_SIZE
+    opts = PipelineOptions(rest).view_as(DirectOptions)
+    assert (opts.direct_num_workers, opts.direct_running_mode) == (2, "multi_processing")
+    assert "--project" in rest
+    from covidseg_tf.config import decision_overrides
+
+    args, _ = bp.build_parser().parse_known_args(["x", "--output", "o", "--infection-threshold", "0.3", "--hflip"])
+    assert decision_overrides(args) == {"infection_threshold": 0.3, "hflip": True}  # predict's decision flags
+
+
+def test_bad_decision_is_refused_before_the_pipeline(tmp_path, caplog, capsys):
+    with caplog.at_level(logging.ERROR):
+        try:
+            rc = bp.main([str(tmp_path), "--output", str(tmp_path / "out"), "--threshold", "1.5"] + RUNNER)
+        except SystemExit as e:  # the flag's own check (argparse), where config has one
+            rc = e.code
+    assert rc in (1, 2) and "must be in (0, 1)" in caplog.text + capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- Beam runs
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    """Untrained efficientnetb0 U-Nets at 64 px saved as .keras (as in test_predict.py)."""
+    from covidseg_tf.models import build_unet
+
+    d = tmp_path_factory.mktemp("models")
+    build_unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, name="lung").save(d / "lung.keras")
+    build_unet("efficientnetb0", input_shape=(64, 64, 4), encoder_weights=None, name="infection").save(
+        d / "infection.keras")
+    return d / "lung.keras", d / "infection.keras"
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_models) -> bp.LoadedCascade:
+    """What each worker holds: the tiny cascade loaded by the handler (default decision), shared by the tests."""
+    return bp.CascadeModelHandler(*map(str, tiny_models)).load_model()
+
+
+def test_handler_loads_the_cascade_with_the_decision_and_survives_a_failing_image(tiny_models, tiny_loaded):
+    from covidseg_tf.cascade import Prediction
+
+    handler = bp.CascadeModelHandler(*map(str, tiny_models), decision={"infection_threshold": 0.3}, max_batch_size=4)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 4}
+    loaded = handler.load_model()
+    assert loaded.cascade.decision.infection_threshold == 0.3 and loaded.cascade.decision.threshold == 0.5
+    assert loaded.models["lung"]["path"] == str(tiny_models[0])
+    assert loaded.models["decision"]["infection_threshold"] == 0.3
+    ok = np.zeros((H, W), np.uint8)
+    batch = [bp.XRay("a", "a", ok), bp.XRay("b", "b", np.zeros((H, W, 3), np.uint8)), bp.XRay("c", "c", ok)]
+    results = list(handler.run_inference(batch, tiny_loaded))  # the 3-D image fails the batch: one by one
+    assert [type(r[1]) for r in results] == [Prediction, bp.InferenceFailure, Prediction]
+    assert [r[0].file for r in results] == ["a", "b", "c"] and results[1][1].reason
+    assert handler.get_num_bytes(batch) == sum(x.gray.nbytes for x in batch)
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, dict | None]:
+    """`batch_predict.main` and the JSON line it printed (None when it printed none)."""
+    capsys.readouterr()
+    rc = bp.main(argv)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    return rc, json.loads(lines[-1]) if lines else None
+
+
+def read_lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln]
+
+
+@pytest.fixture(scope="module")
+def mixed_run(inputs, tiny_models, tmp_path_factory):
+    """One run over conftest's folder of every good and bad kind, plus an empty file, a text file and a
+    literal path that does not exist."""
+    folder = inputs["png8_gray"].parent
+    (folder / "bad" / "empty.png").write_bytes(b"")
+    (folder / "bad" / "notes.txt").write_text("not an X-ray\n")
+    out = tmp_path_factory.mktemp("batch") / "out"
+    missing = folder / "no_such.png"
+    lung, inf = tiny_models
+    buf = io.StringIO()  # (capsys is function-scoped)
+    with contextlib.redirect_stdout(buf):
+        rc = bp.main([str(folder), str(missing), "--output", str(out), "--lung-model", str(lung),
+                      "--infection-model", str(inf), "--quiet"] + RUNNER)
+    result = json.loads([ln for ln in buf.getvalue().splitlines() if ln.startswith("{")][-1])
+    return {"rc": rc, "result": result, "out": out, "folder": folder, "missing": missing}
+
+
+def test_bad_files_go_to_the_dead_letter_and_good_ones_get_every_output(mixed_run, inputs, tiny_models,
+                                                                        tiny_loaded):
+    from covidseg_tf.imageio import read_xray
+
+    out, folder = mixed_run["out"], mixed_run["folder"]
+    assert mixed_run["rc"] == 1  # some inputs failed
+    res = mixed_run["result"]
+    bad_files = [inputs[k] for k in BAD] + [folder / "bad" / "empty.png", folder / "bad" / "notes.txt"]
+    # metrics: every good file processed, every bad one counted by the stage that rejected it
+    assert res["state"] == "DONE"
+    assert res["images_ok"] == len(GOOD) and res["images_failed"] == len(bad_files) + 1
+    assert res["failed_by_stage"] == {"match": 1, "decode": len(bad_files)}
+    dead = {json.loads(ln)["file"]: json.loads(ln) for ln in read_lines(out / bp.DEAD_LETTER)}
+    assert set(dead) == {str(f) for f in bad_files} | {str(mixed_run["missing"])}
+    assert dead[str(mixed_run["missing"])]["reason"] == "no such file"
+    assert "empty file" in dead[str(folder / "bad" / "empty.png")]["reason"]
+    assert "no pixel data" in dead[str(inputs["bad_nopixels"])]["reason"]
+    for f in bad_files:
+        assert dead[str(f)]["stage"] == "decode" and str(f) in dead[str(f)]["reason"]
+    # every good file: predict's four outputs at the input size, with predict's record
+    summary = {json.loads(ln)["file"]: json.loads(ln) for ln in read_lines(out / bp.SUMMARY)}
+    assert set(summary) == {str(inputs[k]) for k in GOOD}
+    with open(out / bp.SEVERITY_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(bp.CSV_COLUMNS) and len(rows) == len(GOOD)
+    cascade = tiny_loaded.cascade
+    for kind in GOOD:
+        src = inputs[kind]
+        rec = summary[str(src)]
+        stem = out / "images" / src.relative_to(folder).with_suffix("")
+        assert rec["outputs"]["lung"] == f"{stem}_lung.png"
+        assert json.loads(Path(f"{stem}.json").read_text()) == rec
+        assert rec["size"] == {"height": H, "width": W}
+        pred = cascade.predict([read_xray(src)])[0]  # predict's path: one image per call
+        for name in ("lung", "infection"):
+            mask = np.asarray(Image.open(f"{stem}_{name}.png"))
+            assert mask.shape == (H, W) and set(np.unique(mask)) <= {0, 255}
+            np.testing.assert_array_equal(mask > 0, getattr(pred, name).astype(bool))
+        assert rec["severity"]["total"] == pred.severity_total
+        assert Image.open(f"{stem}_overlay.png").size == (W, H)
+        assert rec["models"]["lung"]["path"] == str(tiny_models[0]) and len(rec["models"]["lung"]["sha256"]) == 64
+    for row in rows:
+        assert float(row["severity_total"]) == summary[row["file"]]["severity"]["total"]
+        assert row["grade"] == summary[row["file"]]["severity"]["grade"]
+    # a.png and a.dcm style clashes do not exist here: no stem got a hash
+    assert not list((out / "images").rglob("*-????????.json"))
+
+
+def test_rerun_is_refused_and_overwrite_replaces_the_earlier_results(mixed_run, inputs, tiny_models, capsys,
+                                                                     caplog):
+    out = mixed_run["out"]
+    lung, inf = tiny_models
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    mine = out / "my_notes.md"  # not a file of a run: never deleted
+    mine.write_text("keep me")
+    models = ["--lung-model", str(lung), "--infection-model", str(inf), "--quiet"] + RUNNER
+    src = inputs["png8_gray"]
+    with caplog.at_level(logging.ERROR):
+        rc, printed = run_main(capsys, [str(src), "--output", str(out)] + models)
+    assert rc == 1 and printed is None
+    assert "already holds the results of a run" in caplog.text and "--overwrite" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p != mine} == before  # nothing touched
+    # --overwrite: the earlier run's files are deleted first, so only this run's results remain
+    rc, printed = run_main(capsys, [str(src), "--output", str(out), "--overwrite"] + models)
+    assert rc == 0 and printed["images_ok"] == 1 and printed["images_failed"] == 0
+    assert sorted(p.name for p in (out / "images").rglob("*") if p.is_file()) == sorted(
+        f"png8_gray{s}" for s in ("_lung.png", "_infection.png", "_overlay.png", ".json"))
+    assert [json.loads(ln)["file"] for ln in read_lines(out / bp.SUMMARY)] == [str(src)]
+    assert read_lines(out / bp.DEAD_LETTER) == []
+    assert len(read_lines(out / bp.SEVERITY_CSV)) == 2  # header + 1
+    assert mine.read_text() == "keep me"
+
+
+def test_input_inside_output_is_refused(tmp_path, tiny_models, caplog):
+    (tmp_path / "out" / "scans").mkdir(parents=True)
+    lung, inf = tiny_models
+    with caplog.at_level(logging.ERROR):
+        rc = bp.main([str(tmp_path / "out" / "scans"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                      "--infection-model", str(inf)] + RUNNER)
+    assert rc == 1 and "inside --output" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- real data
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_real_val_images_match_predict(shared_covidqu, tmp_path, capsys):
+    """20 real Val images, the shipped models, two worker processes: the same masks and severity as `predict`.
+
+    Both run TensorFlow with one intra-op thread: oneDNN's results depend on the thread count in the last bits, and a
+    pixel at the threshold can flip between 1 and 2 threads (1 of 19,903 lung pixels of one image here).
+    """
+    val = shared_covidqu / "Infection Segmentation Data" / "Infection Segmentation Data" / "Val"
+    files = [p for c in ("COVID-19", "Non-COVID", "Normal") for p in sorted((val / c / "images").glob("*.png"))[:7]]
+    files = files[:20]
+    d = tmp_path / "val"
+    for f in files:  # one folder, as an archive would hold them (names are unique across the classes)
+        d.joinpath(f.parent.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, d / f.parent.parent.name / f.name)
+    inputs = sorted(d.rglob("*.png"))
+    rc, res = run_main(capsys, [f"{d}/**.png", "--output", str(tmp_path / "beam"), "--quiet", "--tf-threads", "1",
+                                "--runner", "DirectRunner", "--direct_num_workers", "2", "--direct_running_mode",
+                                "multi_processing"])
+    assert rc == 0 and res["images_ok"] == 20 and res["images_failed"] == 0
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+    subprocess.run([sys.executable, "-m", "covidseg_tf.predict", *map(str, inputs), "--out", str(tmp_path / "ref"),
+                    "--quiet"], env=env, check=True, capture_output=True)
+    summary = {json.loads(ln)["file"]: json.loads(ln) for ln in read_lines(tmp_path / "beam" / bp.SUMMARY)}
+    grades = set()
+    for p in inputs:
+        ref = json.loads((tmp_path / "ref" / f"{p.stem}.json").read_text())
+        stem = tmp_path / "beam" / "images" / p.parent.name / p.stem
+        got = json.loads(Path(f"{stem}.json").read_text())
+        assert got == summary[str(p)]
+        assert got["severity"] == ref["severity"], p.name
+        for k in ("size", "lung_area_px", "infection_area_px"):
+            assert got[k] == ref[k], (p.name, k)
+        assert got["models"] == ref["models"]
+        for name in ("lung", "infection"):
+            a = np.asarray(Image.open(f"{stem}_{name}.png"))
+            b = np.asarray(Image.open(tmp_path / "ref" / f"{p.stem}_{name}.png"))
+            np.testing.assert_array_equal(a, b, err_msg=f"{p.name} {name}")
+        grades.add(got["severity"]["grade"])
+    assert len(grades) > 1  # real predictions, not all "none"
