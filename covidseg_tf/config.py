@@ -70,9 +70,10 @@ class StageConfig:
     # `--bn-momentum 0.99` (the README's Training section records that command's result with the default).
     bn_momentum: float = 0.9
     clipnorm: float | None = None
-    # Where the U-Net taps the encoder (UNET_LAYOUTS): "segmentation_models" (qubvel's Keras Unet, the
-    # shipped models) or "segmentation_models_pytorch" (smp's Unet: last block of each stride, no top conv).
-    unet_layout: str = "segmentation_models"
+    # Where the U-Net taps the encoder (UNET_LAYOUTS): "segmentation_models_pytorch" (smp's Unet: last block of
+    # each stride, no top conv; the seed recipe's own library) or "segmentation_models" (qubvel's Keras Unet, the
+    # layout of the shipped version-1 models). Chosen by measurement: bench/RESULTS.md, "U-Net layout".
+    unet_layout: str = "segmentation_models_pytorch"
     # Loss = sum(weight * term); terms: LOSS_TERMS.
     loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
     # "auto": ImageNet when the weights can be had (downloaded or in ~/.keras/models), else random init with a
