@@ -189,3 +189,21 @@ def test_evaluate_rejects_cascade_saved_model_as_lung_model(tmp_path):
     (version / "assets.extra" / "covidseg_export.json").write_text(json.dumps({"servable": "cascade"}))
     with pytest.raises(ValueError, match="cascade SavedModel"):
         main(["--lung-model", str(tmp_path / "cascade"), "--out", str(tmp_path / "out"), "--quiet"])
+
+
+def test_evaluate_cli_ends_a_builder_data_error_with_one_line(monkeypatch, tmp_path):
+    """The builder's own CovidQuExDataError (here: --manual-dir is a file but no zip) is one error line."""
+    import sys
+
+    from covidseg_tf import cascade, evaluate
+
+    not_zip = tmp_path / "covidqu.zip"
+    not_zip.write_bytes(b"not a zip")
+    monkeypatch.setattr(cascade.Cascade, "load", classmethod(lambda cls, *args, **kwargs: None))  # no models needed
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--dataset", "covid_qu_ex/infection", "--data-dir",
+                                      str(tmp_path / "tfds"), "--manual-dir", str(not_zip), "--out",
+                                      str(tmp_path / "out"), "--quiet"])
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli()
+    assert e.value.code == (f"error: manual_dir {not_zip} is a file but not a readable zip (incomplete download?); "
+                            "it takes the Kaggle zip itself or a folder holding the zip or its extracted files")

@@ -318,3 +318,45 @@ def test_manual_dir_may_be_the_zip_file_itself(tmp_path):
     make_tree(tmp_path / "src")
     z = zip_dir(tmp_path / "src", tmp_path / "covidqu.zip")
     assert {s: len(v) for s, v in sources.find_examples(z, "infection").items()} == _expected_counts()
+
+
+def test_manual_dir_may_be_the_zip_file_itself_through_tfds(tmp_path):
+    """Reproduction: `tfds build ... --manual_dir covidqu.zip` failed with NotADirectoryError inside TFDS (its
+    dl_manager.manual_dir lists a folder); train's and evaluate's --manual-dir take the same path (load_builder)."""
+    from covidseg_tf.data import load_builder
+
+    make_tree(tmp_path / "src")
+    z = zip_dir(tmp_path / "src", tmp_path / "covidqu.zip")
+    builder = build(z, tmp_path / "data")
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == _expected_counts()
+    builder = load_builder("covid_qu_ex/infection", tmp_path / "data2", manual_dir=z)
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == _expected_counts()
+
+
+def test_manual_dir_file_that_is_not_a_zip(tmp_path):
+    not_zip = tmp_path / "covidqu.zip"
+    not_zip.write_bytes(b"PK\x03\x04 partial download")
+    with pytest.raises(CovidQuExDataError) as e:
+        build(not_zip, tmp_path / "data")
+    assert str(e.value) == (f"manual_dir {not_zip} is a file but not a readable zip (incomplete download?); it takes "
+                            "the Kaggle zip itself or a folder holding the zip or its extracted files")
+
+
+def test_tfds_build_ends_with_the_builder_message_not_a_traceback(tmp_path):
+    """`tfds build` (absl runs it) prints a CovidQuExDataError, which is also an absl UsageError, after a usage
+    line instead of a 20-frame traceback; the message is the last line. Here it is raised while the examples are
+    generated, the deepest place it can come from."""
+    import os
+    import subprocess
+    import sys
+
+    images = make_tree(tmp_path / "src")
+    bad = images["Train/Normal/Normal (5).png"]
+    bad.write_bytes(bad.read_bytes()[:30])
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tfds"), "build", str(Path(sources.__file__).parent), "--config",
+         "infection", "--manual_dir", str(tmp_path / "src"), "--data_dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{bad}: unreadable or truncated image")

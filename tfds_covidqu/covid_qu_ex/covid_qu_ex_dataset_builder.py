@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from . import phantoms, sources
 from .sources import CLASS_NAMES, CovidQuExDataError
@@ -73,7 +74,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     Download the Kaggle dataset `{sources.KAGGLE_DATASET}` ({sources.KAGGLE_URL}), e.g. with
     `kaggle datasets download {sources.KAGGLE_DATASET}`, and place the zip (any name) or the extracted
     "Infection Segmentation Data" / "Lung Segmentation Data" folder in `manual_dir`
-    (default `<data_dir>/downloads/manual/`). The zip is read in place. The `synthetic` config needs nothing.
+    (default `<data_dir>/downloads/manual/`), or pass the zip file itself as `manual_dir`. The zip is read in
+    place. The `synthetic` config needs nothing.
     """
 
     def __init__(self, *, file_format: str | None = None, **kwargs):
@@ -104,10 +106,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if part is None:
             return {split: self._generate_synthetic(split, n) for split, n in phantoms.SPLIT_SIZES.items()}
         manual_dir = getattr(dl_manager, "_manual_dir", None)
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError:  # missing or empty manual_dir
-            raise CovidQuExDataError(sources.missing_data_message(part, manual_dir)) from None
+        if manual_dir is None or not epath.Path(manual_dir).is_file():  # a file is the Kaggle zip itself: sources
+            try:  # reads it; TFDS's dl_manager.manual_dir only takes folders (NotADirectoryError on a file)
+                manual_dir = dl_manager.manual_dir
+            except AssertionError:  # missing or empty manual_dir
+                raise CovidQuExDataError(sources.missing_data_message(part, manual_dir)) from None
         examples = sources.find_examples(os.fspath(manual_dir), part)
         for split, exs in examples.items():
             logger.info("covid_qu_ex/%s %s: %d examples", part, split, len(exs))

@@ -5,7 +5,8 @@ import TensorFlow.
 
 Accepted `manual_dir` contents (folder names are matched case-, space-, dash- and underscore-insensitively):
 
-- the Kaggle zip (any file name ending in `.zip`); members are read in place with `zipfile`, never extracted;
+- the Kaggle zip (any file name ending in `.zip`), or `manual_dir` is that zip file itself; members are read in
+  place with `zipfile`, never extracted;
 - the extracted download, with or without the doubled part folder
   (`Infection Segmentation Data/Infection Segmentation Data/Train/...` or `Infection Segmentation Data/Train/...`);
 - the part folder itself (`manual_dir/Train/COVID-19/images/...`).
@@ -58,8 +59,20 @@ PART_KINDS = {"lung": ("image", "lung_mask"), "infection": ("image", "lung_mask"
 IMAGE_SUFFIXES = (".png",)
 
 
-class CovidQuExDataError(ValueError):
-    """The manually downloaded COVID-QU-Ex data is missing, incomplete or unreadable (message names the file)."""
+try:  # absl-py comes with TensorFlow and TFDS
+    from absl.app import UsageError as _AbslUsageError
+except ImportError:  # pragma: no cover
+    _AbslUsageError = Exception
+
+
+class CovidQuExDataError(ValueError, _AbslUsageError):
+    """The manually downloaded COVID-QU-Ex data is missing, incomplete or unreadable (message names the file).
+
+    Also an `absl.app.UsageError`, so that a command line run by absl, such as `tfds build`, ends with its message
+    after a usage line instead of a traceback (exit code 1).
+    """
+
+    exitcode = 1  # read by absl.app.run
 
 
 def _norm(name: str) -> str:
@@ -314,7 +327,10 @@ def scan(manual_dir: str | os.PathLike, part: str) -> Scan:
     if part not in PART_FOLDERS:
         raise ValueError(f"unknown part {part!r}; expected one of {sorted(PART_FOLDERS)}")
     manual_dir = Path(manual_dir)
-    if not (manual_dir.is_dir() or (manual_dir.is_file() and zipfile.is_zipfile(manual_dir))):
+    if manual_dir.is_file() and not zipfile.is_zipfile(manual_dir):
+        raise CovidQuExDataError(f"manual_dir {manual_dir} is a file but not a readable zip (incomplete download?); "
+                                 "it takes the Kaggle zip itself or a folder holding the zip or its extracted files")
+    if not (manual_dir.is_dir() or manual_dir.is_file()):
         raise CovidQuExDataError(missing_data_message(part, manual_dir))
     outer = (manual_dir.resolve().name,)
     candidates = []
