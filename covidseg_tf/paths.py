@@ -15,6 +15,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of bytes in memory (the same digest `sha256_file` gives for a file holding them)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def integer_versions(base: str | Path) -> dict[int, Path]:
     """{version: folder} of the integer-named sub-folders of a model base path (TF Serving ignores other names,
     such as `.tmp-*`); empty when `base` is not a folder."""

@@ -10,11 +10,22 @@ input `<name>`:
     <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red)
     <name>.json           sizes, areas, severity per lung and grade, model files and versions
 
+The JSON also records the input's SHA-256 (``input_sha256``) and whether the input quality gate assessed it:
+an image that cannot be a chest X-ray (too small, extremely elongated, near-constant; `covidseg_tf.limits`) gets
+``"assessed": false``, the ``"reason"``, null severity and grade, empty masks and a warning line, never a grade.
+Images above the size limits (4096 px a side) are refused from their header, before decoding.
+
 Inputs inside a folder keep their relative sub-folders under --out (``<out>/<folder name>/<sub-path>``).
 Names clashing with another input's outputs or with an input file get a suffix (``a_png``, ``a_dcm``, ``b-1``),
-so an input is never overwritten; --out may lie inside an input folder (its files are then not walked as
-inputs) but an input folder inside --out is refused. A file that cannot be read or processed is logged and
-skipped; the exit code is 1 if any input failed (or none was found), else 0.
+compared case-insensitively (``good.PNG`` and ``good.png`` give ``good_PNG`` and ``good_png-1`` on any file
+system), so an input is never overwritten; --out may lie inside an input folder (its files are then not walked
+as inputs) but an input folder inside --out is refused.
+
+Reruns are explicit: if any planned output exists, predict names the first and stops before loading models,
+unless --overwrite, which replaces them and removes the earlier outputs of inputs that fail this time (so no
+stale result survives as if fresh). Each input's files are written under temporary names and renamed, its JSON
+last: a JSON only stands next to the complete files it describes. A file that cannot be read or processed is
+logged and skipped; the exit code is 1 if any input failed (or none was found), else 0.
 
 Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels `saved_models/lung/1` and
 `saved_models/infection/1` (config.SHIPPED_VERSION); --lung-model / --infection-model also take a TF Serving base
@@ -27,6 +38,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +48,8 @@ import numpy as np
 
 from covidseg_tf import __version__
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, add_decision_flags, decision_overrides
-from covidseg_tf.imageio import KNOWN_EXTENSIONS, find_images, read_xray
-from covidseg_tf.paths import sha256_file
+from covidseg_tf.imageio import KNOWN_EXTENSIONS, XRayReadError, decode_xray, find_images
+from covidseg_tf.paths import sha256_bytes, sha256_file
 
 if TYPE_CHECKING:
     from covidseg_tf.cascade import Cascade, Prediction
@@ -77,30 +89,73 @@ def model_file_info(model: Any, given: Path) -> dict[str, Any]:
 
 
 def overlay(gray: np.ndarray, lung: np.ndarray, infection: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8: the X-ray with a light green lung tint + outline and the infection in translucent red."""
-    from PIL import Image, ImageFilter
+    """HxWx3 uint8: the X-ray with a light green lung tint + outline and the infection in translucent red.
 
-    rgb = np.repeat(gray[..., None].astype(np.float32), 3, axis=-1)
-    lung_b = lung.astype(bool)
-    inf_b = infection.astype(bool)
-    rgb[lung_b] = 0.85 * rgb[lung_b] + 0.15 * np.array(LUNG_RGB, np.float32)
-    rgb[inf_b] = 0.5 * rgb[inf_b] + 0.5 * np.array(INFECTION_RGB, np.float32)
-    width = max(1, round(min(gray.shape) / 256))
-    eroded = np.asarray(Image.fromarray(lung_b.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(2 * width + 1)))
-    outline = lung_b & (eroded == 0)
-    rgb[outline] = np.array(LUNG_RGB, np.float32)
-    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    Time and memory are a few passes over the image whatever its size: the outline (about 1/256 of the short side
+    wide) is an erosion computed from window sums (`_erode`), not a rank filter whose cost grows with its width.
+    """
+    lung_b, inf_b = lung.astype(bool), infection.astype(bool)
+    state = lung_b.astype(np.uint8) + 2 * inf_b.astype(np.uint8)  # 0 none, 1 lung, 2 infection, 3 both
+    state[lung_b & ~_erode(lung_b, max(1, round(min(gray.shape) / 256)))] = 4  # the outline
+    g = np.arange(256, dtype=np.float32)[:, None]
+    tinted = 0.85 * g + 0.15 * np.array(LUNG_RGB, np.float32)
+    red = np.array(INFECTION_RGB, np.float32)
+    colours = np.stack([np.repeat(g, 3, axis=1), tinted, 0.5 * g + 0.5 * red, 0.5 * tinted + 0.5 * red,
+                        np.broadcast_to(np.array(LUNG_RGB, np.float32), (256, 3))])
+    table = np.clip(np.round(colours), 0, 255).astype(np.uint8)  # (state, grey level, RGB)
+    return table[state, gray]
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion of a bool mask by a (2 radius + 1)^2 square, outside the image counting as background: per
+    axis, a pixel stays if its whole window is set, from the window sums of a cumulative sum (O(H x W), any
+    radius)."""
+    k = 2 * radius + 1
+
+    def rows(m: np.ndarray) -> np.ndarray:  # along each row (axis 1, contiguous)
+        n = m.shape[1]
+        out = np.zeros_like(m)
+        if n >= k:  # windows that reach past the border hold background: only interior pixels can stay
+            c = np.zeros((m.shape[0], n + 1), np.uint16 if n < 65536 else np.int64)
+            np.add.accumulate(m.view(np.uint8), axis=1, dtype=c.dtype, out=c[:, 1:])
+            out[:, radius:n - radius] = (c[:, k:] - c[:, :n + 1 - k]) == k
+        return out
+
+    return np.ascontiguousarray(rows(np.ascontiguousarray(rows(mask).T)).T)
+
+
+def _key(path: Path) -> str:
+    """A path as a case-insensitive file system (macOS, Windows, exFAT) compares it."""
+    return os.path.normcase(str(path)).casefold()
+
+
+def output_paths(stem: Path) -> list[Path]:
+    """The four output files of an input planned at `stem` (OUTPUT_SUFFIXES order, the JSON last)."""
+    return [stem.parent / (stem.name + s) for s in OUTPUT_SUFFIXES]
+
+
+def _earlier_output_of(stem: Path, source: Path) -> bool:
+    """True if `stem`.json exists and is this program's record of `source` (an earlier run on the same file)."""
+    try:
+        record = json.loads((stem.parent / (stem.name + ".json")).read_text())
+        return _key(Path(record["file"]).resolve()) == _key(source.resolve())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Path, Path]:
     """Output stem (without suffix) for each input: keeps sub-folders, never collides with inputs or itself.
 
-    Existing outputs of an earlier run in a dedicated output folder are replaced; in a folder that holds
-    inputs, no existing file is ever replaced (a numeric suffix is added instead).
+    Names are compared case-insensitively, so the outputs of inputs that differ only by case or extension
+    (``good.PNG``, ``good.png``, ``Good.png``) differ on any file system: inputs sharing a stem get their
+    extension as written (``good_PNG``), and a name still taken gets a numeric suffix (``good_png-1``); the JSON
+    names its input. In a folder that holds inputs, an existing file is never replaced unless it is an earlier
+    output of the same input (its JSON names that file); a numeric suffix is added instead. Whether planned
+    outputs already exist is `main`'s question (it refuses them without --overwrite).
     """
-    inputs = {f.resolve() for f in files}
-    input_dirs = {f.parent for f in inputs}
-    taken: set[Path] = set()
+    inputs = {_key(f.resolve()) for f in files}
+    input_dirs = {_key(f.resolve().parent) for f in files}
+    taken: set[str] = set()
     plan: dict[Path, Path] = {}
     dir_roots = [r.resolve() for r in roots if r.is_dir()]
 
@@ -111,30 +166,40 @@ def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Pa
                 return out_dir / r.name / rf.parent.relative_to(r) / f.stem
         return out_dir / f.stem
 
-    stems: dict[Path, int] = {}
+    stems: dict[str, int] = {}
     for f in files:
-        stems[base_of(f)] = stems.get(base_of(f), 0) + 1
+        stems[_key(base_of(f))] = stems.get(_key(base_of(f)), 0) + 1
+
+    def blocked(candidate: Path, f: Path, protect: bool) -> bool:
+        outs = output_paths(candidate)
+        if any(_key(o.resolve()) in inputs or _key(o.resolve()) in taken for o in outs):
+            return True
+        # in a folder holding inputs, an existing file is someone's data unless it is our record of this input
+        return protect and any(o.exists() for o in outs) and not _earlier_output_of(candidate, f)
+
     for f in files:
         base = base_of(f)
-        if stems[base] > 1:  # e.g. a.png and a.dcm in one folder
-            base = base.with_name(f"{f.stem}_{f.suffix.lstrip('.').lower() or 'noext'}")
+        if stems[_key(base)] > 1:  # e.g. a.png and a.dcm, or good.PNG and good.png, in one folder
+            base = base.with_name(f"{f.stem}_{f.suffix.lstrip('.') or 'noext'}")
         candidate, n = base, 1
-        # in a folder holding inputs, any existing file is someone's data: never replace it
-        protect = base.parent.resolve() in input_dirs
-        while any((candidate.parent / (candidate.name + s)).resolve() in inputs or
-                  (candidate.parent / (candidate.name + s)) in taken or
-                  (protect and (candidate.parent / (candidate.name + s)).exists()) for s in OUTPUT_SUFFIXES):
+        protect = _key(base.parent.resolve()) in input_dirs
+        while blocked(candidate, f, protect):
             candidate = base.with_name(f"{base.name}-{n}")
             n += 1
-        taken.update(candidate.parent / (candidate.name + s) for s in OUTPUT_SUFFIXES)
+        taken.update(_key(o.resolve()) for o in output_paths(candidate))
         plan[f] = candidate
     return plan
 
 
 def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
-                   models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+                   models: dict[str, Any], sha256: str | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The JSON record and the encoded outputs of one prediction: {output path: bytes} for `stem` + each of
-    OUTPUT_SUFFIXES (the JSON last). `source` names the input, `stem` is any path prefix (local or a URL)."""
+    OUTPUT_SUFFIXES (the JSON last). `source` names the input, `stem` is any path prefix (local or a URL),
+    `sha256` (hex digest of the input file's bytes) is recorded as ``input_sha256``.
+
+    An image the quality gate did not assess (`pred.assessed` False) gets ``"assessed": false``, its
+    ``"reason"``, null severities and grade, and empty masks: never a grade.
+    """
     from PIL import Image
 
     from covidseg_tf.cascade import severity_grade
@@ -147,18 +212,22 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
     names = dict(zip(("lung", "infection", "overlay", "json"), (stem + s for s in OUTPUT_SUFFIXES)))
     h, w = gray.shape
     lung_px, inf_px = int(pred.lung.sum()), int(pred.infection.sum())
+    assessed = bool(pred.assessed)
     record = {
         "file": source,
+        "input_sha256": sha256,
         "size": {"height": h, "width": w},
+        "assessed": assessed,  # False: the input quality gate refused the image (covidseg_tf.limits)
+        "reason": None if assessed else pred.reason,
         "lung_area_px": lung_px,
         "lung_area_percent_of_image": 100.0 * lung_px / (h * w),
         "infection_area_px": inf_px,
         "infection_area_percent_of_image": 100.0 * inf_px / (h * w),
         "severity": {
-            "left": pred.severity_left,  # patient's left lung (image right on a PA view)
-            "right": pred.severity_right,  # patient's right lung (image left)
-            "total": pred.severity_total,
-            "grade": severity_grade(pred.severity_total),
+            "left": pred.severity_left if assessed else None,  # patient's left lung (image right on a PA view)
+            "right": pred.severity_right if assessed else None,  # patient's right lung (image left)
+            "total": pred.severity_total if assessed else None,
+            "grade": severity_grade(pred.severity_total) if assessed else None,
             "unit": "percent of lung area infected",
         },
         "outputs": {k: v for k, v in names.items() if k != "json"},
@@ -170,14 +239,42 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
     return record, encoded
 
 
+def write_outputs(encoded: dict[str, bytes]) -> None:
+    """Write one input's outputs (`render_outputs`, the JSON last) so that a JSON only ever stands next to the
+    complete, fresh files it describes: an existing JSON is removed first, then each file is written under a
+    temporary name and renamed over the old one, the new JSON last. An interrupted run leaves no JSON."""
+    names = list(encoded)
+    Path(names[-1]).unlink(missing_ok=True)
+    for name in names:
+        tmp = Path(f"{name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_bytes(encoded[name])
+            os.replace(tmp, name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any]) -> dict[str, Any]:
-    """Predict one file and write its four outputs (`render_outputs`); returns the JSON record."""
-    gray = read_xray(path)
-    record, encoded = render_outputs(str(path), gray, cascade.predict([gray])[0], str(stem), models)
+    """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
+    The file is read once: the bytes decoded are the bytes hashed (``input_sha256``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise XRayReadError(f"{path}: cannot read: {e}") from e
+    gray = decode_xray(data, str(path))
+    record, encoded = render_outputs(str(path), gray, cascade.predict([gray])[0], str(stem), models,
+                                     sha256=sha256_bytes(data))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    for name, data in encoded.items():
-        Path(name).write_bytes(data)
+    write_outputs(encoded)
     return record
+
+
+def remove_stale(stem: Path) -> list[Path]:
+    """Remove the outputs at `stem` left by an earlier run (for an input that failed in this one); returns them."""
+    stale = [o for o in output_paths(stem) if o.exists()]
+    for o in stale[::-1]:  # the JSON first
+        o.unlink()
+    return stale
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_decision_flags(p)
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size, only for models without a fixed one (default: the models' size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run (without it, predict refuses to write over any "
+                   "existing output and names it) and remove the earlier outputs of inputs that fail this time")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
@@ -230,6 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         log.error("no input images found in %s", ", ".join(map(str, args.inputs)))
         return 1
+    plan = plan_outputs(files, list(args.inputs), out_dir)
+    existing = [o for f in files for o in output_paths(plan[f]) if o.exists()]
+    if existing and not args.overwrite:
+        log.error("%s already exists (%d output file(s) of an earlier run would be replaced): pass --overwrite to "
+                  "replace them (the earlier outputs of inputs that fail are then removed) or choose another --out",
+                  existing[0], len(existing))
+        return 1
     try:
         from covidseg_tf.cascade import Cascade
 
@@ -239,16 +346,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     models = model_info(cascade)
-    plan = plan_outputs(files, list(args.inputs), out_dir)
     failed = list(missing)
     for f in tqdm(files, desc="predict", unit="img", disable=args.quiet):
         try:
             rec = process_file(cascade, f, plan[f], models)
-            log.info("%s: lung %d px, infection %d px, severity %.1f%% (%s)", f, rec["lung_area_px"],
-                     rec["infection_area_px"], rec["severity"]["total"], rec["severity"]["grade"])
         except Exception as e:  # one bad file never loses the rest
             log.error("skipping %s: %s", f, e)
             failed.append(f)
+            stale = remove_stale(plan[f]) if args.overwrite else []
+            if stale:
+                log.warning("removed %d output(s) of an earlier run of %s: %s", len(stale), f,
+                            ", ".join(map(str, stale)))
+            continue
+        size = rec["size"]
+        aspect = max(size["height"], size["width"]) / min(size["height"], size["width"])
+        if not rec["assessed"]:
+            log.warning("%s: not assessed (input quality gate): %s", f, rec["reason"])
+            continue
+        log.info("%s: lung %d px, infection %d px, severity %.1f%% (%s)%s", f, rec["lung_area_px"],
+                 rec["infection_area_px"], rec["severity"]["total"], rec["severity"]["grade"],
+                 f"; {size['height']}x{size['width']} px squeezed to the model's square ({aspect:.2f}:1)"
+                 if aspect > 1.05 else "")
     ok = len(files) - (len(failed) - len(missing))
     log.info("%d of %d input(s) processed into %s", ok, len(files) + len(missing), out_dir)
     if failed:

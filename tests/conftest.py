@@ -116,6 +116,25 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+# ----------------------------------------------------------------------------------------------- models
+def conv_stage(size: int, channels: int, kernel: list[float], bias: float, name: str):
+    """A stage model computing sigmoid(kernel . pixel + bias) per pixel (one 1x1 convolution with fixed weights):
+    loads, traces and exports in seconds, with readable behaviour (`conv_cascade`)."""
+    import keras
+
+    inp = keras.Input((size, size, channels), name=f"{name}_pixels")
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_conv")
+    model = keras.Model(inp, conv(inp), name=name)
+    conv.set_weights([np.array(kernel, np.float32).reshape(1, 1, channels, 1), np.array([bias], np.float32)])
+    return model
+
+
+def conv_cascade(size: int = 64):
+    """(lung, infection) `conv_stage`s: grey < 100 is lung; inside the lung, grey > 60 is infection."""
+    return (conv_stage(size, 3, [-0.1 / 3] * 3, 10.0, "lung_conv"),
+            conv_stage(size, 4, [0.1 / 3] * 3 + [20.0], -26.0, "infection_conv"))
+
+
 # ----------------------------------------------------------------------------------------------- SavedModels
 # Runs a list of cases against a SavedModel exactly as TF Serving does: TF1 loader, tag "serve", feeds and
 # fetches by the signature's tensor names. Errors are returned (type + message), never raised.

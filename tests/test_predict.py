@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -103,8 +104,9 @@ def test_predict_cli_all_good_exit_0_and_out_inside_input_folder(inputs, tiny_mo
     assert main([str(d)] + args) == 0
     check_outputs(d / "preds" / "imgs" / "a_png", d / "a.png", (H, W))
     check_outputs(d / "preds" / "imgs" / "a_dcm", d / "a.dcm", (H, W))
-    # a second run does not pick up its own outputs as inputs
-    assert main([str(d)] + args) == 0
+    # a second run does not pick up its own outputs as inputs (and replaces them only when told to)
+    assert main([str(d)] + args) == 1
+    assert main([str(d)] + args + ["--overwrite"]) == 0
     assert len(list((d / "preds").rglob("*.json"))) == 2
 
 
@@ -253,3 +255,176 @@ def test_predict_cli_bad_model_folders(inputs, tiny_saved_models, tmp_path, capl
     assert rc == 1
     assert expect in caplog.text and str(bad) in caplog.text
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
+
+
+# ------------------------------------------------------------------------------- bad input, big input, reruns
+def patched_png(height: int, width: int) -> bytes:
+    """A tiny PNG whose IHDR (CRC fixed up) declares height x width: a decompression bomb's header."""
+    import io
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def conv_models(tmp_path_factory) -> tuple[Path, Path]:
+    """conftest.conv_cascade as .keras files: stage models that load in about a second (the CLI tests below are
+    about files, not segmentation)."""
+    from conftest import conv_cascade
+
+    d = tmp_path_factory.mktemp("conv_models")
+    for model, stage in zip(conv_cascade(64), ("lung", "infection")):
+        model.save(d / f"{stage}.keras")
+    return d / "lung.keras", d / "infection.keras"
+
+
+def run(inputs: list[Path], out: Path, models: tuple[Path, Path], *extra: str) -> int:
+    from covidseg_tf.predict import main
+
+    return main([str(p) for p in inputs] + ["--out", str(out), "--lung-model", str(models[0]),
+                                           "--infection-model", str(models[1]), "--quiet", *extra])
+
+
+def test_predict_refuses_a_huge_image_from_its_header_and_goes_on(inputs, conv_models, tmp_path, caplog):
+    """The issue's 12000 x 12000 PNG: refused from its header (no decoding, no hang), named with the limit, no
+    partial outputs; the other input is processed; exit code 1."""
+    import time
+
+    big = tmp_path / "b.png"
+    big.write_bytes(patched_png(12000, 12000))
+    good = tmp_path / "good.png"
+    shutil.copy(inputs["png8_gray"], good)
+    out = tmp_path / "o"
+    t0 = time.time()
+    with caplog.at_level(logging.ERROR):
+        assert run([big, good], out, conv_models) == 1
+    assert time.time() - t0 < 120
+    assert f"{big} is 12000x12000 pixels (height x width); each side must be 1..4096" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"good{s}" for s in
+                                                           ("_lung.png", "_infection.png", "_overlay.png", ".json"))
+
+
+@pytest.mark.parametrize("name, image, reason", [
+    ("grey", np.full((256, 256), 128, np.uint8), "near-constant image"),
+    ("two", np.array([[0, 255], [255, 0]], np.uint8), "too small: 2x2 pixels"),
+    ("one", np.zeros((1, 1), np.uint8), "too small: 1x1 pixels"),
+    ("strip", np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (3000, 1)), "extreme aspect ratio: 3000x300"),
+])
+def test_predict_never_grades_what_cannot_be_a_chest_xray(conv_models, tmp_path, caplog, name, image, reason):
+    """Uniform grey, 2x2, 1x1 and 10:1 images: "assessed": false with the reason, null severity and grade, empty
+    masks at the input's size, a warning naming the file; not a failure (exit 0)."""
+    src = tmp_path / f"{name}.png"
+    Image.fromarray(image).save(src)
+    with caplog.at_level(logging.WARNING):
+        assert run([src], tmp_path / "o", conv_models) == 0
+    rec = json.loads((tmp_path / "o" / f"{name}.json").read_text())
+    assert rec["assessed"] is False and rec["reason"].startswith(reason), rec["reason"]
+    assert rec["severity"] == {"left": None, "right": None, "total": None, "grade": None,
+                               "unit": "percent of lung area infected"}
+    assert rec["lung_area_px"] == rec["infection_area_px"] == 0
+    lung = np.asarray(Image.open(tmp_path / "o" / f"{name}_lung.png"))
+    assert lung.shape == image.shape and not lung.any()
+    assert f"{src}: not assessed (input quality gate): {reason}" in caplog.text
+
+
+def test_predict_records_input_sha256_and_assessed(inputs, conv_models, tmp_path):
+    src = inputs["png8_gray"]
+    assert run([src], tmp_path, conv_models) == 0
+    rec = json.loads((tmp_path / f"{src.stem}.json").read_text())
+    assert rec["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert rec["assessed"] is True and rec["reason"] is None
+
+
+def test_predict_reruns_are_explicit(inputs, conv_models, tmp_path, caplog):
+    """A second run refuses to write over the first one's outputs (naming the first file) before loading models;
+    --overwrite replaces them and removes the outputs of an input that has become unreadable."""
+    d = tmp_path / "in"
+    d.mkdir()
+    a, b = d / "a.png", d / "b.png"
+    shutil.copy(inputs["png8_gray"], a)
+    shutil.copy(inputs["png_rgb"], b)
+    out = tmp_path / "o"
+    assert run([d], out, conv_models) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with caplog.at_level(logging.ERROR):
+        assert run([d], out, conv_models) == 1
+    assert f"{out / 'in' / 'a_lung.png'} already exists (8 output file(s)" in caplog.text
+    assert "--overwrite" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
+
+    b.write_bytes(b"no longer a PNG")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run([d], out, conv_models, "--overwrite") == 1  # b failed
+    assert sorted(p.name for p in (out / "in").iterdir()) == ["a.json", "a_infection.png", "a_lung.png",
+                                                              "a_overlay.png"]
+    assert "removed 4 output(s) of an earlier run of" in caplog.text and str(b) in caplog.text
+    assert (out / "in" / "a.json").stat().st_mtime_ns > before[out / "in" / "a.json"]
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_predict_inputs_differing_by_case_or_extension_never_collide(inputs, conv_models, tmp_path):
+    """good.PNG, good.png, Good.png and good.jpeg in one folder: four sets of outputs whose names differ even on a
+    case-insensitive file system, each JSON naming its input."""
+    from covidseg_tf.predict import plan_outputs
+
+    d = tmp_path / "in"
+    d.mkdir()
+    names = ["good.PNG", "good.png", "Good.png", "good.jpeg"]
+    for n in names:
+        shutil.copy(inputs["png8_gray"] if not n.endswith("jpeg") else inputs["jpeg"], d / n)
+    files = [d / n for n in names]
+    plan = plan_outputs(files, [d], tmp_path / "o")
+    outs = [str(plan[f]) + s for f in files for s in (".json", "_lung.png", "_infection.png", "_overlay.png")]
+    assert len({o.casefold() for o in outs}) == len(outs) == 16
+    assert plan[d / "good.jpeg"].name == "good_jpeg" and plan[d / "good.PNG"].name == "good_PNG"
+    assert run([d], tmp_path / "o", conv_models) == 0
+    records = [json.loads(p.read_text()) for p in (tmp_path / "o" / "in").glob("*.json")]
+    assert sorted(Path(r["file"]).name for r in records) == sorted(names)
+
+
+def test_predict_interrupted_write_leaves_no_json(inputs, conv_models, tmp_path, monkeypatch):
+    """Outputs are written under temporary names and renamed, the JSON last; a failure on the way leaves no JSON
+    (the earlier one is removed first), no temporary file, and the input is reported as failed."""
+    from covidseg_tf import predict
+
+    src = inputs["png8_gray"]
+    assert run([src], tmp_path, conv_models) == 0
+    real_replace = os.replace
+
+    def failing_replace(a, b):
+        if str(b).endswith("_overlay.png"):
+            raise OSError("disk full")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(predict.os, "replace", failing_replace)
+    assert run([src], tmp_path, conv_models, "--overwrite") == 1
+    assert not (tmp_path / f"{src.stem}.json").exists() and not (tmp_path / f"{src.stem}_overlay.png").exists()
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_overlay_cost_does_not_grow_with_the_outline_width():
+    """The outline of a 4096 x 4096 mask (16 px wide) is an O(H x W) erosion: equal to the 33 x 33 minimum filter
+    on a small case, and the full-size overlay is a few passes (no rank filter whose cost grows with side^4)."""
+    from PIL import ImageFilter
+
+    from covidseg_tf.predict import _erode, overlay
+
+    rng = np.random.default_rng(0)
+    m = rng.random((60, 70)) > 0.3
+    m[10:50, 5:60] = True
+    ref = np.asarray(Image.fromarray(np.pad(m, 2).astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5)))[2:-2, 2:-2]
+    np.testing.assert_array_equal(_erode(m, 2), ref > 0)
+    lung = np.zeros((4096, 4096), np.uint8)
+    lung[500:3500, 300:1900] = 1
+    inf = np.zeros_like(lung)
+    inf[1000:2000, 400:1500] = 1
+    out = overlay(np.full((4096, 4096), 100, np.uint8), lung, inf)
+    assert out.shape == (4096, 4096, 3) and out.dtype == np.uint8
+    assert tuple(out[500, 1000]) == (0, 220, 90) and tuple(out[515, 1000]) == (0, 220, 90)  # 16 px outline
+    assert tuple(out[517, 1000]) != (0, 220, 90) and tuple(out[0, 0]) == (100, 100, 100)

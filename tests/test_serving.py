@@ -22,27 +22,12 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import run_tf1, write_dicom
+from conftest import conv_cascade, run_tf1, write_dicom
 from PIL import Image
 
 from covidseg_tf import limits
 
 S = 64
-
-
-def tiny_stage(channels: int, kernel: list[float], bias: float, name: str) -> keras.Model:
-    """sigmoid(kernel . pixel + bias) per pixel: a stage model of fixed, readable behaviour."""
-    inp = keras.Input((S, S, channels), name=f"{name}_pixels")
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_conv")
-    model = keras.Model(inp, conv(inp), name=name)
-    conv.set_weights([np.array(kernel, np.float32).reshape(1, 1, channels, 1), np.array([bias], np.float32)])
-    return model
-
-
-def tiny_models() -> tuple[keras.Model, keras.Model]:
-    lung = tiny_stage(3, [-0.1 / 3] * 3, 10.0, "lung_tiny")  # grey < 100: lung
-    infection = tiny_stage(4, [0.1 / 3] * 3 + [20.0], -26.0, "infection_tiny")  # in the lung and grey > 60
-    return lung, infection
 
 
 def phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +74,7 @@ GATE = {  # name: (encoded image, expected reason prefix or "" for assessed)
 
 @pytest.fixture(scope="module")
 def models() -> tuple[keras.Model, keras.Model]:
-    return tiny_models()
+    return conv_cascade(S)
 
 
 @pytest.fixture(scope="module")
