@@ -169,12 +169,24 @@ class Decision:
         return cls(**d)
 
 
+def probability_threshold(text: str) -> float:
+    """argparse type of a threshold flag: a number strictly between 0 and 1 (otherwise argparse prints a one-line
+    usage error and exits 2, before any model is loaded; `Decision` checks the same rule)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1) (a probability strictly between 0 and 1), got {text}")
+    return value
+
+
 def add_decision_flags(parser: Any) -> None:
     """--threshold, --infection-threshold, --min-infection-percent, --hflip/--no-hflip on an argparse parser; each
     defaults to None: the decision recorded in the models (see `decision_overrides`)."""
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=probability_threshold, default=None,
                         help="lung probability threshold (default: the models' recorded decision, else 0.5)")
-    parser.add_argument("--infection-threshold", type=float, default=None,
+    parser.add_argument("--infection-threshold", type=probability_threshold, default=None,
                         help="infection probability threshold (default: recorded, else 0.5)")
     parser.add_argument("--min-infection-percent", type=float, default=None,
                         help="empty infection masks covering less of the lung than this (default: recorded, else 0)")
