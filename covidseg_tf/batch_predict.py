@@ -36,6 +36,7 @@ The pipeline (`build_pipeline`):
    Lines are in no particular order (Beam does not keep one); sort them if you need to.
 
 Beam metrics (namespace ``covidseg_batch_predict``): ``images_ok``, ``images_failed`` (and ``failed_<stage>``),
+``images_not_assessed`` (processed, but refused by the input quality gate where the cascade has one: no severity),
 printed at the end with the output files as one JSON line on stdout. Exit code 0 when every input was processed,
 1 when any failed or nothing matched, or when the run was refused.
 
@@ -378,10 +379,12 @@ class CascadeModelHandler(ModelHandler):
 
 # ----------------------------------------------------------------------------------------------- outputs
 def csv_line(record: dict[str, Any]) -> str:
+    """One `severity.csv` row (CSV_COLUMNS); an image the input quality gate did not assess (``"assessed":
+    false`` in its record) has empty severities and the grade ``not assessed``."""
     buf = io.StringIO()
     sev = record["severity"]
-    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"],
-                                                 sev["grade"]])
+    grade = sev["grade"] if record.get("assessed", True) else "not assessed"
+    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"], grade])
     return buf.getvalue()
 
 
@@ -398,7 +401,7 @@ class WriteOutputsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(x.file, "inference", pred.reason))
             return
         try:
-            record, encoded = render_outputs(x.file, x.gray, pred, x.stem, models)
+            record, encoded = render_outputs(x.file, x.gray, pred, x.stem, models, sha256=x.sha256)
         except Exception as e:
             _failed("render")
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(x.file, "render", f"{type(e).__name__}: {e}"))
@@ -408,6 +411,8 @@ class WriteOutputsFn(beam.DoFn):
             with FileSystems.create(path, mime_type=mime, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 f.write(data)
         Metrics.counter(NAMESPACE, "images_ok").inc()
+        if record.get("assessed") is False:  # processed, but refused by the input quality gate: no severity
+            Metrics.counter(NAMESPACE, "images_not_assessed").inc()
         yield record
 
 
@@ -461,6 +466,7 @@ class RunResult:
 
     images_ok: int | None
     images_failed: int | None
+    images_not_assessed: int | None  # among images_ok: refused by the input quality gate (no severity)
     failed_by_stage: dict[str, int]
     output: str
     files: dict[str, str]
@@ -579,6 +585,7 @@ def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = Fal
              "dead_letter": join(settings.output, DEAD_LETTER), "images": join(settings.output, IMAGES_DIR)}
     return RunResult(images_ok=None if c is None else c.get("images_ok", 0),
                      images_failed=None if c is None else c.get("images_failed", 0),
+                     images_not_assessed=None if c is None else c.get("images_not_assessed", 0),
                      failed_by_stage={s: c[f"failed_{s}"] for s in STAGES if (c or {}).get(f"failed_{s}")},
                      output=settings.output, files=files, state=str(state), seconds=round(seconds, 2),
                      run_inference=inference_metrics(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.localfilesystem import LocalFileSystem
 from conftest import BAD, GOOD, H, W
 from PIL import Image
 
@@ -100,16 +103,122 @@ def test_bad_decision_is_refused_before_the_pipeline(tmp_path, caplog, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------------------------- a bucket
+BUCKET = "covidsegtest://"
+
+
+class FakeBucket(LocalFileSystem):
+    """``covidsegtest://`` URLs as an object store without folders (like gs:// or s3://), kept in a local folder:
+    exercises the paths a bucket takes (prefix listing, remote models, remote outputs) without a network."""
+
+    root: Path | None = None
+
+    @classmethod
+    def scheme(cls) -> str:
+        return BUCKET.split(":")[0]
+
+    def local(self, url: str) -> str:
+        return str(self.root / url[len(BUCKET):])
+
+    def has_dirs(self) -> bool:
+        return False
+
+    def join(self, base: str, *parts: str) -> str:
+        return "/".join([base.rstrip("/"), *parts])
+
+    def _url_dirname(self, url: str) -> str:
+        return url.rsplit("/", 1)[0]
+
+    def _list(self, prefix: str):
+        for f in sorted(self.root.rglob("*")):
+            url = BUCKET + f.relative_to(self.root).as_posix()
+            if f.is_file() and url.startswith(prefix):
+                yield FileMetadata(url, f.stat().st_size)
+
+    def exists(self, url: str) -> bool:
+        return os.path.isfile(self.local(url))  # objects only: a "folder" is just a prefix
+
+    def metadata(self, url: str) -> FileMetadata:
+        return FileMetadata(url, os.path.getsize(self.local(url)))
+
+    def open(self, url, *args, **kwargs):
+        return super().open(self.local(url), *args, **kwargs)
+
+    def create(self, url, *args, **kwargs):
+        return super().create(self.local(url), *args, **kwargs)
+
+    def delete(self, urls) -> None:
+        for u in urls:
+            os.remove(self.local(u))
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(FakeBucket, "root", tmp_path / "bucket")
+    (tmp_path / "bucket").mkdir()
+    return tmp_path / "bucket"
+
+
+def test_bucket_inputs_models_and_earlier_results(bucket, tiny_models, inputs):
+    # inputs: a prefix pattern, the output under the same prefix is skipped, bytes decoded from the bucket
+    for rel in ("archive/2020/a.png", "archive/2020/a.dcm", "archive/b.png", "archive/out/images/x_lung.png"):
+        (bucket / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(inputs["png8_gray"] if rel.endswith(".png") else inputs["dicom_mono2"], bucket / rel)
+    pattern = bp.normalize_pattern(BUCKET + "archive/")
+    assert pattern == BUCKET + "archive/**"
+    matched = list(bp.MatchFn(BUCKET + "archive/out").process((0, pattern)))
+    assert sorted(u for u, _ in matched) == [BUCKET + r for r in ("archive/2020/a.dcm", "archive/2020/a.png",
+                                                                  "archive/b.png")]
+    stems = bp.plan_stems((u, bp.fixed_prefix(pattern)) for u, _ in matched)
+    assert stems[BUCKET + "archive/b.png"] == "b"
+    assert stems[BUCKET + "archive/2020/a.png"] == f"2020/a-{bp.uri_hash(BUCKET + 'archive/2020/a.png')}"
+    (x,) = bp.ReadDecodeFn(BUCKET + "out/images").process((BUCKET + "archive/b.png", "b"))
+    assert x.stem == BUCKET + "out/images/b" and x.gray.shape == (H, W)
+    assert x.sha256 == hashlib.sha256(inputs["png8_gray"].read_bytes()).hexdigest()
+    (missing,) = bp.MatchFn(BUCKET + "out").process((0, BUCKET + "archive/2020"))  # a prefix is not a file
+    assert missing.tag == "dead_letter" and "PREFIX/**" in json.loads(missing.value)["reason"]
+    # models in the bucket: copied once per worker, reported by their bucket paths
+    (bucket / "models").mkdir()
+    for m in tiny_models:
+        shutil.copy(m, bucket / "models" / m.name)
+    for sub in ("1/saved_model.pb", "1/variables/variables.index", "2/saved_model.pb"):  # a folder's layout
+        (bucket / "models" / "base" / sub).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / "models" / "base" / sub).write_text(sub)
+    local = Path(bp.stage_locally(BUCKET + "models/base/"))
+    assert local.name == "base" and sorted(str(f.relative_to(local)) for f in local.rglob("*") if f.is_file()) == [
+        "1/saved_model.pb", "1/variables/variables.index", "2/saved_model.pb"]
+    assert (local / "1" / "variables" / "variables.index").read_text() == "1/variables/variables.index"
+    loaded = bp.CascadeModelHandler(BUCKET + "models/lung.keras", BUCKET + "models/infection.keras").load_model()
+    assert loaded.models["lung"]["path"] == BUCKET + "models/lung.keras"
+    assert loaded.models["infection"]["sha256"] == hashlib.sha256(tiny_models[1].read_bytes()).hexdigest()
+    bp.check_model(BUCKET + "models/base", "--lung-model")  # a prefix holding files is fine
+    with pytest.raises(bp.Refused, match="not found"):
+        bp.check_model(BUCKET + "models/nothing", "--lung-model")
+    # an earlier run's results in the bucket: refused, then --overwrite deletes exactly those
+    for rel in ("res/images/2020/a_lung.png", "res/summary.jsonl", "res/notes.txt"):
+        (bucket / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / rel).write_text("x")
+    with pytest.raises(bp.Refused, match="2 files"):
+        bp.prepare_output(BUCKET + "res", overwrite=False)
+    bp.prepare_output(BUCKET + "res", overwrite=True)
+    assert sorted(str(f.relative_to(bucket)) for f in bucket.joinpath("res").rglob("*") if f.is_file()) == [
+        "res/notes.txt"]
+
+
 # ----------------------------------------------------------------------------------------------- Beam runs
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
-    """Untrained efficientnetb0 U-Nets at 64 px saved as .keras (as in test_predict.py)."""
-    from covidseg_tf.models import build_unet
+    """Two-convolution stage models at 64 px saved as .keras (lung: 3 input channels, infection: 4): the pipeline
+    only needs the stages' input and output shapes, and these load and trace in a fraction of a U-Net's time."""
+    import keras
 
     d = tmp_path_factory.mktemp("models")
-    build_unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, name="lung").save(d / "lung.keras")
-    build_unet("efficientnetb0", input_shape=(64, 64, 4), encoder_weights=None, name="infection").save(
-        d / "infection.keras")
+    for name, channels in (("lung", 3), ("infection", 4)):
+        keras.utils.set_random_seed(0)
+        x = keras.Input((64, 64, channels))
+        y = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(keras.layers.Rescaling(1 / 255)(x))
+        keras.Model(x, keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(y), name=name).save(
+            d / f"{name}.keras")
     return d / "lung.keras", d / "infection.keras"
 
 
@@ -198,6 +307,7 @@ def test_bad_files_go_to_the_dead_letter_and_good_ones_get_every_output(mixed_ru
         stem = out / "images" / src.relative_to(folder).with_suffix("")
         assert rec["outputs"]["lung"] == f"{stem}_lung.png"
         assert json.loads(Path(f"{stem}.json").read_text()) == rec
+        assert rec["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() and rec["assessed"] is True
         assert rec["size"] == {"height": H, "width": W}
         pred = cascade.predict([read_xray(src)])[0]  # predict's path: one image per call
         for name in ("lung", "infection"):
@@ -280,7 +390,7 @@ def test_real_val_images_match_predict(shared_covidqu, tmp_path, capsys):
         got = json.loads(Path(f"{stem}.json").read_text())
         assert got == summary[str(p)]
         assert got["severity"] == ref["severity"], p.name
-        for k in ("size", "lung_area_px", "infection_area_px"):
+        for k in ("size", "lung_area_px", "infection_area_px", "input_sha256", "assessed"):
             assert got[k] == ref[k], (p.name, k)
         assert got["models"] == ref["models"]
         for name in ("lung", "infection"):
