@@ -2,7 +2,8 @@
 
 A run folder (``--output``, default ``runs/<stage>``) receives::
 
-    config.json        the StageConfig and flags of the run
+    config.json        the StageConfig and flags the run was started with (written once, at the first start)
+    reruns.jsonl       one line per later start of the run: when, from which epoch, the flags changed since
     model.keras        best weights so far (validation Dice)
     history.csv        one row per finished epoch
     logs/              TensorBoard: losses, Dice, IoU, learning rate, validation overlays
@@ -11,7 +12,31 @@ A run folder (``--output``, default ``runs/<stage>``) receives::
 
 and at the end the best model is exported as a SavedModel to ``<export-dir>/<stage>/<N>/`` (by default
 ``<output>/saved_models/``: training never writes into the repository's shipped ``saved_models/`` unless
-``--export-dir`` names it).
+``--export-dir`` names it). Every flag, the encoder weights, ``--lung-model`` and the dataset are checked before
+the run folder is created or touched: a bad one ends with one ``error:`` line, exit code 2 (1 for a dataset that
+cannot be built or loaded).
+
+Reruns. Training into an existing run folder continues that run: from its last finished epoch when ``backup/``
+holds one (the log says "resuming <run> from epoch N/E"), else from the first; a finished run (``DONE``) is
+refused. A run keeps its model, so a rerun that changes a flag of `INCOMPATIBLE_FLAGS` is refused before anything
+is written, naming each such flag (old -> new); start a new run with another ``--output`` instead:
+
+* ``--stage`` (it sets ``in_channels``, 3 or 4), ``--encoder``, ``--unet-layout``: another network, whose layers
+  the backup's weights do not fit (Keras fails with "N objects could not be loaded");
+* ``--image-size``: the weights would load, but ``model.keras``, the run's best model so far, takes the old size
+  and was chosen by a validation Dice measured at it, so the run's result could end up at either size;
+* ``--lr-schedule``: a constant rate is a variable of the optimizer state in the backup, a schedule is not, and
+  Keras then skips restoring the whole optimizer state (moments, step count) with only a warning;
+* ``--mixed-precision`` to or from ``fp16``: fp16 wraps the optimizer in a LossScaleOptimizer, with the same effect
+  (``off`` <-> ``bf16`` restores fine).
+
+Any other flag may change; the change is logged and recorded in ``reruns.jsonl`` and applies from the resumed
+epoch: ``--epochs`` extends (or shortens) the run, ``--learning-rate`` replaces the rate the backup restores
+(with ``--lr-schedule cosine`` the decay is recomputed over the new ``--epochs``), and dropout, BatchNorm momentum,
+weight decay, clipping, loss weights, augmentation, batch size and patience are not part of the saved weights or
+optimizer variables. ``--encoder-weights`` only initializes a new run (a resumed one restores its weights).
+``--dataset``, ``--threshold`` and ``--lung-model`` change what the validation Dice that picks ``model.keras``
+measures: allowed, but check the log.
 """
 
 from __future__ import annotations
@@ -23,6 +48,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +75,14 @@ examples:
 _CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "lr_schedule",
                  "weight_decay",
                  "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold", "unet_layout")
+
+
+# Flags a started run cannot change (the module docstring says why), and the run arguments compared on a rerun.
+INCOMPATIBLE_FLAGS = ("--stage", "--encoder", "--unet-layout", "--image-size", "--lr-schedule")
+_RUN_ARGS = ("lung_model", "lung_masks", "mixed_precision", "strategy", "seed", "steps_per_epoch",
+             "validation_steps", "data_dir", "manual_dir", "export_dir", "no_export")
+CONFIG_FILE = "config.json"
+RERUNS_FILE = "reruns.jsonl"
 
 
 class UsageError(SystemExit):
@@ -206,7 +240,11 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
                                                                   if v is not None}))
     if args.clipnorm == _OFF:  # "--clipnorm none" switches the stage's clipping off
         cfg = dataclasses.replace(cfg, clipnorm=None)
+    from covidseg_tf.models import ENCODERS  # imported here: `--help` stays free of TensorFlow
+
+    cfg = cfg.replace(encoder=cfg.encoder.lower())
     checks = [
+        ("--encoder", cfg.encoder in ENCODERS, f"one of {', '.join(ENCODERS)}"),
         ("--image-size", cfg.image_size > 0 and cfg.image_size % 32 == 0, "a positive multiple of 32"),
         ("--batch-size", cfg.batch_size > 0, "positive"),
         ("--epochs", cfg.epochs > 0, "positive"),
@@ -258,9 +296,10 @@ def make_strategy(name: str):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def stage1_lung_masks(lung_model_path: Path, builder, splits: Sequence[str], cache_dir: Path, threshold: float,
-                      image_size: int, batch_size: int = 16) -> tuple[list[str], list[bytes]]:
-    """Stage-1 lung masks for every example of `splits`, as (file names, PNG bytes at the model size).
+def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[str], cache_dir: Path,
+                      threshold: float, image_size: int) -> tuple[list[str], list[bytes]]:
+    """Stage-1 lung masks for every example of `splits`, as (file names, PNG bytes at the model size), predicted by
+    `model`, loaded from `lung_model_path` and taking `image_size` (`_load_lung_model`).
 
     Each mask is `cascade.run_stages`' `lung_input`: the image made model pixels, Stage 1, thresholded at the
     model size, i.e. exactly the mask Stage 2 is given at inference (the pipeline resizes it nearest to the
@@ -272,14 +311,10 @@ def stage1_lung_masks(lung_model_path: Path, builder, splits: Sequence[str], cac
     from tqdm import tqdm
 
     from covidseg_tf import data
-    from covidseg_tf.cascade import load_model, model_input_size, run_stages, to_model_pixels
+    from covidseg_tf.cascade import run_stages, to_model_pixels
     from covidseg_tf.paths import sha256_file
 
-    model = load_model(lung_model_path, stage="lung")
-    size, _ = model_input_size(model, image_size)
-    if size != image_size:
-        raise UsageError(f"--lung-model {lung_model_path} takes {size} px but this stage trains at --image-size "
-                         f"{image_size}; the cascade runs both stages at one size")
+    size = image_size
     cache = cache_dir / f"{sha256_file(lung_model_path)[:16]}-t{threshold:g}.tfrecord"
     if not cache.exists():
         spec = tf.TensorSpec([None, None, None, 1], tf.uint8)
@@ -365,6 +400,18 @@ def make_learning_rate(cfg: StageConfig, train_ds, steps_per_epoch: int | None):
     return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=steps * cfg.epochs)
 
 
+def make_learning_rate_setter(rate: float):
+    """A callback setting the optimizer's constant learning rate when training begins. Placed after
+    BackupAndRestore, it overrides the rate a resumed run's backup restored, so `--learning-rate` applies."""
+    import keras
+
+    class SetLearningRate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.model.optimizer.learning_rate = rate
+
+    return SetLearningRate()
+
+
 def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
     """Best validation Dice of the finished epochs of an interrupted run (None when there are none)."""
     if not history_csv.exists():
@@ -372,6 +419,101 @@ def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
     with open(history_csv, newline="") as f:
         values = [float(r[key]) for r in csv.DictReader(f) if r.get(key) not in (None, "", "nan")]
     return max(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------- reruns
+def _value_txt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_value_txt(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_value_txt(v)}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def _run_flags(config: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """{flag: value} of a run as config.json stores it (StageConfig dict and argparse namespace)."""
+    flags = {}
+    for name, value in config.items():
+        if name == "augment":
+            flags.update({_aug_flag(k): v for k, v in value.items()})
+        elif name != "in_channels":  # follows --stage
+            flags["--" + name.replace("_", "-")] = value
+    flags.update({"--" + name.replace("_", "-"): args.get(name) for name in _RUN_ARGS})
+    return flags
+
+
+def check_rerun(out: Path, cfg: StageConfig, args: argparse.Namespace) -> dict[str, tuple[Any, Any]] | None:
+    """Compare a rerun with the run started in `out`: None for a first start (no config.json), else the flags
+    changed since, {flag: (old, new)}. Raises UsageError when a changed flag is one a run cannot change
+    (INCOMPATIBLE_FLAGS, or --mixed-precision to or from fp16; the module docstring says why)."""
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        started = json.loads(path.read_text())
+        old = _run_flags(started["config"], started.get("args", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--output {out}: cannot read {path} ({type(e).__name__}: {e}), so this rerun cannot be "
+                         "checked against the run's flags; pass another --output to start a new run") from None
+    # through JSON, as config.json was written: tuples become lists, paths strings
+    new = _run_flags(json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(vars(args), default=str)))
+    changes = {flag: (old.get(flag), value) for flag, value in new.items() if old.get(flag) != value}
+    fixed = [flag for flag in changes if flag in INCOMPATIBLE_FLAGS
+             or (flag == "--mixed-precision" and "fp16" in changes[flag])]
+    if fixed:
+        diff = ", ".join(f"{flag} {_value_txt(changes[flag][0])} -> {_value_txt(changes[flag][1])}" for flag in fixed)
+        raise UsageError(f"--output {out} holds a run started with other model flags ({diff}; see {path}); a run "
+                         "cannot change them (its backup and model.keras are that model). Rerun with the run's "
+                         "flags to resume it, or pass another --output to start a new run")
+    return changes
+
+
+def _backup_epochs(backup: Path) -> int | None:
+    """Finished epochs saved by BackupAndRestore in `backup` (None when there is none to resume from)."""
+    try:
+        return int(json.loads((backup / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_output(out: Path) -> None:
+    """--output must be (or become) a folder that holds no finished run."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--output {out}: {p} is a file; --output takes a run folder (created if missing)")
+            break
+    if (out / "DONE").exists():
+        raise UsageError(f"--output {out} holds a finished run (see {out / 'DONE'}); choose another folder")
+
+
+def _encoder_weights(cfg: StageConfig) -> str | None:
+    """cfg.encoder_weights resolved ("auto" -> "imagenet" or None) and checked (an "imagenet" download, a file)."""
+    from covidseg_tf.models import choose_encoder_weights, resolve_encoder_weights
+
+    try:
+        weights = choose_encoder_weights(cfg.encoder, cfg.encoder_weights)
+        resolve_encoder_weights(cfg.encoder, weights)
+    except (RuntimeError, OSError) as e:
+        raise UsageError(f"--encoder-weights {cfg.encoder_weights}: {e}") from None
+    return weights
+
+
+def _load_lung_model(path: Path, image_size: int):
+    """The Stage-1 model of --lung-model: loadable, a lung stage model, taking `image_size` (else UsageError)."""
+    from covidseg_tf.cascade import load_model, model_input_size
+
+    try:
+        model = load_model(path, stage="lung")
+        size, _ = model_input_size(model, image_size)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--lung-model: {e}") from None
+    if size != image_size:
+        raise UsageError(f"--lung-model {path} takes {size} px but this stage trains at --image-size "
+                         f"{image_size}; the cascade runs both stages at one size")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -382,40 +524,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from covidseg_tf import data
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
-    from covidseg_tf.models import build_stage_model, choose_encoder_weights
+    from covidseg_tf.models import build_stage_model
 
+    # Everything is checked before the run folder is created or touched.
     cfg = config_from_args(args)
     out = Path(args.output or f"runs/{cfg.stage}")
-    if (out / "DONE").exists():
-        raise UsageError(f"--output {out} holds a finished run (see {out / 'DONE'}); choose another folder")
-    lung_model = None
+    _check_output(out)
+    changes = check_rerun(out, cfg, args)
+    lung_model_path = None
     if cfg.stage == "infection" and args.lung_masks == "stage1":
         if not args.lung_model:
             raise UsageError("--lung-masks stage1 (the default) needs --lung-model PATH, the Stage-1 model.keras "
                              "made by `python -m covidseg_tf.train --stage lung ...` (it prints the path); or "
                              "pass --lung-masks ground_truth")
-        lung_model = Path(args.lung_model)
-        if lung_model.is_dir():
-            raise UsageError(f"--lung-model {lung_model} is a folder; it takes the Stage-1 .keras file a training "
-                             "run writes (runs/<name>/model.keras), not a SavedModel")
-        if not lung_model.is_file():
-            raise UsageError(f"--lung-model {lung_model} does not exist; train Stage 1 first: "
+        lung_model_path = Path(args.lung_model)
+        if lung_model_path.is_dir():
+            raise UsageError(f"--lung-model {lung_model_path} is a folder; it takes the Stage-1 .keras file a "
+                             "training run writes (runs/<name>/model.keras), not a SavedModel")
+        if not lung_model_path.is_file():
+            raise UsageError(f"--lung-model {lung_model_path} does not exist; train Stage 1 first: "
                              f"python -m covidseg_tf.train --stage lung --dataset {cfg.dataset} "
                              f"--image-size {cfg.image_size}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "args": vars(args)}, indent=2,
-                                                default=str))
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     set_mixed_precision(args.mixed_precision)
     strategy = make_strategy(args.strategy)
-    weights = choose_encoder_weights(cfg.encoder, cfg.encoder_weights)
-
+    lung_model = None if lung_model_path is None else _load_lung_model(lung_model_path, cfg.image_size)
+    weights = _encoder_weights(cfg)  # "auto" and "imagenet" may try a download
     builder = data.load_builder(cfg.dataset, args.data_dir, args.manual_dir)
+
+    resumed = _backup_epochs(out / "backup")
+    out.mkdir(parents=True, exist_ok=True)
+    if changes is None:  # the first start: config.json remembers how the run was started
+        if resumed is not None:
+            log.warning("%s has a backup/ but no %s (written by an older version); its flags cannot be checked",
+                        out, CONFIG_FILE)
+        (out / CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict(), "args": vars(args)}, indent=2,
+                                                  default=str))
+    else:
+        if changes:
+            log.info("flags changed since %s was started (%s keeps the original ones): %s", out, CONFIG_FILE,
+                     ", ".join(f"{flag} {_value_txt(a)} -> {_value_txt(b)}" for flag, (a, b) in changes.items()))
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_epochs": resumed,
+                  "changed": {flag: list(ab) for flag, ab in changes.items()}, "args": vars(args)}
+        with open(out / RERUNS_FILE, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+    if resumed is not None:
+        log.info("resuming %s from epoch %d/%d (%d finished epoch(s) restored from %s)", out, resumed + 1,
+                 cfg.epochs, resumed, out / "backup")
+    elif changes is not None:
+        log.info("restarting %s from epoch 1: no finished epoch in %s", out, out / "backup")
     table = None
     if lung_model is not None:
-        names, pngs = stage1_lung_masks(lung_model, builder, ("train", "validation"), out / "stage1_masks",
-                                        cfg.threshold, cfg.image_size)
+        names, pngs = stage1_lung_masks(lung_model, lung_model_path, builder, ("train", "validation"),
+                                        out / "stage1_masks", cfg.threshold, cfg.image_size)
         table = data.masks_lookup(names, pngs)
     train_ds = data.make_pipeline(data.load_split(builder, "train"), cfg, training=True, seed=args.seed,
                                   stage1_masks=table, repeat=args.steps_per_epoch is not None)
@@ -430,6 +592,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = _best_so_far(out / "history.csv")
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=True),
+        *([make_learning_rate_setter(cfg.learning_rate)] if cfg.lr_schedule == "constant" else []),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ModelCheckpoint(str(out / "model.keras"), monitor="val_dice", mode="max",
                                         save_best_only=True, initial_value_threshold=best),
@@ -467,8 +630,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         summary = run(args)
-    except UsageError as e:
-        parser.error(e.message)  # exits 2
+    except UsageError as e:  # one line, exit code 2 (argparse's own errors print the usage first)
+        parser.exit(2, f"{parser.prog}: error: {e.message}\n")
     log.info("best validation Dice %.4f; model %s", summary["best_val_dice"] or float("nan"), summary["model"])
     if "saved_model" in summary:
         log.info("SavedModel %s", summary["saved_model"])
@@ -476,12 +639,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
+    """`python -m covidseg_tf.train`: a dataset that cannot be built or loaded ends with one error line."""
     try:
         main()
     except Exception as e:
-        from covidseg_tf.data import DatasetError  # imported late: `--help` stays free of TensorFlow
+        # imported late: `--help` stays free of TensorFlow
+        from covidseg_tf.data import DatasetError
+        from tfds_covidqu.covid_qu_ex.sources import CovidQuExDataError
 
-        if isinstance(e, DatasetError):
+        if isinstance(e, (DatasetError, CovidQuExDataError)):
             sys.exit(f"error: {e}")
         raise
 
