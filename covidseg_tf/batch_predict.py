@@ -322,7 +322,9 @@ class CascadeModelHandler(ModelHandler):
             predict's --threshold ... flags); image_size: for models without a fixed input size.
         max_batch_size: images per `Cascade.predict` call (BatchElements' upper bound; it starts at 1 and grows
             while larger batches are faster per image). Images of any size share a batch: the cascade resizes
-            each to the model size and returns masks at each input's own size.
+            each to the model size and returns masks at each input's own size. oneDNN's results depend on the
+            batch size (and the thread count) in the last bits, so a pixel at the threshold may differ from
+            `predict` (one image per call); max_batch_size=1 with predict's thread count reproduces it exactly.
         tf_threads: TensorFlow intra-op threads per worker process (None: TensorFlow's default, all cores);
             useful when several worker processes share one machine.
     """
@@ -626,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size, only for models without a fixed one (default: the models' size)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="most images per cascade call (RunInference batches grow from 1 up to this; "
+                   help="most images per cascade call (RunInference batches grow from 1 up to this; 1 gives "
+                        "exactly predict's masks, larger batches may flip a pixel at the threshold; "
                         "default: %(default)s)")
     p.add_argument("--tf-threads", type=int, default=None,
                    help="TensorFlow intra-op threads per worker process (default: TensorFlow's, all cores)")

@@ -364,8 +364,9 @@ def test_input_inside_output_is_refused(tmp_path, tiny_models, caplog):
 def test_real_val_images_match_predict(shared_covidqu, tmp_path, capsys):
     """20 real Val images, the shipped models, two worker processes: the same masks and severity as `predict`.
 
-    Both run TensorFlow with one intra-op thread: oneDNN's results depend on the thread count in the last bits, and a
-    pixel at the threshold can flip between 1 and 2 threads (1 of 19,903 lung pixels of one image here).
+    Both run TensorFlow with one intra-op thread and one image per cascade call, as predict does: oneDNN's results
+    depend on the thread count and on the batch size in the last bits, and a pixel at the threshold can flip (1 of
+    19,903 lung pixels of one of these images between 1 and 2 threads, 1 of 9,782 of another between batch 1 and 2).
     """
     val = shared_covidqu / "Infection Segmentation Data" / "Infection Segmentation Data" / "Val"
     files = [p for c in ("COVID-19", "Non-COVID", "Normal") for p in sorted((val / c / "images").glob("*.png"))[:7]]
@@ -376,12 +377,13 @@ def test_real_val_images_match_predict(shared_covidqu, tmp_path, capsys):
         shutil.copy(f, d / f.parent.parent.name / f.name)
     inputs = sorted(d.rglob("*.png"))
     rc, res = run_main(capsys, [f"{d}/**.png", "--output", str(tmp_path / "beam"), "--quiet", "--tf-threads", "1",
-                                "--runner", "DirectRunner", "--direct_num_workers", "2", "--direct_running_mode",
-                                "multi_processing"])
+                                "--batch-size", "1", "--runner", "DirectRunner", "--direct_num_workers", "2",
+                                "--direct_running_mode", "multi_processing"])
     assert rc == 0 and res["images_ok"] == 20 and res["images_failed"] == 0
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-    subprocess.run([sys.executable, "-m", "covidseg_tf.predict", *map(str, inputs), "--out", str(tmp_path / "ref"),
-                    "--quiet"], env=env, check=True, capture_output=True)
+    ref = subprocess.run([sys.executable, "-m", "covidseg_tf.predict", *map(str, inputs), "--out",
+                          str(tmp_path / "ref"), "--quiet"], env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-3000:]
     summary = {json.loads(ln)["file"]: json.loads(ln) for ln in read_lines(tmp_path / "beam" / bp.SUMMARY)}
     grades = set()
     for p in inputs:
