@@ -164,10 +164,13 @@ def split_columns(lung_mask: tf.Tensor) -> tf.Tensor:
 
     Columns ``< split`` belong to the image's left half (the patient's right lung on a PA view).
     """
-    lung = _binary(lung_mask)
-    width = tf.shape(lung)[2]
+    return _split_of_columns(tf.reduce_sum(_binary(lung_mask), axis=1))
+
+
+def _split_of_columns(cols: tf.Tensor) -> tf.Tensor:
+    """`split_columns` from (B, W) lung pixels per image column."""
+    width = tf.shape(cols)[1]
     w = tf.cast(width, tf.float32)
-    cols = tf.reduce_sum(lung, axis=1)  # (B, W) lung pixels per column
     x = tf.range(width, dtype=tf.float32)
     lo = tf.floor(SPLIT_BAND[0] * w)
     hi = tf.math.ceil(SPLIT_BAND[1] * w)
@@ -188,17 +191,21 @@ def severity(lung_mask: tf.Tensor, infection_mask: tf.Tensor) -> dict[str, tf.Te
     Returns:
         {"severity_left", "severity_right", "severity_total"}: (B,) float32 in [0, 100]; "left"/"right" are
         the PATIENT's sides (patient's right = image left on a PA view); 0 where the lung (side) is empty.
+
+    Pixels are counted per image column first (exact: whole numbers far below 2^24), so the memory beyond the
+    masks themselves is a few (B, W) rows, whatever the image height.
     """
     lung = _binary(lung_mask)
-    infected = _binary(infection_mask) * lung
-    split = split_columns(lung)
-    x = tf.range(tf.shape(lung)[2], dtype=tf.int32)
-    image_left = tf.cast(x[tf.newaxis, :] < split[:, tf.newaxis], tf.float32)[:, tf.newaxis, :]  # (B, 1, W)
+    lung_cols = tf.reduce_sum(lung, axis=1)  # (B, W) lung pixels per column
+    inf_cols = tf.reduce_sum(_binary(infection_mask) * lung, axis=1)  # infected lung pixels per column
+    split = _split_of_columns(lung_cols)
+    x = tf.range(tf.shape(lung_cols)[1], dtype=tf.int32)
+    image_left = tf.cast(x[tf.newaxis, :] < split[:, tf.newaxis], tf.float32)  # (B, W)
     image_right = 1.0 - image_left
 
     def percent(region: tf.Tensor) -> tf.Tensor:
-        lung_px = tf.reduce_sum(lung * region, axis=[1, 2])
-        inf_px = tf.reduce_sum(infected * region, axis=[1, 2])
+        lung_px = tf.reduce_sum(lung_cols * region, axis=1)
+        inf_px = tf.reduce_sum(inf_cols * region, axis=1)
         return 100.0 * tf.math.divide_no_nan(inf_px, lung_px)
 
     return {
@@ -337,7 +344,7 @@ class Cascade:
             lambda p: run_stages(lung_model, infection_model, p, decision.threshold, hflip=decision.hflip),
             input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
         prob = tf.TensorSpec([1, s, s, 1], tf.float32)
-        self._masks = tf.function(lambda lp, ip, hw, ok: masks_at(lp, ip, decision, hw, assessed=ok),
+        self._masks = tf.function(lambda lp, ip, hw, ok: _as_uint8_masks(masks_at(lp, ip, decision, hw, assessed=ok)),
                                   input_signature=[prob, prob, tf.TensorSpec([2], tf.int32),
                                                    tf.TensorSpec([1], tf.bool)])
 
@@ -383,11 +390,16 @@ class Cascade:
             ok = bool(quality["assessed"][i])
             m = self._masks(stages["lung_prob"][i:i + 1], stages["infection_prob"][i:i + 1], sizes[i],
                             tf.constant([ok]))
-            out.append(Prediction(lung=m["lung_mask"].numpy()[0, :, :, 0].astype(np.uint8),
-                                  infection=m["infection_mask"].numpy()[0, :, :, 0].astype(np.uint8),
+            out.append(Prediction(lung=m["lung_mask"].numpy()[0, :, :, 0],
+                                  infection=m["infection_mask"].numpy()[0, :, :, 0],
                                   **{k: float(m[k].numpy()[0]) for k in SEVERITY_KEYS},
                                   assessed=ok, reason=quality["reason"][i].numpy().decode()))
         return out
+
+
+def _as_uint8_masks(m: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """`masks_at`'s output with uint8 masks (a quarter of the float32 bytes handed to numpy)."""
+    return dict(m, lung_mask=tf.cast(m["lung_mask"], tf.uint8), infection_mask=tf.cast(m["infection_mask"], tf.uint8))
 
 
 def model_input_size(model: Any, image_size: int | None = None) -> tuple[int, int]:

@@ -7,7 +7,8 @@ input `<name>`:
 
     <name>_lung.png       lung mask, 8-bit 0/255, input resolution
     <name>_infection.png  infection mask, 8-bit 0/255, input resolution
-    <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red)
+    <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red), input
+                          resolution up to 2048 px a side (OVERLAY_MAX_SIDE), shrunk by an integer factor beyond
     <name>.json           sizes, areas, severity per lung and grade, model files and versions
 
 The JSON also records the input's SHA-256 (``input_sha256``) and whether the input quality gate assessed it:
@@ -21,6 +22,7 @@ compared case-insensitively (``good.PNG`` and ``good.png`` give ``good_PNG`` and
 system), so an input is never overwritten; --out may lie inside an input folder (its files are then not walked
 as inputs) but an input folder inside --out is refused.
 
+The models are loaded for the first input that decodes (a run whose inputs are all refused ends without them).
 Reruns are explicit: if any planned output exists, predict names the first and stops before loading models,
 unless --overwrite, which replaces them and removes the earlier outputs of inputs that fail this time (so no
 stale result survives as if fresh). Each input's files are written under temporary names and renamed, its JSON
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = ("_lung.png", "_infection.png", "_overlay.png", ".json")
 
+OVERLAY_MAX_SIDE = 2048
+"""The overlay (a picture to look at; the masks keep the input's size) is drawn at most this many pixels a side."""
 LUNG_RGB = (0, 220, 90)
 INFECTION_RGB = (255, 30, 30)
 
@@ -89,11 +93,19 @@ def model_file_info(model: Any, given: Path) -> dict[str, Any]:
 
 
 def overlay(gray: np.ndarray, lung: np.ndarray, infection: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8: the X-ray with a light green lung tint + outline and the infection in translucent red.
+    """The X-ray with a light green lung tint + outline and the infection in translucent red, as h x w x 3 uint8:
+    the input's own size up to OVERLAY_MAX_SIDE pixels a side, shrunk by an integer factor beyond (the X-ray by
+    box averaging, the masks by taking every f-th pixel), so its cost is bounded whatever the input's size.
 
-    Time and memory are a few passes over the image whatever its size: the outline (about 1/256 of the short side
-    wide) is an erosion computed from window sums (`_erode`), not a rank filter whose cost grows with its width.
+    The outline (about 1/256 of the short side wide) is an erosion computed from window sums (`_erode`), not a
+    rank filter whose cost grows with its width; the colours come from a lookup table.
     """
+    f = -(-max(gray.shape) // OVERLAY_MAX_SIDE)  # ceil
+    if f > 1:
+        from PIL import Image
+
+        lung, infection = lung[::f, ::f], infection[::f, ::f]
+        gray = np.asarray(Image.fromarray(gray).resize(lung.shape[::-1], Image.Resampling.BOX))
     lung_b, inf_b = lung.astype(bool), infection.astype(bool)
     state = lung_b.astype(np.uint8) + 2 * inf_b.astype(np.uint8)  # 0 none, 1 lung, 2 infection, 3 both
     state[lung_b & ~_erode(lung_b, max(1, round(min(gray.shape) / 256)))] = 4  # the outline
@@ -204,9 +216,9 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
 
     from covidseg_tf.cascade import severity_grade
 
-    def png(array: np.ndarray) -> bytes:
+    def png(array: np.ndarray, level: int = 6) -> bytes:
         buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG")
+        Image.fromarray(array).save(buf, format="PNG", compress_level=level)
         return buf.getvalue()
 
     names = dict(zip(("lung", "infection", "overlay", "json"), (stem + s for s in OUTPUT_SUFFIXES)))
@@ -234,7 +246,7 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
         "models": models,
     }
     encoded = {names["lung"]: png(pred.lung * 255), names["infection"]: png(pred.infection * 255),
-               names["overlay"]: png(overlay(gray, pred.lung, pred.infection)),
+               names["overlay"]: png(overlay(gray, pred.lung, pred.infection), level=1),  # noisy RGB: zlib 6 is slow
                names["json"]: (json.dumps(record, indent=2) + "\n").encode()}
     return record, encoded
 
@@ -254,14 +266,21 @@ def write_outputs(encoded: dict[str, bytes]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any]) -> dict[str, Any]:
-    """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
-    The file is read once: the bytes decoded are the bytes hashed (``input_sha256``)."""
+def read_input(path: Path) -> tuple[bytes, np.ndarray]:
+    """(bytes, decoded H x W uint8 grey) of an input file, read once (`imageio.decode_xray`: the size policy is
+    checked from the header before decoding)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise XRayReadError(f"{path}: cannot read: {e}") from e
-    gray = decode_xray(data, str(path))
+    return data, decode_xray(data, str(path))
+
+
+def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any],
+                 read: tuple[bytes, np.ndarray] | None = None) -> dict[str, Any]:
+    """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
+    `read` is `read_input(path)` when done already: the bytes decoded are the bytes hashed (``input_sha256``)."""
+    data, gray = read if read is not None else read_input(path)
     record, encoded = render_outputs(str(path), gray, cascade.predict([gray])[0], str(stem), models,
                                      sha256=sha256_bytes(data))
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -337,26 +356,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "replace them (the earlier outputs of inputs that fail are then removed) or choose another --out",
                   existing[0], len(existing))
         return 1
-    try:
-        from covidseg_tf.cascade import Cascade
-
-        cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
-                               **decision_overrides(args))
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        log.error("%s", e)
-        return 1
-    models = model_info(cascade)
     failed = list(missing)
+
+    def skip(f: Path, e: Exception) -> None:  # one bad file never loses the rest
+        log.error("skipping %s: %s", f, e)
+        failed.append(f)
+        stale = remove_stale(plan[f]) if args.overwrite else []
+        if stale:
+            log.warning("removed %d output(s) of an earlier run of %s: %s", len(stale), f, ", ".join(map(str, stale)))
+
+    cascade, models = None, {}
     for f in tqdm(files, desc="predict", unit="img", disable=args.quiet):
         try:
-            rec = process_file(cascade, f, plan[f], models)
-        except Exception as e:  # one bad file never loses the rest
-            log.error("skipping %s: %s", f, e)
-            failed.append(f)
-            stale = remove_stale(plan[f]) if args.overwrite else []
-            if stale:
-                log.warning("removed %d output(s) of an earlier run of %s: %s", len(stale), f,
-                            ", ".join(map(str, stale)))
+            read = read_input(f)
+        except Exception as e:
+            skip(f, e)
+            continue
+        if cascade is None:  # loaded for the first readable input: a run of refused inputs never loads them
+            try:
+                from covidseg_tf.cascade import Cascade
+
+                cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                                       **decision_overrides(args))
+                models = model_info(cascade)
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                log.error("%s", e)
+                return 1
+        try:
+            rec = process_file(cascade, f, plan[f], models, read)
+        except Exception as e:
+            skip(f, e)
             continue
         size = rec["size"]
         aspect = max(size["height"], size["width"]) / min(size["height"], size["width"])

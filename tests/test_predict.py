@@ -309,6 +309,20 @@ def test_predict_refuses_a_huge_image_from_its_header_and_goes_on(inputs, conv_m
                                                            ("_lung.png", "_infection.png", "_overlay.png", ".json"))
 
 
+def test_predict_loads_no_model_when_every_input_is_refused(tmp_path, monkeypatch, caplog):
+    """Models are loaded for the first readable input: the issue's big image alone ends in about a second."""
+    from covidseg_tf import cascade
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("models loaded")
+
+    monkeypatch.setattr(cascade.Cascade, "load", no_load)
+    (tmp_path / "b.png").write_bytes(patched_png(12000, 12000))
+    with caplog.at_level(logging.ERROR):
+        assert run([tmp_path / "b.png"], tmp_path / "o", (tmp_path / "l.keras", tmp_path / "i.keras")) == 1
+    assert "is 12000x12000 pixels" in caplog.text and "models loaded" not in caplog.text
+
+
 @pytest.mark.parametrize("name, image, reason", [
     ("grey", np.full((256, 256), 128, np.uint8), "near-constant image"),
     ("two", np.array([[0, 255], [255, 0]], np.uint8), "too small: 2x2 pixels"),
@@ -408,12 +422,12 @@ def test_predict_interrupted_write_leaves_no_json(inputs, conv_models, tmp_path,
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_overlay_cost_does_not_grow_with_the_outline_width():
-    """The outline of a 4096 x 4096 mask (16 px wide) is an O(H x W) erosion: equal to the 33 x 33 minimum filter
-    on a small case, and the full-size overlay is a few passes (no rank filter whose cost grows with side^4)."""
+def test_overlay_cost_does_not_grow_with_the_input():
+    """The outline is an O(H x W) erosion (equal to a minimum filter on a small case), and a 4096 x 4096 input
+    gets its overlay at 2048 x 2048 (OVERLAY_MAX_SIDE): no rank filter whose cost grows with side^4."""
     from PIL import ImageFilter
 
-    from covidseg_tf.predict import _erode, overlay
+    from covidseg_tf.predict import OVERLAY_MAX_SIDE, _erode, overlay
 
     rng = np.random.default_rng(0)
     m = rng.random((60, 70)) > 0.3
@@ -425,6 +439,8 @@ def test_overlay_cost_does_not_grow_with_the_outline_width():
     inf = np.zeros_like(lung)
     inf[1000:2000, 400:1500] = 1
     out = overlay(np.full((4096, 4096), 100, np.uint8), lung, inf)
-    assert out.shape == (4096, 4096, 3) and out.dtype == np.uint8
-    assert tuple(out[500, 1000]) == (0, 220, 90) and tuple(out[515, 1000]) == (0, 220, 90)  # 16 px outline
-    assert tuple(out[517, 1000]) != (0, 220, 90) and tuple(out[0, 0]) == (100, 100, 100)
+    assert out.shape == (OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE, 3) == (2048, 2048, 3) and out.dtype == np.uint8
+    green = (0, 220, 90)
+    assert tuple(out[250, 500]) == green and tuple(out[257, 500]) == green  # an 8 px outline at 2048 px
+    assert tuple(out[258, 500]) != green and tuple(out[0, 0]) == (100, 100, 100)
+    assert overlay(np.zeros((2048, 30), np.uint8), lung[:2048, :30], inf[:2048, :30]).shape == (2048, 30, 3)
