@@ -36,9 +36,10 @@ The pipeline (`build_pipeline`):
    Lines are in no particular order (Beam does not keep one); sort them if you need to.
 
 Beam metrics (namespace ``covidseg_batch_predict``): ``images_ok``, ``images_failed`` (and ``failed_<stage>``),
-``images_not_assessed`` (processed, but refused by the input quality gate where the cascade has one: no severity),
-printed at the end with the output files as one JSON line on stdout. Exit code 0 when every input was processed,
-1 when any failed or nothing matched, or when the run was refused.
+``images_not_assessed`` (processed, but refused by the input quality gate: no severity) and
+``patterns_matching_nothing`` (globs that selected no file; also logged), printed at the end with the output files
+as one JSON line on stdout. Exit code 0 when every input was processed, 1 when any failed or nothing matched, or
+when the run was refused.
 
 Reruns: when --output already holds results of a run (``images/``, ``summary.jsonl``, ``severity.csv`` or
 ``dead_letter.jsonl``) the command refuses to start; ``--overwrite`` deletes exactly those files first (nothing
@@ -239,7 +240,11 @@ class MatchFn(beam.DoFn):
             _failed("match")
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(pattern, "match", f"{type(e).__name__}: {e}"))
             return
-        if not matched and not has_glob(pattern):
+        if not matched and has_glob(pattern):  # allowed (a glob may select nothing), but said and counted
+            log.warning("pattern %s matches no file", pattern)
+            Metrics.counter(NAMESPACE, "patterns_matching_nothing").inc()
+            return
+        if not matched:
             _failed("match")
             hint = " (for everything below a prefix give a pattern such as PREFIX/**)" if is_remote(pattern) else ""
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(pattern, "match", "no such file" + hint))
@@ -469,6 +474,7 @@ class RunResult:
     images_ok: int | None
     images_failed: int | None
     images_not_assessed: int | None  # among images_ok: refused by the input quality gate (no severity)
+    patterns_matching_nothing: int | None  # globs that selected no file (literal paths are dead letters instead)
     failed_by_stage: dict[str, int]
     output: str
     files: dict[str, str]
@@ -588,6 +594,7 @@ def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = Fal
     return RunResult(images_ok=None if c is None else c.get("images_ok", 0),
                      images_failed=None if c is None else c.get("images_failed", 0),
                      images_not_assessed=None if c is None else c.get("images_not_assessed", 0),
+                     patterns_matching_nothing=None if c is None else c.get("patterns_matching_nothing", 0),
                      failed_by_stage={s: c[f"failed_{s}"] for s in STAGES if (c or {}).get(f"failed_{s}")},
                      output=settings.output, files=files, state=str(state), seconds=round(seconds, 2),
                      run_inference=inference_metrics(result))
@@ -665,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     print(json.dumps(res.as_dict()), flush=True)
+    if res.patterns_matching_nothing:
+        log.warning("%d pattern(s) matched no file", res.patterns_matching_nothing)
     if res.images_ok is not None:
         log.info("%d image(s) processed, %d failed (%s) into %s", res.images_ok, res.images_failed,
                  res.failed_by_stage or "none", res.output)

@@ -259,8 +259,8 @@ def read_lines(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mixed_run(inputs, tiny_models, tmp_path_factory):
-    """One run over conftest's folder of every good and bad kind, plus an empty file, a text file and a
-    literal path that does not exist."""
+    """One run over conftest's folder of every good and bad kind, plus an empty file, a text file, a literal path
+    that does not exist and a glob that matches nothing."""
     folder = inputs["png8_gray"].parent
     (folder / "bad" / "empty.png").write_bytes(b"")
     (folder / "bad" / "notes.txt").write_text("not an X-ray\n")
@@ -269,7 +269,7 @@ def mixed_run(inputs, tiny_models, tmp_path_factory):
     lung, inf = tiny_models
     buf = io.StringIO()  # (capsys is function-scoped)
     with contextlib.redirect_stdout(buf):
-        rc = bp.main([str(folder), str(missing), "--output", str(out), "--lung-model", str(lung),
+        rc = bp.main([str(folder), str(missing), f"{folder}/*.nothing", "--output", str(out), "--lung-model", str(lung),
                       "--infection-model", str(inf), "--quiet"] + RUNNER)
     result = json.loads([ln for ln in buf.getvalue().splitlines() if ln.startswith("{")][-1])
     return {"rc": rc, "result": result, "out": out, "folder": folder, "missing": missing}
@@ -287,6 +287,7 @@ def test_bad_files_go_to_the_dead_letter_and_good_ones_get_every_output(mixed_ru
     assert res["state"] == "DONE"
     assert res["images_ok"] == len(GOOD) and res["images_failed"] == len(bad_files) + 1
     assert res["failed_by_stage"] == {"match": 1, "decode": len(bad_files)}
+    assert res["patterns_matching_nothing"] == 1 and res["images_not_assessed"] == 0
     dead = {json.loads(ln)["file"]: json.loads(ln) for ln in read_lines(out / bp.DEAD_LETTER)}
     assert set(dead) == {str(f) for f in bad_files} | {str(mixed_run["missing"])}
     assert dead[str(mixed_run["missing"])]["reason"] == "no such file"
