@@ -148,6 +148,18 @@ def test_bad_items_are_named_through_the_tf1_loader(tf1, case, message):
     assert message in result["message"], result["message"]
 
 
+def test_tf1_and_tf2_loaders_agree_bit_for_bit(tf1, cascade_path):
+    """At the same intra-op thread count (the default here, in both processes) the TF1 loader (TF Serving) and
+    tf.saved_model.load give identical outputs; differences between them are differences of thread count."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(cascade_path)).signatures["serving_default"]
+    out = fn(images=tf.constant(strings([v[0] for v in GATE.values()])))
+    assert set(out) == set(tf1["gate"]["outputs"])
+    for key, value in tf1["gate"]["outputs"].items():
+        np.testing.assert_array_equal(out[key].numpy(), value, err_msg=key)
+
+
 def test_serving_limits_are_the_one_size_policy():
     from covidseg_tf import export, serving
 
