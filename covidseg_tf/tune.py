@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, Decision
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, Decision, probability_threshold
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
     p.add_argument("--manual-dir", help="folder (or zip) with the COVID-QU-Ex files (to build the real dataset)")
     p.add_argument("--split", default="validation", help="split to choose on (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=Decision().threshold,
+    p.add_argument("--threshold", type=probability_threshold, default=Decision().threshold,
                    help="lung threshold, kept fixed (default: %(default)s)")
     p.add_argument("--hflip", choices=("off", "on", "both"), default="off",
                    help="flip TTA: try without, with, or both (both runs the models 3x) (default: %(default)s)")

@@ -84,7 +84,7 @@ def test_export_stage_rejects_wrong_models():
         export.export_stage(four, "lung", "/nonexistent")
     with pytest.raises(ValueError, match="stage must be"):
         export.export_stage(four, "cascade", "/nonexistent")
-    with pytest.raises(ValueError, match="not image_size=64"):
+    with pytest.raises(ValueError, match="takes 32 px, not an image size of 64"):
         export.export_stage(four, "infection", "/nonexistent", image_size=64)
 
 
