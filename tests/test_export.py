@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pickle
 import re
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_tf1
 from PIL import Image
 
 from covidseg_tf import cascade, export, serving
@@ -33,44 +30,6 @@ THRESHOLD = 0.5
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs a list of cases against a SavedModel exactly as TF Serving does: TF1 loader, tag "serve", feeds and
-# fetches by the signature's tensor names. Errors are returned (type + message), never raised.
-RUNNER = textwrap.dedent(
-    """
-    import os, pickle, sys
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    path, cases_file, out_file = sys.argv[1:4]
-    with open(cases_file, "rb") as f:
-        cases = pickle.load(f)
-    results = []
-    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
-        for case in cases:
-            sig = meta.signature_def[case["signature"]]
-            feed = {sig.inputs[k].name: v for k, v in case["feeds"].items()}
-            fetch = {k: t.name for k, t in sig.outputs.items()}
-            try:
-                results.append({"outputs": sess.run(fetch, feed)})
-            except tf.errors.OpError as e:
-                results.append({"error": type(e).__name__, "message": e.message})
-    with open(out_file, "wb") as f:
-        pickle.dump(results, f)
-    """
-)
-
-
-def run_tf1(path: Path, cases: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
-    """Run `cases` ({"signature", "feeds"}) in a fresh Python process through the TF1 loader."""
-    runner = workdir / "tf1_runner.py"
-    runner.write_text(RUNNER)
-    cases_file, out_file = workdir / "cases.pkl", workdir / "results.pkl"
-    cases_file.write_bytes(pickle.dumps(cases))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(runner), str(path), str(cases_file), str(out_file)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return pickle.loads(out_file.read_bytes())
 
 
 # ------------------------------------------------------------------------------------------------ test images
