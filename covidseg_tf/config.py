@@ -16,6 +16,8 @@ Stage = Literal["lung", "infection"]
 STAGES: tuple[Stage, ...] = ("lung", "infection")
 UNET_LAYOUTS: tuple[str, ...] = ("segmentation_models", "segmentation_models_pytorch")
 """Where the U-Net takes its skips and bottleneck (covidseg_tf.models explains both)."""
+BATCH_NORMS: tuple[str, ...] = ("keras", "fused")
+"""BatchNormalization implementations of the U-Net (covidseg_tf.batchnorm explains the fused one)."""
 # The terms of the segmentation loss (covidseg_tf.losses), named by StageConfig.loss_weights and --loss-weights.
 LOSS_TERMS: tuple[str, ...] = ("dice", "bce", "focal")
 
@@ -74,6 +76,10 @@ class StageConfig:
     # each stride, no top conv; the seed recipe's own library) or "segmentation_models" (qubvel's Keras Unet, the
     # layout of the shipped version-1 models). Chosen by measurement: bench/RESULTS.md, "U-Net layout".
     unet_layout: str = "segmentation_models_pytorch"
+    # BatchNormalization of every encoder and decoder BN layer (BATCH_NORMS): "keras" (keras.layers.BatchNormalization)
+    # or "fused" (covidseg_tf.batchnorm.FusedBatchNormalization: the same layer and weights, its training step one
+    # FusedBatchNormV3 op). Inference is the same arithmetic either way.
+    batch_norm: str = "keras"
     # Loss = sum(weight * term); terms: LOSS_TERMS.
     loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
     # "auto": ImageNet when the weights can be had (downloaded or in ~/.keras/models), else random init with a

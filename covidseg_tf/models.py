@@ -23,6 +23,11 @@ Where the decoder taps the encoder is the *layout* (``build_unet(layout=...)``, 
 
 A saved ``.keras`` model carries its layout in its graph: loading never needs the config.
 
+BatchNorm (``build_unet(batch_norm=...)``, ``StageConfig.batch_norm``): ``"keras"`` builds every BN layer of
+encoder and decoder as keras.layers.BatchNormalization (what the shipped models hold); ``"fused"`` swaps them all
+for covidseg_tf.batchnorm.FusedBatchNormalization, a subclass with the same names, configs and weights whose
+training step is one fused op. A ``.keras`` file records the class of each layer.
+
 Input contract: one float32 tensor (B, H, W, C) of RAW pixels 0..255 in the three RGB channels (grayscale
 repeated 3x); channels beyond the third (Stage 2: the lung mask) hold 0/1 values. Preprocessing happens inside
 the model, in the two layers keras.applications puts in front of every EfficientNet:
@@ -67,7 +72,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, UNET_LAYOUTS, StageConfig
+from covidseg_tf.batchnorm import with_batch_norm
+from covidseg_tf.config import BATCH_NORMS, IMAGENET_MEAN, IMAGENET_STD, UNET_LAYOUTS, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +428,7 @@ def build_unet(
     decoder_filters: Sequence[int] = DECODER_FILTERS,
     bn_momentum: float | None = None,
     layout: str = UNET_LAYOUTS[0],
+    batch_norm: str = BATCH_NORMS[0],
 ) -> keras.Model:
     """A U-Net on a keras.applications EfficientNet B0-B7 (decoder as segmentation_models').
 
@@ -444,6 +451,8 @@ def build_unet(
         bn_momentum: momentum of every BatchNormalization layer's moving statistics (None keeps Keras' 0.99).
         layout: where the decoder taps the encoder, one of UNET_LAYOUTS: "segmentation_models" (default) or
             "segmentation_models_pytorch" (see the module docstring).
+        batch_norm: the class of every BatchNorm layer, one of BATCH_NORMS: "keras" (default) or "fused"
+            (covidseg_tf.batchnorm.FusedBatchNormalization; same weights and initial values as "keras").
 
     Returns:
         keras.Model mapping (B, H, W, C) float32 to (B, H, W, 1) float32 sigmoid probabilities.
@@ -456,6 +465,8 @@ def build_unet(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if layout not in UNET_LAYOUTS:
         raise ValueError(f"unknown U-Net layout {layout!r}; expected one of {list(UNET_LAYOUTS)}")
+    if batch_norm not in BATCH_NORMS:
+        raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {list(BATCH_NORMS)}")
     if len(decoder_filters) != len(SKIP_LAYERS) + 1:
         raise ValueError(f"decoder_filters needs {len(SKIP_LAYERS) + 1} stages, got {list(decoder_filters)}")
     weights_path = resolve_encoder_weights(key, encoder_weights)  # fail fast, before building anything
@@ -471,6 +482,7 @@ def build_unet(
         x = decoder_block(x, skips[stage] if stage < len(skips) else None, filters, stage)
     outputs = segmentation_head(x, dropout=dropout)
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
+    model = with_batch_norm(model, batch_norm)  # a clone with the same initial weights, or `model` for "keras"
     keep_preprocessing_float32(model)
     if bn_momentum is not None:
         if not 0.0 <= bn_momentum < 1.0:
@@ -497,8 +509,8 @@ def build_stage_model(
     encoder_weights: str | os.PathLike | None = _FROM_CONFIG,
     stem_init: str = "cycle",
 ) -> keras.Model:
-    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout, BN,
-    unet_layout).
+    """The U-Net of one cascade stage from its StageConfig (encoder, image_size, in_channels, dropout, BN momentum,
+    unet_layout, batch_norm).
 
     `encoder_weights` overrides cfg.encoder_weights when given (None / "none" = random init); "auto" is
     resolved by `choose_encoder_weights`.
@@ -514,6 +526,7 @@ def build_stage_model(
         stem_init=stem_init,
         bn_momentum=cfg.bn_momentum,
         layout=cfg.unet_layout,
+        batch_norm=cfg.batch_norm,
     )
 
 

@@ -23,6 +23,8 @@ is written, naming each such flag (old -> new); start a new run with another ``-
 
 * ``--stage`` (it sets ``in_channels``, 3 or 4), ``--encoder``, ``--unet-layout``: another network, whose layers
   the backup's weights do not fit (Keras fails with "N objects could not be loaded");
+* ``--batch-norm``: the same weights, but a backup addresses each layer by its class (keras' weights files do), so
+  it would not load into the other BatchNorm class either (a run started before the flag existed used ``keras``);
 * ``--image-size``: the weights would load, but ``model.keras``, the run's best model so far, takes the old size
   and was chosen by a validation Dice measured at it, so the run's result could end up at either size;
 * ``--lr-schedule``: a constant rate is a variable of the optimizer state in the backup, a schedule is not, and
@@ -53,7 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidseg_tf.config import LOSS_TERMS, STAGES, UNET_LAYOUTS, AugmentConfig, StageConfig, default_config
+from covidseg_tf.config import BATCH_NORMS, LOSS_TERMS, STAGES, UNET_LAYOUTS, AugmentConfig, StageConfig, default_config
 
 log = logging.getLogger("covidseg_tf.train")
 
@@ -74,11 +76,14 @@ examples:
 # Config fields settable from the command line (flag = field name with dashes).
 _CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "lr_schedule",
                  "weight_decay",
-                 "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold", "unet_layout")
+                 "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold", "unet_layout",
+                 "batch_norm")
 
 
 # Flags a started run cannot change (the module docstring says why), and the run arguments compared on a rerun.
-INCOMPATIBLE_FLAGS = ("--stage", "--encoder", "--unet-layout", "--image-size", "--lr-schedule")
+INCOMPATIBLE_FLAGS = ("--stage", "--encoder", "--unet-layout", "--batch-norm", "--image-size", "--lr-schedule")
+#: Config fields newer than some run folders, with the value such runs were built with.
+_ADDED_FIELDS = {"batch_norm": "keras"}
 _RUN_ARGS = ("lung_model", "lung_masks", "mixed_precision", "strategy", "seed", "steps_per_epoch",
              "validation_steps", "data_dir", "manual_dir", "export_dir", "no_export")
 CONFIG_FILE = "config.json"
@@ -256,6 +261,7 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         ("--bn-momentum", 0 <= cfg.bn_momentum < 1, "in [0, 1)"),
         ("--threshold", 0 < cfg.threshold < 1, "in (0, 1)"),
         ("--unet-layout", cfg.unet_layout in UNET_LAYOUTS, f"one of {', '.join(UNET_LAYOUTS)}"),
+        ("--batch-norm", cfg.batch_norm in BATCH_NORMS, f"one of {', '.join(BATCH_NORMS)}"),
         ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
         ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
     ]
@@ -453,7 +459,7 @@ def check_rerun(out: Path, cfg: StageConfig, args: argparse.Namespace) -> dict[s
         return None
     try:
         started = json.loads(path.read_text())
-        old = _run_flags(started["config"], started.get("args", {}))
+        old = _run_flags({**_ADDED_FIELDS, **started["config"]}, started.get("args", {}))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--output {out}: cannot read {path} ({type(e).__name__}: {e}), so this rerun cannot be "
                          "checked against the run's flags; pass another --output to start a new run") from None

@@ -1,0 +1,124 @@
+"""BatchNormalization whose training step is TensorFlow's fused kernel, and a model-wide swap to it.
+
+Keras' own BatchNormalization trains with separate ops: under a mixed-precision policy it casts the input to
+float32, computes the moments with ``tf.nn.moments`` (several reductions), normalizes element-wise and casts the
+output back, and its gradient is the autodiff of all of these. `FusedBatchNormalization` computes the same
+training step with one ``FusedBatchNormV3`` op forward and one ``FusedBatchNormGradV3`` op backward, which
+TensorFlow's CPU build runs through oneDNN, on the policy's own dtype (no casts of the activations).
+
+Only the training step changes: inference (``training=False``), a frozen layer (``trainable=False``), masks and
+every configuration the kernel cannot express (see `FusedBatchNormalization`) run Keras' own ``call``. The layer
+is a subclass of ``keras.layers.BatchNormalization`` with the same weights, config and inference arithmetic, so
+everything that recognises a BatchNorm (BN folding in covidseg_tf.optimize, bn_momentum, weight transfer by
+layer name) treats it as one, and ``get_weights``/``set_weights`` move weights between models of either class.
+A ``.weights.h5`` file (``save_weights``, a training backup) does not: Keras addresses each layer in it by its
+class name, so it loads only into a model with the same BatchNorm class.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+from keras import layers, ops
+
+log = logging.getLogger(__name__)
+
+#: Input dtypes the fused kernel takes (TF 2.21 CPU registers FusedBatchNormV3 and FusedBatchNormGradV3 for them
+#: with float32 scale/offset/statistics, eagerly and in graphs); others (float64) run Keras' call.
+FUSED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: tf.compat.v1.nn.fused_batch_norm raises a smaller epsilon to this; such layers run Keras' call instead.
+MIN_FUSED_EPSILON = 1.001e-5
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """keras.layers.BatchNormalization whose training step is one fused op (``FusedBatchNormV3``).
+
+    Fused when all hold: TensorFlow backend, ``training`` and ``trainable``, a 4-D input normalized over its last
+    axis (NHWC), no mask, no renorm, not synchronized, epsilon >= `MIN_FUSED_EPSILON`, input dtype in
+    `FUSED_DTYPES`. Otherwise (inference included) Keras' own ``call`` runs, so inference is Keras' arithmetic.
+
+    Dtypes: the input goes to the kernel in the layer's compute dtype (float32, or bfloat16/float16 under a
+    mixed-precision policy; the kernel accumulates in float32), gamma, beta and the statistics stay float32, the
+    output is the compute dtype, as Keras' layer returns.
+
+    Variance: the output is normalized with the biased batch variance (divided by N = batch x height x width), as
+    Keras does. In training the kernel's ``batch_variance`` output is the unbiased one (divided by N - 1), which
+    TensorFlow's own moving average would use; this layer multiplies it by (N - 1) / N and updates the moving
+    statistics itself the way Keras does (``moving = moving * momentum + batch * (1 - momentum)``), so the
+    moving variance matches Keras' up to float32 round-off rather than differing by the factor N / (N - 1).
+    """
+
+    def fuses(self, inputs, training: bool | None = None, mask=None) -> bool:
+        """Whether a call with these arguments runs the fused kernel (see the class docstring)."""
+        return bool(
+            training
+            and self.trainable
+            and mask is None
+            and keras.backend.backend() == "tensorflow"
+            and not self.renorm
+            and not self.synchronized
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.epsilon >= MIN_FUSED_EPSILON
+            and keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self.fuses(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        channels = self.moving_mean.shape[0]
+        gamma = ops.cast(self.gamma, "float32") if self.scale else tf.ones((channels,), "float32")
+        beta = ops.cast(self.beta, "float32") if self.center else tf.zeros((channels,), "float32")
+        y, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+        )
+        shape = tf.shape(inputs)
+        n = tf.cast(tf.maximum(shape[0] * shape[1] * shape[2], 1), "float32")
+        variance = unbiased_variance * ((n - 1.0) / n)  # the biased variance the output was normalized with
+        moving_mean = ops.cast(self.moving_mean, "float32")
+        moving_variance = ops.cast(self.moving_variance, "float32")
+        self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return ops.cast(y, self.compute_dtype)
+
+
+BATCH_NORM_CLASSES: dict[str, type[layers.BatchNormalization]] = {
+    "keras": layers.BatchNormalization,
+    "fused": FusedBatchNormalization,
+}
+"""The BatchNormalization class of each value of StageConfig.batch_norm (config.BATCH_NORMS)."""
+
+
+def with_batch_norm(model: keras.Model, batch_norm: str) -> keras.Model:
+    """`model` with every BatchNormalization of the other implementation replaced by `batch_norm`'s class.
+
+    A clone (``keras.models.clone_model``) with the same layer names, configs and weights when some layer is
+    swapped; `model` itself when none is (e.g. "keras" for a model built with Keras' layers).
+    """
+    try:
+        target = BATCH_NORM_CLASSES[batch_norm]
+    except KeyError:
+        raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {list(BATCH_NORM_CLASSES)}") from None
+    swap = {
+        layer.name
+        for layer in model.layers
+        if type(layer) in BATCH_NORM_CLASSES.values() and type(layer) is not target
+    }
+    if not swap:
+        return model
+
+    def clone(layer: layers.Layer) -> layers.Layer:
+        cls = target if layer.name in swap else layer.__class__
+        return cls.from_config(layer.get_config())
+
+    swapped = keras.models.clone_model(model, clone_function=clone)
+    swapped.set_weights(model.get_weights())
+    for layer in swapped.layers:
+        if isinstance(layer, layers.Normalization):
+            layer.finalize_state()  # it caches mean/variance tensors: refresh them
+    log.debug("%s: %d BatchNormalization layers now %s", model.name, len(swap), target.__name__)
+    return swapped
