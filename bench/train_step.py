@@ -12,12 +12,16 @@ to that configuration alone, and a watchdog kills a child whose RSS passes the m
 right now (minus --mem-margin-gib: the box is shared), and report the largest batch that ran plus the
 extrapolated largest batch for --mem-limit-gib.
 
+--batch-norm: the BatchNorm implementation(s) of the models (StageConfig.batch_norm: keras, fused); given several,
+each is run in turn for every stage and precision, and every record says which it used.
+
 Prints ONE JSON line; --json-out appends it to a file.
 
 Examples:
   python bench/train_step.py --size 448 --batch 4 --precision fp32 bf16 --json-out bench/results/train.jsonl
   python bench/train_step.py --size 448 --batch 4 --precision bf16 --max-batch --max-batch-steps 2
   python bench/train_step.py --size 128 --batch 2 --steps 2 --warmup 1            # quick smoke test
+  python bench/train_step.py --size 256 --batch 16 --precision fp32 bf16 --batch-norm keras fused
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import models_util as mu  # noqa: E402
+
+from covidseg_tf.config import BATCH_NORMS  # noqa: E402
 
 log = logging.getLogger("bench.train_step")
 GIB = 2**30
@@ -55,6 +61,9 @@ def parse_args(argv=None):
                    help="keep this much of the currently available memory free for the other processes")
     p.add_argument("--seed", type=int, default=0)
     mu.add_layout_arg(p)
+    p.add_argument("--batch-norm", nargs="+", choices=BATCH_NORMS, default=None,
+                   help="BatchNorm implementation(s) (StageConfig.batch_norm); several are run in turn "
+                        "(default: the stage config's)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON config of one run
     common.add_common_args(p)
     p.set_defaults(steps=5, warmup=2)
@@ -69,6 +78,7 @@ def worker(args, conf: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from covidseg_tf.batchnorm import with_batch_norm
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
 
@@ -76,6 +86,7 @@ def worker(args, conf: dict) -> dict:
     cfg = mu.stage_cfg(stage, S, conf.get("layout"))
     t = time.perf_counter()
     model = mu.build_stage(stage, S, prec, seed=args.seed, layout=cfg.unet_layout)
+    model = with_batch_norm(model, conf.get("batch_norm") or cfg.batch_norm)  # keeps each layer's dtype policy
     opt = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  clipnorm=cfg.clipnorm)
     if prec == "fp16":
@@ -170,57 +181,61 @@ def main(argv=None):
     limit = int(args.mem_limit_gib * GIB)
     result = {"script": "train_step", "label": args.label, "size": args.size, "jit": args.jit,
               "metrics": not args.no_metrics, "results": [], "max_batch": {}}
-    result["layouts"] = {}
-    for stage in args.stages:
+    result["layouts"], result["batch_norms"] = {}, {}
+    runs = [(stage, prec, bn) for stage in args.stages for prec in args.precision
+            for bn in args.batch_norm or [mu.stage_cfg(stage, args.size).batch_norm]]
+    for stage, prec, batch_norm in runs:
         layout = result["layouts"][stage] = mu.stage_cfg(stage, args.size, args.layout).unet_layout
-        for prec in args.precision:
-            points = []
-            for B in args.batch:
-                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout}, limit)
-                result["results"].append(rec)
-                if "peak_rss_mib" in rec:
-                    points.append((B, rec["peak_rss_mib"]))
-                log.info("%s %s b%d: %s img/s, peak RSS %s MiB, foreign cpu %s", stage, prec, B,
-                         rec.get("images_per_s"), rec.get("peak_rss_mib"), rec.get("foreign_cpu_frac"))
-            if not args.max_batch or not points:
-                continue
-            B = max(b for b, _ in points)
-            largest_ok, stop = B, None
-            while True:
-                B *= 2
-                avail = mem_available_bytes() - args.mem_margin_gib * GIB
-                budget = min(limit, avail + 0)  # this process is small; children are gone between runs
-                if len(points) >= 2:
-                    a, k = fit_line(points)
-                    predicted = (a + k * B) * 2**20
-                else:  # one point: assume RSS grows proportionally above a 2 GiB base
-                    base = 2048.0
-                    predicted = (base + (points[-1][1] - base) * B / points[-1][0]) * 2**20
-                if predicted > budget:
-                    stop = (f"batch {B} predicted {predicted / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB "
-                            f"(limit {args.mem_limit_gib} GiB, available now {avail / GIB:.1f} GiB after margin)")
-                    break
-                rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout,
-                                       "steps": args.max_batch_steps}, int(budget))
-                rec["max_batch_search"] = True
-                result["results"].append(rec)
-                log.info("%s %s b%d: %s img/s, peak RSS %s MiB", stage, prec, B, rec.get("images_per_s"),
-                         rec.get("peak_rss_mib"))
-                if "error" in rec:
-                    stop = f"batch {B}: {rec['error']}"
-                    break
+        result["batch_norms"][stage] = list(dict.fromkeys([*result["batch_norms"].get(stage, []), batch_norm]))
+        label = f"{stage} {prec}" + (f" {batch_norm}" if args.batch_norm else "")
+        points = []
+        for B in args.batch:
+            rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout,
+                                  "batch_norm": batch_norm}, limit)
+            result["results"].append(rec)
+            if "peak_rss_mib" in rec:
                 points.append((B, rec["peak_rss_mib"]))
-                largest_ok = B
-            est = None
+            log.info("%s b%d: %s img/s, peak RSS %s MiB, foreign cpu %s", label, B,
+                     rec.get("images_per_s"), rec.get("peak_rss_mib"), rec.get("foreign_cpu_frac"))
+        if not args.max_batch or not points:
+            continue
+        B = max(b for b, _ in points)
+        largest_ok, stop = B, None
+        while True:
+            B *= 2
+            avail = mem_available_bytes() - args.mem_margin_gib * GIB
+            budget = min(limit, avail + 0)  # this process is small; children are gone between runs
             if len(points) >= 2:
                 a, k = fit_line(points)
-                if k > 0:
-                    est = int((args.mem_limit_gib * 1024 - a) / k)
-            result["max_batch"][f"{stage}/{prec}"] = {
-                "largest_run": largest_ok, "stopped": stop,
-                "rss_fit_mib": {"intercept": round(fit_line(points)[0], 1), "per_image": round(fit_line(points)[1], 1)}
-                if len(points) >= 2 else None,
-                f"extrapolated_max_batch_{args.mem_limit_gib:g}gib": est}
+                predicted = (a + k * B) * 2**20
+            else:  # one point: assume RSS grows proportionally above a 2 GiB base
+                base = 2048.0
+                predicted = (base + (points[-1][1] - base) * B / points[-1][0]) * 2**20
+            if predicted > budget:
+                stop = (f"batch {B} predicted {predicted / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB "
+                        f"(limit {args.mem_limit_gib} GiB, available now {avail / GIB:.1f} GiB after margin)")
+                break
+            rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout,
+                               "batch_norm": batch_norm, "steps": args.max_batch_steps}, int(budget))
+            rec["max_batch_search"] = True
+            result["results"].append(rec)
+            log.info("%s b%d: %s img/s, peak RSS %s MiB", label, B, rec.get("images_per_s"),
+                     rec.get("peak_rss_mib"))
+            if "error" in rec:
+                stop = f"batch {B}: {rec['error']}"
+                break
+            points.append((B, rec["peak_rss_mib"]))
+            largest_ok = B
+        est = None
+        if len(points) >= 2:
+            a, k = fit_line(points)
+            if k > 0:
+                est = int((args.mem_limit_gib * 1024 - a) / k)
+        result["max_batch"][f"{stage}/{prec}" + (f"/{batch_norm}" if args.batch_norm else "")] = {
+            "largest_run": largest_ok, "stopped": stop,
+            "rss_fit_mib": {"intercept": round(fit_line(points)[0], 1), "per_image": round(fit_line(points)[1], 1)}
+            if len(points) >= 2 else None,
+            f"extrapolated_max_batch_{args.mem_limit_gib:g}gib": est}
     result["contended_any"] = any(r.get("contended") for r in result["results"])
     result["machine"] = common.machine_info()
     common.emit(result, args.json_out)
