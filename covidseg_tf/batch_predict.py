@@ -83,6 +83,7 @@ from covidseg_tf.config import (
     DEFAULT_LUNG_MODEL,
     Decision,
     add_decision_flags,
+    add_model_flags,
     decision_overrides,
 )
 
@@ -626,14 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                "matched, or the run was refused.")
     p.add_argument("inputs", nargs="+", help="file patterns or paths: local, gs://, s3:// (quote globs)")
     p.add_argument("--output", required=True, help="output location (local folder, gs://..., s3://...)")
-    p.add_argument("--lung-model", default=str(DEFAULT_LUNG_MODEL),
-                   help="Stage-1 model: SavedModel base or version folder, or .keras file; a URL is copied to each "
-                        "worker (default: %(default)s)")
-    p.add_argument("--infection-model", default=str(DEFAULT_INFECTION_MODEL),
-                   help="Stage-2 model, like --lung-model (default: %(default)s)")
+    add_model_flags(p, urls=True)
     add_decision_flags(p)  # --threshold, --infection-threshold, --min-infection-percent, --hflip, as predict
-    p.add_argument("--image-size", type=int, default=None,
-                   help="model input size, only for models without a fixed one (default: the models' size)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="most images per cascade call (RunInference batches grow from 1 up to this; 1 gives "
                         "exactly predict's masks, larger batches may flip a pixel at the threshold; "

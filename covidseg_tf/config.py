@@ -187,6 +187,30 @@ def probability_threshold(text: str) -> float:
     return value
 
 
+def add_model_flags(parser: Any, *, urls: bool = False, image_size: bool = True) -> None:
+    """--lung-model, --infection-model (default: the shipped versions) and, with `image_size`, --image-size on an
+    argparse parser. With `urls` the model flags stay strings, so that gs://... or s3://... survive."""
+    kind, where = (str, "; a URL is copied to each worker") if urls else (Path, "")
+    parser.add_argument("--lung-model", type=kind, default=kind(DEFAULT_LUNG_MODEL),
+                        help=f"Stage-1 model: SavedModel base or version folder, or .keras file{where} "
+                             "(default: %(default)s)")
+    parser.add_argument("--infection-model", type=kind, default=kind(DEFAULT_INFECTION_MODEL),
+                        help="Stage-2 model, like --lung-model (default: %(default)s)")
+    if image_size:
+        parser.add_argument("--image-size", type=int, default=None,
+                            help="model input size, only for models without a fixed one (default: the models' size)")
+
+
+def add_dataset_flags(parser: Any, default: str | None = "covid_qu_ex/infection") -> None:
+    """--dataset (unless `default` is None), --data-dir, --manual-dir on an argparse parser: the TFDS dataset and
+    where it is built from."""
+    if default is not None:
+        parser.add_argument("--dataset", default=default, help="TFDS name/config (default: %(default)s)")
+    parser.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
+    parser.add_argument("--manual-dir", help="folder holding the Kaggle COVID-QU-Ex zip or its extracted folder "
+                                             "(to build the real dataset)")
+
+
 def add_decision_flags(parser: Any) -> None:
     """--threshold, --infection-threshold, --min-infection-percent, --hflip/--no-hflip on an argparse parser; each
     defaults to None: the decision recorded in the models (see `decision_overrides`)."""

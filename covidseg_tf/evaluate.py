@@ -47,9 +47,9 @@ import numpy as np
 
 from covidseg_tf import __version__
 from covidseg_tf.config import (
-    DEFAULT_INFECTION_MODEL,
-    DEFAULT_LUNG_MODEL,
+    add_dataset_flags,
     add_decision_flags,
+    add_model_flags,
     decision_overrides,
     default_config,
 )
@@ -260,16 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                "      --manual-dir ~/covidqu --split validation test --out reports/real\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
                "file.\n")
-    p.add_argument("--lung-model", type=Path, default=DEFAULT_LUNG_MODEL,
-                   help="Stage-1 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
-    p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
-                   help="Stage-2 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
-    p.add_argument("--dataset", default="covid_qu_ex/synthetic", help="TFDS name/config (default: %(default)s)")
-    p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
-    p.add_argument("--manual-dir", help="folder with the COVID-QU-Ex files (to build the real dataset)")
+    add_model_flags(p)
+    add_dataset_flags(p, default="covid_qu_ex/synthetic")
     p.add_argument("--split", nargs="+", default=["validation"], help="split(s) to evaluate (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input size; only for models without a fixed one (default: the models' input size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     add_decision_flags(p)
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each split")

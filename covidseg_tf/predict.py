@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covidseg_tf import __version__
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, add_decision_flags, decision_overrides
+from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, XRayReadError, decode_xray, find_images
 from covidseg_tf.paths import sha256_bytes, sha256_file
 
@@ -313,13 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                "input failed.")
     p.add_argument("inputs", nargs="+", type=Path, help="image/DICOM files or folders")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; inputs are never overwritten)")
-    p.add_argument("--lung-model", type=Path, default=DEFAULT_LUNG_MODEL,
-                   help="Stage-1 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
-    p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
-                   help="Stage-2 model: SavedModel base or version folder, or .keras file (default: %(default)s)")
+    add_model_flags(p)
     add_decision_flags(p)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="model input size, only for models without a fixed one (default: the models' size)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of an earlier run (without it, predict refuses to write over any "
                    "existing output and names it) and remove the earlier outputs of inputs that fail this time")

@@ -55,7 +55,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidseg_tf.config import BATCH_NORMS, LOSS_TERMS, STAGES, UNET_LAYOUTS, AugmentConfig, StageConfig, default_config
+from covidseg_tf.config import (
+    BATCH_NORMS,
+    LOSS_TERMS,
+    STAGES,
+    UNET_LAYOUTS,
+    AugmentConfig,
+    StageConfig,
+    add_dataset_flags,
+    default_config,
+)
 
 log = logging.getLogger("covidseg_tf.train")
 
@@ -126,8 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         aug.add_argument(_aug_flag(f.name), type=_float_pair if _is_range(f) else float, default=None,
                          metavar="LO,HI" if _is_range(f) else "P" if f.name.endswith("_p") else "X",
                          help=f"{what}{'; ' if what else ''}default: {a if a == b else f'{a} / {b}'}")
-    p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
-    p.add_argument("--manual-dir", help="folder holding the Kaggle COVID-QU-Ex zip or its extracted folder")
+    add_dataset_flags(p, default=None)  # --dataset is a StageConfig field above
     p.add_argument("--output", help="run folder (default: runs/<stage>); rerunning resumes an unfinished run")
     p.add_argument("--lung-model", help="Stage-1 .keras model (infection stage with --lung-masks stage1)")
     p.add_argument("--lung-masks", choices=("stage1", "ground_truth"), default="stage1",

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, Decision, probability_threshold
+from covidseg_tf.config import Decision, add_dataset_flags, add_model_flags, probability_threshold
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m covidseg_tf.tune --lung-model runs/lung/model.keras \\\n"
                "      --infection-model runs/infection/model.keras --manual-dir ~/covidqu --hflip both \\\n"
                "      --out reports/decision.json\n")
-    p.add_argument("--lung-model", type=Path, default=DEFAULT_LUNG_MODEL,
-                   help="Stage-1 model: SavedModel base or version folder, or .keras file (default: the shipped one)")
-    p.add_argument("--infection-model", type=Path, default=DEFAULT_INFECTION_MODEL,
-                   help="Stage-2 model (default: the shipped one)")
-    p.add_argument("--dataset", default="covid_qu_ex/infection", help="TFDS name/config (default: %(default)s)")
-    p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
-    p.add_argument("--manual-dir", help="folder (or zip) with the COVID-QU-Ex files (to build the real dataset)")
+    add_model_flags(p, image_size=False)
+    add_dataset_flags(p)
     p.add_argument("--split", default="validation", help="split to choose on (default: %(default)s)")
     p.add_argument("--threshold", type=probability_threshold, default=Decision().threshold,
                    help="lung threshold, kept fixed (default: %(default)s)")

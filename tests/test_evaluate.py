@@ -174,7 +174,7 @@ def test_evaluate_default_models_and_missing_default_error(tmp_path, monkeypatch
 
     args = evaluate.build_parser().parse_args([])
     assert (args.lung_model, args.infection_model) == (config.DEFAULT_LUNG_MODEL, config.DEFAULT_INFECTION_MODEL)
-    monkeypatch.setattr(evaluate, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
+    monkeypatch.setattr(config, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
     with pytest.raises(FileNotFoundError, match="--lung-model/--infection-model") as err:
         evaluate.main(["--out", str(tmp_path / "out"), "--quiet"])
     assert str(tmp_path / "saved_models" / "lung") in str(err.value) and "covidseg_tf.export" in str(err.value)

@@ -211,18 +211,18 @@ def test_predict_defaults_are_the_repo_saved_models(inputs, tiny_saved_models, t
     args = predict.build_parser().parse_args(["x.png", "--out", "o"])
     assert (args.lung_model, args.infection_model) == (config.DEFAULT_LUNG_MODEL, config.DEFAULT_INFECTION_MODEL)
     # without --lung-model/--infection-model the defaults are what runs
-    monkeypatch.setattr(predict, "DEFAULT_LUNG_MODEL", tiny_saved_models[0])
-    monkeypatch.setattr(predict, "DEFAULT_INFECTION_MODEL", tiny_saved_models[1])
+    monkeypatch.setattr(config, "DEFAULT_LUNG_MODEL", tiny_saved_models[0])
+    monkeypatch.setattr(config, "DEFAULT_INFECTION_MODEL", tiny_saved_models[1])
     assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path), "--quiet"]) == 0
     rec = json.loads((tmp_path / "png8_gray.json").read_text())
     assert rec["models"]["lung"]["path"] == str(tiny_saved_models[0] / "1")
 
 
 def test_predict_cli_missing_default_models_say_what_to_do(inputs, tmp_path, monkeypatch, caplog):
-    from covidseg_tf import predict
+    from covidseg_tf import config, predict
 
-    monkeypatch.setattr(predict, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
-    monkeypatch.setattr(predict, "DEFAULT_INFECTION_MODEL", tmp_path / "saved_models" / "infection")
+    monkeypatch.setattr(config, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
+    monkeypatch.setattr(config, "DEFAULT_INFECTION_MODEL", tmp_path / "saved_models" / "infection")
     with caplog.at_level(logging.ERROR):
         assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out")]) == 1
     assert str(tmp_path / "saved_models" / "lung") in caplog.text
