@@ -25,7 +25,7 @@ and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thres
 
 Its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of `covidseg_tf.cascade.run_cascade`
 (lung_prob, lung_mask, infection_prob, infection_mask + severity, at S), without the gate (the caller chose the
-pixels). Versions exported before the gate (the shipped version 1) have no `assessed` / `reason` outputs.
+pixels). Versions exported before the gate (the retired version 1) have no `assessed` / `reason` outputs.
 
 Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
 `to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
@@ -47,7 +47,7 @@ PNG/JPEG whose header declares more than the size policy of `covidseg_tf.limits`
 MAX_PIXELS; checked from the header - PNG IHDR bytes, `tf.image.extract_jpeg_shape` - BEFORE decoding, so a
 decompression bomb is never inflated), a corrupt image ("images[3] is a corrupt PNG or JPEG: the decoder rejects
 its data"; decoding runs in a `tf.data` map with `ignore_errors` so that the failing item can be named, see
-`decode_each`; the shipped version 1 answers with the decoder's own message, which names no item), a lung mask
+`decode_each`; the retired version 1 answers with the decoder's own message, which names no item), a lung mask
 whose size differs from its image.
 
 Numerics: the served graphs' convolutions (TensorFlow's CPU kernels as grappler rewrites them) sum in an order

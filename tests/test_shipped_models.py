@@ -12,16 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, Decision
 from covidseg_tf.imageio import read_xray
 
 VAL = Path("Infection Segmentation Data") / "Infection Segmentation Data" / "Val"
 PER_CLASS = {"COVID-19": 16, "Non-COVID": 8, "Normal": 8}
+# Version 2 (MODEL_CARD.md): 128-px models, and the decision tune chose on Val, recorded in the servables
+IMAGE_SIZE = 128
+DECISION = Decision(threshold=0.5, infection_threshold=0.5, min_infection_percent=15.0, hflip=True)
 # Floors on this sample (MODEL_CARD.md, "What the tests check"):
-# (measured on this sample: 0.957 / 0.712 / 0.577; on all of Val: 0.958 / 0.693 / 0.638)
-FLOOR_LUNG_DICE_POOLED = 0.94
-FLOOR_INFECTION_DICE_POOLED = 0.65
-FLOOR_INFECTION_DICE_PER_COVID_IMAGE = 0.50
+# (measured on this sample: 0.961 / 0.626 / 0.409 / 0 of 16; on all of Val: 0.958 / 0.724 / 0.585 / 15 %)
+FLOOR_LUNG_DICE_POOLED = 0.95
+FLOOR_INFECTION_DICE_POOLED = 0.60
+FLOOR_INFECTION_DICE_PER_COVID_IMAGE = 0.38
+FLOOR_HEALTHY_WITH_INFECTION_MAX = 2  # of the 16 Non-COVID + Normal images
 
 
 def _dice(t: np.ndarray, p: np.ndarray) -> float:
@@ -56,7 +60,8 @@ def test_shipped_models_are_what_predict_uses_by_default():
 
     for path, stage in ((DEFAULT_LUNG_MODEL, "lung"), (DEFAULT_INFECTION_MODEL, "infection")):
         model = load_model(path, stage=stage)
-        assert model.info["servable"] == stage and model.input_shape[1] == 256
+        assert model.info["servable"] == stage and model.input_shape[1] == IMAGE_SIZE
+        assert Decision.from_dict(model.info["decision"]) == DECISION
 
 
 def test_lung_dice_on_real_val_images(predictions):
@@ -73,13 +78,20 @@ def test_infection_dice_on_real_val_images(predictions):
     assert np.mean(covid) >= FLOOR_INFECTION_DICE_PER_COVID_IMAGE
 
 
+def test_healthy_images_mostly_get_no_infection(predictions):
+    healthy = [r for r in predictions if r["class"] != "COVID-19"]
+    assert sum(r["infection"].any() for r in healthy) <= FLOOR_HEALTHY_WITH_INFECTION_MAX
+
+
 def test_infection_stays_inside_the_predicted_lungs(predictions):
     assert all(not (r["infection"] & ~r["lung"]).any() for r in predictions)
 
 
 def test_predict_evaluate_and_cascade_servable_agree_exactly(shared_covidqu: Path, tmp_path: Path):
     """One cascade: the same real X-rays give the same masks and severity through `predict` (the CLI, its PNGs and
-    JSON), `evaluate`'s step and the shipped cascade SavedModel (what TF Serving serves)."""
+    JSON), `evaluate`'s step and the shipped cascade SavedModel (what TF Serving serves). `predict` runs one image
+    at a time, so the other two get batches of one too: with other batch sizes the last bits of the bf16 convolutions
+    change and a pixel sitting at the threshold may flip (saved_models/README.md, "Reproducibility")."""
     import json
 
     import tensorflow as tf
@@ -91,13 +103,14 @@ def test_predict_evaluate_and_cascade_servable_agree_exactly(shared_covidqu: Pat
     images = [p for cls in PER_CLASS for p in sorted((shared_covidqu / VAL / cls / "images").glob("*.png"))[:3]]
     assert predict.main([*map(str, images), "--out", str(tmp_path), "--quiet"]) == 0
     records = {Path(r["file"]).name: r for r in map(json.loads, map(Path.read_text, tmp_path.rglob("*.json")))}
-    served = tf.saved_model.load(str(SAVED_MODELS / "cascade" / str(SHIPPED_VERSION))).signatures["serving_default"](
-        images=tf.constant([p.read_bytes() for p in images]))
+    serve = tf.saved_model.load(str(SAVED_MODELS / "cascade" / str(SHIPPED_VERSION))).signatures["serving_default"]
+    one_by_one = [serve(images=tf.constant([p.read_bytes()])) for p in images]
+    served = {k: tf.concat([r[k] for r in one_by_one], 0) for k in one_by_one[0]}
     cascade = Cascade.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
     step = evaluate.make_step(cascade, evaluate.make_loss("lung"), evaluate.make_loss("infection"), True)
-    grays = np.stack([read_xray(p) for p in images])[..., None]
-    zeros = tf.zeros(grays.shape, tf.float32)
-    by_evaluate = step(tf.constant(grays), zeros, zeros)
+    zeros = tf.zeros((1, *read_xray(images[0]).shape, 1), tf.float32)
+    steps = [step(tf.constant(read_xray(p)[None, ..., None]), zeros, zeros) for p in images]
+    by_evaluate = {k: tf.concat([s[k] for s in steps], 0) for k in ("lung_pred", "infection_cascade", "severity_total")}
     infected = 0
     for i, image in enumerate(images):
         rec = records[image.name]
