@@ -303,8 +303,11 @@ def run_fuzz(which: str, cases: list[tuple[str, bytes]], workdir: Path, model: P
     runner.write_text(FUZZ_RUNNER)
     cases_file, out_file = workdir / f"{which}.pkl", workdir / f"{which}_out.pkl"
     cases_file.write_bytes(pickle.dumps(cases))
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's covidseg_tf, whatever pip installed
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, str(runner), which, str(model), str(cases_file), str(out_file)],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path))
     assert proc.returncode == 0, f"the {which} fuzz process died ({proc.returncode}): {proc.stderr[-3000:]}"
     return pickle.loads(out_file.read_bytes())
 
