@@ -177,3 +177,17 @@ def run_tf1(path: Path, cases: list[dict], workdir: Path) -> list[dict]:
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pickle.loads(out_file.read_bytes())
+
+
+def randomize_batchnorms(model, seed: int = 0) -> None:
+    """Give every BatchNormalization of `model` statistics and affine weights far from identity (as after training)."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.2, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import randomize_batchnorms
 
 from covidseg_tf.batchnorm import MIN_FUSED_EPSILON, FusedBatchNormalization, with_batch_norm
 from covidseg_tf.config import default_config
@@ -218,18 +219,6 @@ def copy_of(model: keras.Model) -> keras.Model:
         if isinstance(layer, keras.layers.Normalization):
             layer.finalize_state()
     return copy
-
-
-def randomize_batchnorms(model: keras.Model, seed: int = 0) -> None:
-    """BatchNorms far from identity (as after training)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.2, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
 
 
 def test_fused_unet_has_only_fused_batchnorms_and_the_same_weights(models, pixels):

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import randomize_batchnorms
 
 from covidseg_tf.config import default_config
 from covidseg_tf.export import export_stage
@@ -22,14 +23,7 @@ def infection_model() -> keras.Model:
     """A small Stage-2 model whose BatchNorms are far from identity (as after training)."""
     keras.utils.set_random_seed(3)
     model = build_stage_model(default_config("infection").replace(image_size=SIZE), encoder_weights=None)
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.2, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
+    randomize_batchnorms(model, seed=0)
     return model
 
 
