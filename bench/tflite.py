@@ -3,7 +3,7 @@
 
 Variants, each both stages of the cascade (`covidseg_tf.cascade.run_stages`: Stage 1, threshold, Stage 2):
   tf_fp32         covidseg_tf.optimize.frozen_stage(model, "fp32"): BatchNorm folded, frozen (what export serves)
-  tf_bf16         the same in bfloat16 (the shipped precision; emulated, so slow, on CPUs without AVX512_BF16/AMX)
+  tf_bf16         the same in bfloat16 (the shipped precision; emulated on CPUs without AVX512_BF16 or AMX)
   tflite_fp32     tf.lite.TFLiteConverter.from_keras_model, float32
   tflite_dynamic  + Optimize.DEFAULT without calibration data: int8 weights, activations quantized on the fly
   tflite_int8     + a representative dataset (--calibration Train images, ground-truth lung channel): int8
