@@ -19,7 +19,9 @@ copied into the bf16 model): max |p - p_fp32| of the probabilities and Dice betw
 stage and for the cascade's masks, against a stated tolerance (TOL_* below).
 
 Variants: plain = tf.function(model) as built; fast = BatchNorm folded into the convs (bench/fold.py) + the
-concrete function frozen (variables -> constants). Same outputs up to round-off (measured, see agreement).
+concrete function frozen (variables -> constants); tflite = the stages as `covidseg_tf.export --tflite` writes
+them (`optimize.tflite_model`, float32, run by `cascade.TFLiteStage` on XNNPACK with --threads threads; fp32
+only), the cascade's glue still in TensorFlow. Same outputs up to round-off (measured, see agreement).
 
 Prints ONE JSON line; --json-out appends it to a file.
 
@@ -63,9 +65,10 @@ def parse_args(argv=None):
                    help="tf.function jit_compile (XLA) for the Keras functions")
     p.add_argument("--targets", nargs="*", choices=["lung", "infection", "cascade"],
                    default=["lung", "infection", "cascade"], help="Keras functions to time")
-    p.add_argument("--variants", nargs="+", choices=["plain", "fast"], default=["plain", "fast"],
+    p.add_argument("--variants", nargs="+", choices=["plain", "fast", "tflite"], default=["plain", "fast"],
                    help="plain: tf.function(model) as built; fast: BatchNorm folded into the convs "
-                        "(bench/fold.py) and the concrete function frozen (variables -> constants)")
+                        "(bench/fold.py) and the concrete function frozen (variables -> constants); tflite: "
+                        "float32 TFLite stages (fp32 only)")
     p.add_argument("--no-savedmodel", action="store_true", help="skip the SavedModel export + timing")
     p.add_argument("--savedmodel-stages", action="store_true",
                    help="also export/time the lung and infection servables (cascade only by default)")
@@ -240,15 +243,26 @@ def main(argv=None):
         result["folded_bn_pairs"] = {"lung": len(fold.foldable_pairs(next(iter(models.values()))[0])),
                                      "infection": len(fold.foldable_pairs(next(iter(models.values()))[1]))}
 
+    tflite = {}
+    if "tflite" in args.variants and "fp32" in models:
+        from covidseg_tf.cascade import TFLiteStage
+        from covidseg_tf.optimize import tflite_model
+
+        t = time.perf_counter()
+        tflite["fp32"] = tuple(TFLiteStage(tflite_model(m), threads=args.threads) for m in models["fp32"])
+        result["tflite_convert_s"] = round(time.perf_counter() - t, 1)
+
     for prec, (lung, inf) in models.items():
         for B in args.batch:
             px = tf.constant(rng.uniform(0, 255, (B, S, S, 3)).astype("float32"))
             px4 = tf.concat([px, tf.cast(tf.random.uniform((B, S, S, 1), seed=1) > 0.5, tf.float32)], -1)
             s3, s4 = tf.TensorSpec([B, S, S, 3], tf.float32), tf.TensorSpec([B, S, S, 4], tf.float32)
             for variant in args.variants:
-                a, b = (lung, inf) if variant == "plain" else fast[prec]
+                if variant == "tflite" and prec not in tflite:
+                    continue
+                a, b = {"plain": (lung, inf), "fast": fast.get(prec), "tflite": tflite.get(prec)}[variant]
                 for jit in args.jit:
-                    jc, fz = jit == "on", variant == "fast"
+                    jc, fz = jit == "on" and variant != "tflite", variant == "fast"
                     if jc and fz:  # freezing rebuilds the graph without the XLA attribute: not a jit run
                         continue
                     for target in args.targets:
@@ -311,6 +325,7 @@ def main(argv=None):
     if not args.no_accuracy and "fp32" in models:
         others = {f"{p}/plain": m for p, m in models.items() if p != "fp32"}
         others.update({f"{p}/fast": m for p, m in fast.items()})
+        others.update({f"{p}/tflite": m for p, m in tflite.items()})
         if others:
             pixels, src = _sample_pixels(args.images, 4, S, args.seed)
             result["agreement_vs_fp32"] = agreement(models["fp32"], others, pixels, args.threshold)

@@ -4,7 +4,7 @@
 Variants, each both stages of the cascade (`covidseg_tf.cascade.run_stages`: Stage 1, threshold, Stage 2):
   tf_fp32         covidseg_tf.optimize.frozen_stage(model, "fp32"): BatchNorm folded, frozen (what export serves)
   tf_bf16         the same in bfloat16 (the shipped precision; emulated on CPUs without AVX512_BF16 or AMX)
-  tflite_fp32     tf.lite.TFLiteConverter.from_keras_model, float32
+  tflite_fp32     covidseg_tf.optimize.tflite_model, float32: what `covidseg_tf.export --tflite` writes
   tflite_dynamic  + Optimize.DEFAULT without calibration data: int8 weights, activations quantized on the fly
   tflite_int8     + a representative dataset (--calibration Train images, ground-truth lung channel): int8
                   weights and activations, float32 input and output
@@ -35,43 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 VARIANTS = ("tf_fp32", "tf_bf16", "tflite_fp32", "tflite_dynamic", "tflite_int8")
-
-
-class TFLiteStage:
-    """A .tflite model called like a Keras stage model: (B, S, S, C) float32 -> (B, S, S, 1) float32."""
-
-    def __init__(self, content: bytes, threads: int):
-        import tensorflow as tf
-
-        self.interpreter = tf.lite.Interpreter(model_content=content, num_threads=threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]["index"]
-        self.output = self.interpreter.get_output_details()[0]["index"]
-
-    def __call__(self, x: Any, training: bool = False) -> Any:
-        import tensorflow as tf
-
-        out = []
-        for image in np.asarray(x, np.float32):  # converted with batch 1
-            self.interpreter.set_tensor(self.input, image[None])
-            self.interpreter.invoke()
-            out.append(self.interpreter.get_tensor(self.output)[0].astype(np.float32))
-        return tf.constant(np.stack(out))
-
-
-def convert(model, mode: str, calibration: list[np.ndarray]) -> bytes:
-    """`model` (Keras, batch 1) -> .tflite bytes; mode fp32 | dynamic | int8 (calibrated on `calibration`)."""
-    import keras
-    import tensorflow as tf
-
-    size, channels = model.input_shape[1], model.input_shape[3]
-    inputs = keras.Input((size, size, channels), batch_size=1)
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, model(inputs)))
-    if mode in ("dynamic", "int8"):
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int8":
-        converter.representative_dataset = lambda: ([x[None, ..., :channels]] for x in calibration)
-    return converter.convert()
 
 
 def load_images(builder, split: str, count: int, size: int) -> dict[str, np.ndarray]:
@@ -135,9 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "tf": common.configure_tf(args.threads, 1), "args": vars(args)}
     import tensorflow as tf
 
-    from covidseg_tf.cascade import load_model, model_input_size
+    from covidseg_tf.cascade import TFLiteStage, load_model, model_input_size
     from covidseg_tf.data import load_builder
-    from covidseg_tf.optimize import frozen_stage
+    from covidseg_tf.optimize import frozen_stage, tflite_model
 
     models = {"lung": load_model(args.lung_model, stage="lung"),
               "infection": load_model(args.infection_model, stage="infection")}
@@ -157,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if v.startswith("tf_"):
             stages[v] = tuple(frozen_stage(models[s], v[3:]) for s in ("lung", "infection"))
         else:
-            content = {s: convert(models[s], v[7:], calibration) for s in ("lung", "infection")}
+            content = {s: tflite_model(models[s], v[7:], calibration) for s in ("lung", "infection")}
             sizes[v] = sum(len(c) for c in content.values())
             stages[v] = tuple(TFLiteStage(content[s], args.threads) for s in ("lung", "infection"))
         logging.info("%s ready in %.1f s", v, time.perf_counter() - t0)

@@ -71,6 +71,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -326,7 +329,8 @@ class Prediction:
 
 
 class Cascade:
-    """The two stage models (Keras or SavedModel, see `load_model`), checked to agree, with their `Decision`.
+    """The two stage models (Keras, SavedModel or TFLite, see `load_model`), checked to agree, with their
+    `Decision`.
 
     `cascade.predict([gray, ...])` runs decoded H x W uint8 images (any sizes) through `to_model_pixels`, both
     stages in one batch, and `masks_at` each image's own size.
@@ -441,8 +445,11 @@ def stage_agreement(lung_model: Any, infection_model: Any, image_size: int | Non
 EXPORT_INFO = Path("assets.extra") / "covidseg_export.json"
 """What covidseg_tf.export wrote into each version folder (servable, image_size, precision, ...)."""
 
-_EXPECTED = ("expected a Keras `.keras` file, a stage SavedModel version folder (holding saved_model.pb) or a TF "
-             "Serving base folder of integer versions such as saved_models/lung")
+_EXPECTED = ("expected a Keras `.keras` file, a stage SavedModel version folder (holding saved_model.pb), a TF "
+             "Serving base folder of integer versions such as saved_models/lung, or a `.tflite` stage file "
+             "(`covidseg_tf.export --tflite`)")
+TFLITE_FILE = "stage.tflite"
+"""The TFLite copy of a stage that `covidseg_tf.export --tflite` writes into the stage's version folder."""
 _HOW_TO_GET = ("train the stages with `python -m covidseg_tf.train --stage lung|infection ... --output runs/NAME` "
                "(it writes runs/NAME/model.keras and exports saved_models/<stage>/<N>/), export .keras models with "
                "`python -m covidseg_tf.export ... --out saved_models/`, run `python -m covidseg_tf.demo`, or pass "
@@ -494,6 +501,76 @@ class SavedModelStage:
         return f"SavedModelStage({str(self.path)!r}, stage={self.stage!r}, input_shape={self.input_shape})"
 
 
+class TFLiteStage:
+    """A TFLite stage (`covidseg_tf.optimize.tflite_model`, batch 1), called like the Keras stage model.
+
+    `stage(pixels, training=False)` maps (B, S, S, C) raw pixels to (B, S, S, 1) float32 probabilities, one image
+    per interpreter call (XNNPACK, `threads` threads: default TF_NUM_INTRAOP_THREADS, else every core); it works
+    eagerly and inside `tf.function` (through `tf.numpy_function`). Calls are serialised: one interpreter.
+    A file written by `covidseg_tf.export --tflite` sits in a stage version folder, whose `covidseg_export.json`
+    gives its stage and the recorded decision (`info`); a bare file's stage comes from its input channels.
+    """
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None):
+        self.path = None if isinstance(model, bytes) else Path(model)
+        where = "TFLite model" if self.path is None else str(self.path)
+        threads = threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or os.cpu_count() or 1
+        try:
+            content = model if isinstance(model, bytes) else self.path.read_bytes()
+            self._interpreter = _tflite_interpreter(content, threads)
+            self._interpreter.allocate_tensors()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{where}: cannot load this TFLite model: {type(e).__name__}: {e}; {_EXPECTED}") from e
+        inp, out = self._interpreter.get_input_details(), self._interpreter.get_output_details()
+        shape = tuple(int(d) for d in inp[0]["shape"])
+        if len(inp) != 1 or len(out) != 1 or len(shape) != 4 or shape[0] != 1 or shape[1] != shape[2]:
+            raise ValueError(f"{where}: a TFLite model with inputs {[tuple(d['shape']) for d in inp]}; expected "
+                             "one (1, S, S, C) input, as `covidseg_tf.export --tflite` writes")
+        self._input, self._output = inp[0]["index"], out[0]["index"]
+        self.input_shape: tuple[int | None, ...] = (None, *shape[1:])
+        info_file = None if self.path is None else self.path.parent / EXPORT_INFO
+        self.info: dict[str, Any] = json.loads(info_file.read_text()) if info_file and info_file.is_file() else {}
+        self.stage = self.info.get("servable") or {3: "lung", 4: "infection"}.get(shape[3])
+        self.name = f"{self.stage}_tflite"
+        self._lock = threading.Lock()
+        log.info("loaded %s TFLite stage %s (input %s, %d threads)", self.stage, where, self.input_shape, threads)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities, in numpy."""
+        pixels = np.asarray(pixels, np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != self.input_shape[1:]:
+            raise ValueError(f"{self.name}: pixels of shape {pixels.shape}; expected (B, *{self.input_shape[1:]})")
+        out = []
+        with self._lock:
+            for image in pixels:
+                self._interpreter.set_tensor(self._input, image[None])
+                self._interpreter.invoke()
+                out.append(self._interpreter.get_tensor(self._output)[0].astype(np.float32))
+        return np.stack(out) if out else np.zeros((0, *self.input_shape[1:3], 1), np.float32)
+
+    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities (`training` is ignored)."""
+        if tf.executing_eagerly():
+            return tf.constant(self.run(np.asarray(pixels)))
+        prob = tf.numpy_function(self.run, [tf.cast(pixels, tf.float32)], tf.float32, stateful=True)
+        prob.set_shape([pixels.shape[0], *self.input_shape[1:3], 1])
+        return prob
+
+    def __repr__(self) -> str:
+        return f"TFLiteStage({str(self.path or '<bytes>')!r}, stage={self.stage!r}, input_shape={self.input_shape})"
+
+
+def _tflite_interpreter(content: bytes, threads: int) -> Any:
+    """LiteRT's interpreter (package ai-edge-litert) or, without it, TensorFlow's deprecated `tf.lite.Interpreter`."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - ai-edge-litert is in requirements.txt
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tf.lite.Interpreter's deprecation notice
+        return Interpreter(model_content=content, num_threads=threads)
+
+
 def saved_model_version(path: Path | str) -> Path:
     """The version folder of a SavedModel path: `path` itself if it holds saved_model.pb, else its highest
     integer-named sub-folder (TF Serving's choice; other names such as `.tmp-*` are ignored).
@@ -515,8 +592,9 @@ def saved_model_version(path: Path | str) -> Path:
 
 
 def load_model(path: str | Path, stage: str | None = None) -> Any:
-    """Load a stage model: a `.keras` file (custom objects registered, not compiled) or a stage SavedModel
-    (version folder or TF Serving base folder, see `saved_model_version`) as a `SavedModelStage`.
+    """Load a stage model: a `.keras` file (custom objects registered, not compiled), a stage SavedModel
+    (version folder or TF Serving base folder, see `saved_model_version`) as a `SavedModelStage`, or a `.tflite`
+    file as a `TFLiteStage`.
 
     `stage` ("lung" or "infection"), when given, must be the model's stage (SavedModel) or match its number of
     input channels (3 or 4).
@@ -529,10 +607,13 @@ def load_model(path: str | Path, stage: str | None = None) -> Any:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model {p} not found; {_HOW_TO_GET}")
-    model = SavedModelStage(saved_model_version(p)) if p.is_dir() else _load_keras(p)
+    if p.is_dir():
+        model = SavedModelStage(saved_model_version(p))
+    else:
+        model = TFLiteStage(p) if p.suffix == ".tflite" else _load_keras(p)
     if stage is not None:
         channels = model.input_shape[-1]
-        found = model.stage if isinstance(model, SavedModelStage) else {3: "lung", 4: "infection"}.get(channels)
+        found = getattr(model, "stage", None) or {3: "lung", 4: "infection"}.get(channels)
         if found != stage:
             raise ValueError(f"{p} is not a {stage} stage model (it is {found or 'unknown'}, input shape "
                              f"{tuple(model.input_shape)}); check --lung-model / --infection-model")

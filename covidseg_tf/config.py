@@ -192,7 +192,8 @@ def add_model_flags(parser: Any, *, urls: bool = False, image_size: bool = True)
     argparse parser. With `urls` the model flags stay strings, so that gs://... or s3://... survive."""
     kind, where = (str, "; a URL is copied to each worker") if urls else (Path, "")
     parser.add_argument("--lung-model", type=kind, default=kind(DEFAULT_LUNG_MODEL),
-                        help=f"Stage-1 model: SavedModel base or version folder, or .keras file{where} "
+                        help=f"Stage-1 model: SavedModel base or version folder, .keras file, or .tflite file (export "
+                             f"--tflite){where} "
                              "(default: %(default)s)")
     parser.add_argument("--infection-model", type=kind, default=kind(DEFAULT_INFECTION_MODEL),
                         help="Stage-2 model, like --lung-model (default: %(default)s)")

@@ -15,6 +15,11 @@ The signatures and their input/output names are documented in `covidseg_tf.servi
 The served graphs are inference copies (covidseg_tf.optimize): BatchNorm folded into the convolutions, weights
 frozen into graph constants, in float32 or (`--precision bf16`) bfloat16 with float32 input/output. Freezing also
 stores each weight once: Keras' own `ExportArchive` writes every variable twice (keras-team/keras#23553).
+
+`--tflite` adds the second export target: each stage version folder also holds `stage.tflite` (float32, batch 1,
+`covidseg_tf.optimize.tflite_model`), which `load_model` / `Cascade.load` and so every CLI's --lung-model /
+--infection-model accept, run on TFLite's XNNPACK CPU kernels (bench/RESULTS.md, "TFLite and int8"). TF Serving
+ignores the file.
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ from typing import Any
 import tensorflow as tf
 
 from covidseg_tf import serving
-from covidseg_tf.cascade import model_input_size, stage_agreement
+from covidseg_tf.cascade import TFLITE_FILE, model_input_size, stage_agreement
 from covidseg_tf.config import Decision, add_decision_flags, decision_overrides, default_config
-from covidseg_tf.optimize import PRECISIONS, frozen_stage
+from covidseg_tf.optimize import PRECISIONS, frozen_stage, tflite_model
 from covidseg_tf.paths import integer_versions
 
 log = logging.getLogger(__name__)
@@ -84,8 +89,10 @@ def _write_savedmodel(
     signatures: dict[str, tuple[Callable, list]],
     warmup: list[bytes] | None,
     info: dict[str, Any],
+    tflite: bytes | None = None,
 ) -> None:
-    """Save the signature functions (over frozen stage graphs: no variables) as a SavedModel at `path`."""
+    """Save the signature functions (over frozen stage graphs: no variables) as a SavedModel at `path`, with
+    `tflite` (if given) as `path/stage.tflite`."""
     import keras
 
     module = tf.Module()
@@ -99,6 +106,9 @@ def _write_savedmodel(
     tf.saved_model.save(module, str(path), signatures=concrete, options=options)
     if warmup:
         serving.write_warmup(path, warmup)
+    if tflite is not None:
+        (path / TFLITE_FILE).write_bytes(tflite)
+        info = dict(info, tflite={"file": TFLITE_FILE, "precision": "fp32", "bytes": len(tflite)})
     info = dict(info, signatures=sorted(signatures), tensorflow=tf.__version__, keras=keras.__version__,
                 exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), max_side=serving.MAX_SIDE)
     extra = path / "assets.extra"
@@ -114,6 +124,7 @@ def export_stage(
     warmup: bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
+    tflite: bool = False,
 ) -> Path:
     """Export one stage model (Keras, input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
 
@@ -122,6 +133,7 @@ def export_stage(
     `covidseg_export.json`, where `Cascade.load` finds it.
     `image_size` is only needed for a model built with a free input size (it must match a fixed one).
     The graph is BatchNorm-folded and frozen, in `precision` ("fp32" or "bf16"; see covidseg_tf.optimize).
+    `tflite` also writes the float32 TFLite copy `<N>/stage.tflite` (any `precision`).
     """
     if stage not in ("lung", "infection"):
         raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
@@ -135,7 +147,9 @@ def export_stage(
     records = serving.warmup_requests(stage, size, channels) if warmup else None
     info = {"servable": stage, "image_size": size, "channels": channels, "threshold": threshold,
             "decision": decision.to_dict(), "precision": precision, "model": getattr(model, "name", None)}
-    return write_version(Path(base_dir) / stage, lambda tmp: _write_savedmodel(tmp, signatures, records, info))
+    content = tflite_model(model, "fp32", image_size=size) if tflite else None
+    return write_version(Path(base_dir) / stage,
+                         lambda tmp: _write_savedmodel(tmp, signatures, records, info, content))
 
 
 def export_cascade(
@@ -170,6 +184,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "  python -m covidseg_tf.export --lung-model runs/lung/model.keras \\\n"
         "      --infection-model runs/infection/model.keras --out saved_models/\n"
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade\n"
+        "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite\n"
+        "  python -m covidseg_tf.predict --lung-model saved_models/lung/3/stage.tflite \\\n"
+        "      --infection-model saved_models/infection/3/stage.tflite xray.png\n"
         "then serve them:\n"
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config\n",
@@ -191,6 +208,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weights and compute of the served graphs (BatchNorm is folded either way); bf16 halves "
                    "the size and is ~2x faster on CPUs with AVX512_BF16/AMX, within the tolerance in "
                    "saved_models/MODEL_CARD.md (default: %(default)s)")
+    p.add_argument("--tflite", action="store_true",
+                   help="also write each stage as float32 TFLite, <version>/stage.tflite, which the CLIs take as "
+                   "--lung-model/--infection-model (XNNPACK on CPU; TF Serving ignores it)")
     p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra warm-up requests")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
@@ -221,10 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = {}
     if "lung" in args.only:
         written["lung"] = export_stage(lung, "lung", args.out, decision, warmup=warm,
-                                        image_size=args.image_size, precision=args.precision)
+                                        image_size=args.image_size, precision=args.precision, tflite=args.tflite)
     if "infection" in args.only:
         written["infection"] = export_stage(infection, "infection", args.out, decision, warmup=warm,
-                                             image_size=args.image_size, precision=args.precision)
+                                             image_size=args.image_size, precision=args.precision,
+                                             tflite=args.tflite)
     if "cascade" in args.only:
         written["cascade"] = export_cascade(lung, infection, args.out, decision, warmup=warm,
                                             image_size=args.image_size, precision=args.precision)

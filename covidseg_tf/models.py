@@ -231,7 +231,8 @@ def load_stage_model(path: str | os.PathLike) -> keras.Model:
 
     model = load_model(path)
     if not isinstance(model, keras.Model):
-        raise ValueError(f"{path}: encoder weights from a trained stage need its .keras file, not a SavedModel")
+        raise ValueError(f"{path}: encoder weights from a trained stage need its .keras file, not a SavedModel "
+                         "or a TFLite file")
     return model
 
 

@@ -18,10 +18,16 @@ pixels -> (B, S, S, 1) float32 probabilities whose weights are constants in the 
 3. Freezing. The traced forward function's variables become graph constants
    (`convert_variables_to_constants_v2`), so a SavedModel stores each weight once and grappler can fold
    constant casts at load time.
+
+`tflite_model(model)` is the second export target: the same stage as a TensorFlow Lite flatbuffer (float32,
+batch 1; the converter folds BatchNorm itself), run by `covidseg_tf.cascade.TFLiteStage` on XNNPACK.
+`bench/tflite.py` compares it, and its int8 variants, with the frozen graphs (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from typing import Any
 
@@ -33,6 +39,7 @@ from keras import layers
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
+TFLITE_MODES = ("fp32", "dynamic", "int8")
 _FLOAT32_LAYERS = (layers.InputLayer, layers.Rescaling, layers.Normalization)
 
 
@@ -147,3 +154,41 @@ class FrozenStage:
 def frozen_stage(model: keras.Model, precision: str = "fp32", image_size: int | None = None) -> FrozenStage:
     """`model` folded, in `precision` and frozen (see the module docstring)."""
     return FrozenStage(model, precision, image_size)
+
+
+def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = None,
+                 image_size: int | None = None) -> bytes:
+    """A stage model as TFLite flatbuffer bytes: input (1, S, S, C) float32 raw pixels, output (1, S, S, 1) float32
+    probabilities.
+
+    `mode`: "fp32" (what `covidseg_tf.export --tflite` writes); "dynamic" (int8 weights, activations quantized
+    on the fly); "int8" (int8 weights and activations, float32 input/output, calibrated on `representative`:
+    an iterable of (S, S, C) float32 pixel arrays). The quantized modes are for `bench/tflite.py`.
+    """
+    from covidseg_tf.cascade import model_input_size
+
+    if mode not in TFLITE_MODES:
+        raise ValueError(f"TFLite mode must be one of {TFLITE_MODES}, got {mode!r}")
+    if mode == "int8" and representative is None:
+        raise ValueError("TFLite mode 'int8' needs representative pixels to calibrate on")
+    size, channels = model_input_size(model, image_size)
+    inputs = keras.Input((size, size, channels), batch_size=1, name="pixels")
+    wrapped = keras.Model(inputs, layers.Activation("linear", dtype="float32", name="prob")(model(inputs)))
+    converter = tf.lite.TFLiteConverter.from_keras_model(wrapped)
+    if mode != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "int8":
+        converter.representative_dataset = lambda: ([np.asarray(x, np.float32)[None, ..., :channels]]
+                                                    for x in representative)
+    absl = logging.getLogger("absl")  # the converter logs every function it traces at WARNING
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    printed = io.StringIO()  # Keras' export, which the converter calls, prints the traced endpoints
+    try:
+        with contextlib.redirect_stdout(printed):
+            content = converter.convert()
+    finally:
+        absl.setLevel(level)
+        log.debug("TFLite converter: %s", printed.getvalue())
+    log.debug("%s -> TFLite %s, %d bytes", model.name, mode, len(content))
+    return content

@@ -179,6 +179,9 @@ def test_help_keeps_example_lines_and_states_each_default_once(capsys):
         "  python -m covidseg_tf.export --lung-model runs/lung/model.keras \\",
         "      --infection-model runs/infection/model.keras --out saved_models/",
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade",
+        "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite",
+        "  python -m covidseg_tf.predict --lung-model saved_models/lung/3/stage.tflite \\",
+        "      --infection-model saved_models/infection/3/stage.tflite xray.png",
         "then serve them:",
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config",
