@@ -1,0 +1,160 @@
+"""Training runs that stop and start again: a killed run resumes without losing a finished epoch, and a rerun with
+other model flags is refused before anything is written (tiny synthetic runs, as tests/test_train.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import REPO, TINY, _rows
+
+from covidseg_tf import train
+from covidseg_tf.config import UNET_LAYOUTS, default_config
+
+
+def _train_cmd(data_dir: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "covidseg_tf.train", "--stage", "lung", *TINY, "--epochs", str(epochs),
+            "--data-dir", str(data_dir), "--output", str(out), "--no-export", *extra]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_resume_after_sigkill_loses_no_finished_epoch(synthetic_data_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    cmd = _train_cmd(synthetic_data_dir, out, 3)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "history.csv").exists() and len(_rows(out / "history.csv")) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed in epoch 2"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = _rows(out / "history.csv")
+    assert [r["epoch"] for r in first] == ["0"]
+    assert (out / "backup").is_dir() and not (out / "DONE").exists()
+    started = (out / "config.json").read_text()
+
+    # Reproduction: rerun with another --encoder crashed in Keras ("149 objects could not be loaded") after
+    # overwriting config.json. Now it is refused before anything is written.
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main([*cmd[3:], "--encoder", "efficientnetb1"])
+    assert e.value.code == 2
+    assert "--encoder efficientnetb0 -> efficientnetb1" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert f"resuming {out} from epoch 2/3 (1 finished epoch(s) restored from {out / 'backup'})" in done.stderr
+    rows = _rows(out / "history.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0 kept, not redone
+    assert rows[0] == first[0]
+    assert (out / "DONE").exists() and not (out / "backup").exists()
+    assert (out / "config.json").read_text() == started
+    assert [json.loads(line)["changed"] for line in (out / "reruns.jsonl").read_text().splitlines()] == [{}]
+
+
+class _Crash(Exception):
+    """Stands for a crash or kill (raised by a patched callback or pipeline)."""
+
+
+@pytest.fixture(scope="module")
+def started_run(synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lung run of --epochs 1 that crashed when its input pipeline was made, right after the run folder and its
+    config.json were written (cheap: nothing trains)."""
+    from covidseg_tf import data
+
+    out = tmp_path_factory.mktemp("started") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "make_pipeline", lambda *args, **kwargs: (_ for _ in ()).throw(_Crash()))
+        with pytest.raises(_Crash):
+            train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    return out
+
+
+_LAYOUT = default_config("lung").unet_layout
+_OTHER_LAYOUT = next(layout for layout in UNET_LAYOUTS if layout != _LAYOUT)
+
+
+@pytest.mark.parametrize("flags, diff", [
+    (["--encoder", "efficientnetb1"], "--encoder efficientnetb0 -> efficientnetb1"),
+    (["--unet-layout", _OTHER_LAYOUT], f"--unet-layout {_LAYOUT} -> {_OTHER_LAYOUT}"),
+    (["--image-size", "96"], "--image-size 64 -> 96"),
+    (["--lr-schedule", "cosine"], "--lr-schedule constant -> cosine"),
+    (["--mixed-precision", "fp16"], "--mixed-precision off -> fp16"),
+    (["--stage", "infection", "--lung-masks", "ground_truth"], "--stage lung -> infection"),
+    (["--encoder", "efficientnetb1", "--image-size", "96", "--epochs", "3"],
+     "--encoder efficientnetb0 -> efficientnetb1, --image-size 64 -> 96"),
+])
+def test_rerun_with_other_model_flags_is_refused_before_anything_is_written(
+        started_run: Path, synthetic_data_dir: Path, tmp_path: Path, flags, diff, capsys):
+    import shutil
+
+    run = shutil.copytree(started_run, tmp_path / "run")
+    before = _snapshot(run)
+    argv = _train_cmd(synthetic_data_dir, run, 1, *flags)[3:]
+    if "--stage" in flags:
+        argv = argv[2:]  # drop "--stage lung"
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"python -m covidseg_tf.train: error: --output {run} holds a run started with other "
+                   f"model flags ({diff}; see {run / 'config.json'}); a run cannot change them (its "
+                   "backup and model.keras are that model). Rerun with the run's flags to resume it, or pass "
+                   "another --output to start a new run\n")
+    assert _snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_rerun_with_other_training_flags_resumes_and_records_them(synthetic_data_dir: Path, tmp_path: Path,
+                                                                   caplog):
+    """--epochs extends a run and --learning-rate applies (not the rate the backup restores); config.json keeps
+    the flags the run was started with, the log and reruns.jsonl say what changed. (Slow: two trainings.)"""
+    import logging
+
+    out = tmp_path / "run"
+    real = train.make_overlay_callback
+
+    def crashing(*args, **kwargs):  # the last callback: the run is killed after its epoch, before it ends
+        callback = real(*args, **kwargs)
+
+        def on_epoch_end(epoch, logs=None):
+            raise _Crash(epoch)
+
+        callback.on_epoch_end = on_epoch_end
+        return callback
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "make_overlay_callback", crashing)
+        with pytest.raises(_Crash):
+            train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
+    assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0"]
+    assert (out / "backup" / "training_metadata.json").is_file() and not (out / "DONE").exists()
+    started = (out / "config.json").read_text()
+
+    caplog.set_level(logging.INFO, logger="covidseg_tf.train")
+    train.main(_train_cmd(synthetic_data_dir, out, 2, "--learning-rate", "5e-4")[3:])
+    assert f"resuming {out} from epoch 2/2 (1 finished epoch(s) restored from {out / 'backup'})" in caplog.text
+    assert (f"flags changed since {out} was started (config.json keeps the original ones): --epochs 1 -> 2, "
+            "--learning-rate 0.0001 -> 0.0005") in caplog.text
+    rows = _rows(out / "history.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [round(float(r["learning_rate"]), 8) for r in rows] == [1e-4, 5e-4]
+    assert (out / "config.json").read_text() == started
+    reruns = [json.loads(line) for line in (out / "reruns.jsonl").read_text().splitlines()]
+    assert len(reruns) == 1
+    assert reruns[0]["finished_epochs"] == 1
+    assert reruns[0]["changed"] == {"--epochs": [1, 2], "--learning-rate": [1e-4, 5e-4]}
+    assert (out / "DONE").exists() and not (out / "backup").exists()
