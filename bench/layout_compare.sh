@@ -12,7 +12,7 @@ D=${3:-$HOME/tensorflow_datasets}
 mkdir -p "$R"
 export TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 TF_CPP_MIN_LOG_LEVEL=2
 COMMON=(--stage lung --encoder efficientnetb0 --image-size 128 --batch-size 16 --epochs 3 --learning-rate 1e-3
-        --lr-schedule cosine --encoder-weights none --seed 1 --no-export --manual-dir "$M" --data-dir "$D")
+        --lr-schedule cosine --encoder-weights none --seed 1 --no-export --batch-norm keras --manual-dir "$M" --data-dir "$D")
 python -c "from covidseg_tf.data import load_builder; load_builder('covid_qu_ex/infection', '$D', '$M')" >/dev/null 2>&1
 for layout in segmentation_models segmentation_models_pytorch; do
   [[ -f $R/$layout/DONE ]] || python -m covidseg_tf.train "${COMMON[@]}" --unet-layout "$layout" \

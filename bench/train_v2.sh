@@ -17,7 +17,7 @@ D=${3:-$HOME/tensorflow_datasets}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
 COMMON=(--encoder efficientnetb0 --batch-size 16 --lr-schedule cosine --seed 1 --no-export
-        --unet-layout segmentation_models_pytorch --manual-dir "$M" --data-dir "$D")
+        --unet-layout segmentation_models_pytorch --batch-norm keras --manual-dir "$M" --data-dir "$D")
 
 train() {  # train NAME THREADS ARGS...: run folder RUN_DIR/NAME (train writes NAME/DONE at the end), log RUN_DIR/NAME.log
   local name=$1 threads=$2; shift 2

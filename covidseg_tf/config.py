@@ -76,10 +76,11 @@ class StageConfig:
     # each stride, no top conv; the seed recipe's own library) or "segmentation_models" (qubvel's Keras Unet, the
     # layout of the shipped version-1 models). Chosen by measurement: bench/RESULTS.md, "U-Net layout".
     unet_layout: str = "segmentation_models_pytorch"
-    # BatchNormalization of every encoder and decoder BN layer (BATCH_NORMS): "keras" (keras.layers.BatchNormalization)
-    # or "fused" (covidseg_tf.batchnorm.FusedBatchNormalization: the same layer and weights, its training step one
-    # FusedBatchNormV3 op). Inference is the same arithmetic either way.
-    batch_norm: str = "keras"
+    # BatchNormalization of every encoder and decoder BN layer (BATCH_NORMS): "fused" (covidseg_tf.batchnorm.
+    # FusedBatchNormalization: keras' layer and weights, its training step one FusedBatchNormV3 op) or "keras"
+    # (keras.layers.BatchNormalization; the shipped models were trained with it). Inference is the same arithmetic
+    # either way. Chosen by measurement: bench/RESULTS.md, "Fused BatchNorm".
+    batch_norm: str = "fused"
     # Loss = sum(weight * term); terms: LOSS_TERMS.
     loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
     # "auto": ImageNet when the weights can be had (downloaded or in ~/.keras/models), else random init with a

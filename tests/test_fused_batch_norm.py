@@ -335,7 +335,7 @@ def test_rerun_cannot_change_batch_norm(tmp_path: Path):
     started = default_config("lung").to_dict()
     assert "--batch-norm" not in check(started)
     older = {k: v for k, v in started.items() if k != "batch_norm"}  # config.json of a run before the flag
-    assert "--batch-norm" not in check(older)
+    assert "--batch-norm" not in check(older, "--batch-norm", "keras")
     with pytest.raises(train.UsageError) as e:
         check(older, "--batch-norm", "fused")
     assert "--batch-norm keras -> fused" in e.value.message
