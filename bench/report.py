@@ -39,25 +39,34 @@ def f(v, nd=3):
 
 
 def compare_table(c: dict) -> str:
-    out = ["| target | ours (best) | peer (best, bf16 autocast + channels_last) | ratio ours/peer | goal | met | "
-           "max foreign CPU |", "|---|---|---|---|---|---|---|"]
+    """The targets of one compare_peer.py summary; each peer figure names the peer layout that gave it."""
+    out = ["| target | ours (best) | peer (best) | ratio ours/peer | goal | met | max foreign CPU |",
+           "|---|---|---|---|---|---|---|"]
     for name, t in c["targets"].items():
         if name == "cascade_infer_b1":
-            o = t["ours_s"]
+            o, p1, p2 = t["ours_s"], t["peer_stage1_s"], t["peer_stage2_s"]
             out.append(f"| cascade inference {c['size']} px, batch 1 (s) | {o['value']:.3f} ({o['precision']}, "
-                       f"{o['variant']}) | {t['peer_cascade_s']:.3f} (S1 {t['peer_stage1_s']['value']:.3f} + S2 "
-                       f"{t['peer_stage2_s']['value']:.3f}) | **{t['ratio_ours_over_peer']:.2f}** | "
+                       f"{o['variant']}) | {t['peer_cascade_s']:.3f} (S1 {p1['value']:.3f} {p1.get('layout', '')} "
+                       f"+ S2 {p2['value']:.3f} {p2.get('layout', '')}) | **{t['ratio_ours_over_peer']:.2f}** | "
                        f"{t['target']} | {'yes' if t['met'] else 'no'} | {f(t['max_foreign_cpu_frac'], 2)} |")
         elif name.endswith("_infer_b1"):
             o, p = t["ours_s"], t["peer_s"]
             out.append(f"| {name.split('_')[0]} stage inference, batch 1 (s) | {o['value']:.3f} ({o['precision']}, "
-                       f"{o['variant']}) | {p['value']:.3f} | {t['ratio_ours_over_peer']:.2f} | – | – | "
-                       f"{f(max(o['foreign_cpu_frac'] or 0, p['foreign_cpu_frac'] or 0), 2)} |")
+                       f"{o['variant']}) | {p['value']:.3f} ({p.get('layout', '')}) | {t['ratio_ours_over_peer']:.2f} "
+                       f"| – | – | {f(max(o['foreign_cpu_frac'] or 0, p['foreign_cpu_frac'] or 0), 2)} |")
+        elif "_train_memory_" in name:
+            o, p = t["ours_peak_rss_mib"], t["peer_peak_rss_mib"]
+            what = name.split("_train_memory_")[1].replace("px_b", " px, batch ")
+            out.append(f"| {name.split('_')[0]} training peak RSS, {what} (MiB) | {o['value']:.0f} ({o['precision']}, "
+                       f"{o.get('batch_norm') or 'keras'} BN) | {p['value']:.0f} ({p.get('layout', '')}) | "
+                       f"**{t['ratio_ours_over_peer']:.2f}** | {t['target']} | {'yes' if t['met'] else 'no'} | – |")
         else:
             o, p = t["ours_img_s"], t["peer_img_s"]
-            out.append(f"| {name.split('_')[0]} training {name.split('_')[-1]} (img/s) | {o['value']:.3f} "
-                       f"({o['precision']}) | {p['value']:.3f} | **{t['ratio_ours_over_peer']:.2f}** | "
-                       f"{t['target']} | {'yes' if t['met'] else 'no'} | {f(t['max_foreign_cpu_frac'], 2)} |")
+            bn = f", {o['batch_norm']} BN" if o.get("batch_norm") else ""
+            out.append(f"| {name.split('_')[0]} training {c['size']} px, {name.split('_')[-1]} (img/s) | "
+                       f"{o['value']:.3f} ({o['precision']}{bn}) | {p['value']:.3f} ({p.get('layout', '')}) | "
+                       f"**{t['ratio_ours_over_peer']:.2f}** | {t['target']} | {'yes' if t['met'] else 'no'} | "
+                       f"{f(t['max_foreign_cpu_frac'], 2)} |")
     return "\n".join(out)
 
 
