@@ -69,6 +69,7 @@ Severity grades (`severity_grade`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -456,6 +457,18 @@ _HOW_TO_GET = ("train the stages with `python -m covidseg_tf.train --stage lung|
                "--lung-model/--infection-model")
 
 
+@contextlib.contextmanager
+def quiet_absl(level: int = logging.ERROR) -> Any:
+    """Inside the block, TensorFlow's Python log (logger "absl") shows only records at `level` or above."""
+    absl = logging.getLogger("absl")
+    old = absl.level
+    absl.setLevel(level)
+    try:
+        yield
+    finally:
+        absl.setLevel(old)
+
+
 class SavedModelStage:
     """A stage SavedModel written by `covidseg_tf.export.export_stage`, called like the Keras stage model.
 
@@ -476,17 +489,13 @@ class SavedModelStage:
                              "SavedModels (saved_models/lung and saved_models/infection) or .keras files instead")
         if self.stage not in ("lung", "infection"):
             raise ValueError(f"{self.path}: servable {self.stage!r} in {EXPORT_INFO}; expected 'lung' or 'infection'")
-        absl = logging.getLogger("absl")  # silence "ops with unsaved custom gradients": inference needs none
-        level = absl.level
-        absl.setLevel(logging.ERROR)
         try:
-            self._loaded = tf.saved_model.load(str(self.path))  # keeps the signature's resources alive
-            self._fn = self._loaded.signatures["predict_pixels"]
+            with quiet_absl():  # silence "ops with unsaved custom gradients": inference needs none
+                self._loaded = tf.saved_model.load(str(self.path))  # keeps the signature's resources alive
+                self._fn = self._loaded.signatures["predict_pixels"]
         except Exception as e:
             raise ValueError(f"{self.path}: cannot load the `predict_pixels` signature of this SavedModel: "
                              f"{type(e).__name__}: {e}") from e
-        finally:
-            absl.setLevel(level)
         spec = self._fn.structured_input_signature[1]["pixels"]
         self.input_shape: tuple[int | None, ...] = tuple(spec.shape.as_list())
         self.name = f"{self.stage}_v{self.path.name}"

@@ -165,7 +165,7 @@ def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = N
     on the fly); "int8" (int8 weights and activations, float32 input/output, calibrated on `representative`:
     an iterable of (S, S, C) float32 pixel arrays). The quantized modes are for `bench/tflite.py`.
     """
-    from covidseg_tf.cascade import model_input_size
+    from covidseg_tf.cascade import model_input_size, quiet_absl
 
     if mode not in TFLITE_MODES:
         raise ValueError(f"TFLite mode must be one of {TFLITE_MODES}, got {mode!r}")
@@ -180,15 +180,11 @@ def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = N
     if mode == "int8":
         converter.representative_dataset = lambda: ([np.asarray(x, np.float32)[None, ..., :channels]]
                                                     for x in representative)
-    absl = logging.getLogger("absl")  # the converter logs every function it traces at WARNING
-    level = absl.level
-    absl.setLevel(logging.ERROR)
     printed = io.StringIO()  # Keras' export, which the converter calls, prints the traced endpoints
-    try:
-        with contextlib.redirect_stdout(printed):
+    try:  # quiet_absl: the converter logs every function it traces at WARNING
+        with quiet_absl(), contextlib.redirect_stdout(printed):
             content = converter.convert()
     finally:
-        absl.setLevel(level)
         log.debug("TFLite converter: %s", printed.getvalue())
     log.debug("%s -> TFLite %s, %d bytes", model.name, mode, len(content))
     return content
