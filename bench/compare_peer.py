@@ -102,6 +102,24 @@ def run(cmd: list[str], raw_out: str | None, tag: dict) -> dict:
     return res
 
 
+def our_train_cmd(args, size: int, batch: int, steps: int, warmup: int, label: str) -> list[str]:
+    """bench/train_step.py on both stages with our training precisions, layout and BatchNorm."""
+    cmd = [sys.executable, str(HERE / "train_step.py"), "--size", str(size), "--batch", str(batch), "--precision",
+           *(args.our_train_precision or args.our_precision), "--steps", str(steps), "--warmup", str(warmup),
+           "--threads", str(args.threads), "--inter-threads", "1", "--label", label]
+    cmd += ["--layout", args.our_layout] if args.our_layout else []
+    return cmd + (["--batch-norm", *args.our_batch_norm] if args.our_batch_norm else [])
+
+
+def peer_train_cmd(args, stage: str, layout: str, size: int, batch: int, steps: int, warmup: int,
+                   label: str) -> list[str]:
+    """The peer's smp_bench.py training run of `stage` in `layout`."""
+    enc, ch = PEER[stage]
+    return [args.peer_python, args.peer_script, "--encoder", enc, "--in-channels", str(ch), "--size", str(size),
+            "--mode", "train", "--batch", str(batch), *LAYOUTS[layout], "--threads", str(args.threads), "--steps",
+            str(steps), "--warmup", str(warmup), "--flops", "off", "--label", label]
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -112,8 +130,6 @@ def main(argv=None):
             raise SystemExit(f"compare_peer: {what} {path} not found; {hint}")
     py = sys.executable
     layout = ["--layout", args.our_layout] if args.our_layout else []
-    batch_norm = ["--batch-norm", *args.our_batch_norm] if args.our_batch_norm else []
-    train_prec = args.our_train_precision or args.our_precision
     ours_cascade, ours_stage_inf, ours_train = [], [], []  # (value, contention, meta)
     peer_inf = {s: [] for s in PEER}
     peer_train = {s: [] for s in PEER}
@@ -142,10 +158,8 @@ def main(argv=None):
                                                 {"layout": lay, "round": r,
                                                  "fwd_flops_per_img": res.get("fwd_flops_per_img")}))
         if "train" not in args.skip:
-            cmd = [py, str(HERE / "train_step.py"), "--size", str(args.size), "--batch", str(args.train_batch),
-                   "--precision", *train_prec, "--steps", str(args.train_steps), "--warmup",
-                   str(args.train_warmup), "--threads", str(args.threads), "--inter-threads", "1",
-                   "--label", f"compare r{r}", *layout, *batch_norm]
+            cmd = our_train_cmd(args, args.size, args.train_batch, args.train_steps, args.train_warmup,
+                                f"compare r{r}")
             res = run(cmd, args.raw_out, {"side": "ours", "what": "train", "round": r})
             for rec in res.get("results", []):
                 if "images_per_s" in rec:
@@ -153,12 +167,10 @@ def main(argv=None):
                                        {"stage": rec["stage"], "precision": rec["precision"], "round": r,
                                         "batch_norm": rec.get("batch_norm"),
                                         "peak_rss_mib": rec.get("peak_rss_mib")}))
-            for stage, (enc, ch) in PEER.items():
+            for stage in PEER:
                 for lay in args.peer_layouts:
-                    cmd = [args.peer_python, args.peer_script, "--encoder", enc, "--in-channels", str(ch),
-                           "--size", str(args.size), "--mode", "train", "--batch", str(args.train_batch),
-                           *LAYOUTS[lay], "--threads", str(args.threads), "--steps", str(args.train_steps),
-                           "--warmup", str(args.train_warmup), "--flops", "off", "--label", f"compare r{r}"]
+                    cmd = peer_train_cmd(args, stage, lay, args.size, args.train_batch, args.train_steps,
+                                         args.train_warmup, f"compare r{r}")
                     res = run(cmd, args.raw_out, {"side": "peer", "what": "train", "stage": stage, "round": r})
                     if "images_per_s" in res:
                         peer_train[stage].append((res["images_per_s"], res["foreign_cpu_frac"],
@@ -167,21 +179,16 @@ def main(argv=None):
 
     ours_mem, peer_mem = [], {s: [] for s in PEER}  # (peak RSS MiB, contention, meta)
     if "memory" not in args.skip:
-        cmd = [py, str(HERE / "train_step.py"), "--size", str(args.memory_size), "--batch", str(args.memory_batch),
-               "--precision", *train_prec, "--steps", "1", "--warmup", "0", "--threads", str(args.threads),
-               "--inter-threads", "1", "--label", "compare memory", *layout, *batch_norm]
+        cmd = our_train_cmd(args, args.memory_size, args.memory_batch, 1, 0, "compare memory")
         res = run(cmd, args.raw_out, {"side": "ours", "what": "memory"})
         for rec in res.get("results", []):
             if "peak_rss_mib" in rec:
                 ours_mem.append((rec["peak_rss_mib"], rec.get("foreign_cpu_frac"),
                                  {"stage": rec["stage"], "precision": rec["precision"],
                                   "batch_norm": rec.get("batch_norm")}))
-        for stage, (enc, ch) in PEER.items():
+        for stage in PEER:
             for lay in args.peer_layouts:
-                cmd = [args.peer_python, args.peer_script, "--encoder", enc, "--in-channels", str(ch),
-                       "--size", str(args.memory_size), "--mode", "train", "--batch", str(args.memory_batch),
-                       *LAYOUTS[lay], "--threads", str(args.threads), "--steps", "1", "--warmup", "0",
-                       "--flops", "off", "--label", "compare memory"]
+                cmd = peer_train_cmd(args, stage, lay, args.memory_size, args.memory_batch, 1, 0, "compare memory")
                 res = run(cmd, args.raw_out, {"side": "peer", "what": "memory", "stage": stage})
                 if "peak_rss_mib" in res:
                     peer_mem[stage].append((res["peak_rss_mib"], res.get("foreign_cpu_frac"), {"layout": lay}))
