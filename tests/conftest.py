@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import covidseg_tf  # noqa: F401  (first: sets TensorFlow's oneDNN default before anything imports TF)
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/covidqu beside the checkout (CI and the developers' machines); COVIDQU_DIR overrides it.
 SHARED_COVIDQU = Path(os.environ.get("COVIDQU_DIR", REPO.parent / "shared" / "covidqu"))
