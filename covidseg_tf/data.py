@@ -101,14 +101,14 @@ def make_augment_fn(aug: AugmentConfig) -> Callable[[np.ndarray, np.ndarray, int
 def augment(image: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, fn) -> tuple[tf.Tensor, tf.Tensor]:
     """Run the numpy augmentation `fn` inside the graph; image HxWx1, masks HxWxK (uint8)."""
     img2d = image[..., 0]
-    masks_k = tf.transpose(masks, [2, 0, 1])
 
-    def _np(i, m, s):
-        return fn(i, m, s)
+    def _np(i, m, s):  # masks moved to K x H x W and back in numpy (oneDNN has no uint8 transpose on AVX2 CPUs)
+        out_img, out_masks = fn(i, np.moveaxis(m, -1, 0), s)
+        return out_img, np.ascontiguousarray(np.moveaxis(out_masks, 0, -1))
 
-    out_img, out_masks = tf.numpy_function(_np, [img2d, masks_k, seed], [tf.uint8, tf.uint8], stateful=False)
+    out_img, out_masks = tf.numpy_function(_np, [img2d, masks, seed], [tf.uint8, tf.uint8], stateful=False)
     out_img = tf.ensure_shape(out_img[..., None], image.shape)
-    out_masks = tf.ensure_shape(tf.transpose(out_masks, [1, 2, 0]), masks.shape)
+    out_masks = tf.ensure_shape(out_masks, masks.shape)
     return out_img, out_masks
 
 
