@@ -514,7 +514,8 @@ class TFLiteStage:
     """A TFLite stage (`covidseg_tf.optimize.tflite_model`, batch 1), called like the Keras stage model.
 
     `stage(pixels, training=False)` maps (B, S, S, C) raw pixels to (B, S, S, 1) float32 probabilities, one image
-    per interpreter call (XNNPACK, `threads` threads: default TF_NUM_INTRAOP_THREADS, else every core); it works
+    per interpreter call (XNNPACK, `threads` threads: default TensorFlow's intra-op setting, as `batch_predict
+    --tf-threads` sets it, else TF_NUM_INTRAOP_THREADS, else every core); it works
     eagerly and inside `tf.function` (through `tf.numpy_function`). Calls are serialised: one interpreter.
     A file written by `covidseg_tf.export --tflite` sits in a stage version folder, whose `covidseg_export.json`
     gives its stage and the recorded decision (`info`); a bare file's stage comes from its input channels.
@@ -523,7 +524,9 @@ class TFLiteStage:
     def __init__(self, model: str | Path | bytes, threads: int | None = None):
         self.path = None if isinstance(model, bytes) else Path(model)
         where = "TFLite model" if self.path is None else str(self.path)
-        threads = threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or os.cpu_count() or 1
+        threads = (threads or tf.config.threading.get_intra_op_parallelism_threads()
+                   or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)) or os.cpu_count() or 1)
+        self.threads = threads
         try:
             content = model if isinstance(model, bytes) else self.path.read_bytes()
             self._interpreter = _tflite_interpreter(content, threads)

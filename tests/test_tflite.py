@@ -86,6 +86,17 @@ def test_tflite_stage_runs_eagerly_and_in_a_graph(exported):
         stage.run(x[..., :3])
 
 
+def test_tflite_stage_takes_tensorflows_thread_setting(exported, monkeypatch):
+    """batch_predict --tf-threads sets TensorFlow's intra-op pool; the TFLite stages use the same number."""
+    path = exported["lung"] / TFLITE_FILE
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 0)
+    assert TFLiteStage(path).threads == 3
+    monkeypatch.setattr(tf.config.threading, "get_intra_op_parallelism_threads", lambda: 1)
+    assert TFLiteStage(path).threads == 1
+    assert TFLiteStage(path, threads=2).threads == 2
+
+
 def test_bad_tflite_files_are_named(exported, tmp_path):
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"not a flatbuffer" * 8)
