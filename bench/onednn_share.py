@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""How much of one training step runs inside oneDNN primitives: one `train_step.py` worker run (one stage,
-precision, BatchNorm, batch) with ONEDNN_VERBOSE=1, its primitive execution times summed per kind and divided by
-the number of train_on_batch calls it made (tracing call + --warmup + --steps), against the median step time.
-The rest of the step is TensorFlow's own kernels (element-wise ops, reductions, the optimizer) and overhead.
-The first call also creates the primitives, so the share is a slight overestimate. Set TF_ENABLE_ONEDNN_OPTS
-to compare TensorFlow's oneDNN kernels on and off (TF turns them on by default only on CPUs with AVX-512 VNNI /
-BF16 or AMX: off on an AVX2-only Zen 3). Prints ONE JSON line.
+"""How much of one training step runs inside oneDNN primitives, and which: one training run with ONEDNN_VERBOSE=1
+per side, its primitive execution times summed per kind and per (kind, propagation, implementation) and divided
+by the number of steps the run made, against the median step time. The rest of the step is the framework's own
+kernels (element-wise ops, reductions, the optimizer) and overhead.
+
+Sides: `ours` is one `train_step.py` worker (train_on_batch: tracing call + --warmup + --steps calls); `peer` is
+the PyTorch peer's smp_bench.py training run (--warmup + --steps calls) in its fp32 + channels_last layout, the
+same as compare_peer.py runs it. Both link oneDNN, so the breakdowns show whether the two sides run the same
+convolution primitives and where the time outside them goes. The first call also creates the primitives, so the
+shares are slight overestimates. Set TF_ENABLE_ONEDNN_OPTS=0 to see TensorFlow without its oneDNN kernels (the
+package turns them on; TF alone does so only on CPUs with AVX-512 VNNI / BF16 or AMX). Prints ONE JSON line.
 
   python bench/onednn_share.py --stage infection --size 256 --batch 8 --batch-norm fused
+  python bench/onednn_share.py --stage infection --size 256 --batch 8 --side ours peer
 """
 
 from __future__ import annotations
@@ -21,11 +26,66 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import compare_peer  # noqa: E402
+
+
+def onednn_times(stdout: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of primitive execution in ONEDNN_VERBOSE output: per kind, and per kind/propagation/implementation."""
+    per_kind: dict[str, float] = collections.defaultdict(float)
+    per_impl: dict[str, float] = collections.defaultdict(float)
+    for line in stdout.splitlines():
+        fields = line.split(",")
+        if not line.startswith("onednn_verbose") or "exec" not in fields:
+            continue
+        i = fields.index("exec")
+        try:
+            seconds = float(fields[-1]) / 1e3
+            kind, impl, prop = fields[i + 2], fields[i + 3], fields[i + 4]
+        except (IndexError, ValueError):
+            continue
+        per_kind[kind] += seconds
+        per_impl[f"{kind}/{prop}/{impl}"] += seconds
+    return per_kind, per_impl
+
+
+def run_side(side: str, args) -> dict:
+    """One verbose training run of `side`; its step time and oneDNN breakdown per step."""
+    if side == "ours":
+        conf = {"stage": args.stage, "precision": args.precision, "batch": args.batch, "layout": args.layout,
+                "batch_norm": args.batch_norm}
+        cmd = [sys.executable, str(HERE / "train_step.py"), "--worker", json.dumps(conf), "--size", str(args.size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--inter-threads", "1"]
+        calls = 1 + args.warmup + args.steps
+    else:
+        if args.precision != "fp32":
+            raise SystemExit("onednn_share: the peer side is timed in fp32 (its best layout on CPUs without bf16)")
+        conf = {"stage": args.stage, "layout": "fp32-cl", "batch": args.batch}
+        cmd = compare_peer.peer_train_cmd(args, args.stage, "fp32-cl", args.size, args.batch, args.steps,
+                                          args.warmup, "onednn_share")
+        calls = args.warmup + args.steps
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONEDNN_VERBOSE": "1"})
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not records:
+        raise SystemExit(f"onednn_share: the {side} run failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    rec = records[-1]
+    per_kind, per_impl = onednn_times(proc.stdout)
+    onednn_s = sum(per_kind.values()) / calls
+    top = sorted(per_impl.items(), key=lambda kv: -kv[1])[:args.top]
+    return {**conf, "median_step_s": round(rec["median_s"], 3), "onednn_s_per_step": round(onednn_s, 3),
+            "onednn_share": round(onednn_s / rec["median_s"], 3),
+            "outside_onednn_s_per_step": round(rec["median_s"] - onednn_s, 3),
+            "per_kind_s_per_step": {k: round(v / calls, 3) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+            "per_impl_s_per_step": {k: round(v / calls, 3) for k, v in top},
+            "foreign_cpu_frac": rec.get("foreign_cpu_frac"), "tf": rec.get("tf")}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", nargs="+", choices=["ours", "peer"], default=["ours"])
     p.add_argument("--stage", choices=["lung", "infection"], default="infection")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
@@ -35,35 +95,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top", type=int, default=12, help="how many kind/propagation/implementation rows to keep")
+    p.add_argument("--peer-python", default=compare_peer.DEFAULT_PEER_PYTHON)
+    p.add_argument("--peer-script", default=str(compare_peer.PEER_DIR / "smp_bench.py"))
+    p.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = p.parse_args(argv)
-    conf = {"stage": args.stage, "precision": args.precision, "batch": args.batch, "layout": args.layout,
-            "batch_norm": args.batch_norm}
-    cmd = [sys.executable, str(HERE / "train_step.py"), "--worker", json.dumps(conf), "--size", str(args.size),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--inter-threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONEDNN_VERBOSE": "1"})
-    per_kind: dict[str, float] = collections.defaultdict(float)
-    for line in proc.stdout.splitlines():
-        fields = line.split(",")
-        if line.startswith("onednn_verbose") and "exec" in fields:
-            i = fields.index("exec")
-            try:
-                per_kind[fields[i + 2]] += float(fields[-1]) / 1e3
-            except (IndexError, ValueError):
-                continue
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not records:
-        raise SystemExit(f"train_step.py failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    rec = records[-1]
-    calls = 1 + args.warmup + args.steps
-    onednn_s = sum(per_kind.values()) / calls
-    result = {"script": "onednn_share", **conf, "size": args.size, "threads": args.threads,
-              "median_step_s": rec["median_s"], "onednn_s_per_step": round(onednn_s, 3),
-              "onednn_share": round(onednn_s / rec["median_s"], 3),
-              "per_kind_s_per_step": {k: round(v / calls, 3)
-                                      for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
-              "foreign_cpu_frac": rec.get("foreign_cpu_frac"), "tf": rec.get("tf")}
-    print(json.dumps(result), flush=True)
+    result = {"script": "onednn_share", "size": args.size, "threads": args.threads,
+              "sides": {side: run_side(side, args) for side in args.side}}
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(line + "\n")
     return result
 
 

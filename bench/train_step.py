@@ -5,7 +5,9 @@ model.train_on_batch (the same compiled train_function model.fit runs). The firs
 calls are excluded; the median of --steps timed calls gives images/s.
 
 Every (stage, precision, batch) runs in its own subprocess, so peak RSS (resource.getrusage ru_maxrss) belongs
-to that configuration alone, and a watchdog kills a child whose RSS passes the memory limit.
+to that configuration alone, and a watchdog kills a child whose RSS passes the memory limit. `rss_phases_mib` says
+where it was reached: the peak after TensorFlow and Keras are loaded (runtime), after the model is built and compiled
+(model) and after the first, tracing step (first_step).
 
 --max-batch: per stage and precision, double the batch from the largest --batch while the batch is predicted
 (linear fit of peak RSS vs batch from the runs so far) to fit under --mem-limit-gib AND the memory available
@@ -82,6 +84,8 @@ def worker(args, conf: dict) -> dict:
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
 
+    rss_phases = {"runtime": common.peak_rss_mib()}  # peak RSS so far after each phase: where the memory goes
+
     stage, prec, B, S = conf["stage"], conf["precision"], conf["batch"], args.size
     cfg = mu.stage_cfg(stage, S, conf.get("layout"))
     t = time.perf_counter()
@@ -94,6 +98,7 @@ def worker(args, conf: dict) -> dict:
     model.compile(optimizer=opt, loss=make_loss(cfg), metrics=None if args.no_metrics else
                   make_metrics(cfg.threshold), jit_compile=args.jit == "on")
     build_s = time.perf_counter() - t
+    rss_phases["model"] = common.peak_rss_mib()
     rng = np.random.default_rng(args.seed)
     x = rng.uniform(0, 255, (B, S, S, cfg.in_channels)).astype("float32")
     if cfg.in_channels == 4:
@@ -109,6 +114,7 @@ def worker(args, conf: dict) -> dict:
     t = time.perf_counter()
     step()  # tracing + first step
     trace_s = time.perf_counter() - t
+    rss_phases["first_step"] = common.peak_rss_mib()
     if args.wait_quiet > 0:
         common.wait_quiet(args.wait_quiet)
     tm = common.time_steps(step, conf.get("steps", args.steps), args.warmup, args.clean_stall,
@@ -118,6 +124,7 @@ def worker(args, conf: dict) -> dict:
     rec["loss_first"], rec["loss_last"] = losses[0], losses[-1]
     rec["nan_or_inf"] = any(v != v or abs(v) == float("inf") for v in losses)
     rec["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
+    rec["rss_phases_mib"] = {k: round(v, 1) for k, v in rss_phases.items()}
     rec["params"] = mu.param_count(model)
     rec["tf"] = tfinfo
     return rec

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 PROBE = ("import covidseg_tf, tensorflow\n"
