@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the repository, for scripts run from anywhere
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:  # the repository, so bench scripts run from anywhere import the package
+    sys.path.insert(0, _REPO)
 import covidseg_tf  # noqa: E402,F401  (before TensorFlow: the product's oneDNN default, covidseg_tf/__init__.py)
 
 CONTENTION_LIMIT = 0.10  # foreign_cpu_frac above this: the figure is flagged "contended"
