@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import compare_peer  # noqa: E402
+import train_step  # noqa: E402
 
 
 def onednn_times(stdout: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -55,9 +56,7 @@ def run_side(side: str, args) -> dict:
     if side == "ours":
         conf = {"stage": args.stage, "precision": args.precision, "batch": args.batch, "layout": args.layout,
                 "batch_norm": args.batch_norm}
-        cmd = [sys.executable, str(HERE / "train_step.py"), "--worker", json.dumps(conf), "--size", str(args.size),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-               "--inter-threads", "1"]
+        cmd = train_step.worker_cmd(conf, args.size, args.threads, 1, args.steps, args.warmup)
         calls = 1 + args.warmup + args.steps
     else:
         if args.precision != "fp32":

@@ -139,15 +139,22 @@ def mem_available_bytes() -> int:
     return 0
 
 
+def worker_cmd(conf: dict, size: int, threads: int, inter_threads: int, steps: int, warmup: int,
+               *extra: str) -> list[str]:
+    """The command that runs one configuration `conf` (stage, precision, batch, ...) as a worker process."""
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(conf), "--size", str(size),
+            "--threads", str(threads), "--inter-threads", str(inter_threads), "--steps", str(steps),
+            "--warmup", str(warmup), *extra]
+
+
 def run_child(args, conf: dict, limit_bytes: int) -> dict:
     """Run one configuration in a subprocess; kill it if its RSS passes limit_bytes."""
     import psutil
 
-    cmd = [sys.executable, __file__, "--worker", json.dumps(conf), "--size", str(args.size),
-           "--threads", str(args.threads), "--inter-threads", str(args.inter_threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--clean-stall", str(args.clean_stall), "--clean-target",
-           str(args.clean_target), "--max-time", str(args.max_time), "--wait-quiet", str(args.wait_quiet),
-           "--jit", args.jit, "--seed", str(args.seed)] + (["--no-metrics"] if args.no_metrics else [])
+    cmd = worker_cmd(conf, args.size, args.threads, args.inter_threads, args.steps, args.warmup,
+                     "--clean-stall", str(args.clean_stall), "--clean-target", str(args.clean_target),
+                     "--max-time", str(args.max_time), "--wait-quiet", str(args.wait_quiet), "--jit", args.jit,
+                     "--seed", str(args.seed), *(["--no-metrics"] if args.no_metrics else []))
     log.info("run %s", conf)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
