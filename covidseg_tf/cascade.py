@@ -83,7 +83,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from covidseg_tf.config import Decision
+from covidseg_tf.config import Decision, split_outputs
 from covidseg_tf.limits import MAX_ASPECT, MIN_SIDE, MIN_STD
 from covidseg_tf.paths import integer_versions
 
@@ -265,10 +265,10 @@ def run_stage2(infection_model: Any, pixels: tf.Tensor, lung_input: tf.Tensor, h
 
 
 def _probabilities(model: Any, x: tf.Tensor, hflip: bool) -> tf.Tensor:
-    """model(x) as float32; with `hflip`, the mean with the mirrored prediction on the mirrored input."""
-    prob = tf.cast(model(x, training=False), tf.float32)
+    """model(x)'s mask as float32; with `hflip`, the mean with the mirrored prediction on the mirrored input."""
+    prob = tf.cast(split_outputs(model(x, training=False))[0], tf.float32)
     if hflip:
-        mirrored = tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32)
+        mirrored = tf.cast(split_outputs(model(tf.reverse(x, axis=[2]), training=False))[0], tf.float32)
         prob = 0.5 * (prob + tf.reverse(mirrored, axis=[2]))
     return prob
 

@@ -21,6 +21,30 @@ BATCH_NORMS: tuple[str, ...] = ("keras", "fused")
 # The terms of the segmentation loss (covidseg_tf.losses), named by StageConfig.loss_weights and --loss-weights.
 LOSS_TERMS: tuple[str, ...] = ("dice", "bce", "focal")
 
+# The image-level head's classes, in the order of the dataset's `label` (tfds_covidqu's CLASS_NAMES; a test keeps
+# the two equal: importing the builder here would load TensorFlow Datasets into every CLI).
+IMAGE_CLASSES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")
+INFECTION_CLASS = IMAGE_CLASSES.index("COVID-19")
+"""The image class with infection (every COVID-19 image of the dataset has an infection mask, no other has)."""
+# The outputs of a stage model with an image-level head (`models.build_unet(image_classes=...)`).
+MASK_OUTPUT = "mask"
+IMAGE_CLASS_OUTPUT = "image_class"
+
+
+def split_outputs(outputs: Any) -> tuple[Any, Any]:
+    """(mask probabilities, image class probabilities or None) of a stage model's output: a model with an image
+    head returns {MASK_OUTPUT: (B, H, W, 1), IMAGE_CLASS_OUTPUT: (B, len(IMAGE_CLASSES))}, one without it the
+    mask tensor alone.
+
+    >>> split_outputs("m")
+    ('m', None)
+    >>> split_outputs({"mask": "m", "image_class": "p"})
+    ('m', 'p')
+    """
+    if isinstance(outputs, dict):
+        return outputs[MASK_OUTPUT], outputs.get(IMAGE_CLASS_OUTPUT)
+    return outputs, None
+
 # ImageNet statistics on 0-255 pixels (the seed's normalization).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -88,6 +112,9 @@ class StageConfig:
     encoder_weights: str = "auto"
     dataset: str = "covid_qu_ex/infection"
     threshold: float = 0.5
+    # Weight of the image-level head's loss (sparse categorical cross-entropy over IMAGE_CLASSES) beside the mask
+    # loss; 0 = no head (the seed). Only the infection stage has one.
+    image_head_weight: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def replace(self, **changes: Any) -> StageConfig:

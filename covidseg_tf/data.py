@@ -17,12 +17,13 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from covidseg_tf.cascade import resize_mask, to_model_pixels
-from covidseg_tf.config import AugmentConfig, StageConfig
+from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, AugmentConfig, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +114,18 @@ def augment(image: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor, fn) -> tuple[tf
 
 
 # ----------------------------------------------------------------------------------------------- pipelines
-def to_model_inputs(image: tf.Tensor, masks: tf.Tensor, size: int, stage: str) -> tuple[tf.Tensor, tf.Tensor]:
+def to_model_inputs(image: tf.Tensor, masks: tf.Tensor, size: int, stage: str,
+                    label: tf.Tensor | None = None) -> tuple[tf.Tensor, Any]:
     """Resize a native example and arrange it as (x, y) for `stage`.
 
     `masks` channels: [lung] for the lung stage; [lung channel, infection] for the infection stage, where the
-    lung channel is the Stage-1 prediction or the ground truth.
+    lung channel is the Stage-1 prediction or the ground truth. With the image `label` (for a model with an image
+    head), y is {MASK_OUTPUT: mask, IMAGE_CLASS_OUTPUT: label}.
     """
     rgb = to_model_pixels(image, size)
     m = tf.cast(resize_mask(masks, size), tf.float32)
-    if stage == "lung":
-        return rgb, m[..., :1]
-    return tf.concat([rgb, m[..., :1]], axis=-1), m[..., 1:2]
+    x, y = (rgb, m[..., :1]) if stage == "lung" else (tf.concat([rgb, m[..., :1]], axis=-1), m[..., 1:2])
+    return (x, y) if label is None else (x, {MASK_OUTPUT: y, IMAGE_CLASS_OUTPUT: label})
 
 
 def select_masks(example: Mapping[str, tf.Tensor], stage: str,
@@ -146,12 +148,20 @@ def select_masks(example: Mapping[str, tf.Tensor], stage: str,
 def make_pipeline(examples: tf.data.Dataset, cfg: StageConfig, *, training: bool, seed: int | None = None,
                   stage1_masks: tf.lookup.StaticHashTable | None = None, repeat: bool = False,
                   cache: bool = True, batch_size: int | None = None) -> tf.data.Dataset:
-    """Batches of (x, y) for `cfg.stage`. Training adds shuffle + augmentation; validation only resizes."""
+    """Batches of (x, y) for `cfg.stage` (y a dict with the image label when cfg.image_head_weight > 0, see
+    `to_model_inputs`). Training adds shuffle + augmentation; validation only resizes."""
     size, stage = cfg.image_size, cfg.stage
     if stage == "infection" and "infection_mask" not in examples.element_spec:
         raise DatasetError("the infection stage needs a dataset with infection masks "
                            "(covid_qu_ex/infection or covid_qu_ex/synthetic), not the lung part")
-    ds = examples.map(lambda ex: (ex["image"], select_masks(ex, stage, stage1_masks)), num_parallel_calls=AUTOTUNE)
+    labels = cfg.image_head_weight > 0
+    if labels and "label" not in examples.element_spec:
+        raise DatasetError("an image head (image_head_weight > 0) needs a dataset with image labels")
+
+    def native(ex):  # (image, masks[, label]) at native size
+        return (ex["image"], select_masks(ex, stage, stage1_masks), *((ex["label"],) if labels else ()))
+
+    ds = examples.map(native, num_parallel_calls=AUTOTUNE)
     if cache:
         ds = ds.cache()  # decoded native-size examples: augmentation and resize run from memory
     if training:
@@ -160,11 +170,12 @@ def make_pipeline(examples: tf.data.Dataset, cfg: StageConfig, *, training: bool
             ds = ds.repeat()
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         fn = make_augment_fn(cfg.augment)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xm, s: augment(xm[0], xm[1], s, fn),
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda xm, s: (*augment(xm[0], xm[1], s, fn), *xm[2:]),
                                                 num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
     elif repeat:
         ds = ds.repeat()
-    ds = ds.map(lambda image, masks: to_model_inputs(image, masks, size, stage), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda image, masks, *label: to_model_inputs(image, masks, size, stage, *label),
+                num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size or cfg.batch_size, drop_remainder=False)
     return ds.prefetch(AUTOTUNE)
 

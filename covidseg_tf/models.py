@@ -73,7 +73,16 @@ import numpy as np
 from keras import layers
 
 from covidseg_tf.batchnorm import with_batch_norm
-from covidseg_tf.config import BATCH_NORMS, IMAGENET_MEAN, IMAGENET_STD, UNET_LAYOUTS, StageConfig
+from covidseg_tf.config import (
+    BATCH_NORMS,
+    IMAGE_CLASS_OUTPUT,
+    IMAGE_CLASSES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MASK_OUTPUT,
+    UNET_LAYOUTS,
+    StageConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +364,26 @@ def segmentation_head(x: keras.KerasTensor, dropout: float = 0.0, classes: int =
     return layers.Activation("sigmoid", dtype="float32", name="sigmoid")(x)
 
 
+def image_class_head(x: keras.KerasTensor, classes: int, dropout: float = 0.0) -> keras.KerasTensor:
+    """The image-level classifier on the bottleneck `x`: GlobalAveragePooling -> [Dropout] -> Dense(`classes`)
+    -> softmax in float32, layers named ``image_head_*``.
+
+    >>> x = keras.Input((4, 4, 8))
+    >>> tuple(image_class_head(x, 3).shape)
+    (None, 3)
+    """
+    x = layers.GlobalAveragePooling2D(name="image_head_pool")(x)
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="image_head_dropout")(x)
+    x = layers.Dense(classes, name="image_head_dense")(x)
+    return layers.Activation("softmax", dtype="float32", name=IMAGE_CLASS_OUTPUT)(x)
+
+
+def has_image_head(model: keras.Model) -> bool:
+    """True when `model` (a stage's Keras model) has the image-level output."""
+    return any(layer.name == IMAGE_CLASS_OUTPUT for layer in model.layers)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------------------------
@@ -430,6 +459,7 @@ def build_unet(
     bn_momentum: float | None = None,
     layout: str = UNET_LAYOUTS[0],
     batch_norm: str = BATCH_NORMS[0],
+    image_classes: int = 0,
 ) -> keras.Model:
     """A U-Net on a keras.applications EfficientNet B0-B7 (decoder as segmentation_models').
 
@@ -454,9 +484,13 @@ def build_unet(
             "segmentation_models_pytorch" (see the module docstring).
         batch_norm: the class of every BatchNorm layer, one of BATCH_NORMS: "keras" (default) or "fused"
             (covidseg_tf.batchnorm.FusedBatchNormalization; same weights and initial values as "keras").
+        image_classes: with N > 0, an image-level classifier (`image_class_head`, N softmax classes) on the
+            bottleneck, beside the mask, with the same dropout rate.
 
     Returns:
-        keras.Model mapping (B, H, W, C) float32 to (B, H, W, 1) float32 sigmoid probabilities.
+        keras.Model mapping (B, H, W, C) float32 to (B, H, W, 1) float32 sigmoid probabilities; with
+        `image_classes`, to the dict {MASK_OUTPUT: those, IMAGE_CLASS_OUTPUT: (B, N) softmax probabilities}
+        (`split_outputs` takes either apart).
     """
     key = _check_encoder(encoder)
     shape = check_input_shape(input_shape)
@@ -468,6 +502,8 @@ def build_unet(
         raise ValueError(f"unknown U-Net layout {layout!r}; expected one of {list(UNET_LAYOUTS)}")
     if batch_norm not in BATCH_NORMS:
         raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {list(BATCH_NORMS)}")
+    if image_classes < 0 or image_classes == 1:
+        raise ValueError(f"image_classes must be 0 (no image head) or at least 2, got {image_classes}")
     if len(decoder_filters) != len(SKIP_LAYERS) + 1:
         raise ValueError(f"decoder_filters needs {len(SKIP_LAYERS) + 1} stages, got {list(decoder_filters)}")
     weights_path = resolve_encoder_weights(key, encoder_weights)  # fail fast, before building anything
@@ -478,10 +514,12 @@ def build_unet(
         backbone = ENCODERS[key](include_top=False, weights=None, input_tensor=inputs, input_shape=shape)
     skip_layers, bottleneck_layer = unet_feature_layers(backbone, layout)
     skips = [backbone.get_layer(layer_name).output for layer_name in skip_layers]
-    x = backbone.get_layer(bottleneck_layer).output
+    x = bottleneck = backbone.get_layer(bottleneck_layer).output
     for stage, filters in enumerate(decoder_filters):
         x = decoder_block(x, skips[stage] if stage < len(skips) else None, filters, stage)
     outputs = segmentation_head(x, dropout=dropout)
+    if image_classes:
+        outputs = {MASK_OUTPUT: outputs, IMAGE_CLASS_OUTPUT: image_class_head(bottleneck, image_classes, dropout)}
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
     model = with_batch_norm(model, batch_norm)  # a clone with the same initial weights, or `model` for "keras"
     keep_preprocessing_float32(model)
@@ -528,6 +566,7 @@ def build_stage_model(
         bn_momentum=cfg.bn_momentum,
         layout=cfg.unet_layout,
         batch_norm=cfg.batch_norm,
+        image_classes=len(IMAGE_CLASSES) if cfg.image_head_weight > 0 else 0,
     )
 
 

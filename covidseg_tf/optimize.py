@@ -36,6 +36,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
@@ -141,14 +143,21 @@ class FrozenStage:
         self.input_shape = (None, size, size, channels)
         fast = fold_batchnorm(model, precision)
         spec = tf.TensorSpec(self.input_shape, tf.float32, name="pixels")
-        fn = tf.function(lambda x: tf.cast(fast(x, training=False), tf.float32), input_signature=[spec])
+
+        def outputs(x):  # the mask, then the image class probabilities of a model with an image head
+            mask, image_class = split_outputs(fast(x, training=False))
+            return tuple(tf.cast(t, tf.float32) for t in (mask, image_class) if t is not None)
+
+        fn = tf.function(outputs, input_signature=[spec])
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
         self.function = convert_variables_to_constants_v2(fn.get_concrete_function())
 
-    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor:
-        out = self.function(tf.cast(pixels, tf.float32))
-        return out[0] if isinstance(out, (list, tuple)) else out  # a frozen function returns a flat list
+    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor | dict[str, tf.Tensor]:
+        """The mask probabilities, or for a model with an image head the dict the Keras model returns."""
+        out = self.function(tf.cast(pixels, tf.float32))  # a frozen function returns a flat list
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        return out[0] if len(out) == 1 else {MASK_OUTPUT: out[0], IMAGE_CLASS_OUTPUT: out[1]}
 
 
 def frozen_stage(model: keras.Model, precision: str = "fp32", image_size: int | None = None) -> FrozenStage:

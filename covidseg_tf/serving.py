@@ -81,7 +81,7 @@ from covidseg_tf.cascade import (
     stage_agreement,
     to_model_pixels,
 )
-from covidseg_tf.config import Decision
+from covidseg_tf.config import Decision, split_outputs
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,9 @@ def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.T
 
 
 def _predict(model: Any, pixels: tf.Tensor) -> tf.Tensor:
-    return tf.cast(model(pixels, training=False), tf.float32)
+    """The stage's mask probabilities as float32 (the image head's output, where a model has one, is not served
+    yet)."""
+    return tf.cast(split_outputs(model(pixels, training=False))[0], tf.float32)
 
 
 def stage_signatures(

@@ -57,13 +57,16 @@ from typing import Any
 
 from covidseg_tf.config import (
     BATCH_NORMS,
+    IMAGE_CLASS_OUTPUT,
     LOSS_TERMS,
+    MASK_OUTPUT,
     STAGES,
     UNET_LAYOUTS,
     AugmentConfig,
     StageConfig,
     add_dataset_flags,
     default_config,
+    split_outputs,
 )
 
 log = logging.getLogger("covidseg_tf.train")
@@ -86,13 +89,13 @@ examples:
 _CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "learning_rate", "lr_schedule",
                  "weight_decay",
                  "dropout", "bn_momentum", "clipnorm", "encoder_weights", "dataset", "threshold", "unet_layout",
-                 "batch_norm")
+                 "batch_norm", "image_head_weight")
 
 
 # Flags a started run cannot change (the module docstring says why), and the run arguments compared on a rerun.
 INCOMPATIBLE_FLAGS = ("--stage", "--encoder", "--unet-layout", "--batch-norm", "--image-size", "--lr-schedule")
 #: Config fields newer than some run folders, with the value such runs were built with.
-_ADDED_FIELDS = {"batch_norm": "keras"}
+_ADDED_FIELDS = {"batch_norm": "keras", "image_head_weight": 0.0}
 _RUN_ARGS = ("lung_model", "lung_masks", "mixed_precision", "strategy", "seed", "steps_per_epoch",
              "validation_steps", "data_dir", "manual_dir", "export_dir", "no_export")
 CONFIG_FILE = "config.json"
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default_txt = f"{a}" if a == b else f"{a} / {b}"
         kind = {"image_size": int, "batch_size": int, "epochs": int, "patience": int, "learning_rate": float,
                 "weight_decay": float, "dropout": float, "bn_momentum": float, "clipnorm": _optional_float,
-                "threshold": float}.get(name, str)
+                "threshold": float, "image_head_weight": float}.get(name, str)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=f.name.upper(),
                        help=f"default: {default_txt}")
     p.add_argument("--loss-weights", type=_loss_weights, default=None, metavar="TERM=W[,TERM=W...]",
@@ -270,6 +273,9 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         ("--threshold", 0 < cfg.threshold < 1, "in (0, 1)"),
         ("--unet-layout", cfg.unet_layout in UNET_LAYOUTS, f"one of {', '.join(UNET_LAYOUTS)}"),
         ("--batch-norm", cfg.batch_norm in BATCH_NORMS, f"one of {', '.join(BATCH_NORMS)}"),
+        ("--image-head-weight", cfg.image_head_weight >= 0, "zero or more"),
+        ("--image-head-weight", cfg.stage == "infection" or cfg.image_head_weight == 0,
+         "0 for the lung stage (only Stage 2 has an image head)"),
         ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
         ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
     ]
@@ -365,7 +371,7 @@ def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
     import tensorflow as tf
 
     x, y = batch
-    x, y = x[:max_images], y[:max_images]
+    x, y = x[:max_images], split_outputs(y)[0][:max_images]
 
     class ValidationOverlays(keras.callbacks.Callback):
         def __init__(self):
@@ -373,7 +379,7 @@ def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
             self.writer = tf.summary.create_file_writer(str(log_dir / "images"))
 
         def on_epoch_end(self, epoch, logs=None):
-            pred = tf.cast(self.model(x, training=False) >= 0.5, tf.float32)
+            pred = tf.cast(split_outputs(self.model(x, training=False))[0] >= 0.5, tf.float32)
             gray = x[..., :1] / 255.0
             rgb = tf.repeat(gray, 3, axis=-1)
 
@@ -426,6 +432,29 @@ def make_learning_rate_setter(rate: float):
     return SetLearningRate()
 
 
+def compile_args(cfg: StageConfig) -> dict[str, Any]:
+    """model.compile's loss, metrics (and loss_weights) for `cfg`'s model: the stage's SegmentationLoss with pooled
+    Dice/IoU; with an image head (cfg.image_head_weight > 0) per output, the head's sparse categorical
+    cross-entropy weighted by cfg.image_head_weight beside the mask loss, and its accuracy."""
+    import keras
+
+    from covidseg_tf.losses import make_loss
+    from covidseg_tf.metrics import make_metrics
+
+    if cfg.image_head_weight <= 0:
+        return {"loss": make_loss(cfg), "metrics": make_metrics(cfg.threshold)}
+    return {"loss": {MASK_OUTPUT: make_loss(cfg), IMAGE_CLASS_OUTPUT: keras.losses.SparseCategoricalCrossentropy()},
+            "loss_weights": {MASK_OUTPUT: 1.0, IMAGE_CLASS_OUTPUT: cfg.image_head_weight},
+            "metrics": {MASK_OUTPUT: make_metrics(cfg.threshold),
+                        IMAGE_CLASS_OUTPUT: [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}}
+
+
+def val_dice_key(cfg: StageConfig) -> str:
+    """The epoch-log key of the validation mask Dice that picks model.keras (Keras prefixes a metric with its
+    output's name when the model has several outputs)."""
+    return "val_dice" if cfg.image_head_weight <= 0 else f"val_{MASK_OUTPUT}_dice"
+
+
 def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
     """Best validation Dice of the finished epochs of an interrupted run (None when there are none)."""
     if not history_csv.exists():
@@ -475,7 +504,8 @@ def check_rerun(out: Path, cfg: StageConfig, args: argparse.Namespace) -> dict[s
     new = _run_flags(json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(vars(args), default=str)))
     changes = {flag: (old.get(flag), value) for flag, value in new.items() if old.get(flag) != value}
     fixed = [flag for flag in changes if flag in INCOMPATIBLE_FLAGS
-             or (flag == "--mixed-precision" and "fp16" in changes[flag])]
+             or (flag == "--mixed-precision" and "fp16" in changes[flag])
+             or (flag == "--image-head-weight" and len({float(v or 0) > 0 for v in changes[flag]}) == 2)]
     if fixed:
         diff = ", ".join(f"{flag} {_value_txt(changes[flag][0])} -> {_value_txt(changes[flag][1])}" for flag in fixed)
         raise UsageError(f"--output {out} holds a run started with other model flags ({diff}; see {path}); a run "
@@ -536,8 +566,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import keras
 
     from covidseg_tf import data
-    from covidseg_tf.losses import make_loss
-    from covidseg_tf.metrics import make_metrics
     from covidseg_tf.models import build_stage_model
 
     # Everything is checked before the run folder is created or touched.
@@ -601,16 +629,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = build_stage_model(cfg, encoder_weights=weights)
         optimizer = keras.optimizers.AdamW(learning_rate=make_learning_rate(cfg, train_ds, args.steps_per_epoch),
                                            weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)
-        model.compile(optimizer=optimizer, loss=make_loss(cfg), metrics=make_metrics(cfg.threshold))
+        model.compile(optimizer=optimizer, **compile_args(cfg))
 
-    best = _best_so_far(out / "history.csv")
+    monitor = val_dice_key(cfg)
+    best = _best_so_far(out / "history.csv", monitor)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=True),
         *([make_learning_rate_setter(cfg.learning_rate)] if cfg.lr_schedule == "constant" else []),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(str(out / "model.keras"), monitor="val_dice", mode="max",
+        keras.callbacks.ModelCheckpoint(str(out / "model.keras"), monitor=monitor, mode="max",
                                         save_best_only=True, initial_value_threshold=best),
-        keras.callbacks.EarlyStopping(monitor="val_dice", mode="max", patience=cfg.patience,
+        keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience,
                                       restore_best_weights=True),
         make_lr_logger(),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
@@ -621,7 +650,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               validation_steps=args.validation_steps, callbacks=callbacks, shuffle=False,
               verbose=1 if sys.stdout.isatty() else 2)  # a progress bar in a terminal, a line per epoch in a log
 
-    best = _best_so_far(out / "history.csv")
+    best = _best_so_far(out / "history.csv", monitor)
     if not (out / "model.keras").exists():
         raise RuntimeError(f"training produced no model in {out} (did the loss become NaN? see history.csv)")
     summary: dict[str, Any] = {"run": str(out), "model": str(out / "model.keras"), "best_val_dice": best,
