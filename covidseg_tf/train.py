@@ -449,10 +449,11 @@ def compile_args(cfg: StageConfig) -> dict[str, Any]:
                         IMAGE_CLASS_OUTPUT: [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}}
 
 
-def val_dice_key(cfg: StageConfig) -> str:
-    """The epoch-log key of the validation mask Dice that picks model.keras (Keras prefixes a metric with its
-    output's name when the model has several outputs)."""
-    return "val_dice" if cfg.image_head_weight <= 0 else f"val_{MASK_OUTPUT}_dice"
+def dice_key(image_head_weight: float) -> str:
+    """The epoch-log key of the training mask Dice of a run with this StageConfig.image_head_weight (Keras prefixes
+    a metric with its output's name when the model has several outputs); "val_" + it is the validation Dice that
+    picks model.keras."""
+    return "dice" if image_head_weight <= 0 else f"{MASK_OUTPUT}_dice"
 
 
 def _best_so_far(history_csv: Path, key: str = "val_dice") -> float | None:
@@ -631,7 +632,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)
         model.compile(optimizer=optimizer, **compile_args(cfg))
 
-    monitor = val_dice_key(cfg)
+    monitor = "val_" + dice_key(cfg.image_head_weight)
     best = _best_so_far(out / "history.csv", monitor)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=True),
