@@ -676,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary = run(args)
     except UsageError as e:  # one line, exit code 2 (argparse's own errors print the usage first)
         parser.exit(2, f"{parser.prog}: error: {e.message}\n")
-    log.info("best validation Dice %.4f; model %s", summary["best_val_dice"] or float("nan"), summary["model"])
+    best = summary["best_val_dice"]
+    log.info("best validation Dice %.4f; model %s", float("nan") if best is None else best, summary["model"])
     if "saved_model" in summary:
         log.info("SavedModel %s", summary["saved_model"])
     return summary
