@@ -92,6 +92,16 @@ from covidseg_tf.config import (
     add_model_flags,
     decision_overrides,
 )
+from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
+    GLOB_CHARS,
+    SHORT_HASH,
+    assign_stems,
+    fixed_prefix,
+    plan_stems,
+    relative_stem,
+    resolve_collisions,
+    uri_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +117,6 @@ the only files --overwrite deletes."""
 CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade")
 STAGES = ("match", "read", "decode", "inference", "render")
 DEFAULT_BATCH_SIZE = 8
-GLOB_CHARS = "*?["
-SHORT_HASH = 8
 
 
 # ----------------------------------------------------------------------------------------------- paths and stems
@@ -131,59 +139,6 @@ def normalize_pattern(pattern: str) -> str:
             return pattern.rstrip("/") + "/**"
         return pattern
     return pattern + "**" if pattern.endswith("/") else pattern
-
-
-def fixed_prefix(pattern: str) -> str:
-    """The folder part of a pattern before its first glob character, ending in ``/`` (inputs' stems are relative
-    to it): ``gs://b/x/**/*.png`` -> ``gs://b/x/``; a literal file -> its folder."""
-    m = min((pattern.index(c) for c in GLOB_CHARS if c in pattern), default=len(pattern))
-    return pattern[: pattern.rfind("/", 0, m) + 1]
-
-
-def relative_stem(uri: str, prefix: str) -> str:
-    """The stem candidate of an input: its path below `prefix` without the extension (``x/a.png`` -> ``x/a``)."""
-    rel = uri[len(prefix):] if prefix and uri.startswith(prefix) else posixpath.basename(uri)
-    rel = rel.replace("\\", "/").lstrip("/")
-    head, tail = posixpath.split(rel)
-    root = posixpath.splitext(tail)[0] or tail
-    return posixpath.join(head, root) if head else root
-
-
-def uri_hash(uri: str, n: int = SHORT_HASH) -> str:
-    return hashlib.sha256(uri.encode()).hexdigest()[:n]
-
-
-def assign_stems(candidate_key: str, members: Iterable[tuple[str, str]]) -> Iterator[tuple[str, tuple[str, str]]]:
-    """One group of inputs whose stem candidates are equal ignoring case: ``(candidate, uri)`` members.
-
-    Yields ``(final stem lower-cased, (final stem, uri))``: the candidate itself when the group holds one input,
-    else ``candidate-<8 hex of sha256(uri)>`` for each member.
-    """
-    members = sorted(set(members))
-    for candidate, uri in members:
-        stem = candidate if len(members) == 1 else f"{candidate}-{uri_hash(uri)}"
-        yield stem.lower(), (stem, uri)
-
-
-def resolve_collisions(stem_key: str, members: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """The second check: inputs whose final stems still coincide (a file literally named like another's hashed
-    stem, or a short-hash collision) get ``-<full sha256 of the URI>`` instead. Yields ``(uri, stem)``."""
-    members = sorted(set(members))
-    for stem, uri in members:
-        yield uri, stem if len(members) == 1 else f"{stem}-{uri_hash(uri, 64)}"
-
-
-def plan_stems(uris_and_prefixes: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Outside Beam (tests, small runs): {uri: stem} with the pipeline's rules for ``(uri, prefix)`` pairs."""
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for uri, prefix in uris_and_prefixes:
-        cand = relative_stem(uri, prefix)
-        groups.setdefault(cand.lower(), []).append((cand, uri))
-    second: dict[str, list[tuple[str, str]]] = {}
-    for key, members in groups.items():
-        for k, v in assign_stems(key, members):
-            second.setdefault(k, []).append(v)
-    return {uri: stem for key, members in second.items() for uri, stem in resolve_collisions(key, members)}
 
 
 def stem_candidate(element: tuple[str, int], prefixes: Sequence[str]) -> tuple[str, tuple[str, str]]:
