@@ -41,9 +41,14 @@ Beam metrics (namespace ``covidseg_batch_predict``): ``images_ok``, ``images_fai
 as one JSON line on stdout. Exit code 0 when every input was processed, 1 when any failed or nothing matched, or
 when the run was refused.
 
-Reruns: when --output already holds results of a run (``images/``, ``summary.jsonl``, ``severity.csv`` or
-``dead_letter.jsonl``) the command refuses to start; ``--overwrite`` deletes exactly those files first (nothing
-else under --output is touched), so no stale output of the earlier run stays mixed with the new ones.
+Every run also writes ``<output>/manifest.txt``: the files it wrote, one path relative to --output a line.
+
+Reruns: when --output already holds what looks like results of a run (``images/``, ``summary.jsonl``,
+``severity.csv``, ``dead_letter.jsonl`` or ``manifest.txt``) the command refuses to start; ``--overwrite``
+deletes the files the earlier run's manifest lists, and the manifest, first (so no stale output of the earlier
+run stays mixed with the new ones); nothing a run cannot prove it wrote is touched (a user's own files, or those
+of a run killed before it wrote its manifest, are kept and named in a warning). A run that processed nothing (every
+pattern matched no file) removes the empty summary files it wrote, so the corrected rerun is not refused.
 
 All flags this command does not know are Beam pipeline options (`PipelineOptions`): ``--runner``,
 ``--direct_num_workers``, ``--direct_running_mode``, Dataflow's ``--project``/``--region``/``--temp_location``...
@@ -52,6 +57,7 @@ All flags this command does not know are Beam pipeline options (`PipelineOptions
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -86,6 +92,16 @@ from covidseg_tf.config import (
     add_model_flags,
     decision_overrides,
 )
+from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
+    GLOB_CHARS,
+    SHORT_HASH,
+    assign_stems,
+    fixed_prefix,
+    plan_stems,
+    relative_stem,
+    resolve_collisions,
+    uri_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +111,12 @@ IMAGES_DIR = "images"
 SUMMARY = "summary.jsonl"
 SEVERITY_CSV = "severity.csv"
 DEAD_LETTER = "dead_letter.jsonl"
+MANIFEST = "manifest.txt"
+"""The files a run wrote, one path relative to --output a line (written by the run itself, after its outputs):
+the only files --overwrite deletes."""
 CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade")
 STAGES = ("match", "read", "decode", "inference", "render")
 DEFAULT_BATCH_SIZE = 8
-GLOB_CHARS = "*?["
-SHORT_HASH = 8
 
 
 # ----------------------------------------------------------------------------------------------- paths and stems
@@ -124,59 +141,6 @@ def normalize_pattern(pattern: str) -> str:
     return pattern + "**" if pattern.endswith("/") else pattern
 
 
-def fixed_prefix(pattern: str) -> str:
-    """The folder part of a pattern before its first glob character, ending in ``/`` (inputs' stems are relative
-    to it): ``gs://b/x/**/*.png`` -> ``gs://b/x/``; a literal file -> its folder."""
-    m = min((pattern.index(c) for c in GLOB_CHARS if c in pattern), default=len(pattern))
-    return pattern[: pattern.rfind("/", 0, m) + 1]
-
-
-def relative_stem(uri: str, prefix: str) -> str:
-    """The stem candidate of an input: its path below `prefix` without the extension (``x/a.png`` -> ``x/a``)."""
-    rel = uri[len(prefix):] if prefix and uri.startswith(prefix) else posixpath.basename(uri)
-    rel = rel.replace("\\", "/").lstrip("/")
-    head, tail = posixpath.split(rel)
-    root = posixpath.splitext(tail)[0] or tail
-    return posixpath.join(head, root) if head else root
-
-
-def uri_hash(uri: str, n: int = SHORT_HASH) -> str:
-    return hashlib.sha256(uri.encode()).hexdigest()[:n]
-
-
-def assign_stems(candidate_key: str, members: Iterable[tuple[str, str]]) -> Iterator[tuple[str, tuple[str, str]]]:
-    """One group of inputs whose stem candidates are equal ignoring case: ``(candidate, uri)`` members.
-
-    Yields ``(final stem lower-cased, (final stem, uri))``: the candidate itself when the group holds one input,
-    else ``candidate-<8 hex of sha256(uri)>`` for each member.
-    """
-    members = sorted(set(members))
-    for candidate, uri in members:
-        stem = candidate if len(members) == 1 else f"{candidate}-{uri_hash(uri)}"
-        yield stem.lower(), (stem, uri)
-
-
-def resolve_collisions(stem_key: str, members: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """The second check: inputs whose final stems still coincide (a file literally named like another's hashed
-    stem, or a short-hash collision) get ``-<full sha256 of the URI>`` instead. Yields ``(uri, stem)``."""
-    members = sorted(set(members))
-    for stem, uri in members:
-        yield uri, stem if len(members) == 1 else f"{stem}-{uri_hash(uri, 64)}"
-
-
-def plan_stems(uris_and_prefixes: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Outside Beam (tests, small runs): {uri: stem} with the pipeline's rules for ``(uri, prefix)`` pairs."""
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for uri, prefix in uris_and_prefixes:
-        cand = relative_stem(uri, prefix)
-        groups.setdefault(cand.lower(), []).append((cand, uri))
-    second: dict[str, list[tuple[str, str]]] = {}
-    for key, members in groups.items():
-        for k, v in assign_stems(key, members):
-            second.setdefault(k, []).append(v)
-    return {uri: stem for key, members in second.items() for uri, stem in resolve_collisions(key, members)}
-
-
 def stem_candidate(element: tuple[str, int], prefixes: Sequence[str]) -> tuple[str, tuple[str, str]]:
     """``(uri, pattern index)`` -> ``(candidate lower-cased, (candidate, uri))`` (`relative_stem`)."""
     uri, index = element
@@ -190,12 +154,34 @@ def join(root: str, *parts: str) -> str:
 
 
 def output_files(output: str) -> list[str]:
-    """The files an earlier run left in `output`: everything under images/ and the three summary files."""
-    patterns = [join(output, IMAGES_DIR, "**")] + [join(output, n) for n in (SUMMARY, SEVERITY_CSV, DEAD_LETTER)]
+    """What looks like an earlier run's results in `output` (a rerun is refused): everything under images/, the
+    three summary files and the manifest. Only the files the manifest lists may be deleted (`manifest_files`)."""
+    names = (SUMMARY, SEVERITY_CSV, DEAD_LETTER, MANIFEST)
+    patterns = [join(output, IMAGES_DIR, "**")] + [join(output, n) for n in names]
     found: list[str] = []
     for result in FileSystems.match(patterns):
         found.extend(m.path for m in result.metadata_list)
     return sorted(set(found))
+
+
+def manifest_files(output: str) -> list[str]:
+    """The files an earlier run proved it wrote: the entries of ``<output>/manifest.txt`` that still exist (paths
+    relative to `output`; an absolute or ``..`` entry is ignored), then the manifest itself; [] without one."""
+    manifest = join(output, MANIFEST)
+    if not FileSystems.exists(manifest):
+        return []
+    with FileSystems.open(manifest, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    listed: set[str] = set()
+    for rel in (ln.strip() for ln in lines):
+        parts = rel.replace("\\", "/").split("/")
+        if not rel or rel.startswith("/") or is_remote(rel) or ".." in parts or "" in parts:
+            if rel:
+                log.warning("%s: ignoring the entry %r (not a path inside --output)", manifest, rel)
+            continue
+        listed.add(join(output, *parts))
+    existing = [m.path for r in FileSystems.match(sorted(listed)) for m in r.metadata_list] if listed else []
+    return sorted(set(existing)) + [manifest]
 
 
 # ----------------------------------------------------------------------------------------------- elements
@@ -400,6 +386,9 @@ class WriteOutputsFn(beam.DoFn):
     """``(XRay, Prediction or InferenceFailure, models)`` -> `predict`'s four files per image (written with
     `FileSystems.create`); yields the JSON record, failures go to ``dead_letter``."""
 
+    def __init__(self, output: str = ""):
+        self.output = output.rstrip("/") + "/" if output else ""
+
     def process(self, element: tuple[XRay, Any, dict[str, Any]]) -> Iterator[Any]:
         from covidseg_tf.predict import render_outputs
 
@@ -416,6 +405,8 @@ class WriteOutputsFn(beam.DoFn):
             return
         for path, data in encoded.items():  # an unwritable output is the run's problem, not the image's: raise
             mime = "application/json" if path.endswith(".json") else "image/png"
+            if self.output and path.startswith(self.output):  # for the manifest, before the file exists
+                yield beam.pvalue.TaggedOutput("written", path[len(self.output):])
             with FileSystems.create(path, mime_type=mime, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 f.write(data)
         Metrics.counter(NAMESPACE, "images_ok").inc()
@@ -456,7 +447,8 @@ def build_pipeline(p: beam.Pipeline, s: Settings) -> None:
                                   s.tf_threads)
     written = (decoded.images
                | "RunInference" >> RunInference(handler)
-               | "WriteOutputs" >> beam.ParDo(WriteOutputsFn()).with_outputs("dead_letter", main="records"))
+               | "WriteOutputs" >> beam.ParDo(WriteOutputsFn(s.output)).with_outputs("dead_letter", "written",
+                                                                                      main="records"))
     records = written.records
     (records | "SummaryLines" >> beam.Map(json.dumps)
      | "WriteSummary" >> beam.io.WriteToText(join(s.output, SUMMARY), shard_name_template=""))
@@ -465,6 +457,9 @@ def build_pipeline(p: beam.Pipeline, s: Settings) -> None:
                                                  header=",".join(CSV_COLUMNS)))
     ((matched.dead_letter, decoded.dead_letter, written.dead_letter) | "DeadLetters" >> beam.Flatten()
      | "WriteDeadLetter" >> beam.io.WriteToText(join(s.output, DEAD_LETTER), shard_name_template=""))
+    ((written.written, p | "SummaryNames" >> beam.Create([SUMMARY, SEVERITY_CSV, DEAD_LETTER]))
+     | "Written" >> beam.Flatten()
+     | "WriteManifest" >> beam.io.WriteToText(join(s.output, MANIFEST), shard_name_template=""))
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -540,7 +535,8 @@ class Refused(Exception):
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse when `output` holds an earlier run's results, unless `overwrite` (then delete exactly those)."""
+    """Refuse when `output` holds what looks like an earlier run's results, unless `overwrite`: then delete the
+    files the earlier run's manifest lists (`manifest_files`), and nothing else."""
     if not is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
         raise Refused(f"--output {output} exists and is not a folder")
     existing = output_files(output)
@@ -550,9 +546,38 @@ def prepare_output(output: str, overwrite: bool) -> None:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise Refused(f"--output {output} already holds the results of a run ({len(existing)} files: {shown}); "
                       "choose another --output, or pass --overwrite to delete them and run again")
-    log.warning("--overwrite: deleting %d files of an earlier run in %s", len(existing), output)
-    for i in range(0, len(existing), 1000):
-        FileSystems.delete(existing[i:i + 1000])
+    owned = manifest_files(output)
+    log.warning("--overwrite: deleting %d files an earlier run wrote in %s (listed in its %s)", len(owned),
+                output, MANIFEST)
+    for i in range(0, len(owned), 1000):
+        FileSystems.delete(owned[i:i + 1000])
+    kept = len(set(existing) - set(owned))
+    if kept:
+        log.warning("--overwrite: %d file(s) in %s no run's %s lists are kept (not deleted): %s", kept, output,
+                    MANIFEST, ", ".join(sorted(set(existing) - set(owned))[:3]))
+
+
+def remove_empty_run(output: str, remove_folder: bool = False) -> bool:
+    """After a run that processed nothing (no summary line, no dead letter): delete the empty files it wrote, so
+    the corrected rerun is not refused. True when it did."""
+    names = (SUMMARY, DEAD_LETTER, SEVERITY_CSV, MANIFEST)
+    paths = [join(output, n) for n in names]
+    try:
+        for path in paths[:2]:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                if f.read(1):
+                    return False
+        with FileSystems.open(paths[2], compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            if len(f.read().splitlines()) > 1:  # more than the header
+                return False
+    except Exception as e:  # a runner that did not write them: nothing to remove
+        log.debug("no empty run to remove in %s: %s", output, e)
+        return False
+    FileSystems.delete([p for p in paths if FileSystems.exists(p)])
+    if remove_folder and not is_remote(output):
+        with contextlib.suppress(OSError):
+            os.rmdir(output)  # only when empty (created by this run)
+    return True
 
 
 def check_model(path: str, flag: str) -> None:
@@ -577,6 +602,7 @@ def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = Fal
     check_model(settings.lung_model, "--lung-model")
     check_model(settings.infection_model, "--infection-model")
     prepare_output(settings.output, overwrite)
+    created = not is_remote(settings.output) and not os.path.exists(settings.output)
     options = PipelineOptions(list(beam_args))
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     if runner not in ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner") and any(
@@ -588,6 +614,8 @@ def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = Fal
     build_pipeline(p, settings)
     result = p.run()
     state = result.wait_until_finish()
+    if remove_empty_run(settings.output, remove_folder=created):
+        log.warning("nothing was processed: no output written to %s", settings.output)
     seconds = time.perf_counter() - t0
     c = counters(result)
     files = {"summary": join(settings.output, SUMMARY), "severity_csv": join(settings.output, SEVERITY_CSV),

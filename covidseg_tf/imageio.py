@@ -175,6 +175,10 @@ def _open_pillow(source: io.BytesIO, name: str) -> Any:
         return Image.open(source)
     except Image.DecompressionBombError as e:
         raise XRayReadError(f"{name}: {e}; at most {MAX_PIXELS} pixels are decoded") from e
+    except Image.UnidentifiedImageError as e:  # Pillow's message names only its BytesIO object
+        detail = ("empty file, 0 bytes" if not source.getbuffer().nbytes else
+                  "unknown format: not PNG, JPEG, TIFF, BMP or another format Pillow reads, nor DICOM")
+        raise XRayReadError(f"{name}: not an image ({detail})") from e
 
 
 def _check_size(height: int, width: int, name: str) -> None:

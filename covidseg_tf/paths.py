@@ -1,8 +1,9 @@
-"""Files on disk: content digests and TF Serving's integer version folders."""
+"""Files on disk: content digests, TF Serving's integer version folders, atomic replacement of written files."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -27,3 +28,33 @@ def integer_versions(base: str | Path) -> dict[int, Path]:
     if not base.is_dir():
         return {}
     return {int(d.name): d for d in base.iterdir() if d.is_dir() and d.name.isdigit()}
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a written file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_path(path: str | Path) -> Path:
+    """The temporary name `path` is written under before `replace_atomically` (same folder and extension)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def replace_atomically(tmp: str | Path, path: str | Path) -> None:
+    """Make the fully written file `tmp` (same folder) `path` in one step: fsync it, os.replace, fsync the folder.
+    A kill at any point leaves either the old `path` or the new one, never a part of a file."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(Path(path).parent)
+
+
+def remove_partials(path: str | Path) -> None:
+    """Delete what a killed writer of `path` left (`partial_path` names of any process)."""
+    path = Path(path)
+    for p in path.parent.glob(f".{path.stem}.partial-*{path.suffix}"):
+        p.unlink(missing_ok=True)

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -296,6 +297,26 @@ def remove_stale(stem: Path) -> list[Path]:
     return stale
 
 
+def unwritable_reason(out_dir: Path) -> str | None:
+    """Why the folder `out_dir` cannot be created or written (None when it can): tried with a temporary file in
+    it or, when it does not exist yet, in its nearest existing parent (removed at once; nothing is left)."""
+    probe = out_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=probe)
+    except OSError as e:
+        where = "it" if probe == out_dir else probe
+        return f"cannot write a file in {where} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m covidseg_tf.predict",
@@ -323,15 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
     out_dir: Path = args.out
-    if out_dir.exists() and not out_dir.is_dir():
-        log.error("--out %s exists and is not a folder", out_dir)
-        return 1
+    reason = unwritable_reason(out_dir)  # a usage error, found before any input is read or model loaded
+    if reason:
+        print(f"{parser.prog}: error: --out {out_dir}: {reason}", file=sys.stderr)
+        return 2
     out_abs = out_dir.resolve()
     for p in args.inputs:
         if p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):

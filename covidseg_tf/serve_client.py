@@ -1,13 +1,17 @@
 """Minimal TF Serving REST client: send chest X-rays, save the returned masks and severity.
 
 Standard library only (urllib, json, base64), so it runs anywhere without TensorFlow. One request per image,
-so one bad image never loses the others. For each IMAGE it writes into --out:
+so one bad image never loses the others. Each IMAGE's <stem> is batch_predict's (`covidseg_tf.stems`): its path
+below the images' common folder without the extension (``a/x.png`` and ``b/x.png`` -> ``a/x``, ``b/x``), with
+``-<8 hex of sha256(path)>`` added when two would coincide (``x.png`` and ``x.jpg``), so no output overwrites
+another. For each IMAGE it writes into --out:
 
     <stem>_<output>.png   every `*_bytes` output (PNG masks at the image's own size, decoded from base64),
                           e.g. <stem>_lung_mask.png, <stem>_infection_mask.png
-    <stem>.json           the scalar and text outputs (severity_left/right/total in percent, height, width;
-                          the cascade's `assessed` and `reason`: severities are null for an image the input
-                          quality gate did not assess) and the names of the mask files
+    <stem>.json           the image's full path ("image"), the scalar and text outputs (severity_left/right/
+                          total in percent, height, width; the cascade's `assessed` and `reason`: severities
+                          are null for an image the input quality gate did not assess) and the mask files'
+                          paths relative to --out
 
 Request sent (TF Serving REST predict API, row format, binary input as {"b64": ...}):
 
@@ -21,12 +25,15 @@ import argparse
 import base64
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from covidseg_tf.stems import plan_stems
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +95,22 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str
         raise ServingError(f"reply from {url} is not JSON: {raw[:200]!r}") from None
 
 
-def save_prediction(pred: dict[str, Any], stem: str, out_dir: Path) -> dict[str, Any]:
-    """Write the `*_bytes` PNGs and a JSON summary of one prediction; return the summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"image": stem, "masks": {}}
+def output_stems(images: Sequence[Path]) -> dict[str, str]:
+    """{absolute image path: output stem}: batch_predict's rule (`covidseg_tf.stems.plan_stems`) with the images'
+    common folder as the prefix, so no two images share an output name."""
+    paths = [os.path.abspath(p) for p in images]
+    if not paths:
+        return {}
+    prefix = os.path.commonpath([os.path.dirname(p) for p in paths]).rstrip("/") + "/"
+    return plan_stems((p, prefix) for p in paths)
+
+
+def save_prediction(pred: dict[str, Any], stem: str, out_dir: Path, image: str | Path | None = None) -> dict[str, Any]:
+    """Write the `*_bytes` PNGs and a JSON summary of one prediction under `out_dir`/`stem` (which may hold
+    folders); return the summary (``"image"``: `image`, the input's path, else `stem`; mask paths relative to
+    `out_dir`)."""
+    (out_dir / stem).parent.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"image": stem if image is None else str(image), "masks": {}}
     for key, value in sorted(pred.items()):
         if key.endswith("_bytes"):
             if not (isinstance(value, dict) and "b64" in value):
@@ -99,7 +118,7 @@ def save_prediction(pred: dict[str, Any], stem: str, out_dir: Path) -> dict[str,
             name = key[: -len("_bytes")]
             path = out_dir / f"{stem}_{name}.png"
             path.write_bytes(base64.b64decode(value["b64"]))
-            summary["masks"][name] = path.name
+            summary["masks"][name] = path.relative_to(out_dir).as_posix()
         elif isinstance(value, (int, float, str)):
             summary[key] = value
     if summary.get("assessed") is False:  # the quality gate refused the image: its zeros are no finding
@@ -113,6 +132,7 @@ def predict_files(url: str, model: str, images: Sequence[Path], out_dir: Path,
                   signature: str = DEFAULT_SIGNATURE, timeout: float = 60.0) -> tuple[list[dict], list[str]]:
     """One request per image; returns (summaries of the successes, error messages naming the failed files)."""
     endpoint = predict_url(url, model, version)
+    stems = output_stems(images)
     done, errors = [], []
     for i, image in enumerate(images):
         try:
@@ -122,7 +142,8 @@ def predict_files(url: str, model: str, images: Sequence[Path], out_dir: Path,
             preds = reply.get("predictions")
             if not isinstance(preds, list) or len(preds) != 1 or not isinstance(preds[0], dict):
                 raise ServingError(f"unexpected reply (no 'predictions' list of one object): {str(reply)[:200]}")
-            done.append(save_prediction(preds[0], Path(image).stem, out_dir))
+            path = os.path.abspath(image)
+            done.append(save_prediction(preds[0], stems[path], out_dir, image=path))
         except (OSError, ServingError, ValueError) as exc:
             errors.append(f"{image}: {exc}")
             log.error("%s: %s", image, exc)

@@ -332,7 +332,7 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
 
     from covidseg_tf import data
     from covidseg_tf.cascade import run_stages, to_model_pixels
-    from covidseg_tf.paths import sha256_file
+    from covidseg_tf.paths import replace_atomically, sha256_file
 
     size = image_size
     cache = cache_dir / f"{sha256_file(lung_model_path)[:16]}-t{threshold:g}.tfrecord"
@@ -353,7 +353,7 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
                     example = tf.train.Example(features=tf.train.Features(feature={
                         k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feat.items()}))
                     writer.write(example.SerializeToString())
-        tmp.rename(cache)
+        replace_atomically(tmp, cache)  # fsynced, then renamed: a kill leaves no half cache under its name
         log.info("cached Stage-1 lung masks in %s", cache)
     names, pngs = [], []
     spec = {"name": tf.io.FixedLenFeature([], tf.string), "png": tf.io.FixedLenFeature([], tf.string)}
@@ -394,6 +394,64 @@ def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
             self.writer.flush()
 
     return ValidationOverlays()
+
+
+def make_model_checkpoint(path: Path, best: float | None, monitor: str = "val_dice"):
+    """ModelCheckpoint of the best validation Dice (`monitor`, see `dice_key`) into `path`, written atomically: to a
+    temporary file in the same folder, fsynced, then renamed over `path` (a kill mid-write leaves the previous model
+    whole)."""
+    import keras
+
+    from covidseg_tf.paths import partial_path, remove_partials, replace_atomically
+
+    class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+        def on_train_begin(self, logs=None):
+            remove_partials(path)  # a killed run's half-written model
+            super().on_train_begin(logs)
+
+        def _save_model(self, epoch, batch, logs):
+            filepath = self._get_file_path(epoch, batch, logs)
+            if self._should_save_model(epoch, batch, logs, filepath):
+                tmp = partial_path(filepath)
+                self.model.save(str(tmp), overwrite=True)
+                replace_atomically(tmp, filepath)
+
+    return AtomicModelCheckpoint(str(path), monitor=monitor, mode="max", save_best_only=True,
+                                 initial_value_threshold=best)
+
+
+def make_history_logger(path: Path):
+    """CSVLogger appending to `path` whose row is on the disk (flushed and fsynced) when the epoch ends."""
+    import keras
+
+    class DurableCSVLogger(keras.callbacks.CSVLogger):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            os.fsync(self.csv_file.fileno())
+
+    return DurableCSVLogger(str(path), append=True)
+
+
+def drop_unfinished_rows(history_csv: Path, finished: int) -> int:
+    """Keep only the rows of epochs < `finished` (the ones the backup counts as done: the others are trained
+    again), rewritten atomically; returns the number of rows dropped."""
+    from covidseg_tf.paths import partial_path, replace_atomically
+
+    if not history_csv.exists():
+        return 0
+    with open(history_csv, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return 0
+    rows = list(csv.reader(lines[1:]))
+    keep = [ln for ln, r in zip(lines[1:], rows) if r and r[0].isdigit() and int(r[0]) < finished]
+    dropped = len(lines) - 1 - len(keep)
+    if dropped:
+        tmp = partial_path(history_csv)
+        with open(tmp, "w", newline="") as f:
+            f.writelines([lines[0], *keep])
+        replace_atomically(tmp, history_csv)
+    return dropped
 
 
 def make_lr_logger():
@@ -633,17 +691,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model.compile(optimizer=optimizer, **compile_args(cfg))
 
     monitor = "val_" + dice_key(cfg.image_head_weight)
+    dropped = drop_unfinished_rows(out / "history.csv", resumed or 0)
+    if dropped:
+        log.info("dropped %d row(s) of %s for epochs the backup did not finish (trained again)", dropped,
+                 out / "history.csv")
     best = _best_so_far(out / "history.csv", monitor)
+    # Epoch ends run in this order: the learning rate into the logs, the history row (fsynced), the model (atomic),
+    # and only then the backup that counts the epoch as finished; so a kill at any point loses no finished epoch's
+    # row or model. (BackupAndRestore restores at train begin before the learning-rate setter overrides the rate.)
     callbacks = [
+        make_lr_logger(),
+        make_history_logger(out / "history.csv"),
+        make_model_checkpoint(out / "model.keras", best, monitor),
         keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=True),
         *([make_learning_rate_setter(cfg.learning_rate)] if cfg.lr_schedule == "constant" else []),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(str(out / "model.keras"), monitor=monitor, mode="max",
-                                        save_best_only=True, initial_value_threshold=best),
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience,
                                       restore_best_weights=True),
-        make_lr_logger(),
-        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(out / "logs")),
         make_overlay_callback(out / "logs", next(iter(val_ds))),
     ]

@@ -194,15 +194,16 @@ def test_bucket_inputs_models_and_earlier_results(bucket, tiny_models, inputs):
     bp.check_model(BUCKET + "models/base", "--lung-model")  # a prefix holding files is fine
     with pytest.raises(bp.Refused, match="not found"):
         bp.check_model(BUCKET + "models/nothing", "--lung-model")
-    # an earlier run's results in the bucket: refused, then --overwrite deletes exactly those
-    for rel in ("res/images/2020/a_lung.png", "res/summary.jsonl", "res/notes.txt"):
+    # an earlier run's results in the bucket: refused, then --overwrite deletes exactly those its manifest lists
+    for rel in ("res/images/2020/a_lung.png", "res/summary.jsonl", "res/notes.txt", "res/images/2020/own.png"):
         (bucket / rel).parent.mkdir(parents=True, exist_ok=True)
         (bucket / rel).write_text("x")
-    with pytest.raises(bp.Refused, match="2 files"):
+    (bucket / "res" / bp.MANIFEST).write_text("images/2020/a_lung.png\nsummary.jsonl\nseverity.csv\n../notes.txt\n")
+    with pytest.raises(bp.Refused, match="4 files"):
         bp.prepare_output(BUCKET + "res", overwrite=False)
     bp.prepare_output(BUCKET + "res", overwrite=True)
     assert sorted(str(f.relative_to(bucket)) for f in bucket.joinpath("res").rglob("*") if f.is_file()) == [
-        "res/notes.txt"]
+        "res/images/2020/own.png", "res/notes.txt"]
 
 
 # ----------------------------------------------------------------------------------------------- Beam runs
@@ -348,6 +349,51 @@ def test_rerun_is_refused_and_overwrite_replaces_the_earlier_results(mixed_run, 
     assert read_lines(out / bp.DEAD_LETTER) == []
     assert len(read_lines(out / bp.SEVERITY_CSV)) == 2  # header + 1
     assert mine.read_text() == "keep me"
+
+
+def test_overwrite_deletes_only_the_files_a_run_wrote(inputs, tiny_models, tmp_path, capsys):
+    """Issue 23: --overwrite deleted a user's own images/2020/*.png and images/notes.txt inside --output."""
+    out = tmp_path / "study"
+    lung, inf = tiny_models
+    models = ["--lung-model", str(lung), "--infection-model", str(inf), "--quiet"] + RUNNER
+    src = inputs["png8_gray"]
+    rc, _ = run_main(capsys, [str(src), "--output", str(out)] + models)
+    assert rc == 0 and (out / bp.MANIFEST).is_file()
+    listed = read_lines(out / bp.MANIFEST)
+    assert sorted(listed) == sorted([bp.SUMMARY, bp.SEVERITY_CSV, bp.DEAD_LETTER] + [
+        f"images/png8_gray{s}" for s in ("_lung.png", "_infection.png", "_overlay.png", ".json")])
+    own = [out / "images" / "2020" / "a.png", out / "images" / "notes.txt", out / "images" / "b_lung.png"]
+    for f in own:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"mine")
+    stale = out / "images" / "png8_gray_overlay.png"
+    rc, printed = run_main(capsys, [str(inputs["jpeg"]), "--output", str(out), "--overwrite"] + models)
+    assert rc == 0 and printed["images_ok"] == 1
+    for f in own:
+        assert f.read_bytes() == b"mine"  # the user's files are never touched
+    assert not stale.exists()  # the earlier run's own outputs are gone
+    assert [json.loads(ln)["file"] for ln in read_lines(out / bp.SUMMARY)] == [str(inputs["jpeg"])]
+    # a folder holding only what looks like a run's outputs, but no manifest: --overwrite deletes nothing
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    (other / "images" / "x_lung.png").write_bytes(b"mine")
+    (other / bp.SUMMARY).write_text("mine")
+    with pytest.raises(bp.Refused):
+        bp.prepare_output(str(other), overwrite=False)
+    bp.prepare_output(str(other), overwrite=True)
+    assert (other / "images" / "x_lung.png").read_bytes() == b"mine" and (other / bp.SUMMARY).read_text() == "mine"
+
+
+def test_pattern_matching_nothing_writes_nothing(tiny_models, tmp_path, capsys):
+    """Issue 23: a pattern matching nothing exited 1 but left empty summary files, so the rerun was refused."""
+    out = tmp_path / "out"
+    lung, inf = tiny_models
+    models = ["--lung-model", str(lung), "--infection-model", str(inf), "--quiet"] + RUNNER
+    (tmp_path / "x").mkdir()
+    rc, _ = run_main(capsys, [str(tmp_path / "x" / "*.png"), "--output", str(out)] + models)
+    assert rc == 1
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    bp.prepare_output(str(out), overwrite=False)  # the corrected rerun is not refused
 
 
 def test_input_inside_output_is_refused(tmp_path, tiny_models, caplog):

@@ -92,13 +92,25 @@ def test_read_xray_dicom_window_saturates_above_the_window(inputs):
 
 
 @pytest.mark.parametrize("kind, reason", [("bad_truncated", "cannot read as image"),
-                                          ("bad_text", "cannot read as image"),
+                                          ("bad_text", "not an image"),
                                           ("bad_nopixels", "DICOM file has no pixel data")])
 def test_read_xray_bad_files_name_the_file_and_the_reason(inputs, kind, reason):
     assert kind in BAD
     with pytest.raises(XRayReadError) as e:
         read_xray(inputs[kind])
     assert str(e.value).startswith(f"{inputs[kind]}: {reason}"), str(e.value)
+
+
+@pytest.mark.parametrize("content, detail", [(b"", "empty file, 0 bytes"), (b"hello\n", "unknown format"),
+                                             (b"\x00" * 300, "unknown format")])
+def test_zero_byte_and_non_image_files_are_named_not_an_image(tmp_path, content, detail):
+    """Issue 23: such files reported `cannot identify image file <_io.BytesIO object at 0x...>`."""
+    f = tmp_path / "scan.png"
+    f.write_bytes(content)
+    for call in (lambda: read_xray(f), lambda: header_size(content, str(f))):
+        with pytest.raises(XRayReadError) as e:
+            call()
+        assert str(e.value).startswith(f"{f}: not an image ({detail}") and "BytesIO" not in str(e.value)
 
 
 def test_read_xray_missing_file(tmp_path):

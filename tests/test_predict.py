@@ -444,3 +444,32 @@ def test_overlay_cost_does_not_grow_with_the_input():
     assert tuple(out[250, 500]) == green and tuple(out[257, 500]) == green  # an 8 px outline at 2048 px
     assert tuple(out[258, 500]) != green and tuple(out[0, 0]) == (100, 100, 100)
     assert overlay(np.zeros((2048, 30), np.uint8), lung[:2048, :30], inf[:2048, :30]).shape == (2048, 30, 3)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc", "read_only"])
+def test_predict_unwritable_out_is_a_usage_error_before_any_model_loads(tmp_path, monkeypatch, capsys, where):
+    """Issue 23: an --out that cannot be written was found only after the models were loaded and an image
+    predicted; now one `error:` line and exit code 2 before anything loads."""
+    from covidseg_tf import cascade, predict
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("models loaded")
+
+    monkeypatch.setattr(cascade.Cascade, "load", no_load)
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(tmp_path / "x.png")
+    (tmp_path / "file.txt").write_text("x")
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+    out = {"under_a_file": tmp_path / "file.txt" / "preds", "proc": Path("/proc/x"),
+           "read_only": tmp_path / "ro" / "preds"}[where]
+    capsys.readouterr()
+    rc = predict.main([str(tmp_path / "x.png"), "--out", str(out), "--lung-model", str(tmp_path / "l.keras"),
+                       "--infection-model", str(tmp_path / "i.keras"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and str(out) in lines[0], err
+    assert "models loaded" not in err

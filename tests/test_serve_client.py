@@ -215,3 +215,27 @@ def test_client_does_not_import_tensorflow():
     code = ("import sys, covidseg_tf.serve_client; "
             "sys.exit(1 if any(m.split('.')[0] in ('tensorflow', 'keras', 'numpy') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_inputs_with_the_same_stem_get_their_own_outputs(server, tmp_path):
+    """Issue 23: a/x.png, b/x.png and x.jpg all became one x.json (the others silently overwritten), recording
+    only "image": "x". Outputs now follow batch_predict's stems (the path below the inputs' common folder, a hash
+    on a clash) and each JSON records its input's full path."""
+    imgs = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "x.jpg", tmp_path / "x.png"]
+    for i, p in enumerate(imgs):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(png_bytes(5 + i, 5))
+    out = tmp_path / "o"
+    assert serve_client.main(["--url", server, "--out", str(out), *map(str, imgs)]) == 0
+    jsons = sorted(out.rglob("*.json"))
+    assert len(jsons) == 4
+    summaries = {json.loads(p.read_text())["image"]: (p, json.loads(p.read_text())) for p in jsons}
+    assert set(summaries) == {str(p) for p in imgs}
+    for img in imgs:
+        path, summary = summaries[str(img)]
+        assert summary["height"] == imgs.index(img) + 5  # each JSON is its own image's
+        for mask in summary["masks"].values():
+            assert (out / mask).is_file()
+    assert summaries[str(imgs[0])][0] == out / "a" / "x.json"
+    from covidseg_tf.stems import uri_hash
+    assert summaries[str(imgs[2])][0] == out / f"x-{uri_hash(str(imgs[2]))}.json"

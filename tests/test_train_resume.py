@@ -34,7 +34,7 @@ def test_resume_after_sigkill_loses_no_finished_epoch(synthetic_data_dir: Path, 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if (out / "history.csv").exists() and len(_rows(out / "history.csv")) >= 1:
+        if (train._backup_epochs(out / "backup") or 0) >= 1:  # the first epoch finished (its row, model, backup)
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed in epoch 2"
@@ -158,3 +158,52 @@ def test_rerun_with_other_training_flags_resumes_and_records_them(synthetic_data
     assert reruns[0]["finished_epochs"] == 1
     assert reruns[0]["changed"] == {"--epochs": [1, 2], "--learning-rate": [1e-4, 5e-4]}
     assert (out / "DONE").exists() and not (out / "backup").exists()
+
+
+_KILL_IN_SAVE = """
+import os, signal, sys
+import keras
+from covidseg_tf import train
+
+original, calls = keras.Model.save, []
+
+def save(self, filepath, *args, **kwargs):  # the second model save is killed halfway through its write
+    original(self, filepath, *args, **kwargs)
+    calls.append(str(filepath))
+    if str(filepath).endswith(".keras") and len(calls) == 2:
+        with open(filepath, "r+b") as f:
+            f.truncate(os.path.getsize(filepath) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+keras.Model.save = save
+sys.argv = ["train", *sys.argv[1:]]
+train.cli()
+"""
+
+
+@pytest.mark.slow  # ~3 min: two tiny trainings and an export
+def test_kill_during_the_model_write_keeps_a_whole_model_and_every_finished_epoch(synthetic_data_dir: Path,
+                                                                                  tmp_path: Path):
+    """Issue 23: a kill -9 while model.keras was written left a truncated zip (the rerun crashed at export and
+    deleted backup/) and history.csv without the row of an epoch the backup counted as finished."""
+    import zipfile
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(synthetic_data_dir, out, 3)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, *cmd[3:]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert zipfile.is_zipfile(out / "model.keras")  # the first epoch's model, whole
+    rows = _rows(out / "history.csv")
+    finished = train._backup_epochs(out / "backup") or 0
+    assert [r["epoch"] for r in rows][:finished] == [str(i) for i in range(finished)]
+    assert len(rows) >= finished and finished >= 1
+
+    done = subprocess.run(cmd[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # + export
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming {out} from epoch {finished + 1}/3" in done.stderr
+    assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0", "1", "2"]  # none lost, none twice
+    assert (out / "DONE").exists() and not (out / "backup").exists()
+    assert zipfile.is_zipfile(out / "model.keras") and list((out / "saved_models").rglob("saved_model.pb"))
+    assert not list(out.glob(".*partial*"))
