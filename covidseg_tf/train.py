@@ -593,13 +593,24 @@ def _check_output(out: Path) -> None:
 
 
 def _encoder_weights(cfg: StageConfig) -> str | None:
-    """cfg.encoder_weights resolved ("auto" -> "imagenet" or None) and checked (an "imagenet" download, a file)."""
-    from covidseg_tf.models import choose_encoder_weights, resolve_encoder_weights
+    """cfg.encoder_weights resolved ("auto" -> "imagenet" or None) and checked: an "imagenet" download, or a file
+    that loads (a trained stage's .keras file, or weights of the 3-channel encoder, as `build_stage_model` loads
+    them), so a PNG or a broken file is a usage error before the run folder is created."""
+    from covidseg_tf.models import (
+        choose_encoder_weights,
+        load_reference_encoder,
+        load_stage_model,
+        resolve_encoder_weights,
+    )
 
     try:
         weights = choose_encoder_weights(cfg.encoder, cfg.encoder_weights)
-        resolve_encoder_weights(cfg.encoder, weights)
-    except (RuntimeError, OSError) as e:
+        path = resolve_encoder_weights(cfg.encoder, weights)
+        if path is not None and path.suffix == ".keras":
+            load_stage_model(path)
+        elif path is not None and str(weights).lower() != "imagenet":
+            load_reference_encoder(cfg.encoder, path)
+    except (RuntimeError, OSError, ValueError) as e:
         raise UsageError(f"--encoder-weights {cfg.encoder_weights}: {e}") from None
     return weights
 
