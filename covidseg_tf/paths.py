@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -58,3 +59,23 @@ def remove_partials(path: str | Path) -> None:
     path = Path(path)
     for p in path.parent.glob(f".{path.stem}.partial-*{path.suffix}"):
         p.unlink(missing_ok=True)
+
+
+def unwritable_reason(out_dir: Path) -> str | None:
+    """Why the folder `out_dir` cannot be created or written (None when it can): tried with a temporary file in
+    it or, when it does not exist yet, in its nearest existing parent (removed at once; nothing is left)."""
+    probe = out_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=probe)
+    except OSError as e:
+        where = "it" if probe == out_dir else probe
+        return f"cannot write a file in {where} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(name)
+    return None

@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +51,7 @@ import numpy as np
 from covidseg_tf import __version__
 from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, XRayReadError, decode_xray, find_images
-from covidseg_tf.paths import sha256_bytes, sha256_file
+from covidseg_tf.paths import sha256_bytes, sha256_file, unwritable_reason  # noqa: F401  (predict.<name>)
 
 if TYPE_CHECKING:
     from covidseg_tf.cascade import Cascade, Prediction
@@ -295,26 +294,6 @@ def remove_stale(stem: Path) -> list[Path]:
     for o in stale[::-1]:  # the JSON first
         o.unlink()
     return stale
-
-
-def unwritable_reason(out_dir: Path) -> str | None:
-    """Why the folder `out_dir` cannot be created or written (None when it can): tried with a temporary file in
-    it or, when it does not exist yet, in its nearest existing parent (removed at once; nothing is left)."""
-    probe = out_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    try:
-        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=probe)
-    except OSError as e:
-        where = "it" if probe == out_dir else probe
-        return f"cannot write a file in {where} ({e.strerror or e})"
-    os.close(fd)
-    os.unlink(name)
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
