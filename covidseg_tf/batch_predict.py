@@ -72,6 +72,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -79,6 +80,7 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
@@ -92,6 +94,7 @@ from covidseg_tf.config import (
     add_model_flags,
     decision_overrides,
 )
+from covidseg_tf.paths import Unusable, path_problem, walk_files
 from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
     GLOB_CHARS,
     SHORT_HASH,
@@ -211,22 +214,76 @@ def _failed(stage: str) -> None:
     Metrics.counter(NAMESPACE, f"failed_{stage}").inc()
 
 
+def _may_hold_matches(rel_parts: Sequence[str], segments: Sequence[str]) -> bool:
+    """Whether a folder at `rel_parts` below a pattern's listing root could hold files the rest of the pattern
+    (`segments`, split at ``/``) matches: a ``**`` on the way reaches anything, other segments must match."""
+    for i, part in enumerate(rel_parts):
+        if "**" in segments[min(i, len(segments) - 1)]:
+            return True
+        if i >= len(segments) - 1 or not re.match(LocalFileSystem.translate_pattern(segments[i]), part):
+            return False
+    return True
+
+
+def local_unusable(pattern: str) -> list[Unusable]:
+    """What Beam's local match skips without a word although `pattern` (absolute, local) names or could reach it
+    (`covidseg_tf.paths.walk_files`): dangling or looping symbolic links and non-regular files the pattern matches
+    (a FIFO would block its reader forever), folders below the listing root that cannot be listed, and, as notes,
+    symbolic links to folders (not followed, as Beam's os.walk does not). A literal path: its `path_problem`."""
+    if not has_glob(pattern):
+        problem = path_problem(pattern)
+        return [Unusable(Path(pattern), problem)] if problem else []
+    root = fixed_prefix(pattern).rstrip("/") or "/"
+    problem = path_problem(root)
+    if problem is not None:
+        return [Unusable(Path(root), problem)]
+    if not os.path.isdir(root):
+        return []
+    regex = re.compile(LocalFileSystem.translate_pattern(pattern))
+    segments = pattern[len(root):].lstrip("/").split("/")
+    _, unusable = walk_files(root)
+    found = []
+    for u in unusable:
+        path = str(u.path)
+        rel = [] if path == root else path[len(root):].lstrip("/").split("/")
+        folder = os.path.isdir(path)  # a folder that cannot be listed, or a link to one
+        if (folder and _may_hold_matches(rel, segments)) or (not folder and regex.match(path)):
+            found.append(u)
+    return found
+
+
 class MatchFn(beam.DoFn):
     """``(pattern index, pattern)`` -> ``(uri, pattern index)`` for each matched file (`FileSystems.match`, as
     `fileio.MatchFiles` does); files under `exclude` (the output location) are skipped; a literal pattern that
-    matches nothing goes to the dead letter."""
+    matches nothing goes to the dead letter, and so does what a local pattern reaches but cannot use
+    (`local_unusable`: a folder that cannot be listed, a dangling or looping link, a FIFO...)."""
 
     def __init__(self, exclude: str):
         self.exclude = exclude.rstrip("/") + "/"
 
     def process(self, element: tuple[int, str]) -> Iterator[Any]:
         index, pattern = element
+        unusable = set()
+        if not is_remote(pattern):
+            for u in local_unusable(pattern):
+                if (str(u.path) + "/").startswith(self.exclude):
+                    continue
+                unusable.add(str(u.path))
+                if not u.error:
+                    log.warning("%s: %s", u.path, u.reason)
+                    continue
+                _failed("match")
+                yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(str(u.path), "match", u.reason))
+            if not has_glob(pattern) and unusable:
+                return
         try:
-            matched = FileSystems.match([pattern])[0].metadata_list
+            matched = [m for m in FileSystems.match([pattern])[0].metadata_list if m.path not in unusable]
         except Exception as e:  # e.g. a bucket that does not exist: the other patterns go on
             _failed("match")
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(pattern, "match", f"{type(e).__name__}: {e}"))
             return
+        if not matched and unusable:
+            return  # said above
         if not matched and has_glob(pattern):  # allowed (a glob may select nothing), but said and counted
             log.warning("pattern %s matches no file", pattern)
             Metrics.counter(NAMESPACE, "patterns_matching_nothing").inc()

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from covidseg_tf.limits import MAX_INFLATED_BYTES, MAX_PIXELS, size_problem
+from covidseg_tf.paths import Unusable, path_problem, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -255,16 +256,21 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def find_images(paths: list[str | Path], exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
+def find_images(paths: list[str | Path], exclude: Path | None = None,
+                unusable: list[Unusable] | None = None) -> tuple[list[Path], list[Path]]:
     """Expand files and folders (recursively, known extensions, sorted) into image paths.
 
     Returns (files, missing): explicitly named files are kept whatever their extension; folders contribute
-    files with a known extension, except those under `exclude` (e.g. the output folder).
+    files with a known extension, except those under `exclude` (e.g. the output folder). What cannot be used is
+    never skipped without a word (`covidseg_tf.paths.walk_files`): folders that cannot be listed, dangling or
+    looping symbolic links, non-regular files (and, as notes, symbolic links to folders, not followed) are
+    appended to `unusable` when it is given, else logged as warnings.
     """
     files: list[Path] = []
     missing: list[Path] = []
     seen: set[Path] = set()
     excl = exclude.resolve() if exclude is not None else None
+    found: list[Unusable] = []
 
     def add(p: Path, walked: bool = False) -> None:
         r = p.resolve()
@@ -277,12 +283,22 @@ def find_images(paths: list[str | Path], exclude: Path | None = None) -> tuple[l
 
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in KNOWN_EXTENSIONS:
-                    add(f, walked=True)
+        problem = path_problem(p)
+        if problem is not None:
+            found.append(Unusable(p, problem))
+        elif p.is_dir():
+            walked, skipped = walk_files(p, lambda name: Path(name).suffix.lower() in KNOWN_EXTENSIONS)
+            for f in walked:
+                add(f, walked=True)
+            found.extend(u for u in skipped if excl is None or not (u.path.absolute() == excl
+                                                                    or excl in u.path.absolute().parents))
         elif p.is_file():
             add(p)
         else:
             missing.append(p)
+    if unusable is None:
+        for u in found:
+            log.warning("%s: %s; skipped", u.path, u.reason)
+    else:
+        unusable.extend(found)
     return files, missing

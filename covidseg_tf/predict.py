@@ -51,7 +51,13 @@ import numpy as np
 from covidseg_tf import __version__
 from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, XRayReadError, decode_xray, find_images
-from covidseg_tf.paths import sha256_bytes, sha256_file, unwritable_reason  # noqa: F401  (predict.<name>)
+from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
+    Unusable,
+    path_problem,
+    sha256_bytes,
+    sha256_file,
+    unwritable_reason,
+)
 
 if TYPE_CHECKING:
     from covidseg_tf.cascade import Cascade, Prediction
@@ -336,17 +342,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out_abs = out_dir.resolve()
     for p in args.inputs:
-        if p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):
+        if path_problem(p) is None and p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):
             log.error("input folder %s is inside --out %s: outputs and inputs would mix; choose another --out",
                       p, out_dir)
             return 1
-    files, missing = find_images(list(args.inputs), exclude=out_dir)
+    unusable: list[Unusable] = []
+    files, missing = find_images(list(args.inputs), exclude=out_dir, unusable=unusable)
     for m in missing:
         log.error("input %s does not exist; skipped", m)
+    for u in unusable:  # never skipped without a word: a failed input (or, for a link to a folder, a warning)
+        (log.error if u.error else log.warning)("%s: %s; skipped", u.path, u.reason)
+    missing += [u.path for u in unusable if u.error]
     if not files:
-        log.error("no input images found in %s", ", ".join(map(str, args.inputs)))
+        if missing:
+            log.error("no input image could be read: %d path(s) failed (see above)", len(missing))
+        else:
+            log.error("no input images found in %s", ", ".join(map(str, args.inputs)))
         return 1
-    plan = plan_outputs(files, list(args.inputs), out_dir)
+    plan = plan_outputs(files, [p for p in args.inputs if path_problem(p) is None], out_dir)
     existing = [o for f in files for o in output_paths(plan[f]) if o.exists()]
     if existing and not args.overwrite:
         log.error("%s already exists (%d output file(s) of an earlier run would be replaced): pass --overwrite to "

@@ -405,6 +405,65 @@ def test_input_inside_output_is_refused(tmp_path, tiny_models, caplog):
     assert rc == 1 and "inside --output" in caplog.text
 
 
+def _awkward_folder(root: Path, png: Path, monkeypatch) -> Path:
+    """A folder of one good PNG and everything a walk cannot use: a symlink loop, a dangling link, a FIFO named
+    .png, a subfolder that cannot be listed (os.scandir made to fail on it: the tests run as root) and a link to
+    a folder; a dangling link with a non-image name too."""
+    d = root / "in"
+    (d / "locked").mkdir(parents=True)
+    shutil.copy(png, d / "good.png")
+    shutil.copy(png, d / "locked" / "hidden.png")
+    (d / "loop1.png").symlink_to("loop2.png")
+    (d / "loop2.png").symlink_to("loop1.png")
+    (d / "dangling.png").symlink_to("gone.png")
+    os.mkfifo(d / "pipe.png")
+    (root / "elsewhere").mkdir()
+    (d / "linked").symlink_to(root / "elsewhere")
+    real = os.scandir
+
+    def scandir(path=".", *args, **kwargs):
+        if str(path).rstrip("/") == str(d / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return d
+
+
+AWKWARD = {"loop1.png": "a symbolic link loop", "loop2.png": "a symbolic link loop",
+           "dangling.png": "a dangling symbolic link", "pipe.png": "not a regular file (a FIFO)",
+           "locked": "cannot list the folder (Permission denied)"}
+
+
+def test_match_names_what_it_cannot_use(inputs, tmp_path, monkeypatch):
+    """Issue 23: symlink loops, dangling links and unlistable subfolders were dropped by the match without a word
+    (and a FIFO was matched, to block its reader forever); each is now a dead letter of stage "match" naming the
+    path and why. A pattern that cannot reach the unlistable folder does not report it."""
+    d = _awkward_folder(tmp_path, inputs["png8_gray"], monkeypatch)
+    out = list(bp.MatchFn(str(tmp_path / "out")).process((0, bp.normalize_pattern(str(d)))))
+    assert [o for o in out if isinstance(o, tuple)] == [(str(d / "good.png"), 0)]
+    dead = {json.loads(o.value)["file"]: json.loads(o.value) for o in out if not isinstance(o, tuple)}
+    assert set(dead) == {str(d / n) for n in AWKWARD}
+    for name, why in AWKWARD.items():
+        assert dead[str(d / name)]["stage"] == "match" and dead[str(d / name)]["reason"].startswith(why), name
+    flat = list(bp.MatchFn(str(tmp_path / "out")).process((0, f"{d}/*.png")))
+    assert {json.loads(o.value)["file"] for o in flat if not isinstance(o, tuple)} == {
+        str(d / n) for n in AWKWARD if n != "locked"}
+    (literal,) = bp.MatchFn(str(tmp_path / "out")).process((0, str(d / "pipe.png")))
+    assert json.loads(literal.value)["reason"].startswith("not a regular file (a FIFO)")
+
+
+def test_every_path_it_cannot_use_is_a_dead_letter_of_the_run(inputs, tiny_models, tmp_path, monkeypatch, capsys):
+    d = _awkward_folder(tmp_path, inputs["png8_gray"], monkeypatch)
+    lung, inf = tiny_models
+    rc, res = run_main(capsys, [str(d), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                                "--infection-model", str(inf), "--quiet"] + RUNNER)
+    assert rc == 1
+    assert res["images_ok"] == 1 and res["images_failed"] == len(AWKWARD) == res["failed_by_stage"]["match"]
+    dead = {json.loads(ln)["file"] for ln in read_lines(tmp_path / "out" / bp.DEAD_LETTER)}
+    assert dead == {str(d / n) for n in AWKWARD}
+
+
 # ----------------------------------------------------------------------------------------------- real data
 @pytest.mark.slow
 @pytest.mark.shared_data

@@ -473,3 +473,97 @@ def test_predict_unwritable_out_is_a_usage_error_before_any_model_loads(tmp_path
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and str(out) in lines[0], err
     assert "models loaded" not in err
+
+
+# ------------------------------------------------------------------ issue 23: nothing skipped without a word
+def _unlistable(monkeypatch, *folders: Path) -> None:
+    """Make os.scandir (what the folder walk lists with) fail on `folders` as it does for a folder the user may not
+    read (the tests run as root, for whom permissions do not bite)."""
+    real = os.scandir
+    denied = {str(f) for f in folders}
+
+    def scandir(path=".", *args, **kwargs):
+        if str(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_predict_names_every_path_it_cannot_use_and_exits_1(inputs, conv_models, tmp_path, monkeypatch, caplog):
+    """Issue 23: a symlink loop, a dangling link, a FIFO named .png and a subfolder that cannot be listed were
+    skipped without a word ("1 of 1 processed", exit 0). Each is now an error naming the path and counted as a
+    failed input (exit 1); a link to a folder is a warning (not followed); the good image is processed."""
+    d = tmp_path / "in"
+    (d / "locked").mkdir(parents=True)
+    shutil.copy(inputs["png8_gray"], d / "good.png")
+    shutil.copy(inputs["png8_gray"], d / "locked" / "hidden.png")
+    (d / "loop1.png").symlink_to("loop2.png")
+    (d / "loop2.png").symlink_to("loop1.png")
+    (d / "dangling.png").symlink_to("gone.png")
+    os.mkfifo(d / "pipe.png")
+    (d / "notes.txt").symlink_to("gone.txt")  # not an image name: not an input, not reported
+    (tmp_path / "elsewhere").mkdir()
+    (d / "linked").symlink_to(tmp_path / "elsewhere")
+    _unlistable(monkeypatch, d / "locked")
+    with caplog.at_level(logging.INFO):
+        assert run([d], tmp_path / "o", conv_models) == 1
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    for name, why in (("loop1.png", "a symbolic link loop"), ("loop2.png", "a symbolic link loop"),
+                      ("dangling.png", "a dangling symbolic link"), ("pipe.png", "not a regular file (a FIFO)"),
+                      ("locked", "cannot list the folder (Permission denied)")):
+        assert f"{d / name}: {why}" in errors, (name, errors)
+    assert "notes.txt" not in caplog.text
+    assert f"{d / 'linked'}: a symbolic link to a folder: not followed" in caplog.text
+    assert "linked" not in errors
+    assert "1 of 6 input(s) processed" in caplog.text
+    assert (tmp_path / "o" / "in" / "good.json").is_file()
+
+
+def test_predict_unlistable_folder_says_so_not_no_images_found(conv_models, tmp_path, monkeypatch, caplog):
+    """Issue 23: a folder that cannot be listed said "no input images found"; now it says it cannot be listed and
+    why (exit 1)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("L", (40, 40), 7).save(d / "x.png")
+    _unlistable(monkeypatch, d)
+    with caplog.at_level(logging.ERROR):
+        assert run([d], tmp_path / "o", conv_models) == 1
+    assert f"{d}: cannot list the folder (Permission denied)" in caplog.text
+    assert "no input images found" not in caplog.text
+
+
+def test_predict_file_in_a_folder_it_may_not_enter_is_one_error(inputs, conv_models, tmp_path, monkeypatch,
+                                                                  capsys, caplog):
+    """Issue 23: an input inside a folder the user may not search made Path.is_dir() raise PermissionError (a
+    traceback); now an error line naming the file, exit 1, and the other input is processed."""
+    d = tmp_path / "private"
+    d.mkdir()
+    secret = d / "x.png"
+    shutil.copy(inputs["png8_gray"], secret)
+    good = tmp_path / "good.png"
+    shutil.copy(inputs["png8_gray"], good)
+    real = os.stat
+
+    def stat(path, *args, **kwargs):  # EACCES on everything below the folder, as for a user without its x bit
+        if str(path).startswith(str(d) + os.sep):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with caplog.at_level(logging.ERROR):
+        assert run([secret, good], tmp_path / "o", conv_models) == 1
+    assert f"{secret}: cannot access it (Permission denied)" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (tmp_path / "o" / "good.json").is_file()
+
+
+def test_predict_model_that_is_no_zip_says_so(inputs, tmp_path, caplog):
+    """Issue 23 item 10: a .keras model that exists but is no zip said "File not found"."""
+    bad = tmp_path / "lung.keras"
+    bad.write_text("not a model\n")
+    with caplog.at_level(logging.ERROR):
+        run([inputs["png8_gray"]], tmp_path / "o", (bad, bad))
+    assert f"{bad}: not a Keras model: not a zip archive" in caplog.text
+    assert "File not found" not in caplog.text
