@@ -27,10 +27,14 @@ Any failure raises `XRayReadError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import re
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +131,40 @@ def _dicom_size(data: bytes, name: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+_pydicom_quiet_lock = threading.Lock()
+_pydicom_quiet_depth = 0
+_pydicom_level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """Silence the "pydicom" logger while a frame decodes: a failing decoder plugin is logged by pydicom as an
+    ERROR with its whole traceback (20 lines) before the exception we turn into one clean `XRayReadError`.
+    Reference-counted under a lock, so concurrent decodes (Beam worker threads) restore the level exactly."""
+    global _pydicom_quiet_depth, _pydicom_level
+    logger = logging.getLogger("pydicom")
+    with _pydicom_quiet_lock:
+        if _pydicom_quiet_depth == 0:
+            _pydicom_level = logger.level
+            logger.setLevel(logging.CRITICAL + 1)
+        _pydicom_quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _pydicom_quiet_lock:
+            _pydicom_quiet_depth -= 1
+            if _pydicom_quiet_depth == 0:
+                logger.setLevel(_pydicom_level)
+
+
 def _read_dicom(data: bytes, name: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     ds = _dicom_dataset(data, name, header_only=False)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise XRayReadError(f"{name}: DICOM file has no pixel data")
-    arr = pixel_array(ds, index=0)  # the first frame only: a multi-frame file is never decoded whole
+    with _pydicom_quiet():
+        arr = pixel_array(ds, index=0)  # the first frame only: a multi-frame file is never decoded whole
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if samples > 1:  # colour DICOM: pixel_array is already RGB (pydicom converts YBR by default)
         return to_uint8(_luma(arr))
@@ -230,6 +261,13 @@ def read_xray(path: str | Path) -> np.ndarray:
     return decode_xray(data, str(path))
 
 
+def _one_line(message: str) -> str:
+    """A decoder's message as one line, without Pillow's name of an in-memory file ("<_io.BytesIO object at
+    0x7f...>", which names nothing): pydicom lists its plugins' errors on lines of their own."""
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", message)
+    return re.sub(r"\s*\n\s*", " ", message).strip()
+
+
 def decode_xray(data: bytes, name: str) -> np.ndarray:
     """The bytes of an X-ray image or DICOM file as an HxW uint8 grayscale array, by `read_xray`'s rules; `name`
     (a path or URL) decides DICOM by its extension (or the "DICM" magic bytes) and names the input in errors.
@@ -249,7 +287,7 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
         raise
     except Exception as e:  # Pillow / pydicom raise many types; keep the reason, name the file
         kind = "DICOM" if dicom else "image"
-        raise XRayReadError(f"{name}: cannot read as {kind}: {type(e).__name__}: {e}") from e
+        raise XRayReadError(f"{name}: cannot read as {kind}: {type(e).__name__}: {_one_line(str(e))}") from e
     if arr.ndim != 2 or arr.size == 0:
         raise XRayReadError(f"{name}: decoded to an array of shape {arr.shape}; expected one grey image (H x W)")
     _check_size(arr.shape[0], arr.shape[1], name)  # the header's promise kept (e.g. after the EXIF rotation)
