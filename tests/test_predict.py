@@ -104,8 +104,8 @@ def test_predict_cli_all_good_exit_0_and_out_inside_input_folder(inputs, tiny_mo
     assert main([str(d)] + args) == 0
     check_outputs(d / "preds" / "imgs" / "a_png", d / "a.png", (H, W))
     check_outputs(d / "preds" / "imgs" / "a_dcm", d / "a.dcm", (H, W))
-    # a second run does not pick up its own outputs as inputs (and replaces them only when told to)
-    assert main([str(d)] + args) == 1
+    # a second run does not pick up its own outputs as inputs (and replaces them only when told to: a usage error)
+    assert main([str(d)] + args) == 2
     assert main([str(d)] + args + ["--overwrite"]) == 0
     assert len(list((d / "preds").rglob("*.json"))) == 2
 
@@ -121,7 +121,7 @@ def test_predict_cli_refuses_input_folder_inside_out_and_keeps_explicit_files(in
     (out / "imgs" / "x_lung.png").write_bytes(b"not ours")  # a file that looks like an output
     args = ["--out", str(out), "--lung-model", str(lung), "--infection-model", str(inf), "--quiet"]
     with caplog.at_level(logging.ERROR):
-        assert main([str(out / "imgs")] + args) == 1
+        assert main([str(out / "imgs")] + args) == 2  # a usage error
     assert "inside --out" in caplog.text
     # an explicit file inside --out is processed next to itself without touching any input
     assert main([str(src), "--out", str(out / "imgs")] + args[2:]) == 0
@@ -136,7 +136,7 @@ def test_predict_cli_missing_model_is_a_clear_error(inputs, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         rc = main([str(inputs["png8_gray"]), "--out", str(tmp_path), "--lung-model", str(tmp_path / "no.keras"),
                    "--infection-model", str(tmp_path / "no2.keras")])
-    assert rc == 1
+    assert rc == 2  # a usage error (exitcodes.USAGE), as in export and train
     assert "no.keras" in caplog.text and "covidseg_tf.train" in caplog.text
 
 
@@ -224,7 +224,7 @@ def test_predict_cli_missing_default_models_say_what_to_do(inputs, tmp_path, mon
     monkeypatch.setattr(config, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
     monkeypatch.setattr(config, "DEFAULT_INFECTION_MODEL", tmp_path / "saved_models" / "infection")
     with caplog.at_level(logging.ERROR):
-        assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out")]) == 1
+        assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out")]) == 2
     assert str(tmp_path / "saved_models" / "lung") in caplog.text
     assert "covidseg_tf.export" in caplog.text and "--lung-model/--infection-model" in caplog.text
 
@@ -252,7 +252,7 @@ def test_predict_cli_bad_model_folders(inputs, tiny_saved_models, tmp_path, capl
     with caplog.at_level(logging.ERROR):
         rc = main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out"), "--lung-model", str(bad),
                    "--infection-model", str(inf), "--quiet"])
-    assert rc == 1
+    assert rc == 2
     assert expect in caplog.text and str(bad) in caplog.text
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
 
@@ -366,7 +366,7 @@ def test_predict_reruns_are_explicit(inputs, conv_models, tmp_path, caplog):
     assert run([d], out, conv_models) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with caplog.at_level(logging.ERROR):
-        assert run([d], out, conv_models) == 1
+        assert run([d], out, conv_models) == 2  # a usage error: nothing touched
     assert f"{out / 'in' / 'a_lung.png'} already exists (8 output file(s)" in caplog.text
     assert "--overwrite" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
@@ -564,6 +564,72 @@ def test_predict_model_that_is_no_zip_says_so(inputs, tmp_path, caplog):
     bad = tmp_path / "lung.keras"
     bad.write_text("not a model\n")
     with caplog.at_level(logging.ERROR):
-        run([inputs["png8_gray"]], tmp_path / "o", (bad, bad))
+        assert run([inputs["png8_gray"]], tmp_path / "o", (bad, bad)) == 2
     assert f"{bad}: not a Keras model: not a zip archive" in caplog.text
     assert "File not found" not in caplog.text
+
+
+def test_predict_ctrl_c_is_one_line_and_exit_130(inputs, conv_models, tmp_path, monkeypatch, capsys):
+    """Issue 23: Ctrl-C during predict printed a KeyboardInterrupt traceback (the outputs were consistent). Now one
+    line saying how many inputs were done, exit code 130; the finished input's outputs are whole, the
+    interrupted one left no JSON and no temporary file."""
+    from covidseg_tf import predict
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(inputs["png8_gray"], d / name)
+    real = predict.write_outputs
+
+    def write_outputs(encoded):  # Ctrl-C while the second input's files are written
+        if any("b_" in Path(name).name for name in encoded):
+            first = next(iter(encoded))
+            Path(f"{first}.tmp-{os.getpid()}").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        real(encoded)
+
+    monkeypatch.setattr(predict, "write_outputs", write_outputs)
+    capsys.readouterr()
+    assert run([d], tmp_path / "o", conv_models) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["python -m covidseg_tf.predict: interrupted (Ctrl-C); 1 of 3 input(s) done; their outputs are "
+                     "complete, the rest were not written (rerun with --overwrite)"], err
+    check_outputs(tmp_path / "o" / "in" / "a", d / "a.png", (H, W))
+    assert not (tmp_path / "o" / "in" / "b.json").exists()
+
+
+def test_predict_sigint_in_a_real_process_exits_130_without_a_traceback(tmp_path, conv_models):
+    """A real SIGINT to `python -m covidseg_tf.predict` in the middle of a folder: exit 130, no traceback, every
+    JSON written stands next to its complete files."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(d / f"x{i:03d}.png")
+    out = tmp_path / "o"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "covidseg_tf.predict", str(d), "--out", str(out), "--lung-model",
+                             str(conv_models[0]), "--infection-model", str(conv_models[1]), "--quiet"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.rglob("*.json"))[:3][2:]:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert "python -m covidseg_tf.predict: interrupted (Ctrl-C);" in err
+    done = sorted(out.rglob("*.json"))
+    assert 3 <= len(done) < 400
+    for j in done:
+        check_outputs(j.with_suffix(""), d / (j.stem + ".png"), (64, 64))
+    assert not list(out.rglob("*.tmp-*"))
