@@ -38,8 +38,9 @@ The pipeline (`build_pipeline`):
 Beam metrics (namespace ``covidseg_batch_predict``): ``images_ok``, ``images_failed`` (and ``failed_<stage>``),
 ``images_not_assessed`` (processed, but refused by the input quality gate: no severity) and
 ``patterns_matching_nothing`` (globs that selected no file; also logged), printed at the end with the output files
-as one JSON line on stdout. Exit code 0 when every input was processed, 1 when any failed or nothing matched, or
-when the run was refused.
+as one JSON line on stdout. Exit codes (`covidseg_tf.exitcodes`): 0 when every input was processed, 1 when any
+failed (dead letters) or nothing matched, 2 when the run was refused before it started (`Refused`: earlier
+results without --overwrite, a missing model, an input inside --output; a bad flag value), 130 after Ctrl-C.
 
 Every run also writes ``<output>/manifest.txt``: the files it wrote, one path relative to --output a line.
 
@@ -94,6 +95,7 @@ from covidseg_tf.config import (
     add_model_flags,
     decision_overrides,
 )
+from covidseg_tf.exitcodes import EPILOG, FAILED, OK, USAGE, interrupted
 from covidseg_tf.paths import Unusable, path_problem, walk_files
 from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
     GLOB_CHARS,
@@ -108,6 +110,7 @@ from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serv
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m covidseg_tf.batch_predict"
 NAMESPACE = "covidseg_batch_predict"
 """Namespace of this pipeline's Beam metrics."""
 IMAGES_DIR = "images"
@@ -688,7 +691,7 @@ def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = Fal
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m covidseg_tf.batch_predict",
+        prog=PROG,
         description="predict's masks, overlays and severity for whole archives of X-rays, as an Apache Beam "
                     "pipeline (RunInference); writes <output>/images/<stem>_{lung,infection,overlay}.png + .json, "
                     "summary.jsonl, severity.csv and dead_letter.jsonl. Flags not listed here are Beam pipeline "
@@ -708,8 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
                "      --temp_location gs://results/tmp --sdk_container_image IMAGE   # or --requirements_file ...\n"
                "patterns: * stays in one folder, ** crosses folders; a local folder or a pattern ending in / "
                "means everything below it.\n"
-               "exit code 0 when every input was processed, 1 when any failed (see dead_letter.jsonl), nothing "
-               "matched, or the run was refused.")
+               "dead letters (exit 1, the others processed): missing literal paths, unreadable, empty, corrupt or "
+               "non-image files,\nimages above 4096 px a side, dangling or looping links, FIFOs, folders that "
+               "cannot be listed;\nrefused (exit 2, nothing run): earlier results in --output without "
+               "--overwrite, a missing model, an input\ninside --output, --output that is a file, a bad flag "
+               "value.\n" + EPILOG)
     p.add_argument("inputs", nargs="+", help="file patterns or paths: local, gs://, s3:// (quote globs)")
     p.add_argument("--output", required=True, help="output location (local folder, gs://..., s3://...)")
     add_model_flags(p, urls=True)
@@ -739,10 +745,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataclasses.replace(Decision(), **decision)
     except (TypeError, ValueError) as e:
         log.error("%s", e)
-        return 1
+        return USAGE
     if args.batch_size < 1:
         log.error("--batch-size must be >= 1, got %s", args.batch_size)
-        return 1
+        return USAGE
     settings = Settings(patterns=list(args.inputs), output=args.output, lung_model=args.lung_model,
                         infection_model=args.infection_model, decision=decision, image_size=args.image_size,
                         batch_size=args.batch_size, tf_threads=args.tf_threads)
@@ -750,7 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run(settings, beam_args, overwrite=args.overwrite)
     except Refused as e:
         log.error("%s", e)
-        return 1
+        return USAGE
+    except KeyboardInterrupt:
+        return interrupted(PROG, f"the run did not finish (no summaries, no manifest in {settings.output}); rerun "
+                                 "with --overwrite, which writes over its image outputs")
     print(json.dumps(res.as_dict()), flush=True)
     if res.patterns_matching_nothing:
         log.warning("%d pattern(s) matched no file", res.patterns_matching_nothing)
@@ -759,16 +768,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                  res.failed_by_stage or "none", res.output)
     if res.images_failed:
         log.error("%d input(s) failed: see %s", res.images_failed, res.files["dead_letter"])
-        return 1
+        return FAILED
     if res.images_ok == 0:
         log.error("no input matched %s", " ".join(settings.patterns))
-        return 1
-    return 0
+        return FAILED
+    return OK
 
 
 if __name__ == "__main__":
     # Run the module under its own name, so the DoFns pickled for the workers refer to covidseg_tf.batch_predict
     # (importable on every worker), not to __main__.
+    from covidseg_tf.batch_predict import PROG as _PROG
     from covidseg_tf.batch_predict import main as _main
 
-    sys.exit(_main())
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:  # before the pipeline ran (e.g. while Beam imports)
+        sys.exit(interrupted(_PROG))

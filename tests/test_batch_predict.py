@@ -337,7 +337,7 @@ def test_rerun_is_refused_and_overwrite_replaces_the_earlier_results(mixed_run, 
     src = inputs["png8_gray"]
     with caplog.at_level(logging.ERROR):
         rc, printed = run_main(capsys, [str(src), "--output", str(out)] + models)
-    assert rc == 1 and printed is None
+    assert rc == 2 and printed is None  # refused: a usage error
     assert "already holds the results of a run" in caplog.text and "--overwrite" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p != mine} == before  # nothing touched
     # --overwrite: the earlier run's files are deleted first, so only this run's results remain
@@ -402,7 +402,7 @@ def test_input_inside_output_is_refused(tmp_path, tiny_models, caplog):
     with caplog.at_level(logging.ERROR):
         rc = bp.main([str(tmp_path / "out" / "scans"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
                       "--infection-model", str(inf)] + RUNNER)
-    assert rc == 1 and "inside --output" in caplog.text
+    assert rc == 2 and "inside --output" in caplog.text
 
 
 def _awkward_folder(root: Path, png: Path, monkeypatch) -> Path:
@@ -507,3 +507,29 @@ def test_real_val_images_match_predict(shared_covidqu, tmp_path, capsys):
             np.testing.assert_array_equal(a, b, err_msg=f"{p.name} {name}")
         grades.add(got["severity"]["grade"])
     assert len(grades) > 1  # real predictions, not all "none"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_models, tmp_path, monkeypatch, capsys):
+    """Issue 23: Ctrl-C while the pipeline runs is one line and exit code 130, not a KeyboardInterrupt traceback."""
+    def interrupted_run(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bp, "run", interrupted_run)
+    lung, inf = tiny_models
+    capsys.readouterr()
+    rc = bp.main([str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                  "--infection-model", str(inf), "--quiet"])
+    assert rc == 130
+    out, err = capsys.readouterr()
+    assert not out and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("python -m covidseg_tf.batch_predict: interrupted (Ctrl-C); the run did not finish")
+
+
+def test_bad_flag_values_are_usage_errors(tiny_models, tmp_path, capsys):
+    lung, inf = tiny_models
+    rc, _ = run_main(capsys, [str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                              "--infection-model", str(inf), "--batch-size", "0"])
+    assert rc == 2
+    rc, _ = run_main(capsys, [str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--lung-model",
+                              str(tmp_path / "nowhere.keras"), "--infection-model", str(inf)] + RUNNER)
+    assert rc == 2 and not (tmp_path / "out").exists()
