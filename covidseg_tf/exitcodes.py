@@ -1,4 +1,4 @@
-"""The exit codes of every command-line tool, in one place (standard library only: `--help` stays light).
+"""The exit codes of every command-line tool, in one place (standard library only at import: `--help` stays light).
 
     0    OK           everything asked for was done
     1    FAILED       some input failed (reported and skipped; the others were processed) or the work itself
@@ -43,3 +43,24 @@ def run_cli(main: Callable[[], Any], prog: str, detail: str = "") -> NoReturn:
     except KeyboardInterrupt:
         code = interrupted(prog, detail)
     sys.exit(code if isinstance(code, int) else OK)
+
+
+def run_dataset_cli(main: Callable[[], Any], prog: str, detail: str = "") -> NoReturn:
+    """`run_cli` for the tools that read a TFDS dataset (evaluate, tune): a dataset that cannot be built or loaded
+    ends with ``error: ...`` (FAILED), a FileNotFoundError or ValueError (a model that cannot be loaded, an unknown
+    --dataset) with ``<prog>: error: ...`` (USAGE): one line each, no traceback."""
+
+    def guarded() -> int:
+        from covidseg_tf.data import DatasetError  # imported late: --help stays light
+        from tfds_covidqu.covid_qu_ex.sources import CovidQuExDataError
+
+        try:
+            main()
+        except (DatasetError, CovidQuExDataError) as e:
+            sys.exit(f"error: {e}")  # printed by Python, exit code FAILED
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return USAGE
+        return OK
+
+    run_cli(guarded, prog, detail)

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covidseg_tf import exitcodes
 from covidseg_tf.config import (
     BATCH_NORMS,
     IMAGE_CLASS_OUTPUT,
@@ -83,6 +84,9 @@ examples:
   python -m covidseg_tf.train --stage lung --manual-dir ~/covidqu
   # after a crash or kill: rerun the same command, it resumes from the last finished epoch
   tensorboard --logdir runs
+refused (exit 2, nothing created or changed): a bad flag value, --encoder-weights or --lung-model that does not
+load, an --output that is a file or holds a finished run or one started with other model flags;
+a dataset that cannot be built or loaded: exit 1.
 """
 
 # Config fields settable from the command line (flag = field name with dashes).
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m covidseg_tf.train",
         description="Train Stage 1 (lung) or Stage 2 (infection) of the covidseg-tf cascade. Defaults are the "
                     "seed recipe of the chosen stage (shown as lung / infection).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES + exitcodes.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=STAGES, help="which stage to train")
     lung, inf = default_config("lung"), default_config("infection")
     for name in _CONFIG_FLAGS:
@@ -759,9 +763,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """`python -m covidseg_tf.train`: a dataset that cannot be built or loaded ends with one error line."""
+    """`python -m covidseg_tf.train`: a dataset that cannot be built or loaded ends with one error line (exit 1),
+    a Ctrl-C with one line saying how to resume (exit 130)."""
     try:
         main()
+    except KeyboardInterrupt:
+        sys.exit(exitcodes.interrupted("python -m covidseg_tf.train", "every finished epoch is kept: rerun the "
+                                       "same command to resume from the last one"))
     except Exception as e:
         # imported late: `--help` stays free of TensorFlow
         from covidseg_tf.data import DatasetError
