@@ -226,6 +226,8 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
     Raises:
         XRayReadError: the header cannot be read.
     """
+    if not data:  # whatever the name says (an empty .dcm too)
+        raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     try:
         if _is_dicom(data, name):
             return _dicom_size(data, name)
@@ -278,6 +280,8 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
         XRayReadError: not an image, unreadable, no pixel data, or larger than the size limits (the message names
             `name` and the limit).
     """
+    if not data:  # whatever the name says (an empty .dcm too)
+        raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     dicom = _is_dicom(data, name)
     try:
         if dicom:

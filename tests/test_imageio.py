@@ -101,11 +101,14 @@ def test_read_xray_bad_files_name_the_file_and_the_reason(inputs, kind, reason):
     assert str(e.value).startswith(f"{inputs[kind]}: {reason}"), str(e.value)
 
 
-@pytest.mark.parametrize("content, detail", [(b"", "empty file, 0 bytes"), (b"hello\n", "unknown format"),
-                                             (b"\x00" * 300, "unknown format")])
-def test_zero_byte_and_non_image_files_are_named_not_an_image(tmp_path, content, detail):
-    """Issue 23: such files reported `cannot identify image file <_io.BytesIO object at 0x...>`."""
-    f = tmp_path / "scan.png"
+@pytest.mark.parametrize("content, detail, name", [(b"", "empty file, 0 bytes", "scan.png"),
+                                                   (b"", "empty file, 0 bytes", "scan.dcm"),
+                                                   (b"hello\n", "unknown format", "scan.png"),
+                                                   (b"\x00" * 300, "unknown format", "scan.png")])
+def test_zero_byte_and_non_image_files_are_named_not_an_image(tmp_path, content, detail, name):
+    """Issue 23: such files reported `cannot identify image file <_io.BytesIO object at 0x...>` (and an empty .dcm
+    pydicom's "File is missing DICOM File Meta Information header...")."""
+    f = tmp_path / name
     f.write_bytes(content)
     for call in (lambda: read_xray(f), lambda: header_size(content, str(f))):
         with pytest.raises(XRayReadError) as e:
