@@ -254,6 +254,9 @@ def read_xray(path: str | Path) -> np.ndarray:
         XRayReadError: the file is missing, unreadable, not an image, or has no pixel data.
     """
     path = Path(path)
+    problem = path_problem(path)  # a dangling or looping link, a FIFO (read_bytes would block), no access
+    if problem is not None:
+        raise XRayReadError(f"{path}: {problem}")
     if not path.is_file():
         raise XRayReadError(f"{path}: no such file")
     try:

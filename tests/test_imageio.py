@@ -116,6 +116,20 @@ def test_zero_byte_and_non_image_files_are_named_not_an_image(tmp_path, content,
         assert str(e.value).startswith(f"{f}: not an image ({detail}") and "BytesIO" not in str(e.value)
 
 
+def test_read_xray_names_links_and_fifos_it_cannot_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    for name, reason in (("pipe.png", "not a regular file (a FIFO)"), ("gone.png", "a dangling symbolic link"),
+                         ("a.png", "a symbolic link loop")):
+        with pytest.raises(XRayReadError) as e:
+            read_xray(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {reason}"), str(e.value)
+
+
 def test_read_xray_missing_file(tmp_path):
     with pytest.raises(XRayReadError) as e:
         read_xray(tmp_path / "nope.png")
