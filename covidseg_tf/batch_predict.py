@@ -29,7 +29,8 @@ The pipeline (`build_pipeline`):
    shard: fine for summaries, ~1.5 kB per image in ``summary.jsonl``):
 
    - ``<output>/summary.jsonl``: one JSON record per image (the per-image JSON, on one line);
-   - ``<output>/severity.csv``: ``file,severity_left,severity_right,severity_total,grade`` per image;
+   - ``<output>/severity.csv``: ``file,severity_left,severity_right,severity_total,grade,infection_probability,
+     image_class`` per image (the last two: the image-level head's verdict, empty for models without a head);
    - ``<output>/dead_letter.jsonl``: one ``{"file", "stage", "reason"}`` per input that failed
      (stage: match, read, decode, inference or render).
 
@@ -114,7 +115,8 @@ DEAD_LETTER = "dead_letter.jsonl"
 MANIFEST = "manifest.txt"
 """The files a run wrote, one path relative to --output a line (written by the run itself, after its outputs):
 the only files --overwrite deletes."""
-CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade")
+CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade", "infection_probability",
+               "image_class")
 STAGES = ("match", "read", "decode", "inference", "render")
 DEFAULT_BATCH_SIZE = 8
 
@@ -374,11 +376,14 @@ class CascadeModelHandler(ModelHandler):
 # ----------------------------------------------------------------------------------------------- outputs
 def csv_line(record: dict[str, Any]) -> str:
     """One `severity.csv` row (CSV_COLUMNS); an image the input quality gate did not assess (``"assessed":
-    false`` in its record) has empty severities and the grade ``not assessed``."""
+    false`` in its record) has empty severities and the grade ``not assessed``; the image-level head's columns
+    are empty for models without a head."""
     buf = io.StringIO()
     sev = record["severity"]
     grade = sev["grade"] if record.get("assessed", True) else "not assessed"
-    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"], grade])
+    head = record.get("image_level") or {}
+    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"], grade,
+                                                head.get("infection_probability"), head.get("class")])
     return buf.getvalue()
 
 

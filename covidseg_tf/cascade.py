@@ -21,8 +21,18 @@ Masks at an output size (`masks_at`)
     for the lung, ``>= infection_threshold`` for the infection) and the infection mask is multiplied by the lung
     mask, so no infection is reported outside the lungs. A given `lung_mask` at the output size replaces the
     predicted lung mask. Image-level decision: an infection mask covering less than `min_infection_percent` of
-    the lung mask is emptied (healthy X-rays get no scattered false positives). Severity is computed on these
-    output masks, so one image gets the same masks and severity from every entry point.
+    the lung mask is emptied (healthy X-rays get no scattered false positives), and so is one whose image-level
+    head says "no infection" (see below). Severity is computed on these output masks, so one image gets the same
+    masks and severity from every entry point.
+
+Image-level head
+    An infection model trained with `--image-head-weight` also returns, per image, softmax probabilities over
+    `config.IMAGE_CLASSES` (COVID-19 / Non-COVID / Normal). `run_stages` returns them as `image_class_prob`
+    (mean over the flip with `hflip`); the COVID-19 column is the image's `infection_probability`: the
+    probability that the X-ray shows any infection. With `Decision.min_infection_probability` > 0 the infection
+    mask of an image below it is emptied (the head tells "other pneumonia", which the area rule cannot, from
+    COVID-19), which lets `tune` keep small findings the area rule would throw away. Models without a head
+    have no such outputs and cannot take such a decision (`Cascade` says so).
 
 Decision (`Decision`)
     The thresholds, the image-level rule and horizontal-flip test-time augmentation (`hflip`: each stage's
@@ -83,7 +93,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from covidseg_tf.config import Decision, split_outputs
+from covidseg_tf.config import IMAGE_CLASS_OUTPUT, IMAGE_CLASSES, INFECTION_CLASS, MASK_OUTPUT, Decision, split_outputs
 from covidseg_tf.limits import MAX_ASPECT, MIN_SIDE, MIN_STD
 from covidseg_tf.paths import integer_versions
 
@@ -247,39 +257,79 @@ def run_stages(lung_model: Any, infection_model: Any | None, pixels: tf.Tensor, 
 
     Returns:
         {"lung_prob", "lung_input", "infection_prob"} (B, S, S, 1) float32; `lung_input` is the 0/1 mask Stage 2
-        was given (absent `infection_prob` without an infection model).
+        was given (absent `infection_prob` without an infection model); for an infection model with an image
+        head also "image_class_prob" (B, len(IMAGE_CLASSES)) float32 (module docstring, "Image-level head").
     """
     pixels = tf.cast(pixels, tf.float32)
-    lung_prob = _probabilities(lung_model, pixels, hflip)
+    lung_prob = _probabilities(lung_model, pixels, hflip)[0]
     lung_input = tf.cast(lung_prob >= threshold, tf.float32) if lung_mask is None else tf.cast(lung_mask, tf.float32)
     out = {"lung_prob": lung_prob, "lung_input": lung_input}
     if infection_model is not None:
-        out["infection_prob"] = run_stage2(infection_model, pixels, lung_input, hflip)
+        out["infection_prob"], image_class = run_stage2(infection_model, pixels, lung_input, hflip, with_class=True)
+        if image_class is not None:
+            out["image_class_prob"] = image_class
     return out
 
 
-def run_stage2(infection_model: Any, pixels: tf.Tensor, lung_input: tf.Tensor, hflip: bool = False) -> tf.Tensor:
-    """Stage 2 alone: (B, S, S, 3) model pixels + (B, S, S, 1) 0/1 lung mask -> (B, S, S, 1) float32 probabilities."""
+def run_stage2(infection_model: Any, pixels: tf.Tensor, lung_input: tf.Tensor, hflip: bool = False,
+               with_class: bool = False) -> Any:
+    """Stage 2 alone: (B, S, S, 3) model pixels + (B, S, S, 1) 0/1 lung mask -> (B, S, S, 1) float32 probabilities;
+    with `with_class`, the pair (those, the image head's (B, len(IMAGE_CLASSES)) probabilities or None)."""
     x = tf.concat([tf.cast(pixels, tf.float32), tf.cast(lung_input, tf.float32)], axis=-1)
-    return _probabilities(infection_model, x, hflip)
+    prob, image_class = _probabilities(infection_model, x, hflip)
+    return (prob, image_class) if with_class else prob
 
 
-def _probabilities(model: Any, x: tf.Tensor, hflip: bool) -> tf.Tensor:
-    """model(x)'s mask as float32; with `hflip`, the mean with the mirrored prediction on the mirrored input."""
-    prob = tf.cast(split_outputs(model(x, training=False))[0], tf.float32)
+def _probabilities(model: Any, x: tf.Tensor, hflip: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """model(x)'s mask and image class probabilities (None without a head) as float32; with `hflip`, each the mean
+    with the prediction on the mirrored input (the mask mirrored back)."""
+    mask, image_class = _float32(split_outputs(model(x, training=False)))
     if hflip:
-        mirrored = tf.cast(split_outputs(model(tf.reverse(x, axis=[2]), training=False))[0], tf.float32)
-        prob = 0.5 * (prob + tf.reverse(mirrored, axis=[2]))
-    return prob
+        mirrored, mirrored_class = _float32(split_outputs(model(tf.reverse(x, axis=[2]), training=False)))
+        mask = 0.5 * (mask + tf.reverse(mirrored, axis=[2]))
+        if image_class is not None:
+            image_class = 0.5 * (image_class + mirrored_class)
+    return mask, image_class
+
+
+def _float32(tensors: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(None if t is None else tf.cast(t, tf.float32) for t in tensors)
+
+
+def infection_probability(image_class_prob: tf.Tensor) -> tf.Tensor:
+    """(B,) probability that an image shows infection: the COVID-19 column of the head's (B, C) probabilities.
+
+    >>> float(infection_probability(tf.constant([[0.7, 0.2, 0.1]]))[0]) == 0.7
+    True
+    """
+    return tf.cast(image_class_prob, tf.float32)[:, INFECTION_CLASS]
+
+
+def image_class_names(image_class_prob: tf.Tensor) -> tf.Tensor:
+    """(B,) string: the most probable of `config.IMAGE_CLASSES` per image."""
+    return tf.gather(tf.constant(IMAGE_CLASSES), tf.argmax(image_class_prob, axis=-1))
+
+
+def has_image_head(model: Any) -> bool:
+    """True if a stage model (Keras, FrozenStage, SavedModelStage, TFLiteStage) returns image class probabilities."""
+    flag = getattr(model, "has_image_head", None)
+    if isinstance(flag, bool):
+        return flag
+    from covidseg_tf.models import has_image_head as keras_has_image_head
+
+    return keras_has_image_head(model)
 
 
 def masks_at(lung_prob: tf.Tensor, infection_prob: tf.Tensor, decision: Decision | float, size: Any = None,
-             lung_mask: tf.Tensor | None = None, assessed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+             lung_mask: tf.Tensor | None = None, assessed: tf.Tensor | None = None,
+             image_class_prob: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Lung and infection masks of a batch at `size` ((H, W); None = the maps' own size) and their severity.
 
-    `decision` gives the thresholds and the image-level rule (a float: one threshold for both, no rule).
+    `decision` gives the thresholds and the image-level rules (a float: one threshold for both, no rule).
     `lung_mask`, (B, H, W, 1) 0/1 at the output size, replaces the predicted lung mask (the ground-truth ablation).
     `assessed`, (B,) bool (`input_quality`), empties both masks and zeroes the severity where it is False.
+    `image_class_prob`, (B, C) from an image head (`run_stages`), is needed when the decision consults the head
+    (`Decision.min_infection_probability` > 0): images whose `infection_probability` is below it get no infection.
     Returns {"lung_mask", "infection_mask"} (B, H, W, 1) float32 0/1 (infection inside lung) and the
     `SEVERITY_KEYS` (B,) float32 percentages (see `severity`).
     """
@@ -287,8 +337,16 @@ def masks_at(lung_prob: tf.Tensor, infection_prob: tf.Tensor, decision: Decision
     lung = mask_at(lung_prob, size, decision.threshold) if lung_mask is None else tf.cast(lung_mask, tf.float32)
     infection = mask_at(infection_prob, size, decision.infection_threshold) * lung
     sev = severity(lung, infection)
+    keep = tf.ones_like(sev["severity_total"])
     if decision.min_infection_percent > 0:
-        keep = tf.cast(sev["severity_total"] >= decision.min_infection_percent, tf.float32)
+        keep *= tf.cast(sev["severity_total"] >= decision.min_infection_percent, tf.float32)
+    if decision.uses_image_head:
+        if image_class_prob is None:
+            raise ValueError(f"the decision consults the image-level head (min_infection_probability "
+                             f"{decision.min_infection_probability:g}) but no image class probabilities were given: "
+                             "the infection model has no image head")
+        keep *= tf.cast(infection_probability(image_class_prob) >= decision.min_infection_probability, tf.float32)
+    if decision.min_infection_percent > 0 or decision.uses_image_head:
         infection = infection * keep[:, tf.newaxis, tf.newaxis, tf.newaxis]
         sev = {k: v * keep for k, v in sev.items()}
     if assessed is not None:  # the quality gate: no result for an input that cannot be a chest X-ray
@@ -303,12 +361,16 @@ def run_cascade(lung_model: Any, infection_model: Any, pixels: tf.Tensor,
     """Both stages on a batch of model pixels, masks and severity at the models' size S.
 
     Returns {"lung_prob", "lung_mask", "infection_prob", "infection_mask"}: (B, S, S, 1) float32 (masks 0/1; the
-    infection mask is inside the lung mask) and the `SEVERITY_KEYS` (B,) float32 percentages.
+    infection mask is inside the lung mask) and the `SEVERITY_KEYS` (B,) float32 percentages; with an image head
+    also "image_class_prob" (B, C) and "infection_probability" (B,).
     """
     decision = Decision.of(threshold)
     stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
     out = {"lung_prob": stages["lung_prob"], "infection_prob": stages["infection_prob"]}
-    out.update(masks_at(stages["lung_prob"], stages["infection_prob"], decision))
+    image_class = stages.get("image_class_prob")
+    if image_class is not None:
+        out.update(image_class_prob=image_class, infection_probability=infection_probability(image_class))
+    out.update(masks_at(stages["lung_prob"], stages["infection_prob"], decision, image_class_prob=image_class))
     return out
 
 
@@ -318,6 +380,8 @@ class Prediction:
 
     `assessed` is False for an image the quality gate refused (`input_quality`; `reason` says why): its masks are
     empty and its severity 0, which is no finding - report it as "not assessed", never as a grade.
+    `image_class_probabilities` ({class name: probability}, `config.IMAGE_CLASSES`) comes from an infection model
+    with an image head (None without one).
     """
 
     lung: np.ndarray
@@ -327,6 +391,19 @@ class Prediction:
     severity_total: float
     assessed: bool = True
     reason: str = ""
+    image_class_probabilities: dict[str, float] | None = None
+
+    @property
+    def infection_probability(self) -> float | None:
+        """The head's probability that the image shows infection (its COVID-19 class), or None without a head."""
+        probs = self.image_class_probabilities
+        return None if probs is None else probs[IMAGE_CLASSES[INFECTION_CLASS]]
+
+    @property
+    def image_class(self) -> str | None:
+        """The head's most probable class, or None without a head."""
+        probs = self.image_class_probabilities
+        return None if probs is None else max(probs, key=probs.__getitem__)
 
 
 class Cascade:
@@ -344,14 +421,21 @@ class Cascade:
         self.sources: dict[str, Path | None] = {"lung": None, "infection": None}
         self.decision = decision
         self.image_size = stage_agreement(lung_model, infection_model, image_size)
+        self.has_image_head = has_image_head(infection_model)
+        if decision.uses_image_head and not self.has_image_head:
+            raise ValueError(f"the decision consults the image-level head (min_infection_probability "
+                             f"{decision.min_infection_probability:g}) but the infection model has none; use "
+                             "--min-infection-probability 0 or a model trained with --image-head-weight")
         s = self.image_size
         self._stages = tf.function(
             lambda p: run_stages(lung_model, infection_model, p, decision.threshold, hflip=decision.hflip),
             input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
         prob = tf.TensorSpec([1, s, s, 1], tf.float32)
-        self._masks = tf.function(lambda lp, ip, hw, ok: _as_uint8_masks(masks_at(lp, ip, decision, hw, assessed=ok)),
-                                  input_signature=[prob, prob, tf.TensorSpec([2], tf.int32),
-                                                   tf.TensorSpec([1], tf.bool)])
+        classes = tf.TensorSpec([1, len(IMAGE_CLASSES)], tf.float32)
+        self._masks = tf.function(
+            lambda lp, ip, hw, ok, ic: _as_uint8_masks(masks_at(lp, ip, decision, hw, assessed=ok,
+                                                                image_class_prob=ic if self.has_image_head else None)),
+            input_signature=[prob, prob, tf.TensorSpec([2], tf.int32), tf.TensorSpec([1], tf.bool), classes])
 
     @property
     def threshold(self) -> float:
@@ -390,15 +474,22 @@ class Cascade:
         sizes = tf.constant([np.shape(g)[:2] for g in grays], tf.int32)
         quality = input_quality(pixels, sizes)
         stages = self._stages(pixels)
+        image_class = stages.get("image_class_prob")
+        if image_class is None:
+            image_class = tf.zeros([len(grays), len(IMAGE_CLASSES)], tf.float32)  # unused without a head
         out = []
         for i in range(len(grays)):
             ok = bool(quality["assessed"][i])
             m = self._masks(stages["lung_prob"][i:i + 1], stages["infection_prob"][i:i + 1], sizes[i],
-                            tf.constant([ok]))
+                            tf.constant([ok]), image_class[i:i + 1])
+            probs = None
+            if self.has_image_head and ok:
+                probs = {name: float(p) for name, p in zip(IMAGE_CLASSES, image_class[i].numpy())}
             out.append(Prediction(lung=m["lung_mask"].numpy()[0, :, :, 0],
                                   infection=m["infection_mask"].numpy()[0, :, :, 0],
                                   **{k: float(m[k].numpy()[0]) for k in SEVERITY_KEYS},
-                                  assessed=ok, reason=quality["reason"][i].numpy().decode()))
+                                  assessed=ok, reason=quality["reason"][i].numpy().decode(),
+                                  image_class_probabilities=probs))
         return out
 
 
@@ -444,6 +535,8 @@ def stage_agreement(lung_model: Any, infection_model: Any, image_size: int | Non
 
 
 EXPORT_INFO = Path("assets.extra") / "covidseg_export.json"
+IMAGE_CLASS_PROB = "image_class_prob"
+"""Output name of the image head's (B, C) class probabilities in the SavedModel signatures (`covidseg_tf.serving`)."""
 """What covidseg_tf.export wrote into each version folder (servable, image_size, precision, ...)."""
 
 _EXPECTED = ("expected a Keras `.keras` file, a stage SavedModel version folder (holding saved_model.pb), a TF "
@@ -473,7 +566,8 @@ class SavedModelStage:
     """A stage SavedModel written by `covidseg_tf.export.export_stage`, called like the Keras stage model.
 
     `stage(pixels, training=False)` maps (B, S, S, C) raw pixels to (B, S, S, 1) float32 probabilities through
-    the `predict_pixels` signature; it works eagerly and inside `tf.function`.
+    the `predict_pixels` signature (for an infection stage with an image head, the dict {"mask": those,
+    "image_class": (B, C) probabilities} that the Keras model returns); it works eagerly and inside `tf.function`.
     """
 
     def __init__(self, path: Path | str):
@@ -500,11 +594,16 @@ class SavedModelStage:
         self.input_shape: tuple[int | None, ...] = tuple(spec.shape.as_list())
         self.name = f"{self.stage}_v{self.path.name}"
         self._output = f"{self.stage}_prob"
+        self.has_image_head = IMAGE_CLASS_PROB in self._fn.structured_outputs
         log.info("loaded %s stage SavedModel %s (input %s)", self.stage, self.path, self.input_shape)
 
-    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities (`training` is ignored)."""
-        return self._fn(pixels=tf.cast(pixels, tf.float32))[self._output]
+    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor | dict[str, tf.Tensor]:
+        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities, with a head the dict of mask and image class
+        probabilities (`training` is ignored)."""
+        out = self._fn(pixels=tf.cast(pixels, tf.float32))
+        if self.has_image_head:
+            return {MASK_OUTPUT: out[self._output], IMAGE_CLASS_OUTPUT: out[IMAGE_CLASS_PROB]}
+        return out[self._output]
 
     def __repr__(self) -> str:
         return f"SavedModelStage({str(self.path)!r}, stage={self.stage!r}, input_shape={self.input_shape})"
@@ -513,7 +612,8 @@ class SavedModelStage:
 class TFLiteStage:
     """A TFLite stage (`covidseg_tf.optimize.tflite_model`, batch 1), called like the Keras stage model.
 
-    `stage(pixels, training=False)` maps (B, S, S, C) raw pixels to (B, S, S, 1) float32 probabilities, one image
+    `stage(pixels, training=False)` maps (B, S, S, C) raw pixels to (B, S, S, 1) float32 probabilities (with an
+    image head, the dict of those and the (B, C) class probabilities, like the Keras model), one image
     per interpreter call (XNNPACK, `threads` threads: default TensorFlow's intra-op setting, as `batch_predict
     --tf-threads` sets it, else TF_NUM_INTRAOP_THREADS, else every core); it works
     eagerly and inside `tf.function` (through `tf.numpy_function`). Calls are serialised: one interpreter.
@@ -535,11 +635,19 @@ class TFLiteStage:
             raise ValueError(f"{where}: cannot load this TFLite model: {type(e).__name__}: {e}; {_EXPECTED}") from e
         inp, out = self._interpreter.get_input_details(), self._interpreter.get_output_details()
         shape = tuple(int(d) for d in inp[0]["shape"])
-        if len(inp) != 1 or len(out) != 1 or len(shape) != 4 or shape[0] != 1 or shape[1] != shape[2]:
+        if len(inp) != 1 or len(out) not in (1, 2) or len(shape) != 4 or shape[0] != 1 or shape[1] != shape[2]:
             raise ValueError(f"{where}: a TFLite model with inputs {[tuple(d['shape']) for d in inp]}; expected "
                              "one (1, S, S, C) input, as `covidseg_tf.export --tflite` writes")
-        self._input, self._output = inp[0]["index"], out[0]["index"]
+        masks = [d for d in out if len(d["shape"]) == 4]
+        heads = [d for d in out if len(d["shape"]) == 2]
+        if len(masks) != 1 or len(heads) != len(out) - 1:
+            raise ValueError(f"{where}: a TFLite model with outputs {[tuple(d['shape']) for d in out]}; expected a "
+                             "(1, S, S, 1) mask and optionally a (1, C) image class output")
+        self._input, self._output = inp[0]["index"], masks[0]["index"]
+        self._head = heads[0]["index"] if heads else None
+        self.has_image_head = self._head is not None
         self.input_shape: tuple[int | None, ...] = (None, *shape[1:])
+        self._classes = int(heads[0]["shape"][1]) if heads else 0
         info_file = None if self.path is None else self.path.parent / EXPORT_INFO
         self.info: dict[str, Any] = json.loads(info_file.read_text()) if info_file and info_file.is_file() else {}
         self.stage = self.info.get("servable") or {3: "lung", 4: "infection"}.get(shape[3])
@@ -547,26 +655,41 @@ class TFLiteStage:
         self._lock = threading.Lock()
         log.info("loaded %s TFLite stage %s (input %s, %d threads)", self.stage, where, self.input_shape, threads)
 
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities, in numpy."""
+    def run(self, pixels: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities, in numpy (with an image head, the pair of
+        those and the (B, C) class probabilities)."""
         pixels = np.asarray(pixels, np.float32)
         if pixels.ndim != 4 or pixels.shape[1:] != self.input_shape[1:]:
             raise ValueError(f"{self.name}: pixels of shape {pixels.shape}; expected (B, *{self.input_shape[1:]})")
-        out = []
+        masks, classes = [], []
         with self._lock:
             for image in pixels:
                 self._interpreter.set_tensor(self._input, image[None])
                 self._interpreter.invoke()
-                out.append(self._interpreter.get_tensor(self._output)[0].astype(np.float32))
-        return np.stack(out) if out else np.zeros((0, *self.input_shape[1:3], 1), np.float32)
+                masks.append(self._interpreter.get_tensor(self._output)[0].astype(np.float32))
+                if self._head is not None:
+                    classes.append(self._interpreter.get_tensor(self._head)[0].astype(np.float32))
+        mask = np.stack(masks) if masks else np.zeros((0, *self.input_shape[1:3], 1), np.float32)
+        if self._head is None:
+            return mask
+        return mask, (np.stack(classes) if classes else np.zeros((0, self._classes), np.float32))
 
-    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities (`training` is ignored)."""
+    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor | dict[str, tf.Tensor]:
+        """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities, with an image head the dict of those and the
+        class probabilities (`training` is ignored)."""
         if tf.executing_eagerly():
-            return tf.constant(self.run(np.asarray(pixels)))
-        prob = tf.numpy_function(self.run, [tf.cast(pixels, tf.float32)], tf.float32, stateful=True)
-        prob.set_shape([pixels.shape[0], *self.input_shape[1:3], 1])
-        return prob
+            out = self.run(np.asarray(pixels))
+            if self._head is None:
+                return tf.constant(out)
+            return {MASK_OUTPUT: tf.constant(out[0]), IMAGE_CLASS_OUTPUT: tf.constant(out[1])}
+        dtypes = [tf.float32] if self._head is None else [tf.float32, tf.float32]
+        result = tf.numpy_function(self.run, [tf.cast(pixels, tf.float32)], dtypes, stateful=True)
+        result = result if isinstance(result, (list, tuple)) else [result]
+        result[0].set_shape([pixels.shape[0], *self.input_shape[1:3], 1])
+        if self._head is None:
+            return result[0]
+        result[1].set_shape([pixels.shape[0], self._classes])
+        return {MASK_OUTPUT: result[0], IMAGE_CLASS_OUTPUT: result[1]}
 
     def __repr__(self) -> str:
         return f"TFLiteStage({str(self.path or '<bytes>')!r}, stage={self.stage!r}, input_shape={self.input_shape})"

@@ -9,7 +9,8 @@ input `<name>`:
     <name>_infection.png  infection mask, 8-bit 0/255, input resolution
     <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red), input
                           resolution up to 2048 px a side (OVERLAY_MAX_SIDE), shrunk by an integer factor beyond
-    <name>.json           sizes, areas, severity per lung and grade, model files and versions
+    <name>.json           sizes, areas, severity per lung and grade, the image-level head's verdict (models
+                          with a head), model files and versions
 
 The JSON also records the input's SHA-256 (``input_sha256``) and whether the input quality gate assessed it:
 an image that cannot be a chest X-ray (too small, extremely elongated, near-constant; `covidseg_tf.limits`) gets
@@ -242,6 +243,13 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
             "total": pred.severity_total if assessed else None,
             "grade": severity_grade(pred.severity_total) if assessed else None,
             "unit": "percent of lung area infected",
+        },
+        # the infection model's image-level head (None without one, or when not assessed); the decision may
+        # have emptied the infection mask because of it (covidseg_tf.cascade, "Image-level head")
+        "image_level": None if pred.image_class_probabilities is None or not assessed else {
+            "infection_probability": pred.infection_probability,
+            "class": pred.image_class,
+            "class_probabilities": pred.image_class_probabilities,
         },
         "outputs": {k: v for k, v in names.items() if k != "json"},
         "models": models,

@@ -13,6 +13,9 @@ Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name
     predict_pixels   inputs  pixels      (B, S, S, C) float32  raw 0..255 (C = 3; 4 for infection: + lung 0/1)
                      outputs <p>_prob, <p>_mask                (B, S, S, 1) float32 at the MODEL size S
 
+An infection stage with an image-level head adds to both signatures `image_class_prob` ((B, C) float32, the
+softmax over COVID-19 / Non-COVID / Normal, `covidseg_tf.config.IMAGE_CLASSES`).
+
 The cascade servable: `serving_default` takes `images` only and returns lung_mask_bytes, infection_mask_bytes
 (input-size PNGs; the infection PNG is inside the lung PNG), severity_left, severity_right, severity_total
 ((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height, width,
@@ -23,9 +26,17 @@ and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thres
                                                   severities 0, which is no finding: report "not assessed"
                      reason          (B,) string  why not ("" when assessed), e.g. "too small: 2x2 pixels ..."
 
-Its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of `covidseg_tf.cascade.run_cascade`
-(lung_prob, lung_mask, infection_prob, infection_mask + severity, at S), without the gate (the caller chose the
-pixels). Versions exported before the gate (the retired version 1) have no `assessed` / `reason` outputs.
+and, when its infection stage has an image-level head (`covidseg_tf.cascade`, "Image-level head"):
+
+                     infection_probability  (B,) float32  the head's probability that the image shows infection
+                                                          (its COVID-19 class; 0 where not assessed)
+                     image_class            (B,) string   the most probable class ("" where not assessed)
+                     image_class_prob       (B, C) float32  the class probabilities (COVID-19, Non-COVID, Normal)
+
+Its `predict_pixels` takes (B, S, S, 3) pixels and returns the tensors of `covidseg_tf.cascade.run_cascade`
+(lung_prob, lung_mask, infection_prob, infection_mask + severity, at S; with a head also image_class_prob and
+infection_probability), without the gate (the caller chose the pixels). Versions exported before the gate (the
+retired version 1) have no `assessed` / `reason` outputs.
 
 Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
 `to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
@@ -70,7 +81,11 @@ import tensorflow as tf
 
 from covidseg_tf import limits
 from covidseg_tf.cascade import (
+    IMAGE_CLASS_PROB,
     SEVERITY_KEYS,
+    has_image_head,
+    image_class_names,
+    infection_probability,
     input_quality,
     mask_at,
     masks_at,
@@ -310,20 +325,32 @@ def stage_pngs(prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.T
 
 
 def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.Tensor,
-                    decision: Decision, assessed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+                    decision: Decision, assessed: tf.Tensor | None = None,
+                    image_class_prob: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Per image, `cascade.masks_at` its own size: lung and infection PNGs and the severity computed on them
-    (empty masks and severity 0 where `assessed`, (B,) bool from `cascade.input_quality`, is False)."""
+    (empty masks and severity 0 where `assessed`, (B,) bool from `cascade.input_quality`, is False).
+    `image_class_prob` (B, C), from an image head, takes part in the decision where it consults the head."""
     if assessed is None:
         assessed = tf.ones(tf.shape(sizes)[:1], tf.bool)
+    classes = tf.zeros([tf.shape(sizes)[0], 1]) if image_class_prob is None else image_class_prob
 
     def one(args: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
-        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis])
+        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis],
+                     image_class_prob=None if image_class_prob is None else args[4][tf.newaxis])
         return (_png(m["lung_mask"]), _png(m["infection_mask"])) + tuple(m[k][0] for k in SEVERITY_KEYS)
 
     string, number = tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float32)
-    out = tf.map_fn(one, (lung_prob, infection_prob, sizes, assessed),
+    out = tf.map_fn(one, (lung_prob, infection_prob, sizes, assessed, classes),
                     fn_output_signature=(string, string) + (number,) * len(SEVERITY_KEYS))
     return dict(zip(("lung_mask_bytes", "infection_mask_bytes") + SEVERITY_KEYS, out))
+
+
+def image_level_outputs(image_class_prob: tf.Tensor, assessed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The cascade servable's image-head outputs (module docstring), zero / "" where `assessed` is False."""
+    ok = tf.cast(assessed, tf.float32)
+    probs = image_class_prob * ok[:, tf.newaxis]
+    return {"infection_probability": infection_probability(probs), IMAGE_CLASS_PROB: probs,
+            "image_class": tf.where(assessed, image_class_names(image_class_prob), "")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -331,10 +358,15 @@ def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _predict(model: Any, pixels: tf.Tensor) -> tf.Tensor:
-    """The stage's mask probabilities as float32 (the image head's output, where a model has one, is not served
-    yet)."""
-    return tf.cast(split_outputs(model(pixels, training=False))[0], tf.float32)
+def _predict(model: Any, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The stage's mask probabilities and its image class probabilities (None without a head), as float32."""
+    mask, image_class = split_outputs(model(pixels, training=False))
+    return tf.cast(mask, tf.float32), None if image_class is None else tf.cast(image_class, tf.float32)
+
+
+def _with_class(out: dict[str, tf.Tensor], image_class: tf.Tensor | None) -> dict[str, tf.Tensor]:
+    """`out` plus the image head's class probabilities, where the model has a head."""
+    return out if image_class is None else dict(out, **{IMAGE_CLASS_PROB: image_class})
 
 
 def stage_signatures(
@@ -357,20 +389,20 @@ def stage_signatures(
 
         def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
-            return outputs_full(stage_pngs(_predict(model, pixels), sizes, threshold), sizes)
+            return outputs_full(stage_pngs(_predict(model, pixels)[0], sizes, threshold), sizes)
 
         image_sig = [tf.TensorSpec([None], tf.string, name="images")]
 
         def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            return outputs_small(_predict(model, pixels), None)
+            return outputs_small(_predict(model, pixels)[0], None)
 
     elif channels == 4:
 
         def serve_images(images: tf.Tensor, lung_masks: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
             lung_small, lung_full = load_masks(lung_masks, sizes, size)
-            prob = _predict(model, tf.concat([pixels, lung_small], axis=-1))
-            return outputs_full(stage_pngs(prob, sizes, threshold, within=lung_full), sizes)
+            prob, image_class = _predict(model, tf.concat([pixels, lung_small], axis=-1))
+            return _with_class(outputs_full(stage_pngs(prob, sizes, threshold, within=lung_full), sizes), image_class)
 
         image_sig = [
             tf.TensorSpec([None], tf.string, name="images"),
@@ -378,7 +410,8 @@ def stage_signatures(
         ]
 
         def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            return outputs_small(_predict(model, pixels), pixels[..., 3:4])
+            prob, image_class = _predict(model, pixels)
+            return _with_class(outputs_small(prob, pixels[..., 3:4]), image_class)
 
     else:
         raise ValueError(f"stage model must take 3 or 4 channels, got {channels}")
@@ -395,6 +428,9 @@ def cascade_signatures(
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
     decision = Decision.of(decision)
     size = stage_agreement(lung_model, infection_model, image_size)
+    if decision.uses_image_head and not has_image_head(infection_model):
+        raise ValueError("the decision consults the image-level head (min_infection_probability "
+                         f"{decision.min_infection_probability:g}) but the infection model has none")
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return dict(run_cascade(lung_model, infection_model, pixels, decision))
@@ -403,9 +439,13 @@ def cascade_signatures(
         pixels, sizes = load_images(images, size)
         quality = input_quality(pixels, sizes)
         stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
-        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"])
+        image_class = stages.get("image_class_prob")
+        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"],
+                              image_class)
         out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
         out["assessed"], out["reason"] = quality["assessed"], quality["reason"]
+        if image_class is not None:
+            out.update(image_level_outputs(image_class, quality["assessed"]))
         return out
 
     return {

@@ -137,6 +137,27 @@ def conv_cascade(size: int = 64):
             conv_stage(size, 4, [0.1 / 3] * 3 + [20.0], -26.0, "infection_conv"))
 
 
+def conv_head_stage(size: int = 64, name: str = "infection_head_conv"):
+    """`conv_cascade`'s infection stage with an image-level head (the dict output of a Stage-2 model trained with
+    --image-head-weight): the COVID-19 logit is 0.05 x (mean grey - 100), the other two classes' logits 0, so an
+    image brighter than 100 on average is "COVID-19" (P = 0.94 at a mean of 170), a darker one not (0.16 at 80)."""
+    import keras
+
+    from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT
+
+    inp = keras.Input((size, size, 4), name=f"{name}_pixels")
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_conv")
+    dense = keras.layers.Dense(3, name=f"{name}_dense")
+    pooled = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(inp)
+    head = keras.layers.Activation("softmax", name=IMAGE_CLASS_OUTPUT)(dense(pooled))
+    model = keras.Model(inp, {MASK_OUTPUT: conv(inp), IMAGE_CLASS_OUTPUT: head}, name=name)
+    conv.set_weights([np.array([0.1 / 3] * 3 + [20.0], np.float32).reshape(1, 1, 4, 1), np.array([-26.0], np.float32)])
+    kernel = np.zeros((4, 3), np.float32)
+    kernel[0, 0] = 0.05
+    dense.set_weights([kernel, np.array([-5.0, 0.0, 0.0], np.float32)])
+    return model
+
+
 # ----------------------------------------------------------------------------------------------- SavedModels
 # Runs a list of cases against a SavedModel exactly as TF Serving does: TF1 loader, tag "serve", feeds and
 # fetches by the signature's tensor names. Errors are returned (type + message), never raised.
