@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# How version 3 of the shipped models is trained (saved_models/MODEL_CARD.md, "Version 3"): the cascade at the
-# images' native 256 px, long runs with one cosine schedule each, Stage 2 with an image-level head.
+# How version 3 of the shipped models is trained (saved_models/MODEL_CARD.md, "Version 3"): progressive resizing
+# to the images' native 256 px, each stage first at 128 px (cheap epochs), then continued at 256 px from every
+# layer of the 128-px model; Stage 2 with the image-level head, on the final Stage-1 model's masks.
 #   nohup nice -n 10 bash recipes/train_v3.sh RUN_DIR [MANUAL_DIR] [TFDS_DIR] >> RUN_DIR/recipe.log 2>&1 &
 # RUN_DIR must lie outside the repository. Rerunning the same command skips finished steps (NAME/DONE) and
 # resumes an unfinished training run from its backup (one epoch is the most a kill loses). Each step is a
-# project CLI; its log is RUN_DIR/NAME.log. THREADS (default 2) sets TensorFlow's intra-op threads.
-#   1. lung256       Stage 1, B0, 256 px, 8 epochs, lr 1e-3 cosine, bf16 mixed precision, random init (version 2's
-#                    Stage-1 .keras was not on the machine; the shipped SavedModels hold frozen constants only)
-#   2. infection256  Stage 2, B0, 256 px, 20 epochs, lr 1e-3 cosine, bf16, every layer from lung256, on lung256's
-#                    masks, with the image-level head (loss weight 0.2); the seed's dropout, decay, clipping, loss
-# Why these sizes and bf16: bench/RESULTS.md, "Training cost per epoch for version 3".
+# project CLI; its log is RUN_DIR/NAME.log. THREADS (default 2) sets TensorFlow's intra-op threads; PRECISION
+# (default off = float32) the --mixed-precision of training: bf16 only where bench/train_step.py says it is
+# faster on the CPU at hand (bench/RESULTS.md, "Training cost per epoch for version 3").
+#   1. lung128        Stage 1, B0, 128 px, 4 epochs, lr 1e-3 cosine, random init
+#   2. lung256        Stage 1, 256 px, 2 epochs, lr 3e-4 cosine, every layer from lung128
+#   3. infection128   Stage 2, 128 px, 6 epochs, lr 1e-3 cosine, every layer from lung256 (stem widened), on
+#                     lung256's masks, image-level head (loss weight 0.2); the seed's dropout, decay, clipping, loss
+#   4. infection256   Stage 2, 256 px, 3 epochs, lr 3e-4 cosine, every layer from infection128, same masks and head
+#   5. tune (Val) -> RUN_DIR/decision.json; export (float32, the decision recorded) -> RUN_DIR/saved_models
+# The epochs fit one 3-hour session on 2 cores (no run folder has survived from one session's machine to the next).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:?give a run folder outside the repository}
 M=${2:-../shared/covidqu}
 D=${3:-$HOME/tensorflow_datasets}
 THREADS=${THREADS:-2}
+PRECISION=${PRECISION:-off}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
 COMMON=(--encoder efficientnetb0 --batch-size 16 --lr-schedule cosine --seed 1 --no-export
-        --mixed-precision bf16 --manual-dir "$M" --data-dir "$D")
+        --mixed-precision "$PRECISION" --manual-dir "$M" --data-dir "$D")
 
 train() {  # train NAME ARGS...: run folder RUN_DIR/NAME, log RUN_DIR/NAME.log
   local name=$1; shift
@@ -29,7 +35,18 @@ train() {  # train NAME ARGS...: run folder RUN_DIR/NAME, log RUN_DIR/NAME.log
     python -m covidseg_tf.train "${COMMON[@]}" "$@" --output "$R/$name" >> "$R/$name.log" 2>&1
 }
 
-train lung256 --stage lung --image-size 256 --epochs 8 --learning-rate 1e-3 --encoder-weights none
+train lung128 --stage lung --image-size 128 --epochs 4 --learning-rate 1e-3 --encoder-weights none
+train lung256 --stage lung --image-size 256 --epochs 2 --learning-rate 3e-4 --encoder-weights "$R/lung128/model.keras"
+LUNG=$R/lung256/model.keras
+train infection128 --stage infection --image-size 128 --epochs 6 --learning-rate 1e-3 --image-head-weight 0.2 \
+    --encoder-weights "$LUNG" --lung-model "$LUNG"
+train infection256 --stage infection --image-size 256 --epochs 3 --learning-rate 3e-4 --image-head-weight 0.2 \
+    --encoder-weights "$R/infection128/model.keras" --lung-model "$LUNG"
+INF=$R/infection256/model.keras
 
-train infection256 --stage infection --image-size 256 --epochs 20 --learning-rate 1e-3 --image-head-weight 0.2 \
-    --encoder-weights "$R/lung256/model.keras" --lung-model "$R/lung256/model.keras"
+[[ -f $R/decision.json ]] || python -m covidseg_tf.tune --lung-model "$LUNG" --infection-model "$INF" \
+    --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" --hflip both --out "$R/decision.json" \
+    >> "$R/tune.log" 2>&1
+[[ -d $R/saved_models ]] || python -m covidseg_tf.export --lung-model "$LUNG" --infection-model "$INF" \
+    --decision "$R/decision.json" --precision fp32 --out "$R/saved_models" >> "$R/export.log" 2>&1
+python bench/run_summary.py "$R"/lung128 "$R"/lung256 "$R"/infection128 "$R"/infection256
