@@ -13,7 +13,10 @@
 #   3. infection128   Stage 2, 128 px, 6 epochs, lr 1e-3 cosine, every layer from lung256 (stem widened), on
 #                     lung256's masks, image-level head (loss weight 0.2); the seed's dropout, decay, clipping, loss
 #   4. infection256   Stage 2, 256 px, 3 epochs, lr 3e-4 cosine, every layer from infection128, same masks and head
-#   5. tune (Val) -> RUN_DIR/decision.json; export (float32, the decision recorded) -> RUN_DIR/saved_models
+#   5. tune (Val) -> RUN_DIR/decision.json; export (EXPORT_PRECISION, default bf16: faster than float32 on CPUs
+#      with AMX or AVX512_BF16 and half the size; bench/RESULTS.md) -> RUN_DIR/export; evaluate (Val + Test, the
+#      exported servables at the images' native size) -> RUN_DIR/eval. Shipping copies RUN_DIR/export/*/1 to
+#      saved_models/*/3 (saved_models/MODEL_CARD.md, "Version 3").
 # The epochs fit one 3-hour session on 2 cores (no run folder has survived from one session's machine to the next).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +25,7 @@ M=${2:-../shared/covidqu}
 D=${3:-$HOME/tensorflow_datasets}
 THREADS=${THREADS:-2}
 PRECISION=${PRECISION:-off}
+EXPORT_PRECISION=${EXPORT_PRECISION:-bf16}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
 COMMON=(--encoder efficientnetb0 --batch-size 16 --lr-schedule cosine --seed 1 --no-export
@@ -47,6 +51,9 @@ INF=$R/infection256/model.keras
 [[ -f $R/decision.json ]] || python -m covidseg_tf.tune --lung-model "$LUNG" --infection-model "$INF" \
     --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" --hflip both --out "$R/decision.json" \
     >> "$R/tune.log" 2>&1
-[[ -d $R/saved_models ]] || python -m covidseg_tf.export --lung-model "$LUNG" --infection-model "$INF" \
-    --decision "$R/decision.json" --precision fp32 --out "$R/saved_models" >> "$R/export.log" 2>&1
+[[ -d $R/export ]] || python -m covidseg_tf.export --lung-model "$LUNG" --infection-model "$INF" \
+    --decision "$R/decision.json" --precision "$EXPORT_PRECISION" --out "$R/export" >> "$R/export.log" 2>&1
+[[ -f $R/eval/report.json ]] || python -m covidseg_tf.evaluate --lung-model "$R/export/lung" \
+    --infection-model "$R/export/infection" --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" \
+    --split validation test --out "$R/eval" >> "$R/evaluate.log" 2>&1
 python bench/run_summary.py "$R"/lung128 "$R"/lung256 "$R"/infection128 "$R"/infection256
