@@ -10,14 +10,15 @@
 # faster on the CPU at hand (bench/RESULTS.md, "Training cost per epoch for version 3").
 #   1. lung128        Stage 1, B0, 128 px, 4 epochs, lr 1e-3 cosine, random init
 #   2. lung256        Stage 1, 256 px, 2 epochs, lr 3e-4 cosine, every layer from lung128
-#   3. infection128   Stage 2, 128 px, 6 epochs, lr 1e-3 cosine, every layer from lung256 (stem widened), on
+#   3. infection128   Stage 2, 128 px, 4 epochs, lr 1e-3 cosine, every layer from lung256 (stem widened), on
 #                     lung256's masks, image-level head (loss weight 0.2); the seed's dropout, decay, clipping, loss
-#   4. infection256   Stage 2, 256 px, 3 epochs, lr 3e-4 cosine, every layer from infection128, same masks and head
+#   4. infection256   Stage 2, 256 px, 2 epochs, lr 3e-4 cosine, every layer from infection128, same masks and head
 #   5. tune (Val) -> RUN_DIR/decision.json; export (EXPORT_PRECISION, default bf16: faster than float32 on CPUs
 #      with AMX or AVX512_BF16 and half the size; bench/RESULTS.md) -> RUN_DIR/export; evaluate (Val + Test, the
 #      exported servables at the images' native size) -> RUN_DIR/eval. Shipping copies RUN_DIR/export/*/1 to
 #      saved_models/*/3 (saved_models/MODEL_CARD.md, "Version 3").
-# The epochs fit one 3-hour session on 2 cores (no run folder has survived from one session's machine to the next).
+# The epochs fit one 3-hour session on 2 cores with other work beside it (no run folder has survived from one
+# session's machine to the next): ~4.5 min per 128-px epoch, ~15 min per 256-px epoch there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:?give a run folder outside the repository}
@@ -42,9 +43,9 @@ train() {  # train NAME ARGS...: run folder RUN_DIR/NAME, log RUN_DIR/NAME.log
 train lung128 --stage lung --image-size 128 --epochs 4 --learning-rate 1e-3 --encoder-weights none
 train lung256 --stage lung --image-size 256 --epochs 2 --learning-rate 3e-4 --encoder-weights "$R/lung128/model.keras"
 LUNG=$R/lung256/model.keras
-train infection128 --stage infection --image-size 128 --epochs 6 --learning-rate 1e-3 --image-head-weight 0.2 \
+train infection128 --stage infection --image-size 128 --epochs 4 --learning-rate 1e-3 --image-head-weight 0.2 \
     --encoder-weights "$LUNG" --lung-model "$LUNG"
-train infection256 --stage infection --image-size 256 --epochs 3 --learning-rate 3e-4 --image-head-weight 0.2 \
+train infection256 --stage infection --image-size 256 --epochs 2 --learning-rate 3e-4 --image-head-weight 0.2 \
     --encoder-weights "$R/infection128/model.keras" --lung-model "$LUNG"
 INF=$R/infection256/model.keras
 
