@@ -214,3 +214,29 @@ def test_image_level_figures_by_hand():
     assert r["head"]["auc"] == pytest.approx((1 + 0.5 + 0) / 3)  # 0.9 > 0.6, 0.6 ties 0.6, 0.2 < 0.6
     assert image_level_figures([False], [True])["mask"] == {"sensitivity": None, "specificity": 0.0}
     assert image_level_figures([True], [True])["head"] is None
+
+
+def test_decision_table_shows_the_head_rule_alone():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import decision_table
+    finally:
+        sys.path.pop(0)
+    figures = ("dice_pooled", "dice_per_covid_image_mean", "dice_per_image_mean", "healthy_with_infection_fraction",
+               "covid_with_infection_fraction", "severity_mae_covid")
+    grid = []
+    for i, h in enumerate((0.0, 0.4)):
+        for m in (0.0, 5.0):
+            d = Decision(min_infection_percent=m, min_infection_probability=h).to_dict()
+            grid.append({"decision": d, **{k: 0.1 * i + m / 100 for k in figures}})
+    chosen = Decision(min_infection_percent=5.0, min_infection_probability=0.4).to_dict()
+    lines = decision_table.table({"decision": chosen, "grid": grid}).splitlines()
+    labels = [line.split(" | ")[0] for line in lines[2:]]
+    assert labels == ["| default (0.5, no rule, no flip)", "| + empty below 5 % of the lung only",
+                      "| + empty where the image head's infection probability < 0.4 only",
+                      "| chosen: all of the above"]
+    assert "COVID-19 with any infection" in lines[0]
+    assert lines[2].split(" | ")[4] == "0 %" and lines[4].split(" | ")[4] == "10 %"  # healthy share, head alone
