@@ -51,10 +51,12 @@ Quality gate (never an error: the image is decoded, then reported "not assessed"
     Not refused: an inverted (negative) X-ray is refused only when the lung model fails on it, which is rare (33
     of the 932 inverted Val images with the shipped models): its lungs are found, bright, and no cheap statistic
     tried (lung vs mediastinum brightness) separates it from every real image (the decoders already turn
-    MONOCHROME1 DICOMs the right way up); a grey image whose dark blotches the lung model takes for small lungs
-    with confidence (`covidseg_tf.nonxray.blobs_on_black`) may pass - the lung statistics cannot refuse it
-    without refusing real small or framed X-rays. The gate is a guard against the wrong KIND of input, not a
-    certificate that an input is a chest X-ray.
+    MONOCHROME1 DICOMs the right way up); a black-and-white photograph of a scene usually passes (9 of 10
+    `covidseg_tf.nonxray.grey_photo` with the shipped models: only the lung checks could refuse it, and the lung
+    model is as sure of its dark shapes as of real lungs), and so may a grey image whose dark blotches the lung
+    model takes for small lungs (`nonxray.blobs_on_black`) - the lung statistics cannot refuse these without
+    refusing real small or framed X-rays. The gate is a guard against the wrong KIND of input (colour, noise,
+    blank, other modalities), not a certificate that an input is a chest X-ray.
 
     How the numbers were chosen: every real COVID-QU-Ex Train and Val image (4,660; all 256 x 256 grey PNGs) must
     pass with a wide margin, with the shipped models (128 px) and at 256 px for the pixel statistics (the next

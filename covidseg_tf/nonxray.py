@@ -21,6 +21,7 @@ first, `covidseg_tf.limits.GATE_CHECKS`):
     mri_like        a dark image with a textured grey oval, bright rim, small dark ventricles (a brain MRI's)  lungs
     blobs_on_black  a grey oval on black with coarse dark blotches               reported only (`REQUIRED`
                                                                                  leaves it out; see its doc)
+    grey_photo      `photo` in black and white                                   reported only (most pass)
 
 "lungs" needs trained lung models (a random model's probability map says nothing), so only the colour, noise
 and smooth kinds are refused whatever the models are.
@@ -37,7 +38,7 @@ SIDE = 256
 EXPECTED: dict[str, str | None] = {
     "rgb_noise": "colour", "photo": "colour", "photo_small": "colour", "grey_noise": "noise",
     "gradient": "smooth", "text": "lungs", "checkerboard": "lungs", "ct_like": "lungs", "mri_like": "lungs",
-    "blobs_on_black": None,
+    "blobs_on_black": None, "grey_photo": None,
 }
 """Kind -> the gate check expected to refuse it first (see the module docstring); None: reported only."""
 
@@ -140,6 +141,15 @@ def blobs_on_black(rng: np.random.Generator, h: int = SIDE, w: int = SIDE) -> np
     return np.clip(np.round(img + rng.normal(0, 3, (h, w))), 0, 255).astype(np.uint8)
 
 
+def grey_photo(rng: np.random.Generator, h: int = SIDE, w: int = SIDE) -> np.ndarray:
+    """`photo` as a black-and-white photograph (Pillow's luma), h x w uint8: NOT required to be refused
+    (`EXPECTED` None). Without colour, only the lung checks could refuse it, and the lung model is about as sure
+    of the dark shapes of most such scenes as of real lungs; bench/ood_gate.py reports how many pass."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(photo(rng, h, w)).convert("L"), np.uint8).copy()
+
+
 def _smooth(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Unit-ish smooth random field: a cells x cells normal grid resized bicubically to h x w (float32)."""
     from PIL import Image
@@ -151,11 +161,11 @@ def _smooth(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
 MAKERS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
     "rgb_noise": rgb_noise, "photo": photo, "photo_small": lambda rng: photo(rng, 300, 400),
     "grey_noise": grey_noise, "text": text, "gradient": gradient, "checkerboard": checkerboard,
-    "ct_like": ct_like, "mri_like": mri_like, "blobs_on_black": blobs_on_black,
+    "ct_like": ct_like, "mri_like": mri_like, "blobs_on_black": blobs_on_black, "grey_photo": grey_photo,
 }
 KINDS = tuple(MAKERS)
 REQUIRED = tuple(k for k in KINDS if EXPECTED[k] is not None)
-"""The kinds the gate must refuse (all but `blobs_on_black`)."""
+"""The kinds the gate must refuse (all but `blobs_on_black` and `grey_photo`, reported only)."""
 
 
 def make(kind: str, seed: int = 0) -> np.ndarray:
