@@ -40,12 +40,16 @@ Decision (`Decision`)
     validation split (`python -m covidseg_tf.tune`) and recorded in exported SavedModels (`covidseg_export.json`);
     `Cascade.load` takes them from an exported infection stage unless told otherwise.
 
-Input-quality gate (`input_quality`)
-    Images that cannot be chest X-rays - too small, extremely elongated, near-constant; the thresholds and why are
-    in `covidseg_tf.limits` - are "not assessed": `masks_at(..., assessed=...)` empties their masks and zeroes
-    their severity, and every entry point says so with the reason (`Prediction.assessed` / `.reason`, predict's
-    JSON, the cascade SavedModel's `assessed` / `reason` outputs) instead of a grade. The rule is computed once,
-    here, from the input's height x width and its model pixels, so it costs the same for any input size.
+Input gate (`input_quality`, `lung_plausibility`)
+    Images that cannot be frontal chest X-rays - too small, extremely elongated, near-constant, in colour,
+    noise-like, or without a plausible pair of lungs in Stage 1's probability map (too little or too much lung,
+    one-sided, off centre, or a hesitant lung model); the checks, thresholds and how they were chosen are in
+    `covidseg_tf.limits` - are "not assessed": `masks_at(..., assessed=...)` empties their masks and zeroes their
+    severity, and every entry point says so with the reason (`Prediction.assessed` / `.reason`, predict's JSON,
+    the cascade SavedModel's `assessed` / `reason` outputs) instead of a grade. The rule is computed once, here,
+    from the input's height x width, its model pixels, the colour share its decoder measured
+    (`imageio.decode_image`, `serving.colour_share`) and the lung probabilities Stage 1 computes anyway, so it
+    costs the same for any input size.
 
 Models
     `load_model` reads a stage model from a `.keras` file or from a stage SavedModel written by
@@ -94,7 +98,24 @@ import numpy as np
 import tensorflow as tf
 
 from covidseg_tf.config import IMAGE_CLASS_OUTPUT, IMAGE_CLASSES, INFECTION_CLASS, MASK_OUTPUT, Decision, split_outputs
-from covidseg_tf.limits import MAX_ASPECT, MIN_SIDE, MIN_STD
+from covidseg_tf.limits import (
+    COLOUR_CHROMA,
+    DETAIL_CELLS,
+    LUNG_CENTRE_X,
+    LUNG_CENTRE_Y,
+    LUNG_CUTOFF,
+    LUNG_SURE,
+    MAX_ASPECT,
+    MAX_COLOUR_SHARE,
+    MAX_LUNG_AREA,
+    MAX_ROUGHNESS,
+    MIN_DETAIL,
+    MIN_LUNG_AREA,
+    MIN_LUNG_BALANCE,
+    MIN_LUNG_CONFIDENCE,
+    MIN_SIDE,
+    MIN_STD,
+)
 from covidseg_tf.paths import integer_versions
 
 log = logging.getLogger(__name__)
@@ -134,34 +155,148 @@ def mask_at(prob: tf.Tensor, size: Any, threshold: float) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- input quality
-def input_quality(pixels: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
-    """The input-quality gate (`covidseg_tf.limits`) of a batch, as TensorFlow ops.
+def lung_plausibility(lung_prob: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Statistics of Stage 1's lung probability maps that say whether they show a frontal chest X-ray's lungs,
+    and the verdict, as TensorFlow ops (thresholds and how they were chosen: `covidseg_tf.limits`).
+
+    Args:
+        lung_prob: (B, S, S, 1) (or (B, S, S)) lung probabilities at the model size (`run_stages`' "lung_prob").
+
+    Returns:
+        (B,) tensors: "lung_area" (share of the image with p >= LUNG_CUTOFF), "lung_balance" (share of that lung
+        in the image half holding less of it, 0..0.5), "lung_x", "lung_y" (the lung centroid, 0..1 of the width
+        and height; 0.5 without lung), "lung_confidence" (share of the lung pixels with p >= LUNG_SURE; 0
+        without lung), "plausible" (bool) and "reason" (string, "" when plausible): the first failing check of
+        area, two lungs, position, confidence.
+    """
+    p = tf.cast(lung_prob, tf.float32)
+    if p.shape.rank == 4:
+        p = p[..., 0]
+    lung = tf.cast(p >= LUNG_CUTOFF, tf.float32)
+    height, width = tf.shape(p)[1], tf.shape(p)[2]
+    n = tf.reduce_sum(lung, axis=[1, 2])
+    area = n / tf.cast(height * width, tf.float32)
+    left = tf.reduce_sum(lung[:, :, : width // 2], axis=[1, 2])
+    balance = tf.math.divide_no_nan(tf.minimum(left, n - left), n)
+    ys = tf.linspace(0.0, 1.0, height)[tf.newaxis, :, tf.newaxis]
+    xs = tf.linspace(0.0, 1.0, width)[tf.newaxis, tf.newaxis, :]
+    empty = n <= 0
+    cx = tf.where(empty, 0.5, tf.math.divide_no_nan(tf.reduce_sum(lung * xs, axis=[1, 2]), n))
+    cy = tf.where(empty, 0.5, tf.math.divide_no_nan(tf.reduce_sum(lung * ys, axis=[1, 2]), n))
+    confidence = tf.math.divide_no_nan(tf.reduce_sum(tf.cast(p >= LUNG_SURE, tf.float32) * lung, axis=[1, 2]), n)
+
+    def pct(x: tf.Tensor) -> tf.Tensor:
+        return tf.strings.as_string(100.0 * x, precision=1)
+
+    def num(x: tf.Tensor) -> tf.Tensor:
+        return tf.strings.as_string(x, precision=2)
+
+    few, many = area < MIN_LUNG_AREA, area > MAX_LUNG_AREA
+    one_sided = balance < MIN_LUNG_BALANCE
+    off_centre = ((cx < LUNG_CENTRE_X[0]) | (cx > LUNG_CENTRE_X[1]) | (cy < LUNG_CENTRE_Y[0])
+                  | (cy > LUNG_CENTRE_Y[1]))
+    unsure = confidence < MIN_LUNG_CONFIDENCE
+    none = tf.fill(tf.shape(area), "")
+    reason = tf.where(unsure, tf.strings.join([
+        "the lung model is unsure: ", pct(confidence), f" % of the lung area at probability >= {LUNG_SURE:g} < ",
+        f"{100 * MIN_LUNG_CONFIDENCE:g} %"]), none)
+    reason = tf.where(off_centre, tf.strings.join([
+        "lungs off centre: centroid at x ", num(cx), ", y ", num(cy),
+        f" of the image (expected x {LUNG_CENTRE_X[0]:g}..{LUNG_CENTRE_X[1]:g}, "
+        f"y {LUNG_CENTRE_Y[0]:g}..{LUNG_CENTRE_Y[1]:g})"]), reason)
+    reason = tf.where(one_sided, tf.strings.join([
+        "no two lungs: the emptier image half holds ", pct(balance),
+        f" % of the lung area < {100 * MIN_LUNG_BALANCE:g} %"]), reason)
+    reason = tf.where(many, tf.strings.join([
+        "lung area ", pct(area), f" % of the image > {100 * MAX_LUNG_AREA:g} %"]), reason)
+    reason = tf.where(few, tf.strings.join([
+        "lung area ", pct(area), f" % of the image < {100 * MIN_LUNG_AREA:g} %"]), reason)
+    return {"lung_area": area, "lung_balance": balance, "lung_x": cx, "lung_y": cy, "lung_confidence": confidence,
+            "plausible": ~(few | many | one_sided | off_centre | unsure), "reason": reason}
+
+
+def roughness(pixels: tf.Tensor) -> tf.Tensor:
+    """(B,) mean absolute difference of neighbouring pixels (rows and columns) of channel 0 of (B, S, S, C)
+    model pixels, divided by their grey-level standard deviation (0 for a constant image): about 1 for white
+    noise, about 0.1 for an X-ray."""
+    g = tf.cast(pixels, tf.float32)[..., 0]
+    dy = tf.reduce_mean(tf.abs(g[:, 1:, :] - g[:, :-1, :]), axis=[1, 2])
+    dx = tf.reduce_mean(tf.abs(g[:, :, 1:] - g[:, :, :-1]), axis=[1, 2])
+    return tf.math.divide_no_nan(0.5 * (dx + dy), tf.math.reduce_std(g, axis=[1, 2]))
+
+
+def detail(pixels: tf.Tensor) -> tf.Tensor:
+    """(B,) mean absolute difference between channel 0 of (B, S, S, C) model pixels and their smooth version
+    (`limits.DETAIL_CELLS` x DETAIL_CELLS cell means, resized back bilinearly), divided by their grey-level
+    standard deviation (0 for a constant image): about 0.01 for a smooth gradient, 0.05 - 0.45 for an X-ray."""
+    g = tf.cast(pixels, tf.float32)[..., :1]
+    smooth = tf.image.resize(tf.image.resize(g, (DETAIL_CELLS, DETAIL_CELLS), method="area"), tf.shape(g)[1:3],
+                             method="bilinear")
+    return tf.math.divide_no_nan(tf.reduce_mean(tf.abs(g - smooth), axis=[1, 2, 3]),
+                                 tf.math.reduce_std(g, axis=[1, 2, 3]))
+
+
+def input_quality(pixels: tf.Tensor, sizes: tf.Tensor, colour: tf.Tensor | None = None,
+                  lung_prob: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """The input gate (`covidseg_tf.limits`: the checks, their order and thresholds) of a batch, as TensorFlow
+    ops: the one place `Cascade.predict` and the cascade SavedModel decide whether an image is assessed.
 
     Args:
         pixels: (B, S, S, C) model pixels of the images (`to_model_pixels`, 0..255; channel 0 is used).
         sizes: (B, 2) the images' own (height, width).
+        colour: (B,) share (0..1) of clearly coloured pixels of each decoded file (`imageio.decode_image`,
+            `serving.colour_share`); None skips the colour check (grey or unknown input).
+        lung_prob: (B, S, S, 1) Stage 1's lung probabilities of these pixels; None skips the lung checks.
 
     Returns:
-        {"assessed": (B,) bool, "reason": (B,) string ("" when assessed), "grey_std": (B,) float32 standard
-        deviation of the grey levels}. The first failing check names the reason: too small (a side below
-        MIN_SIDE), extreme aspect ratio (long side > MAX_ASPECT x short side), near-constant (grey_std < MIN_STD).
+        {"assessed": (B,) bool, "reason": (B,) string ("" when assessed), "check": (B,) string, the failing
+        check's name from `limits.GATE_CHECKS` ("" when assessed), "grey_std", "roughness", "detail", "colour"
+        (B,) float32, and with `lung_prob` the statistics of `lung_plausibility`}. The first failing check names
+        the reason: too small, extreme aspect ratio, near-constant, then (prefixed "not a frontal chest X-ray: ")
+        colour, noise-like, no structure, lungs.
     """
     sizes = tf.cast(sizes, tf.int32)
     hw = tf.cast(sizes, tf.float32)
     short, long = tf.reduce_min(hw, axis=1), tf.reduce_max(hw, axis=1)
     std = tf.math.reduce_std(tf.cast(pixels, tf.float32)[..., 0], axis=[1, 2])
+    rough, fine = roughness(pixels), detail(pixels)
+    colour = tf.zeros_like(std) if colour is None else tf.reshape(tf.cast(colour, tf.float32), tf.shape(std))
     small, elongated, flat = short < MIN_SIDE, long > MAX_ASPECT * short, std < MIN_STD
+    coloured, noisy, smooth = colour > MAX_COLOUR_SHARE, rough > MAX_ROUGHNESS, fine < MIN_DETAIL
+    none = tf.fill(tf.shape(std), "")
+    out: dict[str, tf.Tensor] = {"grey_std": std, "roughness": rough, "detail": fine, "colour": colour}
+    not_xray = "not a frontal chest X-ray: "
+    reason, check = none, none
+    if lung_prob is not None:
+        lungs = lung_plausibility(lung_prob)
+        out.update({k: v for k, v in lungs.items() if k not in ("plausible", "reason")})
+        implausible = ~lungs["plausible"]
+        reason = tf.where(implausible, tf.strings.join([not_xray, lungs["reason"]]), reason)
+        check = tf.where(implausible, "lungs", check)
+    else:
+        implausible = tf.zeros_like(small)
     size_text = tf.strings.join([tf.strings.as_string(sizes[:, 0]), "x", tf.strings.as_string(sizes[:, 1]),
                                  " pixels (height x width)"])
-    reason = tf.where(flat, tf.strings.join(["near-constant image: grey-level standard deviation ",
-                                             tf.strings.as_string(std, precision=2), f" < {MIN_STD:g}"]),
-                      tf.fill(tf.shape(std), ""))
-    reason = tf.where(elongated, tf.strings.join(["extreme aspect ratio: ", size_text, ", ",
-                                                  tf.strings.as_string(long / short, precision=1),
-                                                  f":1 > {MAX_ASPECT:g}:1"]), reason)
-    reason = tf.where(small, tf.strings.join(["too small: ", size_text, f"; each side must be >= {MIN_SIDE}"]),
-                      reason)
-    return {"assessed": ~(small | elongated | flat), "reason": reason, "grey_std": std}
+    for failed, name, text in (
+        (smooth, "smooth", [not_xray, "no structure: detail ", tf.strings.as_string(fine, precision=3),
+                            f" < {MIN_DETAIL:g} (a smooth gradient or blur; an X-ray has ribs, vessels and edges)"]),
+        (noisy, "noise", [not_xray, "noise-like: roughness ", tf.strings.as_string(rough, precision=2),
+                          f" > {MAX_ROUGHNESS:g} (neighbouring pixels differ like random noise)"]),
+        (coloured, "colour", [not_xray, "a colour image: ", tf.strings.as_string(100.0 * colour, precision=1),
+                              f" % of the pixels clearly coloured (chroma >= {COLOUR_CHROMA}) > "
+                              f"{100 * MAX_COLOUR_SHARE:g} %"]),
+        (flat, "constant", ["near-constant image: grey-level standard deviation ",
+                            tf.strings.as_string(std, precision=2), f" < {MIN_STD:g}"]),
+        (elongated, "aspect", ["extreme aspect ratio: ", size_text, ", ", tf.strings.as_string(long / short,
+                                                                                               precision=1),
+                               f":1 > {MAX_ASPECT:g}:1"]),
+        (small, "size", ["too small: ", size_text, f"; each side must be >= {MIN_SIDE}"]),
+    ):
+        reason = tf.where(failed, tf.strings.join(text), reason)
+        check = tf.where(failed, name, check)
+    out.update({"assessed": ~(small | elongated | flat | coloured | noisy | smooth | implausible), "reason": reason,
+                "check": check})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- severity
@@ -430,6 +565,9 @@ class Cascade:
         self._stages = tf.function(
             lambda p: run_stages(lung_model, infection_model, p, decision.threshold, hflip=decision.hflip),
             input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
+        self._lung_stage = tf.function(  # Stage 1 alone, for `input_gate`
+            lambda p: run_stages(lung_model, None, p, decision.threshold, hflip=decision.hflip)["lung_prob"],
+            input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
         prob = tf.TensorSpec([1, s, s, 1], tf.float32)
         classes = tf.TensorSpec([1, len(IMAGE_CLASSES)], tf.float32)
         self._masks = tf.function(
@@ -465,15 +603,37 @@ class Cascade:
         """H x W uint8 -> (S, S, 3) float32 model pixels (`to_model_pixels`)."""
         return to_model_pixels(tf.convert_to_tensor(np.asarray(gray)[:, :, None]), self.image_size)
 
-    def predict(self, grays: Sequence[np.ndarray]) -> list[Prediction]:
-        """Masks and severity of decoded H x W uint8 images, each at its own size, after the quality gate
-        (`input_quality`: an image it refuses gets `assessed=False`, its reason, empty masks, severity 0)."""
-        if not len(grays):
-            return []
+    def input_gate(self, grays: Sequence[np.ndarray], colour: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        """The input gate's verdict and statistics (`input_quality`: "assessed", "reason", "check" and every
+        statistic, as numpy arrays of one value per image) for decoded H x W uint8 images, exactly as `predict`
+        decides them, running Stage 1 only (no masks); `colour` as in `predict`. Used by bench/ood_gate.py."""
+        if colour is not None and len(colour) != len(grays):
+            raise ValueError(f"{len(colour)} colour shares for {len(grays)} images: give one per image")
         pixels = tf.stack([self.model_pixels(g) for g in grays])
         sizes = tf.constant([np.shape(g)[:2] for g in grays], tf.int32)
-        quality = input_quality(pixels, sizes)
+        quality = input_quality(pixels, sizes, None if colour is None else tf.constant(colour, tf.float32),
+                                self._lung_stage(pixels))
+        out = {k: v.numpy() for k, v in quality.items()}
+        for k in ("reason", "check"):
+            out[k] = np.array([r.decode() for r in out[k]], dtype=object)
+        return out
+
+    def predict(self, grays: Sequence[np.ndarray], colour: Sequence[float] | None = None) -> list[Prediction]:
+        """Masks and severity of decoded H x W uint8 images, each at its own size, after the input gate
+        (`input_quality`: an image it refuses gets `assessed=False`, its reason, empty masks, severity 0).
+
+        `colour`, one number per image, is the share of clearly coloured pixels of each decoded file
+        (`imageio.decode_image(...).colour`, as predict and batch_predict pass it); None skips the colour check
+        (grey arrays, e.g. TFDS images)."""
+        if not len(grays):
+            return []
+        if colour is not None and len(colour) != len(grays):
+            raise ValueError(f"{len(colour)} colour shares for {len(grays)} images: give one per image")
+        pixels = tf.stack([self.model_pixels(g) for g in grays])
+        sizes = tf.constant([np.shape(g)[:2] for g in grays], tf.int32)
         stages = self._stages(pixels)
+        quality = input_quality(pixels, sizes, None if colour is None else tf.constant(colour, tf.float32),
+                                stages["lung_prob"])
         image_class = stages.get("image_class_prob")
         if image_class is None:
             image_class = tf.zeros([len(grays), len(IMAGE_CLASSES)], tf.float32)  # unused without a head

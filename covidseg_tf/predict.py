@@ -12,9 +12,10 @@ input `<name>`:
     <name>.json           sizes, areas, severity per lung and grade, the image-level head's verdict (models
                           with a head), model files and versions
 
-The JSON also records the input's SHA-256 (``input_sha256``) and whether the input quality gate assessed it:
-an image that cannot be a chest X-ray (too small, extremely elongated, near-constant; `covidseg_tf.limits`) gets
-``"assessed": false``, the ``"reason"``, null severity and grade, empty masks and a warning line, never a grade.
+The JSON also records the input's SHA-256 (``input_sha256``) and whether the input gate assessed it: an image
+that cannot be a frontal chest X-ray (too small, extremely elongated, near-constant, in colour, noise-like, or
+without a plausible pair of lungs in the lung model's map; `covidseg_tf.limits`) gets ``"assessed": false``, the
+``"reason"``, null severity and grade, empty masks and a warning line, never a grade.
 Images above the size limits (4096 px a side) are refused from their header, before decoding.
 
 Inputs inside a folder keep their relative sub-folders under --out (``<out>/<folder name>/<sub-path>``).
@@ -52,7 +53,7 @@ import numpy as np
 
 from covidseg_tf import __version__
 from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
-from covidseg_tf.imageio import KNOWN_EXTENSIONS, XRayReadError, decode_xray, find_images
+from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
 from covidseg_tf.paths import sha256_bytes, sha256_file
 
 if TYPE_CHECKING:
@@ -275,23 +276,23 @@ def write_outputs(encoded: dict[str, bytes]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def read_input(path: Path) -> tuple[bytes, np.ndarray]:
-    """(bytes, decoded H x W uint8 grey) of an input file, read once (`imageio.decode_xray`: the size policy is
-    checked from the header before decoding)."""
+def read_input(path: Path) -> tuple[bytes, DecodedImage]:
+    """(bytes, decoded image: H x W uint8 grey and the file's colour share) of an input file, read once
+    (`imageio.decode_image`: the size policy is checked from the header before decoding)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise XRayReadError(f"{path}: cannot read: {e}") from e
-    return data, decode_xray(data, str(path))
+    return data, decode_image(data, str(path))
 
 
 def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any],
-                 read: tuple[bytes, np.ndarray] | None = None) -> dict[str, Any]:
+                 read: tuple[bytes, DecodedImage] | None = None) -> dict[str, Any]:
     """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
     `read` is `read_input(path)` when done already: the bytes decoded are the bytes hashed (``input_sha256``)."""
-    data, gray = read if read is not None else read_input(path)
-    record, encoded = render_outputs(str(path), gray, cascade.predict([gray])[0], str(stem), models,
-                                     sha256=sha256_bytes(data))
+    data, image = read if read is not None else read_input(path)
+    pred = cascade.predict([image.gray], colour=[image.colour])[0]
+    record, encoded = render_outputs(str(path), image.gray, pred, str(stem), models, sha256=sha256_bytes(data))
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_outputs(encoded)
     return record

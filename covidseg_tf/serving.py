@@ -21,9 +21,10 @@ The cascade servable: `serving_default` takes `images` only and returns lung_mas
 ((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height, width,
 and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thresholds in `covidseg_tf.limits`):
 
-                     assessed        (B,) bool    False: the image cannot be a chest X-ray (too small, extreme
-                                                  aspect ratio, near-constant); its masks are EMPTY and its
-                                                  severities 0, which is no finding: report "not assessed"
+                     assessed        (B,) bool    False: the image cannot be a frontal chest X-ray (too small,
+                                                  extreme aspect ratio, near-constant, in colour, noise-like,
+                                                  no plausible lungs); its masks are EMPTY and its severities 0,
+                                                  which is no finding: report "not assessed"
                      reason          (B,) string  why not ("" when assessed), e.g. "too small: 2x2 pixels ..."
 
 and, when its infection stage has an image-level head (`covidseg_tf.cascade`, "Image-level head"):
@@ -36,7 +37,10 @@ and, when its infection stage has an image-level head (`covidseg_tf.cascade`, "I
 Its `predict_pixels` takes (B, S, S, 3) pixels and returns the tensors of `covidseg_tf.cascade.run_cascade`
 (lung_prob, lung_mask, infection_prob, infection_mask + severity, at S; with a head also image_class_prob and
 infection_probability), without the gate (the caller chose the pixels). Versions exported before the gate (the
-retired version 1) have no `assessed` / `reason` outputs.
+retired version 1) have no `assessed` / `reason` outputs; versions exported before the colour, noise and lung
+checks (version 2) apply only the size, aspect and near-constant checks. The colour share is measured from the
+file's own RGB pixels (`colour_share`, a second decode of colour files only), as `imageio.decode_image` measures
+it for `predict`.
 
 Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
 `to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
@@ -208,9 +212,36 @@ def gray_pixels(data: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tuple[tf.Tensor, ...]],
-                signature: tuple[tf.TensorSpec, ...], max_side: int = MAX_SIDE) -> tuple[tf.Tensor, ...]:
-    """`fn(gray)` of every encoded item of a (B,) batch, stacked: tensors of `signature`, batch first.
+def colour_share(data: tf.Tensor) -> tf.Tensor:
+    """Share (0..1, float32 scalar) of the clearly coloured pixels of PNG/JPEG bytes, as `imageio.colour_share`
+    measures it on Pillow's RGB pixels: chroma max(R,G,B) - min(R,G,B) >= `limits.COLOUR_CHROMA`. Only colour
+    files are decoded a second time, as RGB (a PNG of colour type 2, 3 or 6 - RGB, palette, RGBA - or a JPEG of 3
+    or more components, through the accurate integer DCT); a grey file gives 0 without decoding."""
+    head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, b"\0" * 26]), 0, 26), tf.uint8)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(data, 0, len(PNG_MAGIC)), PNG_MAGIC)
+    png_colour = is_png & ((head[25] == 2) | (head[25] == 3) | (head[25] == 6))  # IHDR colour type
+
+    def jpeg_channels() -> tf.Tensor:
+        return tf.image.extract_jpeg_shape(data)[2]
+
+    colourful = png_colour | (is_jpeg & (tf.cond(is_jpeg, jpeg_channels, lambda: tf.constant(1, tf.int32)) >= 3))
+
+    def share() -> tf.Tensor:
+        rgb = tf.cond(is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                      lambda: tf.io.decode_png(data, channels=3, dtype=tf.uint8))
+        rgb = tf.cast(rgb, tf.int32)
+        chroma = tf.reduce_max(rgb, axis=-1) - tf.reduce_min(rgb, axis=-1)
+        return tf.reduce_mean(tf.cast(chroma >= limits.COLOUR_CHROMA, tf.float32))
+
+    return tf.cond(colourful, share, lambda: tf.constant(0.0, tf.float32))
+
+
+def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[..., tuple[tf.Tensor, ...]],
+                signature: tuple[tf.TensorSpec, ...], max_side: int = MAX_SIDE,
+                with_bytes: bool = False) -> tuple[tf.Tensor, ...]:
+    """`fn(gray)` (with `with_bytes`: `fn(gray, data)`, the item's encoded bytes too) of every encoded item of a
+    (B,) batch, stacked: tensors of `signature`, batch first.
 
     Each item's header is checked (`_header`: format, truncation, the size policy) and only an item that passes
     is decoded to (H, W, 1) uint8 grey (`gray_pixels`) and given to `fn`, so a decompression bomb is never
@@ -225,7 +256,7 @@ def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tu
         _, problem = _header(data, what, max_side)
 
         def decoded() -> tuple[tf.Tensor, ...]:
-            return tuple(fn(gray_pixels(data)))
+            return tuple(fn(gray_pixels(data), data) if with_bytes else fn(gray_pixels(data)))
 
         def skipped() -> tuple[tf.Tensor, ...]:
             return tuple(tf.zeros(spec.shape, spec.dtype) for spec in signature)
@@ -272,6 +303,19 @@ def load_images(images: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple
 
     return decode_each(images, _names("images", tf.size(images)), one,
                        (tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32)), max_side)
+
+
+def load_images_with_colour(images: tf.Tensor, size: int,
+                            max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`load_images` plus each file's colour share (B,) float32 (`colour_share`), for the input gate."""
+    images = _assert_nonempty(images, "images")
+
+    def one(gray: tf.Tensor, data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return to_model_pixels(gray, size), tf.shape(gray)[:2], colour_share(data)
+
+    signature = (tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32),
+                 tf.TensorSpec([], tf.float32))
+    return decode_each(images, _names("images", tf.size(images)), one, signature, max_side, with_bytes=True)
 
 
 def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor]:
@@ -436,9 +480,9 @@ def cascade_signatures(
         return dict(run_cascade(lung_model, infection_model, pixels, decision))
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        pixels, sizes = load_images(images, size)
-        quality = input_quality(pixels, sizes)
+        pixels, sizes, colour = load_images_with_colour(images, size)
         stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
+        quality = input_quality(pixels, sizes, colour, stages["lung_prob"])
         image_class = stages.get("image_class_prob")
         out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"],
                               image_class)

@@ -118,6 +118,20 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+def phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A chest-X-ray-like grey image: bright body, two dark lung fields, a brighter patch in the image-left one.
+
+    With `conv_cascade` its lungs and infection are found far from the thresholds, and its lung map passes the
+    input gate's lung checks (two lungs, centred, sure)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    img = np.full((h, w), 180.0)
+    for cx in (0.3, 0.7):
+        img[((x - cx) / 0.16) ** 2 + ((y - 0.5) / 0.35) ** 2 < 1] = 40.0
+    img[((x - 0.3) / 0.08) ** 2 + ((y - 0.6) / 0.1) ** 2 < 1] = 90.0
+    return np.clip(img + rng.normal(0, 3, (h, w)), 0, 255).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------------------------- models
 def conv_stage(size: int, channels: int, kernel: list[float], bias: float, name: str):
     """A stage model computing sigmoid(kernel . pixel + bias) per pixel (one 1x1 convolution with fixed weights):
