@@ -2,8 +2,8 @@
 """The decision ablation of a `python -m covidseg_tf.tune --hflip both` result, as a Markdown table.
 
 Rows: the default decision (threshold 0.5, no image-level rule, no flip), each lever of the chosen decision
-alone (flip TTA, infection threshold, minimum infection share of the lung), and the chosen decision; columns:
-the figures tune computed for each (Val, at the models' size).
+alone (flip TTA, infection threshold, minimum infection share of the lung, the image head's minimum infection
+probability), and the chosen decision; columns: the figures tune computed for each (Val, at the models' size).
 
     python bench/decision_table.py RUN_DIR/decision.json
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 COLUMNS = (("dice_pooled", "infection Dice, pooled"), ("dice_per_covid_image_mean", "mean per COVID-19 image"),
            ("dice_per_image_mean", "mean per image (empty = 1 if predicted empty)"),
            ("healthy_with_infection_fraction", "Non-COVID + Normal with any infection"),
+           ("covid_with_infection_fraction", "COVID-19 with any infection"),
            ("severity_mae_covid", "severity MAE, COVID-19 (points)"))
 
 
@@ -25,6 +26,8 @@ def rows(result: dict) -> list[tuple[str, dict]]:
     grid = {tuple(sorted(r["decision"].items())): r for r in result["grid"]}
     chosen = result["decision"]
     default = {**chosen, "infection_threshold": 0.5, "min_infection_percent": 0.0, "hflip": False}
+    if "min_infection_probability" in chosen:  # tune results before the image head lack the field
+        default["min_infection_probability"] = 0.0
 
     def find(**changes) -> dict:
         return grid[tuple(sorted({**default, **changes}.items()))]
@@ -38,15 +41,19 @@ def rows(result: dict) -> list[tuple[str, dict]]:
     if chosen["min_infection_percent"]:
         out.append((f"+ empty below {chosen['min_infection_percent']:g} % of the lung only",
                     find(min_infection_percent=chosen["min_infection_percent"])))
+    if chosen.get("min_infection_probability"):
+        out.append((f"+ empty where the image head's infection probability < {chosen['min_infection_probability']:g}"
+                    " only", find(min_infection_probability=chosen["min_infection_probability"])))
     out.append(("chosen: all of the above", find(**chosen)))
     return out
 
 
 def table(result: dict) -> str:
-    lines = ["| decision | " + " | ".join(c for _, c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    columns = [(k, c) for k, c in COLUMNS if k in result["grid"][0]]  # older results lack some figures
+    lines = ["| decision | " + " | ".join(c for _, c in columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, r in rows(result):
-        cells = [f"{100 * r[k]:.0f} %" if k == "healthy_with_infection_fraction" else
-                 f"{r[k]:.1f}" if k == "severity_mae_covid" else f"{r[k]:.3f}" for k, _ in COLUMNS]
+        cells = [f"{100 * r[k]:.0f} %" if k.endswith("_fraction") else
+                 f"{r[k]:.1f}" if k == "severity_mae_covid" else f"{r[k]:.3f}" for k, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

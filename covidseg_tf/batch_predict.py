@@ -16,7 +16,8 @@ The pipeline (`build_pipeline`):
    another, those inputs get the full 64-hex hash. So no two inputs share a stem, and the same inputs always get
    the same stems.
 3. **read + decode** (`ReadDecodeFn`): bytes through `fileio.ReadableFile` (as `fileio.ReadMatches` gives them),
-   then `covidseg_tf.imageio.decode_xray`; unreadable files go to the dead letter with the reason.
+   then `covidseg_tf.imageio.decode_image` (grey pixels and the file's colour share, for the input gate);
+   unreadable files go to the dead letter with the reason.
 4. **RunInference** with `CascadeModelHandler`: `load_model` loads `covidseg_tf.cascade.Cascade` once per worker
    process (models on ``gs://``/``s3://`` are copied to a local temporary folder first); `run_inference` runs a
    batch (up to --batch-size images, any sizes: the cascade resizes each and returns masks at each input's size)
@@ -29,7 +30,8 @@ The pipeline (`build_pipeline`):
    shard: fine for summaries, ~1.5 kB per image in ``summary.jsonl``):
 
    - ``<output>/summary.jsonl``: one JSON record per image (the per-image JSON, on one line);
-   - ``<output>/severity.csv``: ``file,severity_left,severity_right,severity_total,grade`` per image;
+   - ``<output>/severity.csv``: ``file,severity_left,severity_right,severity_total,grade,infection_probability,
+     image_class`` per image (the last two: the image-level head's verdict, empty for models without a head);
    - ``<output>/dead_letter.jsonl``: one ``{"file", "stage", "reason"}`` per input that failed
      (stage: match, read, decode, inference or render).
 
@@ -120,7 +122,8 @@ DEAD_LETTER = "dead_letter.jsonl"
 MANIFEST = "manifest.txt"
 """The files a run wrote, one path relative to --output a line (written by the run itself, after its outputs):
 the only files --overwrite deletes."""
-CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade")
+CSV_COLUMNS = ("file", "severity_left", "severity_right", "severity_total", "grade", "infection_probability",
+               "image_class")
 STAGES = ("match", "read", "decode", "inference", "render")
 DEFAULT_BATCH_SIZE = 8
 
@@ -199,6 +202,7 @@ class XRay:
     stem: str  # output path prefix: <output>/images/<stem>
     gray: np.ndarray = field(repr=False)  # H x W uint8
     sha256: str = ""  # of the input's bytes
+    colour: float = 0.0  # share of clearly coloured pixels of the file (imageio.decode_image), for the input gate
 
 
 @dataclass
@@ -306,14 +310,14 @@ class MatchFn(beam.DoFn):
 
 
 class ReadDecodeFn(beam.DoFn):
-    """``(uri, stem)`` -> `XRay` (bytes through `fileio.ReadableFile`, then `imageio.decode_xray`); failures go to
-    the ``dead_letter`` output with the reason."""
+    """``(uri, stem)`` -> `XRay` (bytes through `fileio.ReadableFile`, then `imageio.decode_image`: the grey image
+    and the file's colour share); failures go to the ``dead_letter`` output with the reason."""
 
     def __init__(self, images_root: str):
         self.images_root = images_root
 
     def process(self, element: tuple[str, str]) -> Iterator[Any]:
-        from covidseg_tf.imageio import decode_xray
+        from covidseg_tf.imageio import decode_image
 
         uri, stem = element
         try:
@@ -327,12 +331,13 @@ class ReadDecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(uri, "decode", f"{uri}: empty file (0 bytes)"))
             return
         try:
-            gray = decode_xray(data, uri)
+            decoded = decode_image(data, uri)
         except Exception as e:  # XRayReadError, or anything else the decoders raise
             _failed("decode")
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(uri, "decode", str(e)))
             return
-        yield XRay(file=uri, stem=join(self.images_root, stem), gray=gray, sha256=hashlib.sha256(data).hexdigest())
+        yield XRay(file=uri, stem=join(self.images_root, stem), gray=decoded.gray,
+                   sha256=hashlib.sha256(data).hexdigest(), colour=decoded.colour)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -414,7 +419,7 @@ class CascadeModelHandler(ModelHandler):
     def run_inference(self, batch: Sequence[XRay], model: LoadedCascade,
                       inference_args: dict[str, Any] | None = None) -> Iterable[tuple[XRay, Any, dict[str, Any]]]:
         try:
-            preds: list[Any] = model.cascade.predict([x.gray for x in batch])
+            preds: list[Any] = model.cascade.predict([x.gray for x in batch], colour=[x.colour for x in batch])
         except Exception as e:
             if len(batch) == 1:
                 preds = [InferenceFailure(f"{type(e).__name__}: {e}")]
@@ -434,11 +439,14 @@ class CascadeModelHandler(ModelHandler):
 # ----------------------------------------------------------------------------------------------- outputs
 def csv_line(record: dict[str, Any]) -> str:
     """One `severity.csv` row (CSV_COLUMNS); an image the input quality gate did not assess (``"assessed":
-    false`` in its record) has empty severities and the grade ``not assessed``."""
+    false`` in its record) has empty severities and the grade ``not assessed``; the image-level head's columns
+    are empty for models without a head."""
     buf = io.StringIO()
     sev = record["severity"]
     grade = sev["grade"] if record.get("assessed", True) else "not assessed"
-    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"], grade])
+    head = record.get("image_level") or {}
+    csv.writer(buf, lineterminator="").writerow([record["file"], sev["left"], sev["right"], sev["total"], grade,
+                                                head.get("infection_probability"), head.get("class")])
     return buf.getvalue()
 
 

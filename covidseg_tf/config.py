@@ -178,6 +178,9 @@ class Decision:
     infection_threshold: float = INFECTION.threshold
     min_infection_percent: float = 0.0
     hflip: bool = False
+    min_infection_probability: float = 0.0
+    """Image-level head rule: the infection mask is emptied where the head's COVID-19 probability is below this
+    (0: the head is not consulted; a value > 0 needs an infection model with an image head)."""
 
     def __post_init__(self) -> None:
         for name in ("threshold", "infection_threshold"):
@@ -185,6 +188,13 @@ class Decision:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= float(self.min_infection_percent) < 100.0:
             raise ValueError(f"min_infection_percent must be in [0, 100), got {self.min_infection_percent}")
+        if not 0.0 <= float(self.min_infection_probability) < 1.0:
+            raise ValueError(f"min_infection_probability must be in [0, 1), got {self.min_infection_probability}")
+
+    @property
+    def uses_image_head(self) -> bool:
+        """True if the decision consults the image-level head (`min_infection_probability` > 0)."""
+        return float(self.min_infection_probability) > 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,14 +251,17 @@ def add_dataset_flags(parser: Any, default: str | None = "covid_qu_ex/infection"
 
 
 def add_decision_flags(parser: Any) -> None:
-    """--threshold, --infection-threshold, --min-infection-percent, --hflip/--no-hflip on an argparse parser; each
-    defaults to None: the decision recorded in the models (see `decision_overrides`)."""
+    """--threshold, --infection-threshold, --min-infection-percent, --min-infection-probability, --hflip/--no-hflip
+    on an argparse parser; each defaults to None: the decision recorded in the models (see `decision_overrides`)."""
     parser.add_argument("--threshold", type=probability_threshold, default=None,
                         help="lung probability threshold (default: the models' recorded decision, else 0.5)")
     parser.add_argument("--infection-threshold", type=probability_threshold, default=None,
                         help="infection probability threshold (default: recorded, else 0.5)")
     parser.add_argument("--min-infection-percent", type=float, default=None,
                         help="empty infection masks covering less of the lung than this (default: recorded, else 0)")
+    parser.add_argument("--min-infection-probability", type=float, default=None,
+                        help="empty infection masks where the image-level head's COVID-19 probability is below this; "
+                             "0 ignores the head; needs an infection model with a head (default: recorded, else 0)")
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                         help="horizontal-flip test-time augmentation (default: recorded, else off)")
 

@@ -25,6 +25,10 @@ How the numbers are made
       image on the raw probabilities at the model size (for Stage 2 before restriction to the lung mask), averaged.
     * Severity: mean absolute error (percentage points) of the predicted total severity against the one
       computed from the ground-truth masks, over COVID-19 images.
+    * Image level ("any infection": the COVID-19 class, the only one with infection masks): sensitivity and
+      specificity of "the cascade's infection mask has any pixel" (what a user sees), and, for an infection
+      model with an image head, of "its infection probability >= the decision's min_infection_probability" (0.5
+      where the decision does not consult the head) and the head's ROC AUC (`image_level_figures`).
     * Fig. 1 (covidseg_tf.report): COVID-19 images with infection, ordered by ground-truth infected lung fraction
       and picked at evenly spaced ranks (mild to severe; a fixed choice for a given split).
 
@@ -110,6 +114,36 @@ class Scores:
         return out
 
 
+def image_level_figures(positive: Sequence[bool], flagged: Sequence[bool],
+                        probability: Sequence[float] | None = None, threshold: float = 0.5) -> dict[str, Any]:
+    """Image-level "any infection" figures: `positive` (the image truly has infection), `flagged` (the cascade's
+    infection mask has a pixel), `probability` (the image head's infection probability, None without a head).
+
+    Returns {"n_positive", "n_negative", "mask": {"sensitivity", "specificity"}, "head": {"threshold",
+    "sensitivity", "specificity", "auc"} or None}; a rate without images to compute it on is None.
+
+    >>> r = image_level_figures([True, True, False, False], [True, False, False, True], [0.9, 0.4, 0.2, 0.6])
+    >>> r["mask"], r["head"]["auc"]
+    ({'sensitivity': 0.5, 'specificity': 0.5}, 0.75)
+    """
+    pos = np.asarray(positive, bool)
+    flagged_ = np.asarray(flagged, bool)
+
+    def rates(pred: np.ndarray) -> dict[str, float | None]:
+        return {"sensitivity": float(pred[pos].mean()) if pos.any() else None,
+                "specificity": float((~pred[~pos]).mean()) if (~pos).any() else None}
+
+    head = None
+    if probability is not None:
+        prob = np.asarray(probability, np.float64)
+        auc = None
+        if pos.any() and (~pos).any():  # Mann-Whitney: P(score of a positive > a negative), ties count half
+            p, n = prob[pos][:, None], prob[~pos][None, :]
+            auc = float(np.mean((p > n) + 0.5 * (p == n)))
+        head = {"threshold": float(threshold), **rates(prob >= threshold), "auc": auc}
+    return {"n_positive": int(pos.sum()), "n_negative": int((~pos).sum()), "mask": rates(flagged_), "head": head}
+
+
 # ----------------------------------------------------------------------------------------------- model side
 def make_loss(stage: str):
     """The training loss of `stage` as a callable (y_true, y_pred) -> scalar."""
@@ -122,11 +156,20 @@ def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
     """A tf.function: native (gray, lung_gt, infection_gt) batch -> masks at native size and per-image losses.
 
     Outputs: "lung_pred", "infection_cascade", "infection_gt_lung" (B, H, W, 1) 0/1, "severity_total" (B,) of the
-    cascade, and "<name>_loss" (B,) per-image losses at the model size.
+    cascade, "<name>_loss" (B,) per-image losses at the model size, and for a model with an image head
+    "infection_probability" (B,).
     """
     import tensorflow as tf
 
-    from covidseg_tf.cascade import mask_at, masks_at, resize_mask, run_stage2, run_stages, to_model_pixels
+    from covidseg_tf.cascade import (
+        infection_probability,
+        mask_at,
+        masks_at,
+        resize_mask,
+        run_stage2,
+        run_stages,
+        to_model_pixels,
+    )
 
     size, decision = cascade.image_size, cascade.decision
 
@@ -149,11 +192,14 @@ def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
             out["lung_pred"] = mask_at(stages["lung_prob"], hw, decision.threshold)
             return out
         inf_gt_small = resize_mask(infection_gt, size)
-        m = masks_at(stages["lung_prob"], stages["infection_prob"], decision, hw)
+        image_class = stages.get("image_class_prob")
+        m = masks_at(stages["lung_prob"], stages["infection_prob"], decision, hw, image_class_prob=image_class)
         out.update(lung_pred=m["lung_mask"], infection_cascade=m["infection_mask"], severity_total=m["severity_total"],
                    infection_cascade_loss=per_image(infection_loss, inf_gt_small, stages["infection_prob"]))
-        prob_gt = run_stage2(cascade.infection_model, pixels, lung_gt_small, decision.hflip)
-        gt = masks_at(stages["lung_prob"], prob_gt, decision, hw, lung_mask=lung_gt)
+        if image_class is not None:
+            out["infection_probability"] = infection_probability(image_class)
+        prob_gt, class_gt = run_stage2(cascade.infection_model, pixels, lung_gt_small, decision.hflip, with_class=True)
+        gt = masks_at(stages["lung_prob"], prob_gt, decision, hw, lung_mask=lung_gt, image_class_prob=class_gt)
         out["infection_gt_lung"] = gt["infection_mask"]
         out["infection_gt_lung_loss"] = per_image(infection_loss, inf_gt_small, prob_gt)
         return out
@@ -182,8 +228,9 @@ def prepare(examples, with_infection: bool, batch_size: int):
 
 # ----------------------------------------------------------------------------------------------- main work
 def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: int, limit: int | None,
-                   figure_path: Path | None, progress: bool = True) -> dict[str, Any]:
-    """Run the models over one split; returns the summaries (and writes Fig. 1 when asked)."""
+                   figure_path: Path | None, progress: bool = True, head_threshold: float = 0.5) -> dict[str, Any]:
+    """Run the models over one split; returns the summaries (and writes Fig. 1 when asked). `head_threshold`:
+    the infection probability at which the image head's verdict counts as "infection" (`image_level_figures`)."""
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -203,6 +250,9 @@ def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: 
         scores.update(infection_cascade=Scores(class_names), infection_gt_lung=Scores(class_names))
     sev_err: list[float] = []
     infected_fraction: dict[int, float] = {}
+    positive: list[bool] = []
+    flagged: list[bool] = []
+    probability: list[float] = []
     bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress)
     for gray, lung_gt, inf_gt, label, idx in prepare(examples, with_infection, batch_size):
         out = step(gray, lung_gt, inf_gt)
@@ -213,6 +263,10 @@ def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: 
                 scores[name].add(inf_gt.numpy(), out[name].numpy(), labels, out[f"{name}_loss"].numpy())
             true_sev = severity(lung_gt, inf_gt)["severity_total"].numpy()
             covid = labels == covid_id
+            positive += covid.tolist()
+            flagged += (out["infection_cascade"].numpy().reshape(len(labels), -1).max(axis=1) > 0).tolist()
+            if "infection_probability" in out:
+                probability += out["infection_probability"].numpy().tolist()
             sev_err += np.abs(out["severity_total"].numpy() - true_sev)[covid].tolist()
             lung_px = lung_gt.numpy().sum(axis=(1, 2, 3))
             inf_px = (inf_gt.numpy() * lung_gt.numpy()).sum(axis=(1, 2, 3))
@@ -224,6 +278,7 @@ def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: 
     result: dict[str, Any] = {k: v.summary() for k, v in scores.items()}
     if with_infection:
         result["severity_mae_covid"] = float(np.mean(sev_err)) if sev_err else None
+        result["image_level"] = image_level_figures(positive, flagged, probability or None, head_threshold)
     if figure_path is not None and with_infection:
         chosen = pick_figure_rows(infected_fraction)
         rows: dict[int, dict[str, Any]] = {}
@@ -299,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for split in args.split:
         fig = None if args.no_figure or not with_infection else args.out / f"fig1_{split}.png"
         results[split] = evaluate_split(builder, split, step, with_infection, args.batch_size, args.limit, fig,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet,
+                                        head_threshold=cascade.decision.min_infection_probability or 0.5)
         if fig is not None:
             figures[split] = str(fig)
     report = {

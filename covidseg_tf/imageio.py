@@ -22,6 +22,12 @@ refused BEFORE its pixels are decoded (`header_size`, `decode_xray`). A multi-fr
 frame only. Small, near-constant or very elongated images are decoded: the cascade's quality gate reports them
 "not assessed" (`covidseg_tf.cascade.input_quality`).
 
+Colour (`decode_image`): a chest X-ray is grey, so before a colour file (RGB / RGBA / palette / CMYK ... image,
+colour DICOM) becomes grey, the share of its clearly coloured pixels is measured (`colour_share`: chroma
+max(R,G,B) - min(R,G,B) >= `limits.COLOUR_CHROMA`) and returned beside the grey image (`DecodedImage`); grey
+files give 0. The grey image is the same as `decode_xray`'s; the input gate refuses a colourful file
+(`covidseg_tf.limits`). The SavedModel measures the same (`covidseg_tf.serving.colour_share`).
+
 Any failure raises `XRayReadError` naming the file.
 """
 
@@ -35,12 +41,13 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from covidseg_tf.limits import MAX_INFLATED_BYTES, MAX_PIXELS, size_problem
+from covidseg_tf.limits import COLOUR_CHROMA, MAX_INFLATED_BYTES, MAX_PIXELS, size_problem
 from covidseg_tf.paths import Unusable, path_problem, walk_files
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,30 @@ KNOWN_EXTENSIONS = DICOM_EXTENSIONS | IMAGE_EXTENSIONS
 
 class XRayReadError(ValueError):
     """An input file could not be read as an X-ray; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded input (`decode_image`): its grey pixels and how colourful the file was.
+
+    `gray` is the H x W uint8 image every tool runs on (`decode_xray`'s); `colour` is the share (0..1) of the
+    file's pixels that are clearly coloured (`colour_share`), 0 for a grey file, for the input gate's colour check
+    (`covidseg_tf.cascade.input_quality`).
+    """
+
+    gray: np.ndarray
+    colour: float = 0.0
+
+
+def colour_share(rgb: np.ndarray) -> float:
+    """Share (0..1) of the pixels of an H x W x 3(+) uint8 RGB array whose chroma, max(R,G,B) - min(R,G,B), is at
+    least `limits.COLOUR_CHROMA` (the alpha channel is ignored); `serving.colour_share` computes the same in the
+    SavedModel."""
+    rgb = np.asarray(rgb)[..., :3]
+    if rgb.size == 0:
+        return 0.0
+    chroma = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1).astype(np.int16)
+    return float(np.count_nonzero(chroma >= COLOUR_CHROMA)) / float(chroma.size)
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -157,7 +188,8 @@ def _pydicom_quiet() -> Iterator[None]:
                 logger.setLevel(_pydicom_level)
 
 
-def _read_dicom(data: bytes, name: str) -> np.ndarray:
+def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, float]:
+    """(grey uint8 image, colour share) of a DICOM file (the module docstring's rules)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     ds = _dicom_dataset(data, name, header_only=False)
@@ -167,16 +199,18 @@ def _read_dicom(data: bytes, name: str) -> np.ndarray:
         arr = pixel_array(ds, index=0)  # the first frame only: a multi-frame file is never decoded whole
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if samples > 1:  # colour DICOM: pixel_array is already RGB (pydicom converts YBR by default)
-        return to_uint8(_luma(arr))
+        rgb = arr if arr.dtype == np.uint8 else to_uint8(arr)
+        return to_uint8(_luma(arr)), colour_share(rgb)
     arr = apply_modality_lut(arr, ds)
     arr = apply_voi_lut(arr, ds)  # no-op when there is no VOI LUT / window
     out = to_uint8(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 255 - out
-    return out
+    return out, 0.0
 
 
-def _read_pillow(source: io.BytesIO, name: str) -> np.ndarray:
+def _read_pillow(source: io.BytesIO, name: str) -> tuple[np.ndarray, float]:
+    """(grey uint8 image, colour share) of a file Pillow opens (the module docstring's rules)."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
@@ -188,15 +222,16 @@ def _read_pillow(source: io.BytesIO, name: str) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
             mode = img.mode
             if mode == "L":
-                return np.asarray(img, dtype=np.uint8).copy()
+                return np.asarray(img, dtype=np.uint8).copy(), 0.0
             if mode in ("LA", "1"):
-                return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+                return np.asarray(img.convert("L"), dtype=np.uint8).copy(), 0.0
             if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA", "LAB", "HSV"):
-                return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8).copy()
+                rgb = img.convert("RGB")
+                return np.asarray(rgb.convert("L"), dtype=np.uint8).copy(), colour_share(np.asarray(rgb))
             arr = np.asarray(img)  # I;16*, I, F: high bit depth
     if arr.ndim == 3:
-        arr = _luma(arr)
-    return to_uint8(arr)
+        return to_uint8(_luma(arr)), colour_share(to_uint8(arr))
+    return to_uint8(arr), 0.0
 
 
 def _open_pillow(source: io.BytesIO, name: str) -> Any:
@@ -277,19 +312,26 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
     """The bytes of an X-ray image or DICOM file as an HxW uint8 grayscale array, by `read_xray`'s rules; `name`
     (a path or URL) decides DICOM by its extension (or the "DICM" magic bytes) and names the input in errors.
 
-    The size policy (`covidseg_tf.limits`) is checked from the header before decoding.
+    The size policy (`covidseg_tf.limits`) is checked from the header before decoding. `decode_image` also gives
+    the file's colour share (for the input gate).
 
     Raises:
         XRayReadError: not an image, unreadable, no pixel data, or larger than the size limits (the message names
             `name` and the limit).
     """
+    return decode_image(data, name).gray
+
+
+def decode_image(data: bytes, name: str) -> DecodedImage:
+    """`decode_xray`'s grey image of the bytes `data` and the file's colour share (`colour_share` of its RGB
+    pixels before the conversion to grey; 0 for a grey file), as a `DecodedImage`. Raises as `decode_xray`."""
     if not data:  # whatever the name says (an empty .dcm too)
         raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     dicom = _is_dicom(data, name)
     try:
         if dicom:
             _check_size(*_dicom_size(data, name), name)
-        arr = _read_dicom(data, name) if dicom else _read_pillow(io.BytesIO(data), name)
+        arr, colour = _read_dicom(data, name) if dicom else _read_pillow(io.BytesIO(data), name)
     except XRayReadError:
         raise
     except Exception as e:  # Pillow / pydicom raise many types; keep the reason, name the file
@@ -298,7 +340,7 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.size == 0:
         raise XRayReadError(f"{name}: decoded to an array of shape {arr.shape}; expected one grey image (H x W)")
     _check_size(arr.shape[0], arr.shape[1], name)  # the header's promise kept (e.g. after the EXIF rotation)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return DecodedImage(np.ascontiguousarray(arr, dtype=np.uint8), colour)
 
 
 def find_images(paths: list[str | Path], exclude: Path | None = None,

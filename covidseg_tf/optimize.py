@@ -152,6 +152,7 @@ class FrozenStage:
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
         self.function = convert_variables_to_constants_v2(fn.get_concrete_function())
+        self.has_image_head = len(self.function.structured_outputs) == 2
 
     def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor | dict[str, tf.Tensor]:
         """The mask probabilities, or for a model with an image head the dict the Keras model returns."""
@@ -168,7 +169,7 @@ def frozen_stage(model: keras.Model, precision: str = "fp32", image_size: int | 
 def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = None,
                  image_size: int | None = None) -> bytes:
     """A stage model as TFLite flatbuffer bytes: input (1, S, S, C) float32 raw pixels, output (1, S, S, 1) float32
-    probabilities.
+    probabilities (and, for a model with an image head, a second output: the (1, C) class probabilities).
 
     `mode`: "fp32" (what `covidseg_tf.export --tflite` writes); "dynamic" (int8 weights, activations quantized
     on the fly); "int8" (int8 weights and activations, float32 input/output, calibrated on `representative`:
@@ -182,7 +183,11 @@ def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = N
         raise ValueError("TFLite mode 'int8' needs representative pixels to calibrate on")
     size, channels = model_input_size(model, image_size)
     inputs = keras.Input((size, size, channels), batch_size=1, name="pixels")
-    wrapped = keras.Model(inputs, layers.Activation("linear", dtype="float32", name="prob")(model(inputs)))
+    mask, image_class = split_outputs(model(inputs))
+    outputs = [layers.Activation("linear", dtype="float32", name="prob")(mask)]
+    if image_class is not None:
+        outputs.append(layers.Activation("linear", dtype="float32", name="image_class_prob")(image_class))
+    wrapped = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0])
     converter = tf.lite.TFLiteConverter.from_keras_model(wrapped)
     if mode != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -9,11 +9,13 @@ input `<name>`:
     <name>_infection.png  infection mask, 8-bit 0/255, input resolution
     <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red), input
                           resolution up to 2048 px a side (OVERLAY_MAX_SIDE), shrunk by an integer factor beyond
-    <name>.json           sizes, areas, severity per lung and grade, model files and versions
+    <name>.json           sizes, areas, severity per lung and grade, the image-level head's verdict (models
+                          with a head), model files and versions
 
-The JSON also records the input's SHA-256 (``input_sha256``) and whether the input quality gate assessed it:
-an image that cannot be a chest X-ray (too small, extremely elongated, near-constant; `covidseg_tf.limits`) gets
-``"assessed": false``, the ``"reason"``, null severity and grade, empty masks and a warning line, never a grade.
+The JSON also records the input's SHA-256 (``input_sha256``) and whether the input gate assessed it: an image
+that cannot be a frontal chest X-ray (too small, extremely elongated, near-constant, in colour, noise-like, or
+without a plausible pair of lungs in the lung model's map; `covidseg_tf.limits`) gets ``"assessed": false``, the
+``"reason"``, null severity and grade, empty masks and a warning line, never a grade.
 Images above the size limits (4096 px a side) are refused from their header, before decoding.
 
 Inputs inside a folder keep their relative sub-folders under --out (``<out>/<folder name>/<sub-path>``).
@@ -54,7 +56,7 @@ import numpy as np
 
 from covidseg_tf import __version__, exitcodes
 from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
-from covidseg_tf.imageio import KNOWN_EXTENSIONS, XRayReadError, decode_xray, find_images
+from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
 from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
     Unusable,
     path_problem,
@@ -252,6 +254,13 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
             "grade": severity_grade(pred.severity_total) if assessed else None,
             "unit": "percent of lung area infected",
         },
+        # the infection model's image-level head (None without one, or when not assessed); the decision may
+        # have emptied the infection mask because of it (covidseg_tf.cascade, "Image-level head")
+        "image_level": None if pred.image_class_probabilities is None or not assessed else {
+            "infection_probability": pred.infection_probability,
+            "class": pred.image_class,
+            "class_probabilities": pred.image_class_probabilities,
+        },
         "outputs": {k: v for k, v in names.items() if k != "json"},
         "models": models,
     }
@@ -276,23 +285,23 @@ def write_outputs(encoded: dict[str, bytes]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def read_input(path: Path) -> tuple[bytes, np.ndarray]:
-    """(bytes, decoded H x W uint8 grey) of an input file, read once (`imageio.decode_xray`: the size policy is
-    checked from the header before decoding)."""
+def read_input(path: Path) -> tuple[bytes, DecodedImage]:
+    """(bytes, decoded image: H x W uint8 grey and the file's colour share) of an input file, read once
+    (`imageio.decode_image`: the size policy is checked from the header before decoding)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise XRayReadError(f"{path}: cannot read: {e}") from e
-    return data, decode_xray(data, str(path))
+    return data, decode_image(data, str(path))
 
 
 def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any],
-                 read: tuple[bytes, np.ndarray] | None = None) -> dict[str, Any]:
+                 read: tuple[bytes, DecodedImage] | None = None) -> dict[str, Any]:
     """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
     `read` is `read_input(path)` when done already: the bytes decoded are the bytes hashed (``input_sha256``)."""
-    data, gray = read if read is not None else read_input(path)
-    record, encoded = render_outputs(str(path), gray, cascade.predict([gray])[0], str(stem), models,
-                                     sha256=sha256_bytes(data))
+    data, image = read if read is not None else read_input(path)
+    pred = cascade.predict([image.gray], colour=[image.colour])[0]
+    record, encoded = render_outputs(str(path), image.gray, pred, str(stem), models, sha256=sha256_bytes(data))
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_outputs(encoded)
     return record

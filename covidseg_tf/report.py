@@ -111,6 +111,24 @@ def markdown_table(title: str, results: dict[str, dict[str, Any]], variants: Seq
     return "\n".join(lines) + "\n"
 
 
+def image_level_table(results: dict[str, Any]) -> str:
+    """Markdown table of the image-level "any infection" figures per split (`evaluate.image_level_figures`)."""
+    rows = ["Image level, \"any infection\" (positive: COVID-19 images):", "",
+            "| split | rule | sensitivity | specificity | ROC AUC |", "|---|---|---:|---:|---:|"]
+    for split, r in results.items():
+        figures = r.get("image_level")
+        if not figures:
+            continue
+        m = figures["mask"]
+        rows.append(f"| {split} | infection mask has any pixel | {_fmt(m['sensitivity'])} | "
+                    f"{_fmt(m['specificity'])} | |")
+        head = figures.get("head")
+        if head:
+            rows.append(f"| {split} | image head: infection probability >= {head['threshold']:g} | "
+                        f"{_fmt(head['sensitivity'])} | {_fmt(head['specificity'])} | {_fmt(head['auc'])} |")
+    return "\n".join(rows)
+
+
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     """report.json, report.md (Tables I and II) beside the figure(s) already in `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +149,7 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
         sev = {s: r.get("severity_mae_covid") for s, r in results.items()}
         md += ["Severity (total infected lung %), mean absolute error vs ground truth over COVID-19 images: " +
                ", ".join(f"{s}: {_fmt(v)} points" for s, v in sev.items()), ""]
+        md += [image_level_table(results), ""]
     else:
         md += ["Table II: not computed (the dataset has no infection masks).", ""]
     for split, fig in report.get("figures", {}).items():

@@ -10,7 +10,8 @@ another. For each IMAGE it writes into --out:
                           e.g. <stem>_lung_mask.png, <stem>_infection_mask.png
     <stem>.json           the image's full path ("image"), the scalar and text outputs (severity_left/right/
                           total in percent, height, width; the cascade's `assessed` and `reason`: severities
-                          are null for an image the input quality gate did not assess) and the mask files'
+                          are null for an image the input quality gate did not assess; with an image-level
+                          head infection_probability, image_class, image_class_prob) and the mask files'
                           paths relative to --out
 
 Request sent (TF Serving REST predict API, row format, binary input as {"b64": ...}):
@@ -121,10 +122,13 @@ def save_prediction(pred: dict[str, Any], stem: str, out_dir: Path, image: str |
             path = out_dir / f"{stem}_{name}.png"
             path.write_bytes(base64.b64decode(value["b64"]))
             summary["masks"][name] = path.relative_to(out_dir).as_posix()
-        elif isinstance(value, (int, float, str)):
-            summary[key] = value
+        elif isinstance(value, (int, float, str)) or (
+                isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+            summary[key] = value  # scalars, text, and short vectors such as the image head's image_class_prob
     if summary.get("assessed") is False:  # the quality gate refused the image: its zeros are no finding
-        summary.update({k: None for k in list(summary) if k.startswith("severity_")})
+        summary.update({k: None for k in list(summary)
+                        if k.startswith("severity_") or k in ("infection_probability", "image_class",
+                                                              "image_class_prob")})
     (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

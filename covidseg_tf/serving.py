@@ -13,19 +13,34 @@ Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name
     predict_pixels   inputs  pixels      (B, S, S, C) float32  raw 0..255 (C = 3; 4 for infection: + lung 0/1)
                      outputs <p>_prob, <p>_mask                (B, S, S, 1) float32 at the MODEL size S
 
+An infection stage with an image-level head adds to both signatures `image_class_prob` ((B, C) float32, the
+softmax over COVID-19 / Non-COVID / Normal, `covidseg_tf.config.IMAGE_CLASSES`).
+
 The cascade servable: `serving_default` takes `images` only and returns lung_mask_bytes, infection_mask_bytes
 (input-size PNGs; the infection PNG is inside the lung PNG), severity_left, severity_right, severity_total
 ((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height, width,
 and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thresholds in `covidseg_tf.limits`):
 
-                     assessed        (B,) bool    False: the image cannot be a chest X-ray (too small, extreme
-                                                  aspect ratio, near-constant); its masks are EMPTY and its
-                                                  severities 0, which is no finding: report "not assessed"
+                     assessed        (B,) bool    False: the image cannot be a frontal chest X-ray (too small,
+                                                  extreme aspect ratio, near-constant, in colour, noise-like,
+                                                  no plausible lungs); its masks are EMPTY and its severities 0,
+                                                  which is no finding: report "not assessed"
                      reason          (B,) string  why not ("" when assessed), e.g. "too small: 2x2 pixels ..."
 
-Its `predict_pixels` takes (B, S, S, 3) pixels and returns the seven tensors of `covidseg_tf.cascade.run_cascade`
-(lung_prob, lung_mask, infection_prob, infection_mask + severity, at S), without the gate (the caller chose the
-pixels). Versions exported before the gate (the retired version 1) have no `assessed` / `reason` outputs.
+and, when its infection stage has an image-level head (`covidseg_tf.cascade`, "Image-level head"):
+
+                     infection_probability  (B,) float32  the head's probability that the image shows infection
+                                                          (its COVID-19 class; 0 where not assessed)
+                     image_class            (B,) string   the most probable class ("" where not assessed)
+                     image_class_prob       (B, C) float32  the class probabilities (COVID-19, Non-COVID, Normal)
+
+Its `predict_pixels` takes (B, S, S, 3) pixels and returns the tensors of `covidseg_tf.cascade.run_cascade`
+(lung_prob, lung_mask, infection_prob, infection_mask + severity, at S; with a head also image_class_prob and
+infection_probability), without the gate (the caller chose the pixels). Versions exported before the gate (the
+retired version 1) have no `assessed` / `reason` outputs; versions exported before the colour, noise and lung
+checks (version 2) apply only the size, aspect and near-constant checks. The colour share is measured from the
+file's own RGB pixels (`colour_share`, a second decode of colour files only), as `imageio.decode_image` measures
+it for `predict`.
 
 Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
 `to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
@@ -70,7 +85,11 @@ import tensorflow as tf
 
 from covidseg_tf import limits
 from covidseg_tf.cascade import (
+    IMAGE_CLASS_PROB,
     SEVERITY_KEYS,
+    has_image_head,
+    image_class_names,
+    infection_probability,
     input_quality,
     mask_at,
     masks_at,
@@ -202,9 +221,36 @@ def gray_pixels(data: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tuple[tf.Tensor, ...]],
-                signature: tuple[tf.TensorSpec, ...], max_side: int = MAX_SIDE) -> tuple[tf.Tensor, ...]:
-    """`fn(gray)` of every encoded item of a (B,) batch, stacked: tensors of `signature`, batch first.
+def colour_share(data: tf.Tensor) -> tf.Tensor:
+    """Share (0..1, float32 scalar) of the clearly coloured pixels of PNG/JPEG bytes, as `imageio.colour_share`
+    measures it on Pillow's RGB pixels: chroma max(R,G,B) - min(R,G,B) >= `limits.COLOUR_CHROMA`. Only colour
+    files are decoded a second time, as RGB (a PNG of colour type 2, 3 or 6 - RGB, palette, RGBA - or a JPEG of 3
+    or more components, through the accurate integer DCT); a grey file gives 0 without decoding."""
+    head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, b"\0" * 26]), 0, 26), tf.uint8)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(data, 0, len(PNG_MAGIC)), PNG_MAGIC)
+    png_colour = is_png & ((head[25] == 2) | (head[25] == 3) | (head[25] == 6))  # IHDR colour type
+
+    def jpeg_channels() -> tf.Tensor:
+        return tf.image.extract_jpeg_shape(data)[2]
+
+    colourful = png_colour | (is_jpeg & (tf.cond(is_jpeg, jpeg_channels, lambda: tf.constant(1, tf.int32)) >= 3))
+
+    def share() -> tf.Tensor:
+        rgb = tf.cond(is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                      lambda: tf.io.decode_png(data, channels=3, dtype=tf.uint8))
+        rgb = tf.cast(rgb, tf.int32)
+        chroma = tf.reduce_max(rgb, axis=-1) - tf.reduce_min(rgb, axis=-1)
+        return tf.reduce_mean(tf.cast(chroma >= limits.COLOUR_CHROMA, tf.float32))
+
+    return tf.cond(colourful, share, lambda: tf.constant(0.0, tf.float32))
+
+
+def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[..., tuple[tf.Tensor, ...]],
+                signature: tuple[tf.TensorSpec, ...], max_side: int = MAX_SIDE,
+                with_bytes: bool = False) -> tuple[tf.Tensor, ...]:
+    """`fn(gray)` (with `with_bytes`: `fn(gray, data)`, the item's encoded bytes too) of every encoded item of a
+    (B,) batch, stacked: tensors of `signature`, batch first.
 
     Each item's header is checked (`_header`: format, truncation, the size policy) and only an item that passes
     is decoded to (H, W, 1) uint8 grey (`gray_pixels`) and given to `fn`, so a decompression bomb is never
@@ -219,7 +265,7 @@ def decode_each(items: tf.Tensor, names: tf.Tensor, fn: Callable[[tf.Tensor], tu
         _, problem = _header(data, what, max_side)
 
         def decoded() -> tuple[tf.Tensor, ...]:
-            return tuple(fn(gray_pixels(data)))
+            return tuple(fn(gray_pixels(data), data) if with_bytes else fn(gray_pixels(data)))
 
         def skipped() -> tuple[tf.Tensor, ...]:
             return tuple(tf.zeros(spec.shape, spec.dtype) for spec in signature)
@@ -266,6 +312,19 @@ def load_images(images: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple
 
     return decode_each(images, _names("images", tf.size(images)), one,
                        (tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32)), max_side)
+
+
+def load_images_with_colour(images: tf.Tensor, size: int,
+                            max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`load_images` plus each file's colour share (B,) float32 (`colour_share`), for the input gate."""
+    images = _assert_nonempty(images, "images")
+
+    def one(gray: tf.Tensor, data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return to_model_pixels(gray, size), tf.shape(gray)[:2], colour_share(data)
+
+    signature = (tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([2], tf.int32),
+                 tf.TensorSpec([], tf.float32))
+    return decode_each(images, _names("images", tf.size(images)), one, signature, max_side, with_bytes=True)
 
 
 def load_masks(masks: tf.Tensor, sizes: tf.Tensor, size: int, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, tf.Tensor]:
@@ -319,20 +378,32 @@ def stage_pngs(prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.T
 
 
 def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.Tensor,
-                    decision: Decision, assessed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+                    decision: Decision, assessed: tf.Tensor | None = None,
+                    image_class_prob: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Per image, `cascade.masks_at` its own size: lung and infection PNGs and the severity computed on them
-    (empty masks and severity 0 where `assessed`, (B,) bool from `cascade.input_quality`, is False)."""
+    (empty masks and severity 0 where `assessed`, (B,) bool from `cascade.input_quality`, is False).
+    `image_class_prob` (B, C), from an image head, takes part in the decision where it consults the head."""
     if assessed is None:
         assessed = tf.ones(tf.shape(sizes)[:1], tf.bool)
+    classes = tf.zeros([tf.shape(sizes)[0], 1]) if image_class_prob is None else image_class_prob
 
     def one(args: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
-        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis])
+        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis],
+                     image_class_prob=None if image_class_prob is None else args[4][tf.newaxis])
         return (_png(m["lung_mask"]), _png(m["infection_mask"])) + tuple(m[k][0] for k in SEVERITY_KEYS)
 
     string, number = tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.float32)
-    out = tf.map_fn(one, (lung_prob, infection_prob, sizes, assessed),
+    out = tf.map_fn(one, (lung_prob, infection_prob, sizes, assessed, classes),
                     fn_output_signature=(string, string) + (number,) * len(SEVERITY_KEYS))
     return dict(zip(("lung_mask_bytes", "infection_mask_bytes") + SEVERITY_KEYS, out))
+
+
+def image_level_outputs(image_class_prob: tf.Tensor, assessed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The cascade servable's image-head outputs (module docstring), zero / "" where `assessed` is False."""
+    ok = tf.cast(assessed, tf.float32)
+    probs = image_class_prob * ok[:, tf.newaxis]
+    return {"infection_probability": infection_probability(probs), IMAGE_CLASS_PROB: probs,
+            "image_class": tf.where(assessed, image_class_names(image_class_prob), "")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,10 +411,15 @@ def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _predict(model: Any, pixels: tf.Tensor) -> tf.Tensor:
-    """The stage's mask probabilities as float32 (the image head's output, where a model has one, is not served
-    yet)."""
-    return tf.cast(split_outputs(model(pixels, training=False))[0], tf.float32)
+def _predict(model: Any, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The stage's mask probabilities and its image class probabilities (None without a head), as float32."""
+    mask, image_class = split_outputs(model(pixels, training=False))
+    return tf.cast(mask, tf.float32), None if image_class is None else tf.cast(image_class, tf.float32)
+
+
+def _with_class(out: dict[str, tf.Tensor], image_class: tf.Tensor | None) -> dict[str, tf.Tensor]:
+    """`out` plus the image head's class probabilities, where the model has a head."""
+    return out if image_class is None else dict(out, **{IMAGE_CLASS_PROB: image_class})
 
 
 def stage_signatures(
@@ -366,20 +442,20 @@ def stage_signatures(
 
         def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
-            return outputs_full(stage_pngs(_predict(model, pixels), sizes, threshold), sizes)
+            return outputs_full(stage_pngs(_predict(model, pixels)[0], sizes, threshold), sizes)
 
         image_sig = [tf.TensorSpec([None], tf.string, name="images")]
 
         def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            return outputs_small(_predict(model, pixels), None)
+            return outputs_small(_predict(model, pixels)[0], None)
 
     elif channels == 4:
 
         def serve_images(images: tf.Tensor, lung_masks: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
             lung_small, lung_full = load_masks(lung_masks, sizes, size)
-            prob = _predict(model, tf.concat([pixels, lung_small], axis=-1))
-            return outputs_full(stage_pngs(prob, sizes, threshold, within=lung_full), sizes)
+            prob, image_class = _predict(model, tf.concat([pixels, lung_small], axis=-1))
+            return _with_class(outputs_full(stage_pngs(prob, sizes, threshold, within=lung_full), sizes), image_class)
 
         image_sig = [
             tf.TensorSpec([None], tf.string, name="images"),
@@ -387,7 +463,8 @@ def stage_signatures(
         ]
 
         def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            return outputs_small(_predict(model, pixels), pixels[..., 3:4])
+            prob, image_class = _predict(model, pixels)
+            return _with_class(outputs_small(prob, pixels[..., 3:4]), image_class)
 
     else:
         raise ValueError(f"stage model must take 3 or 4 channels, got {channels}")
@@ -404,17 +481,24 @@ def cascade_signatures(
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
     decision = Decision.of(decision)
     size = stage_agreement(lung_model, infection_model, image_size)
+    if decision.uses_image_head and not has_image_head(infection_model):
+        raise ValueError("the decision consults the image-level head (min_infection_probability "
+                         f"{decision.min_infection_probability:g}) but the infection model has none")
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return dict(run_cascade(lung_model, infection_model, pixels, decision))
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        pixels, sizes = load_images(images, size)
-        quality = input_quality(pixels, sizes)
+        pixels, sizes, colour = load_images_with_colour(images, size)
         stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
-        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"])
+        quality = input_quality(pixels, sizes, colour, stages["lung_prob"])
+        image_class = stages.get("image_class_prob")
+        out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"],
+                              image_class)
         out["height"], out["width"] = sizes[:, 0], sizes[:, 1]
         out["assessed"], out["reason"] = quality["assessed"], quality["reason"]
+        if image_class is not None:
+            out.update(image_level_outputs(image_class, quality["assessed"]))
         return out
 
     return {

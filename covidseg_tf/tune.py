@@ -1,4 +1,4 @@
-"""Choose the cascade's decision on the validation split: infection threshold, image-level rule, flip TTA.
+"""Choose the cascade's decision on the validation split: infection threshold, image-level rules, flip TTA.
 
     python -m covidseg_tf.tune --dataset covid_qu_ex/infection --manual-dir ~/covidqu --out reports/decision.json
     python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --decision reports/decision.json ...
@@ -9,8 +9,11 @@ augmentation); every candidate decision then turns the same probabilities into m
 ground-truth masks resized there with nearest neighbour (for COVID-QU-Ex and 256 px models that is the native
 size). The objective is the mean per-image infection Dice over ALL images, where an image with no infection
 scores 1 when nothing is predicted and 0 otherwise: it rewards segmenting COVID-19 images and leaving
-Non-COVID / Normal images empty alike. The JSON written to --out holds the chosen decision (what
-`export --decision` reads), its figures and the whole grid. Use the validation split to choose, never the test split.
+Non-COVID / Normal images empty alike. For an infection model with an image-level head the grid also spans
+the head's rule (`Decision.min_infection_probability`, MIN_INFECTION_PROBABILITIES; 0 = the head is not consulted):
+it only empties whole images, so it is scored from the same per-image counts at no extra model cost. The JSON
+written to --out holds the chosen decision (what `export --decision` reads), its figures and the whole grid. Use
+the validation split to choose, never the test split.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +36,17 @@ log = logging.getLogger(__name__)
 
 INFECTION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_INFECTION_PERCENTS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+MIN_INFECTION_PROBABILITIES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""The image head's rule, tried only for infection models with a head (0: the head is not consulted)."""
 
 
 def collect(cascade, builder, split: str, hflip: bool, batch_size: int, limit: int | None) -> dict[str, np.ndarray]:
-    """Probabilities (float16) and ground truth at the model size, and labels, for every image of `split`."""
+    """Probabilities (float16) and ground truth at the model size, and labels, for every image of `split`; for an
+    infection model with an image head also "infection_probability" (B,) float32."""
     import tensorflow as tf
     from tqdm import tqdm
 
-    from covidseg_tf.cascade import resize_mask, run_stages, to_model_pixels
+    from covidseg_tf.cascade import infection_probability, resize_mask, run_stages, to_model_pixels
     from covidseg_tf.data import load_split
 
     size = cascade.image_size
@@ -48,54 +55,81 @@ def collect(cascade, builder, split: str, hflip: bool, batch_size: int, limit: i
     if limit:
         examples = examples.take(limit)
 
+    head = cascade.has_image_head
+
     @tf.function(reduce_retracing=True)
     def step(image, lung, infection):
         st = run_stages(cascade.lung_model, cascade.infection_model, to_model_pixels(image, size),
                         cascade.decision.threshold, hflip=hflip)
-        return st["lung_prob"], st["infection_prob"], resize_mask(lung, size), resize_mask(infection, size)
+        p = infection_probability(st["image_class_prob"]) if head else tf.zeros(tf.shape(image)[:1])
+        return st["lung_prob"], st["infection_prob"], resize_mask(lung, size), resize_mask(infection, size), p
 
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("lung_prob", "infection_prob", "lung", "infection", "label")}
+    keys = ("lung_prob", "infection_prob", "lung", "infection")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keys, "label", "infection_probability")}
     batches = examples.map(lambda ex: (ex["image"], tf.cast(ex["lung_mask"] > 0, tf.float32),
                                        tf.cast(ex["infection_mask"] > 0, tf.float32), ex["label"])).batch(batch_size)
     with tqdm(total=total, desc=f"tune {split} (hflip {'on' if hflip else 'off'})", unit="img", disable=None) as bar:
         for image, lung, infection, label in batches:
             outs = step(image, lung, infection)
-            for key, value in zip(("lung_prob", "infection_prob", "lung", "infection"), outs):
+            for key, value in zip(keys, outs):
                 parts[key].append(value.numpy().astype(np.float16))
+            parts["infection_probability"].append(outs[4].numpy().astype(np.float32))
             parts["label"].append(label.numpy())
             bar.update(len(label))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    if not head:
+        del data["infection_probability"]
+    return data
 
 
 def score(data: dict[str, np.ndarray], decision: Decision, class_names: Sequence[str],
           chunk: int = 128) -> dict[str, float]:
     """Infection figures of one decision on collected probabilities (see the module docstring)."""
+    return score_head_rules(data, decision, class_names, [decision.min_infection_probability], chunk)[0]
+
+
+def score_head_rules(data: dict[str, np.ndarray], decision: Decision, class_names: Sequence[str],
+                     min_probabilities: Sequence[float], chunk: int = 128) -> list[dict[str, float]]:
+    """`score` of `decision` with each of `min_probabilities` as its `min_infection_probability`, from one pass of
+    `masks_at` (the head's rule only empties whole images: their true positives become false negatives)."""
     import tensorflow as tf
 
     from covidseg_tf import metrics
     from covidseg_tf.cascade import masks_at, severity
 
-    counts, pred_sev, true_sev, any_px = [], [], [], []
+    without_head = replace(decision, min_infection_probability=0.0)
+    counts, pred_sev, true_sev = [], [], []
     for i in range(0, len(data["label"]), chunk):
         sl = slice(i, i + chunk)
         m = masks_at(tf.constant(data["lung_prob"][sl], tf.float32), tf.constant(data["infection_prob"][sl],
-                     tf.float32), decision)
+                     tf.float32), without_head)
         pred = m["infection_mask"].numpy()
         counts.append(np.stack(metrics.confusion_counts(data["infection"][sl].astype(np.float32), pred), axis=1))
         pred_sev.append(m["severity_total"].numpy())
         true_sev.append(severity(data["lung"][sl].astype(np.float32),
                                  data["infection"][sl].astype(np.float32))["severity_total"].numpy())
-        any_px.append(pred.reshape(len(pred), -1).max(axis=1) > 0)
-    tp, fp, fn = np.concatenate(counts).T
+    tp0, fp0, fn0 = np.concatenate(counts).T
+    pred_sev0, true_sev_all = np.concatenate(pred_sev), np.concatenate(true_sev)
     covid = data["label"] == list(class_names).index("COVID-19")
-    dice = metrics.dice_from_counts(tp, fp, fn)
-    err = np.abs(np.concatenate(pred_sev) - np.concatenate(true_sev))
-    any_px = np.concatenate(any_px)
-    return {"dice_per_image_mean": float(dice.mean()),
+    rows = []
+    for h in min_probabilities:
+        keep = np.ones(len(tp0), bool)
+        if h > 0:
+            if "infection_probability" not in data:
+                raise ValueError(f"min_infection_probability {h:g} needs an infection model with an image head")
+            keep = data["infection_probability"] >= h
+        tp, fp, fn = tp0 * keep, fp0 * keep, fn0 + tp0 * ~keep
+        dice = metrics.dice_from_counts(tp, fp, fn)
+        err = np.abs(pred_sev0 * keep - true_sev_all)
+        any_px = (tp + fp) > 0
+        rows.append({
+            "dice_per_image_mean": float(dice.mean()),
             "dice_pooled": float(metrics.dice_from_counts(tp.sum(), fp.sum(), fn.sum())),
             "dice_per_covid_image_mean": float(dice[covid].mean()) if covid.any() else float("nan"),
             "healthy_with_infection_fraction": float(any_px[~covid].mean()) if (~covid).any() else float("nan"),
-            "severity_mae_covid": float(err[covid].mean()) if covid.any() else float("nan")}
+            "covid_with_infection_fraction": float(any_px[covid].mean()) if covid.any() else float("nan"),
+            "severity_mae_covid": float(err[covid].mean()) if covid.any() else float("nan")})
+    return rows
 
 
 def lung_dice(data: dict[str, np.ndarray], threshold: float) -> float:
@@ -110,8 +144,9 @@ def lung_dice(data: dict[str, np.ndarray], threshold: float) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m covidseg_tf.tune",
-        description="Choose the cascade's infection threshold, image-level rule and flip TTA on the validation "
-                    "split; writes the decision that `python -m covidseg_tf.export --decision FILE` records.",
+        description="Choose the cascade's infection threshold, image-level rules (area; the image head's "
+                    "probability, for models with a head) and flip TTA on the validation split; writes the "
+                    "decision that `python -m covidseg_tf.export --decision FILE` records.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python -m covidseg_tf.tune --dataset covid_qu_ex/infection --manual-dir ~/covidqu \\\n"
@@ -143,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     cascade = Cascade.load(args.lung_model, args.infection_model, Decision(threshold=args.threshold))
+    head_rules = MIN_INFECTION_PROBABILITIES if cascade.has_image_head else (0.0,)
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     if "infection_mask" not in builder.info.features:
         parser.error(f"--dataset {args.dataset} has no infection masks: tune on covid_qu_ex/infection or synthetic")
@@ -154,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for t in INFECTION_THRESHOLDS:
             for m in MIN_INFECTION_PERCENTS:
                 decision = Decision(args.threshold, t, m, hflip)
-                grid.append({"decision": decision.to_dict(), "lung_dice_pooled": lung,
-                             **score(data, decision, class_names)})
+                for h, row in zip(head_rules, score_head_rules(data, decision, class_names, head_rules)):
+                    grid.append({"decision": replace(decision, min_infection_probability=h).to_dict(),
+                                 "lung_dice_pooled": lung, **row})
     best = max(grid, key=lambda r: r["dice_per_image_mean"])
     baseline = next(r for r in grid if r["decision"] == Decision(threshold=args.threshold).to_dict()) \
         if args.hflip != "on" else None

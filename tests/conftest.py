@@ -118,6 +118,20 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+def phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A chest-X-ray-like grey image: bright body, two dark lung fields, a brighter patch in the image-left one.
+
+    With `conv_cascade` its lungs and infection are found far from the thresholds, and its lung map passes the
+    input gate's lung checks (two lungs, centred, sure)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
+    img = np.full((h, w), 180.0)
+    for cx in (0.3, 0.7):
+        img[((x - cx) / 0.16) ** 2 + ((y - 0.5) / 0.35) ** 2 < 1] = 40.0
+    img[((x - 0.3) / 0.08) ** 2 + ((y - 0.6) / 0.1) ** 2 < 1] = 90.0
+    return np.clip(img + rng.normal(0, 3, (h, w)), 0, 255).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------------------------- models
 def conv_stage(size: int, channels: int, kernel: list[float], bias: float, name: str):
     """A stage model computing sigmoid(kernel . pixel + bias) per pixel (one 1x1 convolution with fixed weights):
@@ -135,6 +149,27 @@ def conv_cascade(size: int = 64):
     """(lung, infection) `conv_stage`s: grey < 100 is lung; inside the lung, grey > 60 is infection."""
     return (conv_stage(size, 3, [-0.1 / 3] * 3, 10.0, "lung_conv"),
             conv_stage(size, 4, [0.1 / 3] * 3 + [20.0], -26.0, "infection_conv"))
+
+
+def conv_head_stage(size: int = 64, name: str = "infection_head_conv"):
+    """`conv_cascade`'s infection stage with an image-level head (the dict output of a Stage-2 model trained with
+    --image-head-weight): the COVID-19 logit is 0.05 x (mean grey - 100), the other two classes' logits 0, so an
+    image brighter than 100 on average is "COVID-19" (P = 0.94 at a mean of 170), a darker one not (0.16 at 80)."""
+    import keras
+
+    from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT
+
+    inp = keras.Input((size, size, 4), name=f"{name}_pixels")
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_conv")
+    dense = keras.layers.Dense(3, name=f"{name}_dense")
+    pooled = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(inp)
+    head = keras.layers.Activation("softmax", name=IMAGE_CLASS_OUTPUT)(dense(pooled))
+    model = keras.Model(inp, {MASK_OUTPUT: conv(inp), IMAGE_CLASS_OUTPUT: head}, name=name)
+    conv.set_weights([np.array([0.1 / 3] * 3 + [20.0], np.float32).reshape(1, 1, 4, 1), np.array([-26.0], np.float32)])
+    kernel = np.zeros((4, 3), np.float32)
+    kernel[0, 0] = 0.05
+    dense.set_weights([kernel, np.array([-5.0, 0.0, 0.0], np.float32)])
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- SavedModels

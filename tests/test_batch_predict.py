@@ -246,6 +246,52 @@ def test_handler_loads_the_cascade_with_the_decision_and_survives_a_failing_imag
     assert handler.get_num_bytes(batch) == sum(x.gray.nbytes for x in batch)
 
 
+@pytest.fixture(scope="module")
+def conv_loaded(tmp_path_factory) -> bp.LoadedCascade:
+    """conftest.conv_cascade (dark pixels are lung, brighter ones inside it infection) loaded by the handler: its
+    lung maps of chest-X-ray-like phantoms pass the input gate."""
+    from conftest import conv_cascade
+
+    d = tmp_path_factory.mktemp("conv_models")
+    for model, stage in zip(conv_cascade(64), ("lung", "infection")):
+        model.save(d / f"{stage}.keras")
+    return bp.CascadeModelHandler(str(d / "lung.keras"), str(d / "infection.keras")).load_model()
+
+
+def test_a_colour_photo_is_not_assessed_and_an_xray_is(conv_loaded, tmp_path):
+    """ReadDecodeFn measures each file's colour share, run_inference hands it to the input gate, WriteOutputsFn
+    writes predict's record: a colour photograph is "assessed": false with the reason (empty masks, "not
+    assessed" in severity.csv), a chest-X-ray-like phantom in the same batch is graded, its masks predict's."""
+    from conftest import phantom
+
+    from covidseg_tf import limits, nonxray
+    from covidseg_tf.imageio import decode_image
+
+    images = {"photo.png": nonxray.make("photo"), "xray.png": phantom(90, 80, 2)}
+    xrays = []
+    for name, image in images.items():
+        Image.fromarray(image).save(tmp_path / name)
+        xrays += list(bp.ReadDecodeFn(str(tmp_path / "out" / "images")).process((str(tmp_path / name), name[:-4])))
+    assert [type(x) for x in xrays] == [bp.XRay, bp.XRay]
+    assert xrays[0].colour > limits.MAX_COLOUR_SHARE and xrays[1].colour == 0.0
+    handler = bp.CascadeModelHandler("lung.keras", "infection.keras", max_batch_size=2)
+    results = list(handler.run_inference(xrays, conv_loaded))
+    records = [r for result in results for r in bp.WriteOutputsFn(str(tmp_path / "out")).process(result)
+               if isinstance(r, dict)]
+    photo, xray = records
+    assert photo["assessed"] is False
+    assert photo["reason"].startswith("not a frontal chest X-ray: a colour image: "), photo["reason"]
+    assert photo["severity"]["grade"] is None and photo["lung_area_px"] == 0
+    assert bp.csv_line(photo).endswith(",,,,not assessed")
+    assert not np.asarray(Image.open(tmp_path / "out" / "images" / "photo_lung.png")).any()
+    assert xray["assessed"] is True and xray["reason"] is None and xray["severity"]["grade"] != "none"
+    decoded = decode_image((tmp_path / "xray.png").read_bytes(), "xray.png")
+    pred = conv_loaded.cascade.predict([decoded.gray], colour=[decoded.colour])[0]
+    lung = np.asarray(Image.open(tmp_path / "out" / "images" / "xray_lung.png")) > 0
+    assert lung.any() and np.array_equal(lung, pred.lung.astype(bool))
+    assert xray["severity"]["total"] == pytest.approx(pred.severity_total)
+
+
 def run_main(capsys, argv: list[str]) -> tuple[int, dict | None]:
     """`batch_predict.main` and the JSON line it printed (None when it printed none)."""
     capsys.readouterr()
@@ -278,7 +324,7 @@ def mixed_run(inputs, tiny_models, tmp_path_factory):
 
 def test_bad_files_go_to_the_dead_letter_and_good_ones_get_every_output(mixed_run, inputs, tiny_models,
                                                                         tiny_loaded):
-    from covidseg_tf.imageio import read_xray
+    from covidseg_tf.imageio import decode_image
 
     out, folder = mixed_run["out"], mixed_run["folder"]
     assert mixed_run["rc"] == 1  # some inputs failed
@@ -288,7 +334,7 @@ def test_bad_files_go_to_the_dead_letter_and_good_ones_get_every_output(mixed_ru
     assert res["state"] == "DONE"
     assert res["images_ok"] == len(GOOD) and res["images_failed"] == len(bad_files) + 1
     assert res["failed_by_stage"] == {"match": 1, "decode": len(bad_files)}
-    assert res["patterns_matching_nothing"] == 1 and res["images_not_assessed"] == 0
+    assert res["patterns_matching_nothing"] == 1
     dead = {json.loads(ln)["file"]: json.loads(ln) for ln in read_lines(out / bp.DEAD_LETTER)}
     assert set(dead) == {str(f) for f in bad_files} | {str(mixed_run["missing"])}
     assert dead[str(mixed_run["missing"])]["reason"] == "no such file"
@@ -309,19 +355,28 @@ def test_bad_files_go_to_the_dead_letter_and_good_ones_get_every_output(mixed_ru
         stem = out / "images" / src.relative_to(folder).with_suffix("")
         assert rec["outputs"]["lung"] == f"{stem}_lung.png"
         assert json.loads(Path(f"{stem}.json").read_text()) == rec
-        assert rec["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() and rec["assessed"] is True
+        assert rec["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
         assert rec["size"] == {"height": H, "width": W}
-        pred = cascade.predict([read_xray(src)])[0]  # predict's path: one image per call
+        decoded = decode_image(src.read_bytes(), str(src))
+        pred = cascade.predict([decoded.gray], colour=[decoded.colour])[0]  # predict's path: one image per call
+        # the input gate decides as in predict's path (random models find no plausible lungs: mostly refused)
+        assert rec["assessed"] is pred.assessed and rec["reason"] == (None if pred.assessed else pred.reason)
         for name in ("lung", "infection"):
             mask = np.asarray(Image.open(f"{stem}_{name}.png"))
             assert mask.shape == (H, W) and set(np.unique(mask)) <= {0, 255}
             np.testing.assert_array_equal(mask > 0, getattr(pred, name).astype(bool))
-        assert rec["severity"]["total"] == pred.severity_total
+        assert rec["severity"]["total"] == (pred.severity_total if pred.assessed else None)
         assert Image.open(f"{stem}_overlay.png").size == (W, H)
         assert rec["models"]["lung"]["path"] == str(tiny_models[0]) and len(rec["models"]["lung"]["sha256"]) == 64
+    assert res["images_not_assessed"] == sum(not rec["assessed"] for rec in summary.values())
     for row in rows:
-        assert float(row["severity_total"]) == summary[row["file"]]["severity"]["total"]
-        assert row["grade"] == summary[row["file"]]["severity"]["grade"]
+        rec = summary[row["file"]]
+        if rec["assessed"]:
+            assert float(row["severity_total"]) == rec["severity"]["total"]
+            assert row["grade"] == rec["severity"]["grade"]
+        else:  # not assessed: empty severities, the grade "not assessed"
+            assert row["severity_total"] == "" and rec["severity"]["total"] is None
+            assert row["grade"] == "not assessed"
     # a.png and a.dcm style clashes do not exist here: no stem got a hash
     assert not list((out / "images").rglob("*-????????.json"))
 

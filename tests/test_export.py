@@ -22,7 +22,7 @@ import tensorflow as tf
 from conftest import run_tf1
 from PIL import Image
 
-from covidseg_tf import cascade, export, serving
+from covidseg_tf import cascade, export, nonxray, serving
 from covidseg_tf.models import build_unet
 
 S = 64
@@ -443,13 +443,32 @@ def test_infection_bad_masks(infection_run, case, message):
 
 
 def test_cascade_default_signature_matches_keras_cascade(cascade_run, models):
+    """The served masks and severity follow the Keras models' probabilities by `cascade.masks_at`'s rule, after
+    the input gate, whose verdict is the Python gate's (`cascade.input_quality` on the Keras Stage 1's map and
+    `imageio.decode_image`'s colour share): an image it refuses has empty masks and severity 0. (These untrained
+    models give no plausible lungs, so both test images are refused here; test_serving.py checks assessed
+    images with a cascade whose lung map is plausible.)"""
+    from covidseg_tf.imageio import decode_image
+
     out = ok(cascade_run, "default")
     assert_compact(out, "cascade", 2)
-    expected = cascade.run_cascade(models["lung"], models["infection"], _pixels_of(GOOD), threshold=THRESHOLD)
+    pixels = _pixels_of(GOOD)
+    expected = cascade.run_cascade(models["lung"], models["infection"], pixels, threshold=THRESHOLD)
+    colour = [decode_image(data, name).colour for data, name in zip(GOOD, ("a.png", "b.jpg"))]
+    gate = cascade.input_quality(pixels, GOOD_HW, colour, expected["lung_prob"])
+    assert out["assessed"].tolist() == gate["assessed"].numpy().tolist()
+    assert [r.decode() for r in out["reason"]] == [r.decode() for r in gate["reason"].numpy()]
+    assert out["reason"][1].decode().startswith("not a frontal chest X-ray: a colour image")  # the colour JPEG
     for i, hw in enumerate(GOOD_HW):
         lung_exp, lung_ok = expected_full_mask(expected["lung_prob"].numpy()[i], hw)
-        lung = check_png_mask(out["lung_mask_bytes"][i], hw, lung_exp, lung_ok)
         inf_exp, inf_ok = expected_full_mask(expected["infection_prob"].numpy()[i], hw)
+        if not out["assessed"][i]:
+            assert not decode_png(out["lung_mask_bytes"][i]).any()
+            assert not decode_png(out["infection_mask_bytes"][i]).any()
+            assert decode_png(out["lung_mask_bytes"][i]).shape == hw
+            assert all(out[key][i] == 0.0 for key in serving.SEVERITY_KEYS)
+            continue
+        lung = check_png_mask(out["lung_mask_bytes"][i], hw, lung_exp, lung_ok)
         inf = check_png_mask(out["infection_mask_bytes"][i], hw, inf_exp & lung_exp, inf_ok & lung_ok)
         assert not (inf & ~lung).any(), "infection PNG must lie inside the lung PNG"
         # severity is computed on exactly these input-size masks (as predict computes it) ...
@@ -554,24 +573,31 @@ def test_rest_client_end_to_end_with_exported_cascade(cascade_path, tmp_path):
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
         (tmp_path / "x.jpg").write_bytes(GOOD[1])
+        (tmp_path / "photo.png").write_bytes(nonxray.encode_png(nonxray.make("photo")))
         (tmp_path / "bad.png").write_bytes(patched_png_header(9000, 100))
-        done, errors = serve_client.predict_files(url, "cascade", [tmp_path / "x.jpg", tmp_path / "bad.png"],
+        done, errors = serve_client.predict_files(url, "cascade", [tmp_path / f for f in ("x.jpg", "photo.png",
+                                                                                           "bad.png")],
                                                   tmp_path / "out", timeout=120)
     finally:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
-    assert len(done) == 1 and len(errors) == 1
+    assert len(done) == 2 and len(errors) == 1
     assert "HTTP 400" in errors[0] and "images[0] is 9000x100 pixels" in errors[0]
-    summary = json.loads((tmp_path / "out" / "x.json").read_text())
-    out = seen["outputs"]
-    assert summary["height"] == 96 and summary["width"] == 80
-    assert summary["severity_total"] == pytest.approx(float(out["severity_total"][0]))
-    assert (tmp_path / "out" / "x_lung_mask.png").read_bytes() == out["lung_mask_bytes"][0]
-    assert decode_png((tmp_path / "out" / "x_infection_mask.png").read_bytes()).shape == (96, 80)
+    out = seen["outputs"]  # of the last good request: the photo
+    for name, hw in (("x", (96, 80)), ("photo", (256, 256))):  # both colour: the input gate refuses them
+        summary = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert (summary["height"], summary["width"]) == hw
+        assert summary["assessed"] is False
+        assert summary["reason"].startswith("not a frontal chest X-ray: a colour image: "), summary["reason"]
+        assert all(summary[k] is None for k in serving.SEVERITY_KEYS)  # zeros of a refused image are no finding
+        for mask in ("lung_mask", "infection_mask"):
+            data = decode_png((tmp_path / "out" / f"{name}_{mask}.png").read_bytes())
+            assert data.shape == hw and not data.any()
+    assert (tmp_path / "out" / "photo_lung_mask.png").read_bytes() == out["lung_mask_bytes"][0]
     row = seen["reply"]["predictions"][0]  # compact: base64 PNGs and numbers, no nested lists of dense maps
     assert set(row) == COMPACT["cascade"]
     assert all(isinstance(v, (dict, int, float, str)) for v in row.values())
-    assert row["assessed"] is True and row["reason"] == "" and summary["assessed"] is True
+    assert row["assessed"] is False and row["reason"] == summary["reason"] and row["severity_total"] == 0.0
     pngs = sum(len(row[k]["b64"]) for k in ("lung_mask_bytes", "infection_mask_bytes"))
     assert len(json.dumps(seen["reply"])) < pngs + 500

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import phantom
 
 from covidseg_tf import limits
 from covidseg_tf.cascade import input_quality, masks_at, to_model_pixels
@@ -23,7 +24,7 @@ def ramp(h: int, w: int) -> np.ndarray:
 
 
 def test_gate_reasons_in_order():
-    q = gate([ramp(100, 80), np.full((256, 256), 77, np.uint8), np.zeros((2, 2), np.uint8),
+    q = gate([phantom(100, 80), np.full((256, 256), 77, np.uint8), np.zeros((2, 2), np.uint8),
               ramp(3000, 300), ramp(300, 5)])
     assert q["assessed"] == [True, False, False, False, False]
     assert q["reason"][0] == ""
@@ -35,11 +36,13 @@ def test_gate_reasons_in_order():
 
 def test_gate_bounds_are_inclusive_where_documented():
     side, aspect = limits.MIN_SIDE, limits.MAX_ASPECT
-    q = gate([ramp(side, side), ramp(side - 1, side), ramp(side, int(side * aspect)),
-              ramp(side, int(side * aspect) + 1)])
+    q = gate([phantom(side, side), phantom(side - 1, side), phantom(side, int(side * aspect)),
+              phantom(side, int(side * aspect) + 1)])
     assert q["assessed"] == [True, False, True, False]
-    stripes = [(np.arange(64) % 2 * step + 100).astype(np.uint8)[None].repeat(64, 0) for step in (9, 8, 7)]
-    q = gate(stripes, size=64)  # grey levels 100 and 100 + step: standard deviation step / 2, at the model size
+    # bands 8 columns wide (not a noise-like 1-pixel pattern) of grey levels 100 and 100 + step: standard deviation
+    # step / 2 at the model size
+    stripes = [(np.arange(64) // 8 % 2 * step + 100).astype(np.uint8)[None].repeat(64, 0) for step in (9, 8, 7)]
+    q = gate(stripes, size=64)
     assert q["grey_std"] == pytest.approx([4.5, 4.0, 3.5]) and limits.MIN_STD == 4.0
     assert q["assessed"] == [True, True, False]
 
@@ -58,7 +61,7 @@ def test_cascade_predict_flags_each_image():
 
     from covidseg_tf.cascade import Cascade
 
-    preds = Cascade(*conv_cascade(64), 0.5).predict([ramp(90, 70), np.full((50, 50), 3, np.uint8)])
+    preds = Cascade(*conv_cascade(64), 0.5).predict([phantom(90, 70), np.full((50, 50), 3, np.uint8)])
     assert [p.assessed for p in preds] == [True, False]
     assert preds[0].reason == "" and preds[1].reason.startswith("near-constant image")
     assert preds[0].lung.any() and not preds[1].lung.any() and preds[1].severity_total == 0.0

@@ -15,6 +15,7 @@ import pytest
 from conftest import BAD, GOOD, H, W
 from PIL import Image
 
+from covidseg_tf import nonxray
 from covidseg_tf.imageio import read_xray
 
 
@@ -65,9 +66,15 @@ def check_outputs(stem: Path, src: Path, shape: tuple[int, int]) -> dict:
     inf = np.asarray(Image.open(stem.parent / (stem.name + "_infection.png"))) > 0
     assert rec["lung_area_px"] == lung.sum() and rec["infection_area_px"] == inf.sum()
     assert not (inf & ~lung).any()  # infection only inside the lung
-    for k in ("left", "right", "total"):
-        assert 0.0 <= rec["severity"][k] <= 100.0
-    assert rec["severity"]["grade"] in ("none", "mild", "moderate", "severe")
+    if rec["assessed"]:
+        assert rec["reason"] is None
+        for k in ("left", "right", "total"):
+            assert 0.0 <= rec["severity"][k] <= 100.0
+        assert rec["severity"]["grade"] in ("none", "mild", "moderate", "severe")
+    else:  # the input gate refused it (untrained models find no plausible lungs): no finding, empty masks
+        assert rec["assessed"] is False and rec["reason"], rec
+        assert all(rec["severity"][k] is None for k in ("left", "right", "total", "grade"))
+        assert not lung.any() and not inf.any()
     assert len(rec["models"]["lung"]["sha256"]) == 64 and rec["models"]["image_size"] == 64
     return rec
 
@@ -191,15 +198,20 @@ def test_predict_cli_saved_model_folders(inputs, tiny_saved_models, tmp_path):
 
 def test_predict_saved_model_same_masks_as_keras(tiny_models, tiny_saved_models):
     """The exported stages segment like the .keras models (pixels near the threshold aside: untrained nets)."""
-    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.cascade import Cascade, run_stages
 
     gray = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # model size: no resizing
-    keras_pred = Cascade.load(*tiny_models).predict([gray])[0]
-    saved_pred = Cascade.load(*tiny_saved_models).predict([gray])[0]
+    masks = []  # the stages' masks (Cascade.predict would empty them: the input gate refuses noise)
+    for paths in (tiny_models, tiny_saved_models):
+        c = Cascade.load(*paths)
+        stages = run_stages(c.lung_model, c.infection_model, c.model_pixels(gray)[None], c.threshold)
+        masks.append({"lung": stages["lung_prob"].numpy() >= c.threshold,
+                      "infection": stages["infection_prob"].numpy() >= c.decision.infection_threshold})
+    keras_masks, saved_masks = masks
     for k in ("lung", "infection"):
-        differ = (getattr(keras_pred, k) != getattr(saved_pred, k)).mean()
+        differ = (keras_masks[k] != saved_masks[k]).mean()
         assert differ < 0.01, (k, differ)
-    assert 0 < keras_pred.lung.mean() < 1
+    assert 0 < keras_masks["lung"].mean() < 1
 
 
 def test_predict_defaults_are_the_repo_saved_models(inputs, tiny_saved_models, tmp_path, monkeypatch):
@@ -328,10 +340,12 @@ def test_predict_loads_no_model_when_every_input_is_refused(tmp_path, monkeypatc
     ("two", np.array([[0, 255], [255, 0]], np.uint8), "too small: 2x2 pixels"),
     ("one", np.zeros((1, 1), np.uint8), "too small: 1x1 pixels"),
     ("strip", np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (3000, 1)), "extreme aspect ratio: 3000x300"),
+    ("photo", nonxray.make("photo"), "not a frontal chest X-ray: a colour image: "),
+    ("noise", nonxray.make("grey_noise"), "not a frontal chest X-ray: noise-like: "),
 ])
 def test_predict_never_grades_what_cannot_be_a_chest_xray(conv_models, tmp_path, caplog, name, image, reason):
-    """Uniform grey, 2x2, 1x1 and 10:1 images: "assessed": false with the reason, null severity and grade, empty
-    masks at the input's size, a warning naming the file; not a failure (exit 0)."""
+    """Uniform grey, 2x2, 1x1 and 10:1 images, a colour photograph, grey noise: "assessed": false with the reason,
+    null severity and grade, empty masks at the input's size, a warning naming the file; not a failure (exit 0)."""
     src = tmp_path / f"{name}.png"
     Image.fromarray(image).save(src)
     with caplog.at_level(logging.WARNING):
@@ -342,16 +356,25 @@ def test_predict_never_grades_what_cannot_be_a_chest_xray(conv_models, tmp_path,
                                "unit": "percent of lung area infected"}
     assert rec["lung_area_px"] == rec["infection_area_px"] == 0
     lung = np.asarray(Image.open(tmp_path / "o" / f"{name}_lung.png"))
-    assert lung.shape == image.shape and not lung.any()
+    assert lung.shape == image.shape[:2] and not lung.any()
     assert f"{src}: not assessed (input quality gate): {reason}" in caplog.text
 
 
-def test_predict_records_input_sha256_and_assessed(inputs, conv_models, tmp_path):
-    src = inputs["png8_gray"]
-    assert run([src], tmp_path, conv_models) == 0
-    rec = json.loads((tmp_path / f"{src.stem}.json").read_text())
-    assert rec["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
-    assert rec["assessed"] is True and rec["reason"] is None
+def test_predict_records_input_sha256_and_assessed(conv_models, tmp_path):
+    """A chest-X-ray-like phantom, also saved as RGB with a small red marker, is assessed and graded."""
+    from conftest import phantom
+
+    grey = phantom(90, 80, 3)
+    marked = np.repeat(grey[..., None], 3, -1)
+    marked[4:10, 4:14] = (220, 20, 20)
+    for name, image in (("grey", grey), ("marked", marked)):
+        src = tmp_path / f"{name}.png"
+        Image.fromarray(image).save(src)
+        assert run([src], tmp_path / "o", conv_models) == 0
+        rec = json.loads((tmp_path / "o" / f"{name}.json").read_text())
+        assert rec["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert rec["assessed"] is True and rec["reason"] is None, rec["reason"]
+        assert rec["severity"]["grade"] in ("mild", "moderate", "severe") and rec["lung_area_px"] > 0
 
 
 def test_predict_reruns_are_explicit(inputs, conv_models, tmp_path, caplog):

@@ -22,23 +22,12 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import conv_cascade, run_tf1, write_dicom
+from conftest import conv_cascade, phantom, run_tf1, write_dicom
 from PIL import Image
 
-from covidseg_tf import limits
+from covidseg_tf import limits, nonxray
 
 S = 64
-
-
-def phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A chest-X-ray-like grey image: bright body, two dark lung fields, a brighter patch in the image-left one."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
-    img = np.full((h, w), 180.0)
-    for cx in (0.3, 0.7):
-        img[((x - cx) / 0.16) ** 2 + ((y - 0.5) / 0.35) ** 2 < 1] = 40.0
-    img[((x - 0.3) / 0.08) ** 2 + ((y - 0.6) / 0.1) ** 2 < 1] = 90.0
-    return np.clip(img + rng.normal(0, 3, (h, w)), 0, 255).astype(np.uint8)
 
 
 def png(array: np.ndarray, **kw: Any) -> bytes:
@@ -71,6 +60,9 @@ def strings(items: list[bytes]) -> np.ndarray:
     return np.array(items, dtype=object).reshape([len(items)])
 
 
+NOT_XRAY = "not a frontal chest X-ray: "
+MARKED = np.repeat(phantom(90, 90, 6)[..., None], 3, -1)
+MARKED[5:12, 5:20] = (230, 30, 30)  # a small red annotation (2 % of the image) on a grey X-ray saved as RGB
 GATE = {  # name: (encoded image, expected reason prefix or "" for assessed)
     "good_png": (png(phantom(96, 80, 1)), ""),
     "grey_256": (png(np.full((256, 256), 128, np.uint8)), "near-constant image"),
@@ -78,6 +70,15 @@ GATE = {  # name: (encoded image, expected reason prefix or "" for assessed)
     "tiny_1x1": (png(np.zeros((1, 1), np.uint8)), "too small: 1x1 pixels"),
     "strip_3000x300": (png(phantom(3000, 300, 2)), "extreme aspect ratio: 3000x300 pixels"),
     "good_jpeg": (jpeg(phantom(40, 52, 3)), ""),  # small, but above MIN_SIDE
+    # the out-of-distribution checks that need no trained model (covidseg_tf.nonxray; lungs: test_ood_gate.py)
+    "photo_png": (png(nonxray.make("photo")), NOT_XRAY + "a colour image"),
+    "photo_jpeg": (jpeg(nonxray.make("photo_small")), NOT_XRAY + "a colour image"),
+    "rgb_noise": (png(nonxray.make("rgb_noise")), NOT_XRAY + "a colour image"),
+    "grey_noise": (png(nonxray.make("grey_noise")), NOT_XRAY + "noise-like"),
+    "gradient": (png(nonxray.make("gradient")), NOT_XRAY + "no structure"),
+    "grey_as_rgb_png": (png(np.repeat(phantom(80, 96, 7)[..., None], 3, -1)), ""),  # colour type 2, chroma 0
+    "grey_as_rgb_jpeg": (jpeg(np.repeat(phantom(80, 96, 8)[..., None], 3, -1)), ""),  # 3 components
+    "red_marker": (png(MARKED), ""),
 }
 
 
@@ -112,8 +113,10 @@ def tf1(cascade_path, tmp_path_factory) -> dict[str, dict[str, Any]]:
 
 
 def test_gate_flags_what_cannot_be_a_chest_xray_in_the_saved_model(tf1):
-    """A uniform grey image, 2x2 and 1x1 images and a 10:1 strip are "not assessed" with their reason, empty masks
-    at their own size and severity 0 (never a grade); real-looking images in the same batch are assessed."""
+    """A uniform grey image, 2x2 and 1x1 images, a 10:1 strip, colour photographs (PNG and JPEG), RGB and grey
+    noise and a gradient are "not assessed" with their reason, empty masks at their own size and severity 0 (never
+    a grade); real-looking images in the same batch are assessed, also when saved as RGB or with a small colour
+    marker."""
     out = tf1["gate"]["outputs"]
     for i, (name, (data, reason)) in enumerate(GATE.items()):
         assert bool(out["assessed"][i]) == (reason == ""), name
@@ -130,13 +133,14 @@ def test_gate_flags_what_cannot_be_a_chest_xray_in_the_saved_model(tf1):
 
 
 def test_gate_same_rule_in_python_and_saved_model(tf1, models):
-    """`Cascade.predict` (predict, the batch predictor) gives the same flags, reasons, masks and severity."""
+    """`Cascade.predict` (predict, the batch predictor) gives the same flags, reasons, masks and severity, its
+    colour share measured by `imageio.decode_image` as the SavedModel measures it."""
     from covidseg_tf.cascade import Cascade
-    from covidseg_tf.imageio import decode_xray
+    from covidseg_tf.imageio import decode_image
 
     out = tf1["gate"]["outputs"]
-    grays = [decode_xray(data, f"{name}.{'jpg' if 'jpeg' in name else 'png'}") for name, (data, _) in GATE.items()]
-    preds = Cascade(*models, 0.5).predict(grays)
+    decoded = [decode_image(data, f"{name}.{'jpg' if 'jpeg' in name else 'png'}") for name, (data, _) in GATE.items()]
+    preds = Cascade(*models, 0.5).predict([d.gray for d in decoded], colour=[d.colour for d in decoded])
     for i, (name, pred) in enumerate(zip(GATE, preds)):
         assert pred.assessed == bool(out["assessed"][i]), name
         assert pred.reason == out["reason"][i].decode(), name
