@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from covidseg_tf import export
+from covidseg_tf import exitcodes, export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,6 +207,9 @@ def test_help_keeps_example_lines_and_states_each_default_once(capsys):
         "then serve them:",
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config",
+        "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot be "
+        "written, a bad --decision file",
+        exitcodes.EPILOG,
     ]
     flat = " ".join(text.split())
     assert "(default: None)" not in flat and ") (default:" not in flat
