@@ -40,8 +40,9 @@ The pipeline (`build_pipeline`):
 Beam metrics (namespace ``covidseg_batch_predict``): ``images_ok``, ``images_failed`` (and ``failed_<stage>``),
 ``images_not_assessed`` (processed, but refused by the input quality gate: no severity) and
 ``patterns_matching_nothing`` (globs that selected no file; also logged), printed at the end with the output files
-as one JSON line on stdout. Exit code 0 when every input was processed, 1 when any failed or nothing matched, or
-when the run was refused.
+as one JSON line on stdout. Exit codes (`covidseg_tf.exitcodes`): 0 when every input was processed, 1 when any
+failed (dead letters) or nothing matched, 2 when the run was refused before it started (`Refused`: earlier
+results without --overwrite, a missing model, an input inside --output; a bad flag value), 130 after Ctrl-C.
 
 Every run also writes ``<output>/manifest.txt``: the files it wrote, one path relative to --output a line.
 
@@ -74,6 +75,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -81,6 +83,7 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
@@ -94,6 +97,8 @@ from covidseg_tf.config import (
     add_model_flags,
     decision_overrides,
 )
+from covidseg_tf.exitcodes import EPILOG, FAILED, OK, USAGE, interrupted
+from covidseg_tf.paths import Unusable, path_problem, walk_files
 from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
     GLOB_CHARS,
     SHORT_HASH,
@@ -107,6 +112,7 @@ from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serv
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m covidseg_tf.batch_predict"
 NAMESPACE = "covidseg_batch_predict"
 """Namespace of this pipeline's Beam metrics."""
 IMAGES_DIR = "images"
@@ -215,22 +221,76 @@ def _failed(stage: str) -> None:
     Metrics.counter(NAMESPACE, f"failed_{stage}").inc()
 
 
+def _may_hold_matches(rel_parts: Sequence[str], segments: Sequence[str]) -> bool:
+    """Whether a folder at `rel_parts` below a pattern's listing root could hold files the rest of the pattern
+    (`segments`, split at ``/``) matches: a ``**`` on the way reaches anything, other segments must match."""
+    for i, part in enumerate(rel_parts):
+        if "**" in segments[min(i, len(segments) - 1)]:
+            return True
+        if i >= len(segments) - 1 or not re.match(LocalFileSystem.translate_pattern(segments[i]), part):
+            return False
+    return True
+
+
+def local_unusable(pattern: str) -> list[Unusable]:
+    """What Beam's local match skips without a word although `pattern` (absolute, local) names or could reach it
+    (`covidseg_tf.paths.walk_files`): dangling or looping symbolic links and non-regular files the pattern matches
+    (a FIFO would block its reader forever), folders below the listing root that cannot be listed, and, as notes,
+    symbolic links to folders (not followed, as Beam's os.walk does not). A literal path: its `path_problem`."""
+    if not has_glob(pattern):
+        problem = path_problem(pattern)
+        return [Unusable(Path(pattern), problem)] if problem else []
+    root = fixed_prefix(pattern).rstrip("/") or "/"
+    problem = path_problem(root)
+    if problem is not None:
+        return [Unusable(Path(root), problem)]
+    if not os.path.isdir(root):
+        return []
+    regex = re.compile(LocalFileSystem.translate_pattern(pattern))
+    segments = pattern[len(root):].lstrip("/").split("/")
+    _, unusable = walk_files(root)
+    found = []
+    for u in unusable:
+        path = str(u.path)
+        rel = [] if path == root else path[len(root):].lstrip("/").split("/")
+        folder = os.path.isdir(path)  # a folder that cannot be listed, or a link to one
+        if (folder and _may_hold_matches(rel, segments)) or (not folder and regex.match(path)):
+            found.append(u)
+    return found
+
+
 class MatchFn(beam.DoFn):
     """``(pattern index, pattern)`` -> ``(uri, pattern index)`` for each matched file (`FileSystems.match`, as
     `fileio.MatchFiles` does); files under `exclude` (the output location) are skipped; a literal pattern that
-    matches nothing goes to the dead letter."""
+    matches nothing goes to the dead letter, and so does what a local pattern reaches but cannot use
+    (`local_unusable`: a folder that cannot be listed, a dangling or looping link, a FIFO...)."""
 
     def __init__(self, exclude: str):
         self.exclude = exclude.rstrip("/") + "/"
 
     def process(self, element: tuple[int, str]) -> Iterator[Any]:
         index, pattern = element
+        unusable = set()
+        if not is_remote(pattern):
+            for u in local_unusable(pattern):
+                if (str(u.path) + "/").startswith(self.exclude):
+                    continue
+                unusable.add(str(u.path))
+                if not u.error:
+                    log.warning("%s: %s", u.path, u.reason)
+                    continue
+                _failed("match")
+                yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(str(u.path), "match", u.reason))
+            if not has_glob(pattern) and unusable:
+                return
         try:
-            matched = FileSystems.match([pattern])[0].metadata_list
+            matched = [m for m in FileSystems.match([pattern])[0].metadata_list if m.path not in unusable]
         except Exception as e:  # e.g. a bucket that does not exist: the other patterns go on
             _failed("match")
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(pattern, "match", f"{type(e).__name__}: {e}"))
             return
+        if not matched and unusable:
+            return  # said above
         if not matched and has_glob(pattern):  # allowed (a glob may select nothing), but said and counted
             log.warning("pattern %s matches no file", pattern)
             Metrics.counter(NAMESPACE, "patterns_matching_nothing").inc()
@@ -639,7 +699,7 @@ def run(settings: Settings, beam_args: Sequence[str] = (), overwrite: bool = Fal
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m covidseg_tf.batch_predict",
+        prog=PROG,
         description="predict's masks, overlays and severity for whole archives of X-rays, as an Apache Beam "
                     "pipeline (RunInference); writes <output>/images/<stem>_{lung,infection,overlay}.png + .json, "
                     "summary.jsonl, severity.csv and dead_letter.jsonl. Flags not listed here are Beam pipeline "
@@ -659,8 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
                "      --temp_location gs://results/tmp --sdk_container_image IMAGE   # or --requirements_file ...\n"
                "patterns: * stays in one folder, ** crosses folders; a local folder or a pattern ending in / "
                "means everything below it.\n"
-               "exit code 0 when every input was processed, 1 when any failed (see dead_letter.jsonl), nothing "
-               "matched, or the run was refused.")
+               "dead letters (exit 1, the others processed): missing literal paths, unreadable, empty, corrupt or "
+               "non-image files,\nimages above 4096 px a side, dangling or looping links, FIFOs, folders that "
+               "cannot be listed;\nrefused (exit 2, nothing run): earlier results in --output without "
+               "--overwrite, a missing model, an input\ninside --output, --output that is a file, a bad flag "
+               "value.\n" + EPILOG)
     p.add_argument("inputs", nargs="+", help="file patterns or paths: local, gs://, s3:// (quote globs)")
     p.add_argument("--output", required=True, help="output location (local folder, gs://..., s3://...)")
     add_model_flags(p, urls=True)
@@ -690,10 +753,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataclasses.replace(Decision(), **decision)
     except (TypeError, ValueError) as e:
         log.error("%s", e)
-        return 1
+        return USAGE
     if args.batch_size < 1:
         log.error("--batch-size must be >= 1, got %s", args.batch_size)
-        return 1
+        return USAGE
     settings = Settings(patterns=list(args.inputs), output=args.output, lung_model=args.lung_model,
                         infection_model=args.infection_model, decision=decision, image_size=args.image_size,
                         batch_size=args.batch_size, tf_threads=args.tf_threads)
@@ -701,7 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run(settings, beam_args, overwrite=args.overwrite)
     except Refused as e:
         log.error("%s", e)
-        return 1
+        return USAGE
+    except KeyboardInterrupt:
+        return interrupted(PROG, f"the run did not finish (no summaries, no manifest in {settings.output}); rerun "
+                                 "with --overwrite, which writes over its image outputs")
     print(json.dumps(res.as_dict()), flush=True)
     if res.patterns_matching_nothing:
         log.warning("%d pattern(s) matched no file", res.patterns_matching_nothing)
@@ -710,16 +776,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                  res.failed_by_stage or "none", res.output)
     if res.images_failed:
         log.error("%d input(s) failed: see %s", res.images_failed, res.files["dead_letter"])
-        return 1
+        return FAILED
     if res.images_ok == 0:
         log.error("no input matched %s", " ".join(settings.patterns))
-        return 1
-    return 0
+        return FAILED
+    return OK
 
 
 if __name__ == "__main__":
     # Run the module under its own name, so the DoFns pickled for the workers refer to covidseg_tf.batch_predict
     # (importable on every worker), not to __main__.
+    from covidseg_tf.batch_predict import PROG as _PROG
     from covidseg_tf.batch_predict import main as _main
 
-    sys.exit(_main())
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:  # before the pipeline ran (e.g. while Beam imports)
+        sys.exit(interrupted(_PROG))

@@ -928,6 +928,15 @@ def _load_keras(p: Path) -> Any:
             __import__(extra)
         except ImportError:  # pragma: no cover - optional when loading uncompiled
             pass
+    import zipfile
+
+    # Keras says "File not found" for a file that exists but is no zip, and a KeyError for a zip without a model
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{p}: not a Keras model: not a zip archive ({p.stat().st_size} bytes), which every "
+                         f".keras file is; {_EXPECTED}")
+    with zipfile.ZipFile(p) as z:
+        if "config.json" not in z.namelist():
+            raise ValueError(f"{p}: not a Keras model: a zip archive with no config.json; {_EXPECTED}")
     try:
         return keras.models.load_model(p, compile=False)
     except Exception as e:

@@ -25,18 +25,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covidseg_tf import exitcodes
+
 log = logging.getLogger(__name__)
 
 DATASET = "covid_qu_ex/synthetic"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flags' help, the epilog's lines kept."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m covidseg_tf.demo",
         description="Build synthetic data, train both stages briefly, evaluate, export and predict (no downloads).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="examples:\n  python -m covidseg_tf.demo\n  python -m covidseg_tf.demo --workdir /tmp/demo "
-               "--image-size 96 --epochs 5 --fresh")
+               "--image-size 96 --epochs 5 --fresh\n"
+               "exit code: predict's on the sample images (0, or 1 if any failed); 1 if a step failed; 2 for a bad "
+               "flag;\n130 interrupted (Ctrl-C; rerun: finished training runs are reused)")
     p.add_argument("--workdir", type=Path, default=Path("demo_runs"), help="everything is written here")
     p.add_argument("--image-size", type=int, default=64, help="model input size (multiple of 32)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per stage")
@@ -149,8 +157,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
+    """`python -m covidseg_tf.demo`: exit with predict's code; a failed step is one error line (exit 1), a Ctrl-C
+    one line (exit 130)."""
     try:
         summary = main()
+    except KeyboardInterrupt:
+        sys.exit(exitcodes.interrupted("python -m covidseg_tf.demo", "rerun to go on (finished training runs are "
+                                       "reused)"))
     except Exception as e:  # noqa: BLE001 - a CLI: one readable line plus the log
         logging.getLogger(__name__).exception("demo failed")
         sys.exit(f"error: {e}")

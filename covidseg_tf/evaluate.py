@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from covidseg_tf import __version__
+from covidseg_tf import __version__, exitcodes
 from covidseg_tf.config import (
     add_dataset_flags,
     add_decision_flags,
@@ -314,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                "      --infection-model saved_models/infection/2 --dataset covid_qu_ex/infection \\\n"
                "      --manual-dir ~/covidqu --split validation test --out reports/real\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
-               "file.\n")
+               "file.\n"
+               "refused (exit 2): a model that cannot be loaded, a bad flag value; a dataset that cannot be built "
+               "or loaded: exit 1.\n" + exitcodes.EPILOG)
     add_model_flags(p)
     add_dataset_flags(p, default="covid_qu_ex/synthetic")
     p.add_argument("--split", nargs="+", default=["validation"], help="split(s) to evaluate (default: %(default)s)")
@@ -329,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the report dict (also written to --out)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     import keras
@@ -340,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from covidseg_tf.report import write_report
 
     if args.batch_size < 1:
-        raise SystemExit("--batch-size must be >= 1")
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     t0 = time.time()
     cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
                            **decision_overrides(args))
@@ -371,13 +373,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """`python -m covidseg_tf.evaluate`: a bad model path or dataset ends with one readable error line."""
-    from covidseg_tf.data import DatasetError
-
-    try:
-        main()
-    except (FileNotFoundError, ValueError, DatasetError) as e:
-        sys.exit(f"error: {e}")
+    """`python -m covidseg_tf.evaluate`: a dataset that cannot be built or loaded (exit 1) or a bad model path or
+    --dataset name (a usage error, exit 2) ends with one readable error line, a Ctrl-C with one line (exit 130)."""
+    exitcodes.run_dataset_cli(main, "python -m covidseg_tf.evaluate", "no report was written")
 
 
 if __name__ == "__main__":

@@ -38,15 +38,16 @@ from typing import Any
 
 import tensorflow as tf
 
-from covidseg_tf import serving
+from covidseg_tf import exitcodes, serving
 from covidseg_tf.cascade import TFLITE_FILE, model_input_size, stage_agreement
 from covidseg_tf.config import Decision, add_decision_flags, decision_overrides, default_config
 from covidseg_tf.optimize import PRECISIONS, frozen_stage, tflite_model
-from covidseg_tf.paths import integer_versions
+from covidseg_tf.paths import integer_versions, unwritable_reason
 
 log = logging.getLogger(__name__)
 
 SERVABLES = ("lung", "infection", "cascade")
+PROG = "python -m covidseg_tf.export"
 
 
 def next_version_dir(base: Path | str) -> int:
@@ -176,7 +177,7 @@ def export_cascade(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m covidseg_tf.export",
+        prog=PROG,
         description="Export the two trained stage models as versioned TF Serving SavedModels "
         "(<out>/lung/<N>, <out>/infection/<N>, <out>/cascade/<N>; N = next free version).",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # examples keep their lines; defaults in the help
@@ -189,7 +190,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "      --infection-model saved_models/infection/3/stage.tflite xray.png\n"
         "then serve them:\n"
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
-        "--model_config_file=/models/models.config\n",
+        "--model_config_file=/models/models.config\n"
+        "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot "
+        "be written, a bad --decision file\n" + exitcodes.EPILOG,
     )
     p.add_argument("--lung-model", required=True, type=Path, help="Stage 1 .keras file")
     p.add_argument("--infection-model", required=True, type=Path, help="Stage 2 .keras file")
@@ -219,6 +222,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    reason = unwritable_reason(args.out)  # before the models load and freeze (tens of seconds)
+    if reason:
+        print(f"{PROG}: error: --out {args.out}: {reason}", file=sys.stderr)
+        return exitcodes.USAGE
     try:
         from covidseg_tf.cascade import load_model
 
@@ -230,13 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         infection = load_model(args.infection_model, stage="infection")
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
-        return 2
+        return exitcodes.USAGE
     try:
         recorded = json.loads(args.decision.read_text()) if args.decision else {}
         decision = Decision.from_dict({**recorded.get("decision", recorded), **decision_overrides(args)})
     except (OSError, ValueError, TypeError) as exc:
         log.error("--decision %s: %s", args.decision, exc)
-        return 2
+        return exitcodes.USAGE
     warm = not args.no_warmup
     written = {}
     if "lung" in args.only:
@@ -251,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             image_size=args.image_size, precision=args.precision)
     for name, path in written.items():
         log.info("%-9s -> %s", name, path)
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exitcodes.run_cli(main, PROG, "no partial version is left (each is written to a temporary folder first)")

@@ -33,10 +33,14 @@ Any failure raises `XRayReadError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import re
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from covidseg_tf.limits import COLOUR_CHROMA, MAX_INFLATED_BYTES, MAX_PIXELS, size_problem
+from covidseg_tf.paths import Unusable, path_problem, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +162,32 @@ def _dicom_size(data: bytes, name: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+_pydicom_quiet_lock = threading.Lock()
+_pydicom_quiet_depth = 0
+_pydicom_level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """Silence the "pydicom" logger while a frame decodes: a failing decoder plugin is logged by pydicom as an
+    ERROR with its whole traceback (20 lines) before the exception we turn into one clean `XRayReadError`.
+    Reference-counted under a lock, so concurrent decodes (Beam worker threads) restore the level exactly."""
+    global _pydicom_quiet_depth, _pydicom_level
+    logger = logging.getLogger("pydicom")
+    with _pydicom_quiet_lock:
+        if _pydicom_quiet_depth == 0:
+            _pydicom_level = logger.level
+            logger.setLevel(logging.CRITICAL + 1)
+        _pydicom_quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _pydicom_quiet_lock:
+            _pydicom_quiet_depth -= 1
+            if _pydicom_quiet_depth == 0:
+                logger.setLevel(_pydicom_level)
+
+
 def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, float]:
     """(grey uint8 image, colour share) of a DICOM file (the module docstring's rules)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -164,7 +195,8 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, float]:
     ds = _dicom_dataset(data, name, header_only=False)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise XRayReadError(f"{name}: DICOM file has no pixel data")
-    arr = pixel_array(ds, index=0)  # the first frame only: a multi-frame file is never decoded whole
+    with _pydicom_quiet():
+        arr = pixel_array(ds, index=0)  # the first frame only: a multi-frame file is never decoded whole
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if samples > 1:  # colour DICOM: pixel_array is already RGB (pydicom converts YBR by default)
         rgb = arr if arr.dtype == np.uint8 else to_uint8(arr)
@@ -229,6 +261,8 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
     Raises:
         XRayReadError: the header cannot be read.
     """
+    if not data:  # whatever the name says (an empty .dcm too)
+        raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     try:
         if _is_dicom(data, name):
             return _dicom_size(data, name)
@@ -255,6 +289,9 @@ def read_xray(path: str | Path) -> np.ndarray:
         XRayReadError: the file is missing, unreadable, not an image, or has no pixel data.
     """
     path = Path(path)
+    problem = path_problem(path)  # a dangling or looping link, a FIFO (read_bytes would block), no access
+    if problem is not None:
+        raise XRayReadError(f"{path}: {problem}")
     if not path.is_file():
         raise XRayReadError(f"{path}: no such file")
     try:
@@ -262,6 +299,13 @@ def read_xray(path: str | Path) -> np.ndarray:
     except OSError as e:
         raise XRayReadError(f"{path}: cannot read: {e}") from e
     return decode_xray(data, str(path))
+
+
+def _one_line(message: str) -> str:
+    """A decoder's message as one line, without Pillow's name of an in-memory file ("<_io.BytesIO object at
+    0x7f...>", which names nothing): pydicom lists its plugins' errors on lines of their own."""
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", message)
+    return re.sub(r"\s*\n\s*", " ", message).strip()
 
 
 def decode_xray(data: bytes, name: str) -> np.ndarray:
@@ -281,6 +325,8 @@ def decode_xray(data: bytes, name: str) -> np.ndarray:
 def decode_image(data: bytes, name: str) -> DecodedImage:
     """`decode_xray`'s grey image of the bytes `data` and the file's colour share (`colour_share` of its RGB
     pixels before the conversion to grey; 0 for a grey file), as a `DecodedImage`. Raises as `decode_xray`."""
+    if not data:  # whatever the name says (an empty .dcm too)
+        raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     dicom = _is_dicom(data, name)
     try:
         if dicom:
@@ -290,23 +336,28 @@ def decode_image(data: bytes, name: str) -> DecodedImage:
         raise
     except Exception as e:  # Pillow / pydicom raise many types; keep the reason, name the file
         kind = "DICOM" if dicom else "image"
-        raise XRayReadError(f"{name}: cannot read as {kind}: {type(e).__name__}: {e}") from e
+        raise XRayReadError(f"{name}: cannot read as {kind}: {type(e).__name__}: {_one_line(str(e))}") from e
     if arr.ndim != 2 or arr.size == 0:
         raise XRayReadError(f"{name}: decoded to an array of shape {arr.shape}; expected one grey image (H x W)")
     _check_size(arr.shape[0], arr.shape[1], name)  # the header's promise kept (e.g. after the EXIF rotation)
     return DecodedImage(np.ascontiguousarray(arr, dtype=np.uint8), colour)
 
 
-def find_images(paths: list[str | Path], exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
+def find_images(paths: list[str | Path], exclude: Path | None = None,
+                unusable: list[Unusable] | None = None) -> tuple[list[Path], list[Path]]:
     """Expand files and folders (recursively, known extensions, sorted) into image paths.
 
     Returns (files, missing): explicitly named files are kept whatever their extension; folders contribute
-    files with a known extension, except those under `exclude` (e.g. the output folder).
+    files with a known extension, except those under `exclude` (e.g. the output folder). What cannot be used is
+    never skipped without a word (`covidseg_tf.paths.walk_files`): folders that cannot be listed, dangling or
+    looping symbolic links, non-regular files (and, as notes, symbolic links to folders, not followed) are
+    appended to `unusable` when it is given, else logged as warnings.
     """
     files: list[Path] = []
     missing: list[Path] = []
     seen: set[Path] = set()
     excl = exclude.resolve() if exclude is not None else None
+    found: list[Unusable] = []
 
     def add(p: Path, walked: bool = False) -> None:
         r = p.resolve()
@@ -319,12 +370,22 @@ def find_images(paths: list[str | Path], exclude: Path | None = None) -> tuple[l
 
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in KNOWN_EXTENSIONS:
-                    add(f, walked=True)
+        problem = path_problem(p)
+        if problem is not None:
+            found.append(Unusable(p, problem))
+        elif p.is_dir():
+            walked, skipped = walk_files(p, lambda name: Path(name).suffix.lower() in KNOWN_EXTENSIONS)
+            for f in walked:
+                add(f, walked=True)
+            found.extend(u for u in skipped if excl is None or not (u.path.absolute() == excl
+                                                                    or excl in u.path.absolute().parents))
         elif p.is_file():
             add(p)
         else:
             missing.append(p)
+    if unusable is None:
+        for u in found:
+            log.warning("%s: %s; skipped", u.path, u.reason)
+    else:
+        unusable.extend(found)
     return files, missing

@@ -29,7 +29,11 @@ Reruns are explicit: if any planned output exists, predict names the first and s
 unless --overwrite, which replaces them and removes the earlier outputs of inputs that fail this time (so no
 stale result survives as if fresh). Each input's files are written under temporary names and renamed, its JSON
 last: a JSON only stands next to the complete files it describes. A file that cannot be read or processed is
-logged and skipped; the exit code is 1 if any input failed (or none was found), else 0.
+logged and skipped; so is (never silently) what a folder walk cannot use: a dangling or looping link, a FIFO, a
+folder that cannot be listed. Exit codes (`covidseg_tf.exitcodes`): 1 if any input failed (or none was found); 2
+for a usage error found before anything is written (an --out that cannot be written or holds an input folder,
+earlier outputs without --overwrite, a model that cannot be loaded); 130 after Ctrl-C (the outputs written are
+complete); else 0.
 
 Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels `saved_models/lung/1` and
 `saved_models/infection/1` (config.SHIPPED_VERSION); --lung-model / --infection-model also take a TF Serving base
@@ -44,17 +48,22 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from covidseg_tf import __version__
+from covidseg_tf import __version__, exitcodes
 from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
-from covidseg_tf.paths import sha256_bytes, sha256_file
+from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
+    Unusable,
+    path_problem,
+    sha256_bytes,
+    sha256_file,
+    unwritable_reason,
+)
 
 if TYPE_CHECKING:
     from covidseg_tf.cascade import Cascade, Prediction
@@ -306,26 +315,6 @@ def remove_stale(stem: Path) -> list[Path]:
     return stale
 
 
-def unwritable_reason(out_dir: Path) -> str | None:
-    """Why the folder `out_dir` cannot be created or written (None when it can): tried with a temporary file in
-    it or, when it does not exist yet, in its nearest existing parent (removed at once; nothing is left)."""
-    probe = out_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    try:
-        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=probe)
-    except OSError as e:
-        where = "it" if probe == out_dir else probe
-        return f"cannot write a file in {where} ({e.strerror or e})"
-    os.close(fd)
-    os.unlink(name)
-    return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m covidseg_tf.predict",
@@ -339,8 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                "      --lung-model saved_models/lung/2 --infection-model saved_models/infection/2\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
                "file;\n"
-               f"folders are searched recursively for {', '.join(sorted(KNOWN_EXTENSIONS))}; exit code 1 if any "
-               "input failed.")
+               f"folders are searched recursively for {', '.join(sorted(KNOWN_EXTENSIONS))} (links to folders are "
+               "not followed);\n"
+               "refused, each named in an error (exit 1, the others processed): unreadable, corrupt or non-image "
+               "files,\nimages above 4096 px a side (from the header), dangling or looping links, folders that "
+               "cannot be listed;\n"
+               "usage errors (exit 2, nothing written): an --out that cannot be written or holds an input folder, "
+               "outputs of\nan earlier run without --overwrite, a model that cannot be loaded.\n" + exitcodes.EPILOG)
     p.add_argument("inputs", nargs="+", type=Path, help="image/DICOM files or folders")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; inputs are never overwritten)")
     add_model_flags(p)
@@ -363,26 +357,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     reason = unwritable_reason(out_dir)  # a usage error, found before any input is read or model loaded
     if reason:
         print(f"{parser.prog}: error: --out {out_dir}: {reason}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     out_abs = out_dir.resolve()
     for p in args.inputs:
-        if p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):
+        if path_problem(p) is None and p.is_dir() and (p.resolve() == out_abs or out_abs in p.resolve().parents):
             log.error("input folder %s is inside --out %s: outputs and inputs would mix; choose another --out",
                       p, out_dir)
-            return 1
-    files, missing = find_images(list(args.inputs), exclude=out_dir)
+            return exitcodes.USAGE
+    unusable: list[Unusable] = []
+    files, missing = find_images(list(args.inputs), exclude=out_dir, unusable=unusable)
     for m in missing:
         log.error("input %s does not exist; skipped", m)
+    for u in unusable:  # never skipped without a word: a failed input (or, for a link to a folder, a warning)
+        (log.error if u.error else log.warning)("%s: %s; skipped", u.path, u.reason)
+    missing += [u.path for u in unusable if u.error]
     if not files:
-        log.error("no input images found in %s", ", ".join(map(str, args.inputs)))
-        return 1
-    plan = plan_outputs(files, list(args.inputs), out_dir)
+        if missing:
+            log.error("no input image could be read: %d path(s) failed (see above)", len(missing))
+        else:
+            log.error("no input images found in %s", ", ".join(map(str, args.inputs)))
+        return exitcodes.FAILED
+    plan = plan_outputs(files, [p for p in args.inputs if path_problem(p) is None], out_dir)
     existing = [o for f in files for o in output_paths(plan[f]) if o.exists()]
     if existing and not args.overwrite:
         log.error("%s already exists (%d output file(s) of an earlier run would be replaced): pass --overwrite to "
                   "replace them (the earlier outputs of inputs that fail are then removed) or choose another --out",
                   existing[0], len(existing))
-        return 1
+        return exitcodes.USAGE
     failed = list(missing)
 
     def skip(f: Path, e: Exception) -> None:  # one bad file never loses the rest
@@ -392,44 +393,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stale:
             log.warning("removed %d output(s) of an earlier run of %s: %s", len(stale), f, ", ".join(map(str, stale)))
 
-    cascade, models = None, {}
-    for f in tqdm(files, desc="predict", unit="img", disable=args.quiet):
-        try:
-            read = read_input(f)
-        except Exception as e:
-            skip(f, e)
-            continue
-        if cascade is None:  # loaded for the first readable input: a run of refused inputs never loads them
+    cascade, models, finished = None, {}, 0
+    try:
+        for f in tqdm(files, desc="predict", unit="img", disable=args.quiet):
             try:
-                from covidseg_tf.cascade import Cascade
+                read = read_input(f)
+            except Exception as e:
+                skip(f, e)
+                finished += 1
+                continue
+            if cascade is None:  # loaded for the first readable input: a run of refused inputs never loads them
+                try:
+                    from covidseg_tf.cascade import Cascade
 
-                cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
-                                       **decision_overrides(args))
-                models = model_info(cascade)
-            except (ValueError, FileNotFoundError, ImportError) as e:
-                log.error("%s", e)
-                return 1
-        try:
-            rec = process_file(cascade, f, plan[f], models, read)
-        except Exception as e:
-            skip(f, e)
-            continue
-        size = rec["size"]
-        aspect = max(size["height"], size["width"]) / min(size["height"], size["width"])
-        if not rec["assessed"]:
-            log.warning("%s: not assessed (input quality gate): %s", f, rec["reason"])
-            continue
-        log.info("%s: lung %d px, infection %d px, severity %.1f%% (%s)%s", f, rec["lung_area_px"],
-                 rec["infection_area_px"], rec["severity"]["total"], rec["severity"]["grade"],
-                 f"; {size['height']}x{size['width']} px squeezed to the model's square ({aspect:.2f}:1)"
-                 if aspect > 1.05 else "")
+                    cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                                           **decision_overrides(args))
+                    models = model_info(cascade)
+                except (ValueError, FileNotFoundError, ImportError) as e:
+                    log.error("%s", e)
+                    return exitcodes.USAGE  # --lung-model / --infection-model: nothing was written
+            try:
+                rec = process_file(cascade, f, plan[f], models, read)
+            except Exception as e:
+                skip(f, e)
+                finished += 1
+                continue
+            finished += 1
+            size = rec["size"]
+            aspect = max(size["height"], size["width"]) / min(size["height"], size["width"])
+            if not rec["assessed"]:
+                log.warning("%s: not assessed (input quality gate): %s", f, rec["reason"])
+                continue
+            log.info("%s: lung %d px, infection %d px, severity %.1f%% (%s)%s", f, rec["lung_area_px"],
+                     rec["infection_area_px"], rec["severity"]["total"], rec["severity"]["grade"],
+                     f"; {size['height']}x{size['width']} px squeezed to the model's square ({aspect:.2f}:1)"
+                     if aspect > 1.05 else "")
+    except KeyboardInterrupt:  # each input's files are renamed into place, its JSON last: what stands is whole
+        return exitcodes.interrupted(parser.prog, f"{finished} of {len(files)} input(s) done; their outputs are "
+                                     "complete, the rest were not written (rerun with --overwrite)")
     ok = len(files) - (len(failed) - len(missing))
     log.info("%d of %d input(s) processed into %s", ok, len(files) + len(missing), out_dir)
     if failed:
         log.error("%d input(s) failed: %s", len(failed), ", ".join(map(str, failed)))
-        return 1
-    return 0
+        return exitcodes.FAILED
+    return exitcodes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exitcodes.run_cli(main, "python -m covidseg_tf.predict")  # a Ctrl-C before the inputs are read: one line, 130

@@ -27,17 +27,19 @@ import base64
 import json
 import logging
 import os
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covidseg_tf import exitcodes
+from covidseg_tf.paths import path_problem
 from covidseg_tf.stems import plan_stems
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m covidseg_tf.serve_client"
 DEFAULT_URL = "http://localhost:8501"
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -140,6 +142,9 @@ def predict_files(url: str, model: str, images: Sequence[Path], out_dir: Path,
     done, errors = [], []
     for i, image in enumerate(images):
         try:
+            problem = path_problem(image)  # a FIFO would block read_bytes forever, a dangling link says "no file"
+            if problem:
+                raise ValueError(problem)
             data = Path(image).read_bytes()
             mask = [Path(lung_masks[i]).read_bytes()] if lung_masks else None
             reply = post_json(endpoint, build_request([data], mask, signature), timeout)
@@ -159,7 +164,7 @@ def predict_files(url: str, model: str, images: Sequence[Path], out_dir: Path,
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m covidseg_tf.serve_client",
+        prog=PROG,
         description="Send chest X-ray images (PNG/JPEG) to TF Serving's REST API and save the returned masks "
         "(<stem>_<output>.png) and severity (<stem>.json).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -168,7 +173,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "  python -m covidseg_tf.serve_client --model lung --out masks/ xray.png\n"
         "  python -m covidseg_tf.serve_client --model infection --lung-masks lung.png -- xray.png\n"
         "server: docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
-        "--model_config_file=/models/models.config",
+        "--model_config_file=/models/models.config\n"
+        "an image that cannot be read or that the server refuses is named in an error (exit 1, the others are "
+        "sent);\nan unreachable server fails the rest.\n" + exitcodes.EPILOG,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
     p.add_argument("--url", default=DEFAULT_URL, help=f"TF Serving REST address (default: {DEFAULT_URL})")
@@ -199,9 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%s -> %s%s", s["image"], ", ".join(s["masks"].values()), f" (severity {sev})" if sev else "")
     if errors:
         log.error("%d of %d image(s) failed", len(errors), len(args.images))
-        return 1
-    return 0
+        return exitcodes.FAILED
+    return exitcodes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exitcodes.run_cli(main, PROG, "each image's outputs are written when its reply arrives; rerun for the rest")

@@ -188,7 +188,8 @@ def decode_gray(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> t
 def gray_pixels(data: tf.Tensor) -> tf.Tensor:
     """(H, W, 1) uint8 grey pixels of PNG/JPEG bytes by `covidseg_tf.imageio`'s rules, so `predict` and the
     SavedModel see the same pixels: a JPEG through libjpeg's accurate integer DCT (Pillow's; TensorFlow's default
-    fast DCT differs by up to a dozen grey levels), a 16-bit grey PNG stretched from its own min..max to 0..255
+    fast DCT differs by up to a dozen grey levels; a 4-component CMYK JPEG through RGB, then ITU-R 601 luma, as
+    Pillow converts it, within 2 grey levels), a 16-bit grey PNG stretched from its own min..max to 0..255
     (`imageio.to_uint8`), other PNGs as TensorFlow decodes them to 8-bit grey (luma of colour within 1 level)."""
     head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([data, b"\0" * 26]), 0, 26), tf.uint8)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
@@ -196,7 +197,15 @@ def gray_pixels(data: tf.Tensor) -> tf.Tensor:
         head[25], 0)  # IHDR bit depth 16, colour type 0 (grey)
 
     def jpeg() -> tf.Tensor:
-        return tf.io.decode_jpeg(data, channels=1, dct_method="INTEGER_ACCURATE")
+        def gray() -> tf.Tensor:
+            return tf.io.decode_jpeg(data, channels=1, dct_method="INTEGER_ACCURATE")
+
+        def cmyk() -> tf.Tensor:  # libjpeg cannot convert 4 components to 1; to RGB it can (as Pillow does), then luma
+            rgb = tf.cast(tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"), tf.float32)
+            luma = tf.tensordot(rgb, tf.constant([0.299, 0.587, 0.114]), axes=1)[..., tf.newaxis]
+            return tf.cast(tf.clip_by_value(tf.round(luma), 0.0, 255.0), tf.uint8)
+
+        return tf.cond(tf.equal(tf.image.extract_jpeg_shape(data)[2], 4), cmyk, gray)
 
     def png16() -> tf.Tensor:
         v = tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16), tf.float64)

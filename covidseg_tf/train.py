@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covidseg_tf import exitcodes
 from covidseg_tf.config import (
     BATCH_NORMS,
     IMAGE_CLASS_OUTPUT,
@@ -83,6 +84,9 @@ examples:
   python -m covidseg_tf.train --stage lung --manual-dir ~/covidqu
   # after a crash or kill: rerun the same command, it resumes from the last finished epoch
   tensorboard --logdir runs
+refused (exit 2, nothing created or changed): a bad flag value, --encoder-weights or --lung-model that does not
+load, an --output that is a file or holds a finished run or one started with other model flags;
+a dataset that cannot be built or loaded: exit 1.
 """
 
 # Config fields settable from the command line (flag = field name with dashes).
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m covidseg_tf.train",
         description="Train Stage 1 (lung) or Stage 2 (infection) of the covidseg-tf cascade. Defaults are the "
                     "seed recipe of the chosen stage (shown as lung / infection).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES + exitcodes.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=STAGES, help="which stage to train")
     lung, inf = default_config("lung"), default_config("infection")
     for name in _CONFIG_FLAGS:
@@ -593,13 +597,24 @@ def _check_output(out: Path) -> None:
 
 
 def _encoder_weights(cfg: StageConfig) -> str | None:
-    """cfg.encoder_weights resolved ("auto" -> "imagenet" or None) and checked (an "imagenet" download, a file)."""
-    from covidseg_tf.models import choose_encoder_weights, resolve_encoder_weights
+    """cfg.encoder_weights resolved ("auto" -> "imagenet" or None) and checked: an "imagenet" download, or a file
+    that loads (a trained stage's .keras file, or weights of the 3-channel encoder, as `build_stage_model` loads
+    them), so a PNG or a broken file is a usage error before the run folder is created."""
+    from covidseg_tf.models import (
+        choose_encoder_weights,
+        load_reference_encoder,
+        load_stage_model,
+        resolve_encoder_weights,
+    )
 
     try:
         weights = choose_encoder_weights(cfg.encoder, cfg.encoder_weights)
-        resolve_encoder_weights(cfg.encoder, weights)
-    except (RuntimeError, OSError) as e:
+        path = resolve_encoder_weights(cfg.encoder, weights)
+        if path is not None and path.suffix == ".keras":
+            load_stage_model(path)
+        elif path is not None and str(weights).lower() != "imagenet":
+            load_reference_encoder(cfg.encoder, path)
+    except (RuntimeError, OSError, ValueError) as e:
         raise UsageError(f"--encoder-weights {cfg.encoder_weights}: {e}") from None
     return weights
 
@@ -748,9 +763,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """`python -m covidseg_tf.train`: a dataset that cannot be built or loaded ends with one error line."""
+    """`python -m covidseg_tf.train`: a dataset that cannot be built or loaded ends with one error line (exit 1),
+    a Ctrl-C with one line saying how to resume (exit 130)."""
     try:
         main()
+    except KeyboardInterrupt:
+        sys.exit(exitcodes.interrupted("python -m covidseg_tf.train", "every finished epoch is kept: rerun the "
+                                       "same command to resume from the last one"))
     except Exception as e:
         # imported late: `--help` stays free of TensorFlow
         from covidseg_tf.data import DatasetError

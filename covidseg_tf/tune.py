@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from covidseg_tf import exitcodes
 from covidseg_tf.config import Decision, add_dataset_flags, add_model_flags, probability_threshold
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                "      --out reports/decision.json                         # the shipped models\n"
                "  python -m covidseg_tf.tune --lung-model runs/lung/model.keras \\\n"
                "      --infection-model runs/infection/model.keras --manual-dir ~/covidqu --hflip both \\\n"
-               "      --out reports/decision.json\n")
+               "      --out reports/decision.json\n"
+               "refused (exit 2): a model that cannot be loaded, a dataset without infection masks; a dataset that "
+               "cannot be\nbuilt or loaded: exit 1.\n" + exitcodes.EPILOG)
     add_model_flags(p, image_size=False)
     add_dataset_flags(p)
     p.add_argument("--split", default="validation", help="split to choose on (default: %(default)s)")
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from covidseg_tf.cascade import Cascade
     from covidseg_tf.data import load_builder
@@ -178,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     head_rules = MIN_INFECTION_PROBABILITIES if cascade.has_image_head else (0.0,)
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     if "infection_mask" not in builder.info.features:
-        raise SystemExit(f"{args.dataset} has no infection masks: tune on covid_qu_ex/infection or synthetic")
+        parser.error(f"--dataset {args.dataset} has no infection masks: tune on covid_qu_ex/infection or synthetic")
     class_names = builder.info.features["label"].names
     grid = []
     for hflip in {"off": [False], "on": [True], "both": [False, True]}[args.hflip]:
@@ -205,8 +208,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli() -> None:
+    """`python -m covidseg_tf.tune`: errors are one line (a bad model or --dataset name: exit 2; a dataset that
+    cannot be built or loaded: exit 1), and so is a Ctrl-C (exit 130)."""
+    exitcodes.run_dataset_cli(main, "python -m covidseg_tf.tune", "nothing was written")
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    cli()

@@ -282,7 +282,7 @@ def test_a_colour_photo_is_not_assessed_and_an_xray_is(conv_loaded, tmp_path):
     assert photo["assessed"] is False
     assert photo["reason"].startswith("not a frontal chest X-ray: a colour image: "), photo["reason"]
     assert photo["severity"]["grade"] is None and photo["lung_area_px"] == 0
-    assert bp.csv_line(photo).endswith(",,,,not assessed")
+    assert bp.csv_line(photo).endswith(",,,,not assessed,,")  # no head verdict either
     assert not np.asarray(Image.open(tmp_path / "out" / "images" / "photo_lung.png")).any()
     assert xray["assessed"] is True and xray["reason"] is None and xray["severity"]["grade"] != "none"
     decoded = decode_image((tmp_path / "xray.png").read_bytes(), "xray.png")
@@ -392,7 +392,7 @@ def test_rerun_is_refused_and_overwrite_replaces_the_earlier_results(mixed_run, 
     src = inputs["png8_gray"]
     with caplog.at_level(logging.ERROR):
         rc, printed = run_main(capsys, [str(src), "--output", str(out)] + models)
-    assert rc == 1 and printed is None
+    assert rc == 2 and printed is None  # refused: a usage error
     assert "already holds the results of a run" in caplog.text and "--overwrite" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p != mine} == before  # nothing touched
     # --overwrite: the earlier run's files are deleted first, so only this run's results remain
@@ -457,7 +457,66 @@ def test_input_inside_output_is_refused(tmp_path, tiny_models, caplog):
     with caplog.at_level(logging.ERROR):
         rc = bp.main([str(tmp_path / "out" / "scans"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
                       "--infection-model", str(inf)] + RUNNER)
-    assert rc == 1 and "inside --output" in caplog.text
+    assert rc == 2 and "inside --output" in caplog.text
+
+
+def _awkward_folder(root: Path, png: Path, monkeypatch) -> Path:
+    """A folder of one good PNG and everything a walk cannot use: a symlink loop, a dangling link, a FIFO named
+    .png, a subfolder that cannot be listed (os.scandir made to fail on it: the tests run as root) and a link to
+    a folder; a dangling link with a non-image name too."""
+    d = root / "in"
+    (d / "locked").mkdir(parents=True)
+    shutil.copy(png, d / "good.png")
+    shutil.copy(png, d / "locked" / "hidden.png")
+    (d / "loop1.png").symlink_to("loop2.png")
+    (d / "loop2.png").symlink_to("loop1.png")
+    (d / "dangling.png").symlink_to("gone.png")
+    os.mkfifo(d / "pipe.png")
+    (root / "elsewhere").mkdir()
+    (d / "linked").symlink_to(root / "elsewhere")
+    real = os.scandir
+
+    def scandir(path=".", *args, **kwargs):
+        if str(path).rstrip("/") == str(d / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return d
+
+
+AWKWARD = {"loop1.png": "a symbolic link loop", "loop2.png": "a symbolic link loop",
+           "dangling.png": "a dangling symbolic link", "pipe.png": "not a regular file (a FIFO)",
+           "locked": "cannot list the folder (Permission denied)"}
+
+
+def test_match_names_what_it_cannot_use(inputs, tmp_path, monkeypatch):
+    """Issue 23: symlink loops, dangling links and unlistable subfolders were dropped by the match without a word
+    (and a FIFO was matched, to block its reader forever); each is now a dead letter of stage "match" naming the
+    path and why. A pattern that cannot reach the unlistable folder does not report it."""
+    d = _awkward_folder(tmp_path, inputs["png8_gray"], monkeypatch)
+    out = list(bp.MatchFn(str(tmp_path / "out")).process((0, bp.normalize_pattern(str(d)))))
+    assert [o for o in out if isinstance(o, tuple)] == [(str(d / "good.png"), 0)]
+    dead = {json.loads(o.value)["file"]: json.loads(o.value) for o in out if not isinstance(o, tuple)}
+    assert set(dead) == {str(d / n) for n in AWKWARD}
+    for name, why in AWKWARD.items():
+        assert dead[str(d / name)]["stage"] == "match" and dead[str(d / name)]["reason"].startswith(why), name
+    flat = list(bp.MatchFn(str(tmp_path / "out")).process((0, f"{d}/*.png")))
+    assert {json.loads(o.value)["file"] for o in flat if not isinstance(o, tuple)} == {
+        str(d / n) for n in AWKWARD if n != "locked"}
+    (literal,) = bp.MatchFn(str(tmp_path / "out")).process((0, str(d / "pipe.png")))
+    assert json.loads(literal.value)["reason"].startswith("not a regular file (a FIFO)")
+
+
+def test_every_path_it_cannot_use_is_a_dead_letter_of_the_run(inputs, tiny_models, tmp_path, monkeypatch, capsys):
+    d = _awkward_folder(tmp_path, inputs["png8_gray"], monkeypatch)
+    lung, inf = tiny_models
+    rc, res = run_main(capsys, [str(d), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                                "--infection-model", str(inf), "--quiet"] + RUNNER)
+    assert rc == 1
+    assert res["images_ok"] == 1 and res["images_failed"] == len(AWKWARD) == res["failed_by_stage"]["match"]
+    dead = {json.loads(ln)["file"] for ln in read_lines(tmp_path / "out" / bp.DEAD_LETTER)}
+    assert dead == {str(d / n) for n in AWKWARD}
 
 
 # ----------------------------------------------------------------------------------------------- real data
@@ -503,3 +562,29 @@ def test_real_val_images_match_predict(shared_covidqu, tmp_path, capsys):
             np.testing.assert_array_equal(a, b, err_msg=f"{p.name} {name}")
         grades.add(got["severity"]["grade"])
     assert len(grades) > 1  # real predictions, not all "none"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_models, tmp_path, monkeypatch, capsys):
+    """Issue 23: Ctrl-C while the pipeline runs is one line and exit code 130, not a KeyboardInterrupt traceback."""
+    def interrupted_run(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bp, "run", interrupted_run)
+    lung, inf = tiny_models
+    capsys.readouterr()
+    rc = bp.main([str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                  "--infection-model", str(inf), "--quiet"])
+    assert rc == 130
+    out, err = capsys.readouterr()
+    assert not out and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("python -m covidseg_tf.batch_predict: interrupted (Ctrl-C); the run did not finish")
+
+
+def test_bad_flag_values_are_usage_errors(tiny_models, tmp_path, capsys):
+    lung, inf = tiny_models
+    rc, _ = run_main(capsys, [str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--lung-model", str(lung),
+                              "--infection-model", str(inf), "--batch-size", "0"])
+    assert rc == 2
+    rc, _ = run_main(capsys, [str(tmp_path / "*.png"), "--output", str(tmp_path / "out"), "--lung-model",
+                              str(tmp_path / "nowhere.keras"), "--infection-model", str(inf)] + RUNNER)
+    assert rc == 2 and not (tmp_path / "out").exists()

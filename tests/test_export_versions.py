@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from covidseg_tf import export
+from covidseg_tf import exitcodes, export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +117,28 @@ def test_cli_missing_model_file_is_a_clear_error(tmp_path, caplog):
     assert "nope.keras" in caplog.text and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_cli_out_that_is_a_file_is_a_usage_error_before_the_models_load(tmp_path, monkeypatch, capsys, where):
+    """Issue 23: `export --out FILE` ended in NotADirectoryError after the models were loaded and frozen (18 s);
+    now one `error:` line naming --out, exit 2, before any model is read."""
+    from covidseg_tf import cascade
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("models loaded")
+
+    monkeypatch.setattr(cascade, "load_model", no_load)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" if where == "a_file" else tmp_path / "file" / "models"
+    code = export.main(["--lung-model", str(tmp_path / "l.keras"), "--infection-model", str(tmp_path / "i.keras"),
+                        "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"python -m covidseg_tf.export: error: --out {out}: "), err
+    assert "is a file, not a folder" in lines[0] and "models loaded" not in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_cli_refuses_a_saved_model_folder(tmp_path, caplog):
     (tmp_path / "lung" / "1").mkdir(parents=True)
     code = export.main(["--lung-model", str(tmp_path / "lung"), "--infection-model", str(tmp_path / "i.keras"),
@@ -185,6 +207,9 @@ def test_help_keeps_example_lines_and_states_each_default_once(capsys):
         "then serve them:",
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config",
+        "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot be "
+        "written, a bad --decision file",
+        exitcodes.EPILOG,
     ]
     flat = " ".join(text.split())
     assert "(default: None)" not in flat and ") (default:" not in flat

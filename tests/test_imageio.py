@@ -101,16 +101,33 @@ def test_read_xray_bad_files_name_the_file_and_the_reason(inputs, kind, reason):
     assert str(e.value).startswith(f"{inputs[kind]}: {reason}"), str(e.value)
 
 
-@pytest.mark.parametrize("content, detail", [(b"", "empty file, 0 bytes"), (b"hello\n", "unknown format"),
-                                             (b"\x00" * 300, "unknown format")])
-def test_zero_byte_and_non_image_files_are_named_not_an_image(tmp_path, content, detail):
-    """Issue 23: such files reported `cannot identify image file <_io.BytesIO object at 0x...>`."""
-    f = tmp_path / "scan.png"
+@pytest.mark.parametrize("content, detail, name", [(b"", "empty file, 0 bytes", "scan.png"),
+                                                   (b"", "empty file, 0 bytes", "scan.dcm"),
+                                                   (b"hello\n", "unknown format", "scan.png"),
+                                                   (b"\x00" * 300, "unknown format", "scan.png")])
+def test_zero_byte_and_non_image_files_are_named_not_an_image(tmp_path, content, detail, name):
+    """Issue 23: such files reported `cannot identify image file <_io.BytesIO object at 0x...>` (and an empty .dcm
+    pydicom's "File is missing DICOM File Meta Information header...")."""
+    f = tmp_path / name
     f.write_bytes(content)
     for call in (lambda: read_xray(f), lambda: header_size(content, str(f))):
         with pytest.raises(XRayReadError) as e:
             call()
         assert str(e.value).startswith(f"{f}: not an image ({detail}") and "BytesIO" not in str(e.value)
+
+
+def test_read_xray_names_links_and_fifos_it_cannot_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    for name, reason in (("pipe.png", "not a regular file (a FIFO)"), ("gone.png", "a dangling symbolic link"),
+                         ("a.png", "a symbolic link loop")):
+        with pytest.raises(XRayReadError) as e:
+            read_xray(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {reason}"), str(e.value)
 
 
 def test_read_xray_missing_file(tmp_path):
@@ -295,3 +312,43 @@ def test_tiny_images_decode_for_the_quality_gate(shape):
     "expected a 2-D image, got (1, 1)" message was misleading)."""
     a = decode_xray(png_bytes(np.full(shape, 7, np.uint8)), "tiny.png")
     assert a.shape == shape and a.dtype == np.uint8
+
+
+def j2k_dicom(path: Path, stream: bytes) -> Path:
+    """A JPEG 2000 Lossless DICOM whose one encapsulated frame is `stream`."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEG2000Lossless
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = H, W, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_dicom_with_a_bad_jpeg2000_stream_is_one_clean_error(tmp_path):
+    """Issue 23: pydicom logged its decoder's 20-line traceback (ERROR, with exc_info) before our clean message.
+    Now only the XRayReadError naming the file is left (a fresh process: the handlers a CLI has)."""
+    path = j2k_dicom(tmp_path / "bad_j2k.dcm", b"\xff\x4f\xff\x51" + b"garbage" * 20)
+    script = ("import logging, sys\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "from covidseg_tf.imageio import XRayReadError, read_xray\n"
+              "try:\n    read_xray(sys.argv[1])\n"
+              "except XRayReadError as e:\n    print('CLEAN', e, file=sys.stderr)\n"
+              "logging.getLogger('pydicom').warning('pydicom still speaks')\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "ERROR:pydicom" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith(f"CLEAN {path}: cannot read as DICOM") and len(lines) == 2, proc.stderr  # one line
+    assert "BytesIO" not in lines[0] and "pillow: cannot identify image file" in lines[0]
+    assert lines[1] == "WARNING:pydicom:pydicom still speaks"  # the logger is quiet only during the decode

@@ -111,8 +111,8 @@ def test_predict_cli_all_good_exit_0_and_out_inside_input_folder(inputs, tiny_mo
     assert main([str(d)] + args) == 0
     check_outputs(d / "preds" / "imgs" / "a_png", d / "a.png", (H, W))
     check_outputs(d / "preds" / "imgs" / "a_dcm", d / "a.dcm", (H, W))
-    # a second run does not pick up its own outputs as inputs (and replaces them only when told to)
-    assert main([str(d)] + args) == 1
+    # a second run does not pick up its own outputs as inputs (and replaces them only when told to: a usage error)
+    assert main([str(d)] + args) == 2
     assert main([str(d)] + args + ["--overwrite"]) == 0
     assert len(list((d / "preds").rglob("*.json"))) == 2
 
@@ -128,7 +128,7 @@ def test_predict_cli_refuses_input_folder_inside_out_and_keeps_explicit_files(in
     (out / "imgs" / "x_lung.png").write_bytes(b"not ours")  # a file that looks like an output
     args = ["--out", str(out), "--lung-model", str(lung), "--infection-model", str(inf), "--quiet"]
     with caplog.at_level(logging.ERROR):
-        assert main([str(out / "imgs")] + args) == 1
+        assert main([str(out / "imgs")] + args) == 2  # a usage error
     assert "inside --out" in caplog.text
     # an explicit file inside --out is processed next to itself without touching any input
     assert main([str(src), "--out", str(out / "imgs")] + args[2:]) == 0
@@ -143,7 +143,7 @@ def test_predict_cli_missing_model_is_a_clear_error(inputs, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         rc = main([str(inputs["png8_gray"]), "--out", str(tmp_path), "--lung-model", str(tmp_path / "no.keras"),
                    "--infection-model", str(tmp_path / "no2.keras")])
-    assert rc == 1
+    assert rc == 2  # a usage error (exitcodes.USAGE), as in export and train
     assert "no.keras" in caplog.text and "covidseg_tf.train" in caplog.text
 
 
@@ -236,7 +236,7 @@ def test_predict_cli_missing_default_models_say_what_to_do(inputs, tmp_path, mon
     monkeypatch.setattr(config, "DEFAULT_LUNG_MODEL", tmp_path / "saved_models" / "lung")
     monkeypatch.setattr(config, "DEFAULT_INFECTION_MODEL", tmp_path / "saved_models" / "infection")
     with caplog.at_level(logging.ERROR):
-        assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out")]) == 1
+        assert predict.main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out")]) == 2
     assert str(tmp_path / "saved_models" / "lung") in caplog.text
     assert "covidseg_tf.export" in caplog.text and "--lung-model/--infection-model" in caplog.text
 
@@ -264,7 +264,7 @@ def test_predict_cli_bad_model_folders(inputs, tiny_saved_models, tmp_path, capl
     with caplog.at_level(logging.ERROR):
         rc = main([str(inputs["png8_gray"]), "--out", str(tmp_path / "out"), "--lung-model", str(bad),
                    "--infection-model", str(inf), "--quiet"])
-    assert rc == 1
+    assert rc == 2
     assert expect in caplog.text and str(bad) in caplog.text
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.json"))
 
@@ -389,7 +389,7 @@ def test_predict_reruns_are_explicit(inputs, conv_models, tmp_path, caplog):
     assert run([d], out, conv_models) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with caplog.at_level(logging.ERROR):
-        assert run([d], out, conv_models) == 1
+        assert run([d], out, conv_models) == 2  # a usage error: nothing touched
     assert f"{out / 'in' / 'a_lung.png'} already exists (8 output file(s)" in caplog.text
     assert "--overwrite" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
@@ -496,3 +496,163 @@ def test_predict_unwritable_out_is_a_usage_error_before_any_model_loads(tmp_path
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and str(out) in lines[0], err
     assert "models loaded" not in err
+
+
+# ------------------------------------------------------------------ issue 23: nothing skipped without a word
+def _unlistable(monkeypatch, *folders: Path) -> None:
+    """Make os.scandir (what the folder walk lists with) fail on `folders` as it does for a folder the user may not
+    read (the tests run as root, for whom permissions do not bite)."""
+    real = os.scandir
+    denied = {str(f) for f in folders}
+
+    def scandir(path=".", *args, **kwargs):
+        if str(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_predict_names_every_path_it_cannot_use_and_exits_1(inputs, conv_models, tmp_path, monkeypatch, caplog):
+    """Issue 23: a symlink loop, a dangling link, a FIFO named .png and a subfolder that cannot be listed were
+    skipped without a word ("1 of 1 processed", exit 0). Each is now an error naming the path and counted as a
+    failed input (exit 1); a link to a folder is a warning (not followed); the good image is processed."""
+    d = tmp_path / "in"
+    (d / "locked").mkdir(parents=True)
+    shutil.copy(inputs["png8_gray"], d / "good.png")
+    shutil.copy(inputs["png8_gray"], d / "locked" / "hidden.png")
+    (d / "loop1.png").symlink_to("loop2.png")
+    (d / "loop2.png").symlink_to("loop1.png")
+    (d / "dangling.png").symlink_to("gone.png")
+    os.mkfifo(d / "pipe.png")
+    (d / "notes.txt").symlink_to("gone.txt")  # not an image name: not an input, not reported
+    (tmp_path / "elsewhere").mkdir()
+    (d / "linked").symlink_to(tmp_path / "elsewhere")
+    _unlistable(monkeypatch, d / "locked")
+    with caplog.at_level(logging.INFO):
+        assert run([d], tmp_path / "o", conv_models) == 1
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    for name, why in (("loop1.png", "a symbolic link loop"), ("loop2.png", "a symbolic link loop"),
+                      ("dangling.png", "a dangling symbolic link"), ("pipe.png", "not a regular file (a FIFO)"),
+                      ("locked", "cannot list the folder (Permission denied)")):
+        assert f"{d / name}: {why}" in errors, (name, errors)
+    assert "notes.txt" not in caplog.text
+    assert f"{d / 'linked'}: a symbolic link to a folder: not followed" in caplog.text
+    assert "linked" not in errors
+    assert "1 of 6 input(s) processed" in caplog.text
+    assert (tmp_path / "o" / "in" / "good.json").is_file()
+
+
+def test_predict_unlistable_folder_says_so_not_no_images_found(conv_models, tmp_path, monkeypatch, caplog):
+    """Issue 23: a folder that cannot be listed said "no input images found"; now it says it cannot be listed and
+    why (exit 1)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("L", (40, 40), 7).save(d / "x.png")
+    _unlistable(monkeypatch, d)
+    with caplog.at_level(logging.ERROR):
+        assert run([d], tmp_path / "o", conv_models) == 1
+    assert f"{d}: cannot list the folder (Permission denied)" in caplog.text
+    assert "no input images found" not in caplog.text
+
+
+def test_predict_file_in_a_folder_it_may_not_enter_is_one_error(inputs, conv_models, tmp_path, monkeypatch,
+                                                                  capsys, caplog):
+    """Issue 23: an input inside a folder the user may not search made Path.is_dir() raise PermissionError (a
+    traceback); now an error line naming the file, exit 1, and the other input is processed."""
+    d = tmp_path / "private"
+    d.mkdir()
+    secret = d / "x.png"
+    shutil.copy(inputs["png8_gray"], secret)
+    good = tmp_path / "good.png"
+    shutil.copy(inputs["png8_gray"], good)
+    real = os.stat
+
+    def stat(path, *args, **kwargs):  # EACCES on everything below the folder, as for a user without its x bit
+        if str(path).startswith(str(d) + os.sep):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with caplog.at_level(logging.ERROR):
+        assert run([secret, good], tmp_path / "o", conv_models) == 1
+    assert f"{secret}: cannot access it (Permission denied)" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (tmp_path / "o" / "good.json").is_file()
+
+
+def test_predict_model_that_is_no_zip_says_so(inputs, tmp_path, caplog):
+    """Issue 23 item 10: a .keras model that exists but is no zip said "File not found"."""
+    bad = tmp_path / "lung.keras"
+    bad.write_text("not a model\n")
+    with caplog.at_level(logging.ERROR):
+        assert run([inputs["png8_gray"]], tmp_path / "o", (bad, bad)) == 2
+    assert f"{bad}: not a Keras model: not a zip archive" in caplog.text
+    assert "File not found" not in caplog.text
+
+
+def test_predict_ctrl_c_is_one_line_and_exit_130(inputs, conv_models, tmp_path, monkeypatch, capsys):
+    """Issue 23: Ctrl-C during predict printed a KeyboardInterrupt traceback (the outputs were consistent). Now one
+    line saying how many inputs were done, exit code 130; the finished input's outputs are whole, the
+    interrupted one left no JSON and no temporary file."""
+    from covidseg_tf import predict
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(inputs["png8_gray"], d / name)
+    real = predict.write_outputs
+
+    def write_outputs(encoded):  # Ctrl-C while the second input's files are written
+        if any("b_" in Path(name).name for name in encoded):
+            first = next(iter(encoded))
+            Path(f"{first}.tmp-{os.getpid()}").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        real(encoded)
+
+    monkeypatch.setattr(predict, "write_outputs", write_outputs)
+    capsys.readouterr()
+    assert run([d], tmp_path / "o", conv_models) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["python -m covidseg_tf.predict: interrupted (Ctrl-C); 1 of 3 input(s) done; their outputs are "
+                     "complete, the rest were not written (rerun with --overwrite)"], err
+    check_outputs(tmp_path / "o" / "in" / "a", d / "a.png", (H, W))
+    assert not (tmp_path / "o" / "in" / "b.json").exists()
+
+
+def test_predict_sigint_in_a_real_process_exits_130_without_a_traceback(tmp_path, conv_models):
+    """A real SIGINT to `python -m covidseg_tf.predict` in the middle of a folder: exit 130, no traceback, every
+    JSON written stands next to its complete files."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(d / f"x{i:03d}.png")
+    out = tmp_path / "o"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "covidseg_tf.predict", str(d), "--out", str(out), "--lung-model",
+                             str(conv_models[0]), "--infection-model", str(conv_models[1]), "--quiet"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.rglob("*.json"))[:3][2:]:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert "python -m covidseg_tf.predict: interrupted (Ctrl-C);" in err
+    done = sorted(out.rglob("*.json"))
+    assert 3 <= len(done) < 400
+    for j in done:
+        check_outputs(j.with_suffix(""), d / (j.stem + ".png"), (64, 64))
+    assert not list(out.rglob("*.tmp-*"))

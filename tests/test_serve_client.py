@@ -204,6 +204,22 @@ def test_missing_image_file_names_the_file(server, tmp_path):
     assert not done and "missing.png" in errors[0] and not FakeServing.requests
 
 
+def test_fifo_and_dangling_link_are_named_not_waited_on(server, tmp_path, caplog):
+    """Issue 23: a FIFO named .png blocked the client forever in read_bytes; it and a dangling link are now errors
+    naming them (exit 1), and the good image is still sent."""
+    import os
+
+    fifo, dangling, good = tmp_path / "pipe.png", tmp_path / "gone.png", tmp_path / "good.png"
+    os.mkfifo(fifo)
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    good.write_bytes(png_bytes(5, 5))
+    code = serve_client.main(["--url", server, "--out", str(tmp_path / "o"), str(fifo), str(dangling), str(good)])
+    assert code == 1
+    assert f"{fifo}: not a regular file (a FIFO)" in caplog.text
+    assert f"{dangling}: a dangling symbolic link" in caplog.text
+    assert (tmp_path / "o" / "good.json").is_file()
+
+
 def test_help_has_examples():
     proc = subprocess.run([sys.executable, "-m", "covidseg_tf.serve_client", "--help"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)

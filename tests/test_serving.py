@@ -42,6 +42,15 @@ def jpeg(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def cmyk_jpeg(gray: np.ndarray) -> bytes:
+    """A valid 4-component (CMYK, Adobe) JPEG of a grey image, as print workflows write them: ink = 255 - grey."""
+    ink = 255 - gray
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([ink // 3, ink // 3, ink // 3, ink - ink // 3 * 3 + ink // 2], -1), "CMYK").save(
+        buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
 def corrupt(data: bytes, at: int = 60, length: int = 120) -> bytes:
     """The same header, broken data: `length` bytes from `at` overwritten."""
     return data[:at] + bytes((b + 97) % 256 for b in data[at:at + length]) + data[at + length:]
@@ -96,6 +105,7 @@ def tf1(cascade_path, tmp_path_factory) -> dict[str, dict[str, Any]]:
         "corrupt_first_of_two": [corrupt(png(phantom(70, 60, 4))), b"GIF89a not ours"],
         "bomb": [good, png(np.zeros((12000, 12000), np.uint8), optimize=True)],
         "side": [png(np.zeros((1, limits.MAX_SIDE + 1), np.uint8)), good],
+        "cmyk": [good, cmyk_jpeg(phantom(96, 80, 7))],
     }
     results = run_tf1(cascade_path, [{"signature": "serving_default", "feeds": {"images": strings(v)}}
                                      for v in cases.values()], tmp_path_factory.mktemp("tf1"))
@@ -150,6 +160,31 @@ def test_bad_items_are_named_through_the_tf1_loader(tf1, case, message):
     result = tf1[case]
     assert result.get("error") == "InvalidArgumentError", result
     assert message in result["message"], result["message"]
+
+
+def test_cmyk_jpeg_is_served_with_predicts_grey_pixels(tf1, models):
+    """Issue 23: the SavedModel refused a valid CMYK JPEG as "a corrupt PNG or JPEG" (TensorFlow's decoder cannot
+    convert 4 components to 1) while predict (Pillow) read it. Now the served grey pixels are Pillow's within a
+    grey level or two (libjpeg vs Pillow CMYK->RGB rounding) and so are the masks and severity."""
+    import tensorflow as tf
+
+    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.imageio import decode_xray
+    from covidseg_tf.serving import gray_pixels
+
+    assert "outputs" in tf1["cmyk"], tf1["cmyk"]
+    data = cmyk_jpeg(phantom(96, 80, 7))
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    expected = decode_xray(data, "cmyk.jpg")
+    served = gray_pixels(tf.constant(data)).numpy()[..., 0]
+    assert served.shape == expected.shape == (96, 80)
+    assert np.abs(served.astype(int) - expected).max() <= 2
+    out = tf1["cmyk"]["outputs"]
+    pred = Cascade(*models, 0.5).predict([expected])[0]
+    assert (out["height"][1], out["width"][1]) == (96, 80) and bool(out["assessed"][1]) == pred.assessed
+    lung = np.asarray(Image.open(io.BytesIO(out["lung_mask_bytes"][1]))) > 0
+    assert (lung != pred.lung.astype(bool)).mean() < 0.002
+    assert pred.severity_total == pytest.approx(float(out["severity_total"][1]), abs=0.5)
 
 
 def test_tf1_and_tf2_loaders_agree_bit_for_bit(tf1, cascade_path):

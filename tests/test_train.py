@@ -123,6 +123,41 @@ def test_lung_model_that_is_not_a_model_is_a_usage_error(capsys, tmp_path: Path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("kind", ["png", "text_named_keras", "zip_named_keras"])
+def test_encoder_weights_that_are_no_weights_are_a_usage_error_before_the_run_folder(
+        kind, synthetic_data_dir: Path, capsys, tmp_path: Path):
+    """Issue 23: --encoder-weights naming a PNG or a .keras file that is no Keras model was accepted (the file
+    exists), the run folder and its config.json were written, and the weights load ended in a traceback. Now one
+    `error:` line, exit 2, nothing created; a non-zip .keras is said to be no zip archive (not "File not found")."""
+    import zipfile
+
+    from PIL import Image
+
+    weights = tmp_path / {"png": "x.png", "text_named_keras": "x.keras", "zip_named_keras": "z.keras"}[kind]
+    expect = {"png": "cannot load encoder weights from", "text_named_keras": "not a zip archive",
+              "zip_named_keras": "no config.json"}[kind]
+    if kind == "png":
+        Image.new("L", (8, 8)).save(weights)
+    elif kind == "text_named_keras":
+        weights.write_text("not a model\n")
+    else:
+        with zipfile.ZipFile(weights, "w") as z:
+            z.writestr("notes.txt", "a zip, but no Keras model")
+    i = TINY.index("--encoder-weights")
+    argv = ["--stage", "lung", *TINY[:i], *TINY[i + 2:], "--encoder-weights", str(weights), "--data-dir",
+            str(synthetic_data_dir), "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "File not found" not in err
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    assert lines[0].startswith(f"python -m covidseg_tf.train: error: --encoder-weights {weights}: "), lines[0]
+    assert expect in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_lung_model_folder_is_refused(capsys, tmp_path: Path):
     (tmp_path / "lung" / "1").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:

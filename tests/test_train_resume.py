@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,6 @@ def test_kill_during_the_model_write_keeps_a_whole_model_and_every_finished_epoc
                                                                                   tmp_path: Path):
     """Issue 23: a kill -9 while model.keras was written left a truncated zip (the rerun crashed at export and
     deleted backup/) and history.csv without the row of an epoch the backup counted as finished."""
-    import zipfile
 
     out = tmp_path / "run"
     cmd = _train_cmd(synthetic_data_dir, out, 3)
@@ -207,3 +207,64 @@ def test_kill_during_the_model_write_keeps_a_whole_model_and_every_finished_epoc
     assert (out / "DONE").exists() and not (out / "backup").exists()
     assert zipfile.is_zipfile(out / "model.keras") and list((out / "saved_models").rglob("saved_model.pb"))
     assert not list(out.glob(".*partial*"))
+
+
+_KILL_AT = """
+import os, signal, sys
+from covidseg_tf import train
+
+where = sys.argv[1]
+
+def killer(make, hook, when):
+    def wrapped(*args, **kwargs):
+        callback = make(*args, **kwargs)
+        original = getattr(callback, hook)
+
+        def hooked(step, logs=None):
+            original(step, logs)
+            if when(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        setattr(callback, hook, hooked)
+        return callback
+    return wrapped
+
+if where == "mid_epoch":  # in the first epoch, after its second batch: no epoch finished yet
+    train.make_lr_logger = killer(train.make_lr_logger, "on_train_batch_end", lambda batch: batch == 1)
+else:  # "after_history_row": epoch 2's row is on disk, its model and backup are not
+    train.make_history_logger = killer(train.make_history_logger, "on_epoch_end", lambda epoch: epoch == 1)
+sys.argv = ["train", *sys.argv[2:]]
+train.cli()
+"""
+
+
+@pytest.mark.slow  # ~2 min each: a killed tiny run and its resumption
+@pytest.mark.parametrize("where, finished, rows_left", [("mid_epoch", 0, []), ("after_history_row", 1, ["0", "1"])])
+def test_kill_at_other_points_resumes_without_a_lost_or_doubled_epoch(synthetic_data_dir: Path, tmp_path: Path,
+                                                                      where, finished, rows_left):
+    """Issue 23: a real (tiny) run killed at several points resumes. With the backup-appears kill
+    (test_resume_after_sigkill_loses_no_finished_epoch) and the kill inside the model write (above), these two:
+    in the middle of the first epoch (nothing finished: the rerun starts at epoch 1) and right after an epoch's
+    history row was written but before its model and backup (the rerun drops that row and trains the epoch
+    again, so history.csv never holds an epoch twice)."""
+    out = tmp_path / "run"
+    cmd = _train_cmd(synthetic_data_dir, out, 3)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT, where, *cmd[3:]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (train._backup_epochs(out / "backup") or 0) == finished
+    rows = [r["epoch"] for r in _rows(out / "history.csv")] if (out / "history.csv").exists() else []
+    assert rows == rows_left
+    assert (out / "config.json").is_file() and not (out / "DONE").exists()
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if finished:
+        assert f"resuming {out} from epoch {finished + 1}/3" in done.stderr
+        assert "dropped 1 row(s) of" in done.stderr  # the row of the epoch the backup did not count
+    else:
+        assert f"restarting {out} from epoch 1: no finished epoch" in done.stderr
+    assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0", "1", "2"]  # none lost, none twice
+    assert (out / "DONE").exists() and not (out / "backup").exists()
+    assert zipfile.is_zipfile(out / "model.keras")

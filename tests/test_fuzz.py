@@ -1,0 +1,236 @@
+"""Issue 23's fuzz corpus (tests/fuzzcorpus.py: >= 500 seeded inputs, generated, never stored) through every entry
+point, each in a bounded subprocess (a timeout and an address-space cap via resource.setrlimit): no crash, no
+hang, memory bounded, and every failure named (the message names the file, or the item of a batch).
+
+* `imageio.decode_xray` over the whole corpus (seconds);
+* the cascade SavedModel's serving_default, one request per input, predict's CLI on a folder holding the corpus
+  and batch_predict on the same folder (1x1-convolution stage models; about 20 s each on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fuzzcorpus import corpus
+
+from covidseg_tf import limits
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def inputs() -> list[tuple[str, bytes]]:
+    return corpus()
+
+
+def test_corpus_is_seeded_large_and_covers_the_odd_modes(inputs):
+    import io
+
+    from PIL import Image
+
+    assert len(inputs) >= 500 and len({n for n, _ in inputs}) == len(inputs)
+    assert corpus() == inputs  # the same files every run
+    modes = set()
+    for _, data in inputs:
+        try:
+            modes.add(Image.open(io.BytesIO(data)).mode)
+        except Exception:  # noqa: BLE001 - most mutants are not images any more
+            pass
+    assert {"L", "LA", "P", "1", "I;16", "RGB", "RGBA", "CMYK", "F"} <= modes, modes
+    names = [n for n, _ in inputs]
+    assert {"bomb_12000.png", "empty.png", "j2k_broken.dcm", "deflated.dcm", "frames.dcm"} <= set(names)
+    assert all(Path(n).suffix in (".png", ".jpg", ".bmp", ".tif", ".dcm") for n in names)
+
+
+def _limit_memory(gib: int) -> Any:
+    """A preexec_fn capping the child's address space at `gib` GiB (a bomb then fails, not the host)."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (gib * GIB, gib * GIB))
+    return apply
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # this checkout's code
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path}
+
+
+DECODE_RUNNER = textwrap.dedent(
+    """
+    import pickle, resource, sys, time
+    from covidseg_tf.imageio import XRayReadError, decode_xray
+    cases = pickle.load(open(sys.argv[1], "rb"))
+    results = []
+    for name, data in cases:
+        t = time.time()
+        try:
+            a = decode_xray(data, name)
+            results.append(("ok", (a.shape, str(a.dtype)), time.time() - t))
+        except XRayReadError as e:
+            results.append(("XRayReadError", str(e), time.time() - t))
+        except BaseException as e:
+            results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+    pickle.dump({"results": results, "peak_mb": peak}, open(sys.argv[2], "wb"))
+    """
+)
+
+
+def test_fuzz_decode_xray_every_input_an_image_or_a_named_error(inputs, tmp_path):
+    """Each input decodes to a 2-D uint8 image within the size policy or raises XRayReadError whose one-line
+    message starts with the input's name; nothing else escapes; each under 10 s; the process under a 3 GiB
+    address-space cap and below 1.5 GB resident at its peak."""
+    (tmp_path / "cases.pkl").write_bytes(pickle.dumps(inputs))
+    proc = subprocess.run([sys.executable, "-c", DECODE_RUNNER, str(tmp_path / "cases.pkl"), str(tmp_path / "o.pkl")],
+                          capture_output=True, text=True, timeout=600, env=_env(), preexec_fn=_limit_memory(3))
+    assert proc.returncode == 0, f"the decode process died ({proc.returncode}): {proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # nothing logged a traceback (pydicom did)
+    run = pickle.loads((tmp_path / "o.pkl").read_bytes())
+    outcomes = dict(zip((n for n, _ in inputs), run["results"]))
+    for name, (kind, detail, seconds) in outcomes.items():
+        assert kind in ("ok", "XRayReadError"), (name, detail)
+        assert seconds < 10, (name, seconds)
+        if kind == "ok":
+            (h, w), dtype = detail
+            assert dtype == "uint8" and 1 <= h <= limits.MAX_SIDE and 1 <= w <= limits.MAX_SIDE, (name, detail)
+        else:
+            assert detail.startswith(name) and "\n" not in detail and "BytesIO" not in detail, (name, detail)
+    assert outcomes["bomb_12000.png"][1].endswith("(checked from the file header; the image was not decoded)")
+    assert outcomes["CMYK.jpg"][0] == outcomes["frames.dcm"][0] == outcomes["F.tif"][0] == "ok"
+    kinds = [k for k, _, _ in outcomes.values()]
+    assert 50 < kinds.count("ok") < len(kinds) - 50, "the corpus should give both outcomes"
+    assert run["peak_mb"] < 1500, run["peak_mb"]
+
+
+# ------------------------------------------------------------------------------------- the CLIs and the server
+@pytest.fixture(scope="module")
+def corpus_folder(inputs, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("fuzz") / "corpus"
+    d.mkdir()
+    for name, data in inputs:
+        (d / name).write_bytes(data)
+    return d
+
+
+@pytest.fixture(scope="module")
+def conv_models(tmp_path_factory) -> tuple[Path, Path]:
+    from conftest import conv_cascade
+
+    d = tmp_path_factory.mktemp("fuzz_models")
+    for model, stage in zip(conv_cascade(64), ("lung", "infection")):
+        model.save(d / f"{stage}.keras")
+    return d / "lung.keras", d / "infection.keras"
+
+
+def _children_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far (an upper bound)
+
+
+def test_fuzz_predict_cli_on_the_corpus_folder(corpus_folder, conv_models, inputs, tmp_path):
+    """`predict <folder>`: exit 1 (some inputs fail), no traceback; every input either has its JSON (naming it) or
+    one `skipping <path>: <path>: ...` error line; the counts add up."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "covidseg_tf.predict", str(corpus_folder), "--out", str(out),
+                           "--lung-model", str(conv_models[0]), "--infection-model", str(conv_models[1]), "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800, env=_env(),
+                          preexec_fn=_limit_memory(6))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    done = {json.loads(p.read_text())["file"] for p in out.rglob("*.json")}
+    skipped = {}
+    for line in proc.stderr.splitlines():
+        m = re.match(r"ERROR \S+: skipping (\S+): (.*)$", line)  # logger __main__ under python -m
+        if m:
+            skipped[m.group(1)] = m.group(2)
+    every = {str(corpus_folder / n) for n, _ in inputs}
+    assert done | set(skipped) == every and not done & set(skipped)
+    for path, message in skipped.items():
+        assert message.startswith(path), (path, message)  # the message names the file
+    assert f"ERROR __main__: {len(skipped)} input(s) failed: " in proc.stderr  # the summary line (--quiet)
+    assert _children_peak_mb() < 6 * 1024
+
+
+def test_fuzz_batch_predict_on_the_corpus_folder(corpus_folder, conv_models, inputs, tmp_path):
+    """batch_predict on the folder: exit 1, no traceback; every input is in summary.jsonl or dead_letter.jsonl,
+    exactly once; each decode failure's reason names the file."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "covidseg_tf.batch_predict", str(corpus_folder), "--output",
+                           str(out), "--lung-model", str(conv_models[0]), "--infection-model", str(conv_models[1]),
+                           "--quiet", "--runner", "DirectRunner"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800, env=_env(), preexec_fn=_limit_memory(6))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    ok = [json.loads(ln)["file"] for ln in (out / "summary.jsonl").read_text().splitlines() if ln]
+    dead = [json.loads(ln) for ln in (out / "dead_letter.jsonl").read_text().splitlines() if ln]
+    every = sorted(str(corpus_folder / n) for n, _ in inputs)
+    assert sorted(ok + [d["file"] for d in dead]) == every
+    for d in dead:
+        assert d["stage"] in ("decode", "inference") and d["reason"], d
+        if d["stage"] == "decode":
+            assert d["reason"].startswith(d["file"]), d
+    assert _children_peak_mb() < 6 * 1024
+
+
+SERVE_RUNNER = textwrap.dedent(
+    """
+    import pickle, sys, time
+    import tensorflow as tf
+    fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    cases = pickle.load(open(sys.argv[2], "rb"))
+    results = []
+    for name, data in cases:
+        t = time.time()
+        try:
+            out = {k: v.numpy() for k, v in fn(images=tf.constant([data])).items()}
+            results.append(("ok", {k: v.tolist() for k, v in out.items() if not k.endswith("_bytes")
+                                   and k != "reason"}, time.time() - t))
+        except tf.errors.InvalidArgumentError as e:
+            results.append(("InvalidArgumentError", e.message, time.time() - t))
+        except BaseException as e:
+            results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+    pickle.dump({"results": results, "peak_mb": peak}, open(sys.argv[3], "wb"))
+    """
+)
+
+
+def test_fuzz_cascade_serving_signature(inputs, tmp_path):
+    """Each input as one request to the exported cascade (TensorFlow's own decoders, not Pillow): a complete
+    result within the size policy or an InvalidArgument naming images[0]; the PNG/JPEG seeds are all served
+    (CMYK JPEG included, issue 23 item 7)."""
+    from conftest import conv_cascade
+
+    from covidseg_tf.export import export_cascade
+
+    path = export_cascade(*conv_cascade(64), tmp_path / "served", threshold=0.5, warmup=False)
+    (tmp_path / "cases.pkl").write_bytes(pickle.dumps(inputs))
+    proc = subprocess.run([sys.executable, "-c", SERVE_RUNNER, str(path), str(tmp_path / "cases.pkl"),
+                           str(tmp_path / "o.pkl")], capture_output=True, text=True, timeout=1800, env=_env(),
+                          preexec_fn=_limit_memory(6))
+    assert proc.returncode == 0, f"the serving process died ({proc.returncode}): {proc.stderr[-3000:]}"
+    run = pickle.loads((tmp_path / "o.pkl").read_bytes())
+    outcomes = dict(zip((n for n, _ in inputs), run["results"]))
+    for name, (kind, detail, seconds) in outcomes.items():
+        assert kind in ("ok", "InvalidArgumentError"), (name, detail)
+        assert seconds < 20, (name, seconds)
+        if kind == "ok":
+            assert 1 <= detail["height"][0] <= limits.MAX_SIDE and 1 <= detail["width"][0] <= limits.MAX_SIDE
+            assert all(0.0 <= detail[k][0] <= 100.0 for k in ("severity_left", "severity_right", "severity_total"))
+        else:
+            assert "images[0]" in detail, (name, detail)
+    served = {"L.png", "LA.png", "P.png", "P_tRNS.png", "1bit.png", "I16.png", "RGB.png", "RGBA.png", "stored.png",
+              "L.jpg", "RGB.jpg", "CMYK.jpg", "progressive.jpg"}
+    assert {n for n in served if outcomes[n][0] != "ok"} == set(), {n: outcomes[n][1] for n in served}
+    assert "each side must be 1..4096" in outcomes["bomb_12000.png"][1]
+    assert sum(k == "ok" for k, _, _ in outcomes.values()) >= 30  # the mutants of PNG/JPEG seeds that still decode
+    assert run["peak_mb"] < 3000, run["peak_mb"]
