@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import conv_cascade, randomize_batchnorms
+from conftest import conv_cascade, phantom, randomize_batchnorms
 
 from covidseg_tf import export
 from covidseg_tf.cascade import TFLITE_FILE, Cascade, TFLiteStage, load_model
@@ -39,14 +39,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def greys() -> list[np.ndarray]:
-    """Two X-ray-like images of other sizes than the models': a gradient (lung where dark) with a bright patch."""
-    rng = np.random.default_rng(0)
-    out = []
-    for h, w in ((90, 70), (64, 128)):
-        g = np.tile(np.linspace(20, 240, w), (h, 1)) + rng.normal(0, 8, (h, w))
-        g[h // 4: h // 2, : w // 4] = 80
-        out.append(np.clip(g, 0, 255).astype(np.uint8))
-    return out
+    """Two chest-X-ray-like phantoms (`conftest.phantom`: they pass the input gate) of other sizes than the
+    models', with a lung infection patch."""
+    return [phantom(90, 70, 0), phantom(64, 128, 1)]
 
 
 def test_export_writes_stage_tflite_and_records_it(exported):
