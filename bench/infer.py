@@ -134,14 +134,14 @@ def _dice(a, b) -> float:
 def _cascade_outputs(lung, inf, x, ref_lung_mask, threshold):
     import tensorflow as tf
 
-    from covidseg_tf.cascade import run_cascade
+    from covidseg_tf.cascade import run_cascade, run_stage2
 
     f = tf.function(lambda px: run_cascade(lung, inf, px, threshold))
     out = {k: v.numpy() for k, v in f(x).items()}
     if ref_lung_mask is None:
         ref_lung_mask = out["lung_mask"]
     # stage 2 alone on the SAME lung channel (the reference lung mask), to isolate its own error
-    out["infection_prob_same_input"] = inf(tf.concat([x, ref_lung_mask], -1), training=False).numpy()
+    out["infection_prob_same_input"] = run_stage2(inf, x, ref_lung_mask).numpy()  # the mask of a head model too
     return out
 
 

@@ -24,21 +24,39 @@ def stage_cfg(stage: str, size: int, layout: str | None = None):
     return default_config(stage).replace(image_size=size, encoder_weights="none", unet_layout=layout)
 
 
+def trained_architecture(weights_from: str) -> dict:
+    """The StageConfig fields that shape the model (encoder, layout, BatchNorm, image head, dropout) of a training
+    run's `model.keras`, from the run's config.json beside it ({} when there is none: the seed config's)."""
+    import json
+    from pathlib import Path
+
+    run_config = Path(weights_from).parent / "config.json"
+    if not run_config.is_file():
+        return {}
+    cfg = json.loads(run_config.read_text())["config"]
+    keys = ("encoder", "unet_layout", "batch_norm", "image_head_weight", "dropout")
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
 def build_stage(stage: str, size: int, precision: str, weights_from: str | None = None, seed: int = 0,
                 layout: str | None = None):
     """Stage model under the Keras dtype policy of `precision` (set at build time, then reset to float32).
 
     weights_from: optional trained `.keras` file of the same stage (any input size: the U-Net is fully
-    convolutional, so its weights are copied into the model built at `size`; it must have the same layout).
+    convolutional, so its weights are copied into the model built at `size`; its architecture comes from the
+    run's config.json, `trained_architecture`).
     layout: U-Net layout (StageConfig.unet_layout; None: the config's)."""
     import keras
 
     from covidseg_tf.models import build_stage_model
 
     keras.utils.set_random_seed(seed)
+    cfg = stage_cfg(stage, size, layout)
+    if weights_from:
+        cfg = cfg.replace(**trained_architecture(weights_from))
     keras.mixed_precision.set_global_policy(PRECISIONS[precision])
     try:
-        model = build_stage_model(stage_cfg(stage, size, layout), encoder_weights=None)
+        model = build_stage_model(cfg, encoder_weights=None)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     if weights_from:
