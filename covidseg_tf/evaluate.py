@@ -3,9 +3,9 @@
     python -m covidseg_tf.evaluate --dataset covid_qu_ex/infection --split validation   # the shipped models
     python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras
 
-Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels (`saved_models/lung/1`,
-`saved_models/infection/1`); a base or version folder or a `.keras` file works too. The report names the
-files used (for a SavedModel, its version folder).
+Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels (`saved_models/lung/<N>`,
+`saved_models/infection/<N>`, N = config.SHIPPED_VERSION); a base or version folder or a `.keras` file works too.
+The report names the files used (for a SavedModel, its version folder).
 
 How the numbers are made
     * Every image runs through `covidseg_tf.cascade` exactly as `predict` runs it (model pixels, both stages,
@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m covidseg_tf.evaluate --out reports/synthetic   # the shipped models\n"
                "  python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras \\\n"
                "      --infection-model runs/infection/model.keras --out reports/synthetic\n"
-               "  python -m covidseg_tf.evaluate --lung-model saved_models/lung/2 \\\n"
-               "      --infection-model saved_models/infection/2 --dataset covid_qu_ex/infection \\\n"
+               "  python -m covidseg_tf.evaluate --lung-model saved_models/lung/3 \\\n"
+               "      --infection-model saved_models/infection/3 --dataset covid_qu_ex/infection \\\n"
                "      --manual-dir ~/covidqu --split validation test --out reports/real\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
                "file.\n"

@@ -35,8 +35,8 @@ for a usage error found before anything is written (an --out that cannot be writ
 earlier outputs without --overwrite, a model that cannot be loaded); 130 after Ctrl-C (the outputs written are
 complete); else 0.
 
-Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels `saved_models/lung/1` and
-`saved_models/infection/1` (config.SHIPPED_VERSION); --lung-model / --infection-model also take a TF Serving base
+Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels `saved_models/lung/<N>` and
+`saved_models/infection/<N>`, N = config.SHIPPED_VERSION; --lung-model / --infection-model also take a TF Serving base
 folder (its highest integer version), a version folder or a Keras `.keras` file.
 """
 
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m covidseg_tf.predict scans/ other.dcm --out preds \\\n"
                "      --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras\n"
                "  python -m covidseg_tf.predict xray.png --out preds \\\n"
-               "      --lung-model saved_models/lung/2 --infection-model saved_models/infection/2\n"
+               "      --lung-model saved_models/lung/3 --infection-model saved_models/infection/3\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
                "file;\n"
                f"folders are searched recursively for {', '.join(sorted(KNOWN_EXTENSIONS))} (links to folders are "
