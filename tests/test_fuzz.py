@@ -132,18 +132,30 @@ def conv_models(tmp_path_factory) -> tuple[Path, Path]:
     return d / "lung.keras", d / "infection.keras"
 
 
-def _children_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far (an upper bound)
+# Runs a command and reports ITS peak RSS: the wrapper's RUSAGE_CHILDREN covers that one command only (the pytest
+# worker's own RUSAGE_CHILDREN would include every subprocess earlier tests of the worker started).
+PEAK_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+                "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+                "sys.exit(code)")
+
+
+def run_measured(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """`subprocess.run(cmd, capture_output=True, text=True, **kwargs)` and the command's peak RSS in MiB (the
+    wrapper's line is removed from stderr)."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], capture_output=True, text=True, **kwargs)
+    match = re.search(r"^PEAK_KIB (\d+)$", proc.stderr, re.MULTILINE)
+    assert match, proc.stderr[-3000:]
+    proc.stderr = proc.stderr[:match.start()] + proc.stderr[match.end():]
+    return proc, int(match.group(1)) / 1024
 
 
 def test_fuzz_predict_cli_on_the_corpus_folder(corpus_folder, conv_models, inputs, tmp_path):
     """`predict <folder>`: exit 1 (some inputs fail), no traceback; every input either has its JSON (naming it) or
     one `skipping <path>: <path>: ...` error line; the counts add up."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "covidseg_tf.predict", str(corpus_folder), "--out", str(out),
-                           "--lung-model", str(conv_models[0]), "--infection-model", str(conv_models[1]), "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800, env=_env(),
-                          preexec_fn=_limit_memory(6))
+    proc, peak_mb = run_measured([sys.executable, "-m", "covidseg_tf.predict", str(corpus_folder), "--out", str(out),
+                                  "--lung-model", str(conv_models[0]), "--infection-model", str(conv_models[1]),
+                                  "--quiet"], cwd=REPO, timeout=1800, env=_env(), preexec_fn=_limit_memory(6))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     done = {json.loads(p.read_text())["file"] for p in out.rglob("*.json")}
@@ -157,17 +169,17 @@ def test_fuzz_predict_cli_on_the_corpus_folder(corpus_folder, conv_models, input
     for path, message in skipped.items():
         assert message.startswith(path), (path, message)  # the message names the file
     assert f"ERROR __main__: {len(skipped)} input(s) failed: " in proc.stderr  # the summary line (--quiet)
-    assert _children_peak_mb() < 6 * 1024
+    assert peak_mb < 6 * 1024
 
 
 def test_fuzz_batch_predict_on_the_corpus_folder(corpus_folder, conv_models, inputs, tmp_path):
     """batch_predict on the folder: exit 1, no traceback; every input is in summary.jsonl or dead_letter.jsonl,
     exactly once; each decode failure's reason names the file."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "covidseg_tf.batch_predict", str(corpus_folder), "--output",
-                           str(out), "--lung-model", str(conv_models[0]), "--infection-model", str(conv_models[1]),
-                           "--quiet", "--runner", "DirectRunner"], cwd=REPO, capture_output=True, text=True,
-                          timeout=1800, env=_env(), preexec_fn=_limit_memory(6))
+    proc, peak_mb = run_measured([sys.executable, "-m", "covidseg_tf.batch_predict", str(corpus_folder), "--output",
+                                  str(out), "--lung-model", str(conv_models[0]), "--infection-model",
+                                  str(conv_models[1]), "--quiet", "--runner", "DirectRunner"], cwd=REPO,
+                                 timeout=1800, env=_env(), preexec_fn=_limit_memory(6))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     ok = [json.loads(ln)["file"] for ln in (out / "summary.jsonl").read_text().splitlines() if ln]
@@ -178,7 +190,7 @@ def test_fuzz_batch_predict_on_the_corpus_folder(corpus_folder, conv_models, inp
         assert d["stage"] in ("decode", "inference") and d["reason"], d
         if d["stage"] == "decode":
             assert d["reason"].startswith(d["file"]), d
-    assert _children_peak_mb() < 6 * 1024
+    assert peak_mb < 6 * 1024
 
 
 SERVE_RUNNER = textwrap.dedent(
