@@ -5,7 +5,12 @@ helpers below with `from conftest import ...`)."""
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,3 +233,80 @@ def randomize_batchnorms(model, seed: int = 0) -> None:
             layer.moving_variance.assign(rng.uniform(0.3, 3.0, n).astype("float32"))
             layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
             layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
+
+
+# ----------------------------------------------------------------------------------------------- fuzzing
+FUZZ_RUNNER = textwrap.dedent(
+    """
+    import os, pickle, resource, sys, time
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    which, path, cases_file, out_file = sys.argv[1:5]
+    with open(cases_file, "rb") as f:
+        cases = pickle.load(f)
+    results = []
+    if which == "imageio":
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a bomb fails with MemoryError, not the host
+        from covidseg_tf.imageio import XRayReadError, decode_xray
+        for name, data in cases:
+            t = time.time()
+            try:
+                a = decode_xray(data, name)
+                results.append(("ok", (a.shape, str(a.dtype)), time.time() - t))
+            except XRayReadError as e:
+                results.append(("XRayReadError", str(e), time.time() - t))
+            except BaseException as e:
+                results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
+    else:
+        import numpy as np, tensorflow as tf
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+        for name, data in cases:
+            t = time.time()
+            try:
+                out = {k: v.numpy() for k, v in fn(images=tf.constant([data])).items()}
+                results.append(("ok", {k: (v.tolist() if v.dtype != object else None) for k, v in out.items()
+                                       if not k.endswith("_bytes")}, time.time() - t))
+            except tf.errors.InvalidArgumentError as e:
+                results.append(("InvalidArgumentError", e.message, time.time() - t))
+            except BaseException as e:
+                results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
+    try:  # this process's own peak (ru_maxrss may start at the parent's peak after fork + exec)
+        status = open("/proc/self/status").read()
+        peak_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(out_file, "wb") as f:
+        pickle.dump({"results": results, "peak_mb": peak_mb}, f)
+    """
+)
+
+
+def run_fuzz(which: str, cases: list[tuple[str, bytes]], workdir: Path, model: Path | None = None) -> dict[str, Any]:
+    """Run (name, bytes) `cases` through `imageio.decode_xray` (`which` "imageio") or the cascade SavedModel at
+    `model` ("serving") in a fresh process under a 3 GiB address-space cap: {"results": [(outcome, detail,
+    seconds)], "peak_mb": the process's peak RSS, "stderr": what it printed}."""
+    runner = workdir / "fuzz_runner.py"
+    runner.write_text(FUZZ_RUNNER)
+    cases_file, out_file = workdir / f"{which}.pkl", workdir / f"{which}_out.pkl"
+    cases_file.write_bytes(pickle.dumps(cases))
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's covidseg_tf, whatever pip installed
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(runner), which, str(model), str(cases_file), str(out_file)],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path))
+    assert proc.returncode == 0, f"the {which} fuzz process died ({proc.returncode}): {proc.stderr[-3000:]}"
+    return {**pickle.loads(out_file.read_bytes()), "stderr": proc.stderr}
+
+
+def check_decode_outcomes(outcomes: dict[str, tuple[str, Any, float]]) -> None:
+    """`run_fuzz("imageio", ...)` outcomes by input name: each a 2-D uint8 image within the size policy, or an
+    XRayReadError whose one-line message starts with the input's name (no Pillow `BytesIO` repr); each under 10 s."""
+    from covidseg_tf import limits
+
+    for name, (kind, detail, seconds) in outcomes.items():
+        assert kind in ("ok", "XRayReadError"), (name, detail)
+        assert seconds < 10, (name, seconds)
+        if kind == "ok":
+            (h, w), dtype = detail
+            assert dtype == "uint8" and 1 <= h <= limits.MAX_SIDE and 1 <= w <= limits.MAX_SIDE, (name, detail)
+        else:
+            assert detail.startswith(name) and "\n" not in detail and "BytesIO" not in detail, (name, detail)

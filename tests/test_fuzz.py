@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import check_decode_outcomes, run_fuzz
 from fuzzcorpus import corpus
 
 from covidseg_tf import limits
@@ -65,46 +66,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path}
 
 
-DECODE_RUNNER = textwrap.dedent(
-    """
-    import pickle, resource, sys, time
-    from covidseg_tf.imageio import XRayReadError, decode_xray
-    cases = pickle.load(open(sys.argv[1], "rb"))
-    results = []
-    for name, data in cases:
-        t = time.time()
-        try:
-            a = decode_xray(data, name)
-            results.append(("ok", (a.shape, str(a.dtype)), time.time() - t))
-        except XRayReadError as e:
-            results.append(("XRayReadError", str(e), time.time() - t))
-        except BaseException as e:
-            results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
-    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
-    pickle.dump({"results": results, "peak_mb": peak}, open(sys.argv[2], "wb"))
-    """
-)
-
-
 def test_fuzz_decode_xray_every_input_an_image_or_a_named_error(inputs, tmp_path):
     """Each input decodes to a 2-D uint8 image within the size policy or raises XRayReadError whose one-line
     message starts with the input's name; nothing else escapes; each under 10 s; the process under a 3 GiB
     address-space cap and below 1.5 GB resident at its peak."""
-    (tmp_path / "cases.pkl").write_bytes(pickle.dumps(inputs))
-    proc = subprocess.run([sys.executable, "-c", DECODE_RUNNER, str(tmp_path / "cases.pkl"), str(tmp_path / "o.pkl")],
-                          capture_output=True, text=True, timeout=600, env=_env(), preexec_fn=_limit_memory(3))
-    assert proc.returncode == 0, f"the decode process died ({proc.returncode}): {proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # nothing logged a traceback (pydicom did)
-    run = pickle.loads((tmp_path / "o.pkl").read_bytes())
+    run = run_fuzz("imageio", inputs, tmp_path)
+    assert "Traceback" not in run["stderr"], run["stderr"][-3000:]  # nothing logged a traceback (pydicom did)
     outcomes = dict(zip((n for n, _ in inputs), run["results"]))
-    for name, (kind, detail, seconds) in outcomes.items():
-        assert kind in ("ok", "XRayReadError"), (name, detail)
-        assert seconds < 10, (name, seconds)
-        if kind == "ok":
-            (h, w), dtype = detail
-            assert dtype == "uint8" and 1 <= h <= limits.MAX_SIDE and 1 <= w <= limits.MAX_SIDE, (name, detail)
-        else:
-            assert detail.startswith(name) and "\n" not in detail and "BytesIO" not in detail, (name, detail)
+    check_decode_outcomes(outcomes)
     assert outcomes["bomb_12000.png"][1].endswith("(checked from the file header; the image was not decoded)")
     assert outcomes["CMYK.jpg"][0] == outcomes["frames.dcm"][0] == outcomes["F.tif"][0] == "ok"
     kinds = [k for k, _, _ in outcomes.values()]

@@ -10,11 +10,6 @@ lung, brighter pixels inside the lung are infection, far from the threshold, so 
 from __future__ import annotations
 
 import io
-import os
-import pickle
-import subprocess
-import sys
-import textwrap
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import conv_cascade, phantom, run_tf1, write_dicom
+from conftest import check_decode_outcomes, conv_cascade, phantom, run_fuzz, run_tf1, write_dicom
 from PIL import Image
 
 from covidseg_tf import limits, nonxray
@@ -293,77 +288,12 @@ def fuzz_inputs(tmp_path_factory) -> list[tuple[str, bytes]]:
     return special + mutations(seeds, 280)
 
 
-FUZZ_RUNNER = textwrap.dedent(
-    """
-    import os, pickle, resource, sys, time
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    which, path, cases_file, out_file = sys.argv[1:5]
-    with open(cases_file, "rb") as f:
-        cases = pickle.load(f)
-    results = []
-    if which == "imageio":
-        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a bomb fails with MemoryError, not the host
-        from covidseg_tf.imageio import XRayReadError, decode_xray
-        for name, data in cases:
-            t = time.time()
-            try:
-                a = decode_xray(data, name)
-                results.append(("ok", (a.shape, str(a.dtype)), time.time() - t))
-            except XRayReadError as e:
-                results.append(("XRayReadError", str(e), time.time() - t))
-            except BaseException as e:
-                results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
-    else:
-        import numpy as np, tensorflow as tf
-        fn = tf.saved_model.load(path).signatures["serving_default"]
-        for name, data in cases:
-            t = time.time()
-            try:
-                out = {k: v.numpy() for k, v in fn(images=tf.constant([data])).items()}
-                results.append(("ok", {k: (v.tolist() if v.dtype != object else None) for k, v in out.items()
-                                       if not k.endswith("_bytes")}, time.time() - t))
-            except tf.errors.InvalidArgumentError as e:
-                results.append(("InvalidArgumentError", e.message, time.time() - t))
-            except BaseException as e:
-                results.append(("other", f"{type(e).__name__}: {e}", time.time() - t))
-    try:  # this process's own peak (ru_maxrss may start at the parent's peak after fork + exec)
-        status = open("/proc/self/status").read()
-        peak_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024
-    except (OSError, IndexError):
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open(out_file, "wb") as f:
-        pickle.dump({"results": results, "peak_mb": peak_mb}, f)
-    """
-)
-
-
-def run_fuzz(which: str, cases: list[tuple[str, bytes]], workdir: Path, model: Path | None = None) -> dict[str, Any]:
-    runner = workdir / "fuzz_runner.py"
-    runner.write_text(FUZZ_RUNNER)
-    cases_file, out_file = workdir / f"{which}.pkl", workdir / f"{which}_out.pkl"
-    cases_file.write_bytes(pickle.dumps(cases))
-    repo = str(Path(__file__).resolve().parents[1])  # this checkout's covidseg_tf, whatever pip installed
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, str(runner), which, str(model), str(cases_file), str(out_file)],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path))
-    assert proc.returncode == 0, f"the {which} fuzz process died ({proc.returncode}): {proc.stderr[-3000:]}"
-    return pickle.loads(out_file.read_bytes())
-
-
 def test_fuzz_decode_xray_clean_errors_or_valid_images(fuzz_inputs, tmp_path):
     """A few hundred mutated files: each is a 2-D uint8 image within the size policy or an XRayReadError naming
     the file; no other exception, no crash, under 3 GB of address space, each under 10 s."""
     run = run_fuzz("imageio", fuzz_inputs, tmp_path)
     outcomes = dict(zip((n for n, _ in fuzz_inputs), run["results"]))
-    for name, (kind, detail, seconds) in outcomes.items():
-        assert kind in ("ok", "XRayReadError"), (name, detail)
-        assert seconds < 10, (name, seconds)
-        if kind == "ok":
-            (h, w), dtype = detail
-            assert dtype == "uint8" and 1 <= h <= limits.MAX_SIDE and 1 <= w <= limits.MAX_SIDE, (name, detail)
-        else:
-            assert detail.startswith(name), (name, detail)
+    check_decode_outcomes(outcomes)
     assert "each side must be 1..4096" in outcomes["bomb.png"][1]
     assert "each side must be 1..4096" in outcomes["bomb_deflated.dcm"][1]
     kinds = [k for k, _, _ in outcomes.values()]
