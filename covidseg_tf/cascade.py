@@ -556,11 +556,7 @@ class Cascade:
         self.sources: dict[str, Path | None] = {"lung": None, "infection": None}
         self.decision = decision
         self.image_size = stage_agreement(lung_model, infection_model, image_size)
-        self.has_image_head = has_image_head(infection_model)
-        if decision.uses_image_head and not self.has_image_head:
-            raise ValueError(f"the decision consults the image-level head (min_infection_probability "
-                             f"{decision.min_infection_probability:g}) but the infection model has none; use "
-                             "--min-infection-probability 0 or a model trained with --image-head-weight")
+        self.has_image_head = head_agreement(infection_model, decision)
         s = self.image_size
         self._stages = tf.function(
             lambda p: run_stages(lung_model, infection_model, p, decision.threshold, hflip=decision.hflip),
@@ -692,6 +688,17 @@ def stage_agreement(lung_model: Any, infection_model: Any, image_size: int | Non
         raise ValueError(f"the lung model takes {size} px but the infection model {size2} px; the cascade needs "
                          "one size")
     return size
+
+
+def head_agreement(infection_model: Any, decision: Decision) -> bool:
+    """Whether the infection model has an image head (`has_image_head`), after checking that a decision which
+    consults the head (`Decision.uses_image_head`) gets one (ValueError otherwise)."""
+    head = has_image_head(infection_model)
+    if decision.uses_image_head and not head:
+        raise ValueError(f"the decision consults the image-level head (min_infection_probability "
+                         f"{decision.min_infection_probability:g}) but the infection model has none; use "
+                         "--min-infection-probability 0 or a model trained with --image-head-weight")
+    return head
 
 
 EXPORT_INFO = Path("assets.extra") / "covidseg_export.json"

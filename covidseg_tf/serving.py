@@ -87,7 +87,7 @@ from covidseg_tf import limits
 from covidseg_tf.cascade import (
     IMAGE_CLASS_PROB,
     SEVERITY_KEYS,
-    has_image_head,
+    head_agreement,
     image_class_names,
     infection_probability,
     input_quality,
@@ -481,9 +481,7 @@ def cascade_signatures(
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
     decision = Decision.of(decision)
     size = stage_agreement(lung_model, infection_model, image_size)
-    if decision.uses_image_head and not has_image_head(infection_model):
-        raise ValueError("the decision consults the image-level head (min_infection_probability "
-                         f"{decision.min_infection_probability:g}) but the infection model has none")
+    head_agreement(infection_model, decision)
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return dict(run_cascade(lung_model, infection_model, pixels, decision))
