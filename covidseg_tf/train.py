@@ -369,8 +369,9 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
-def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
-    """Each epoch, a grid of image | truth | prediction overlays on a fixed validation batch → TensorBoard."""
+def make_overlay_callback(log_dir: Path, batch, threshold: float, max_images: int = 4):
+    """Each epoch, a grid of image | truth | prediction overlays on a fixed validation batch → TensorBoard; the
+    prediction is the mask probabilities thresholded at `threshold` (the run's StageConfig.threshold)."""
     import keras
     import tensorflow as tf
 
@@ -383,7 +384,7 @@ def make_overlay_callback(log_dir: Path, batch, max_images: int = 4):
             self.writer = tf.summary.create_file_writer(str(log_dir / "images"))
 
         def on_epoch_end(self, epoch, logs=None):
-            pred = tf.cast(split_outputs(self.model(x, training=False))[0] >= 0.5, tf.float32)
+            pred = tf.cast(split_outputs(self.model(x, training=False))[0] >= threshold, tf.float32)
             gray = x[..., :1] / 255.0
             rgb = tf.repeat(gray, 3, axis=-1)
 
@@ -724,7 +725,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience,
                                       restore_best_weights=True),
         keras.callbacks.TensorBoard(str(out / "logs")),
-        make_overlay_callback(out / "logs", next(iter(val_ds))),
+        make_overlay_callback(out / "logs", next(iter(val_ds)), cfg.threshold),
     ]
     model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=args.steps_per_epoch,
               validation_steps=args.validation_steps, callbacks=callbacks, shuffle=False,

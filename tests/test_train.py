@@ -329,3 +329,26 @@ def test_every_stage_config_field_is_a_train_flag():
         wanted = AUG_FLAGS if f.name == "augment" else ["--" + f.name.replace("_", "-")]
         missing = [flag for flag in wanted if flag not in flags]
         assert not missing, f"StageConfig.{f.name} has no train flag {missing} (README, Training, promises one)"
+
+
+@pytest.mark.parametrize("threshold, tinted", [(0.5, True), (0.7, False)])
+def test_overlays_threshold_at_the_runs_threshold(threshold: float, tinted: bool, tmp_path: Path):
+    """The prediction column of the TensorBoard overlays is the mask at the run's --threshold: a model answering
+    0.6 everywhere is tinted red at 0.5 and not at 0.7."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.layers.Input((8, 8, 3)),
+                              keras.layers.Lambda(lambda t: keras.ops.zeros_like(t[..., :1]) + 0.6)])
+    x = tf.fill((2, 8, 8, 3), 128.0)
+    callback = train.make_overlay_callback(tmp_path, (x, tf.zeros((2, 8, 8, 1))), threshold)
+    callback.set_model(model)
+    callback.on_epoch_end(0)
+    (event_file,) = (tmp_path / "images").glob("events.out.tfevents.*")
+    pngs = [v.tensor.string_val[2] for e in tf.compat.v1.train.summary_iterator(str(event_file))
+            for v in e.summary.value if v.tag == "validation/image_truth_prediction"]
+    grid = tf.io.decode_png(pngs[0]).numpy().astype(int)  # rows of image | truth | prediction
+    image, truth, prediction = np.split(grid, 3, axis=1)
+    np.testing.assert_array_equal(truth, image)  # an empty truth mask: no tint
+    assert (prediction[..., 0] > prediction[..., 1] + 50).all() if tinted else (prediction == image).all()
