@@ -216,14 +216,8 @@ def test_image_level_figures_by_hand():
 
 
 def test_decision_table_shows_the_head_rule_alone():
-    import sys
-    from pathlib import Path
+    from covidseg_tf.decision_table import markdown
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import decision_table
-    finally:
-        sys.path.pop(0)
     figures = ("dice_pooled", "dice_per_covid_image_mean", "dice_per_image_mean", "healthy_with_infection_fraction",
                "covid_with_infection_fraction", "severity_mae_covid")
     grid = []
@@ -232,7 +226,7 @@ def test_decision_table_shows_the_head_rule_alone():
             d = Decision(min_infection_percent=m, min_infection_probability=h).to_dict()
             grid.append({"decision": d, **{k: 0.1 * i + m / 100 for k in figures}})
     chosen = Decision(min_infection_percent=5.0, min_infection_probability=0.4).to_dict()
-    lines = decision_table.table({"decision": chosen, "grid": grid}).splitlines()
+    lines = markdown({"decision": chosen, "grid": grid}).splitlines()
     labels = [line.split(" | ")[0] for line in lines[2:]]
     assert labels == ["| default (0.5, no rule, no flip)", "| + empty below 5 % of the lung only",
                       "| + empty where the image head's infection probability < 0.4 only",

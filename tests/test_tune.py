@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,12 +78,12 @@ def test_cli_chooses_the_best_decision_and_writes_the_grid(synthetic_data_dir, t
     assert saved["baseline"]["decision"] == Decision().to_dict()
     Decision.from_dict(saved["decision"])  # what export --decision reads
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import decision_table
-    finally:
-        sys.path.pop(0)
-    lines = decision_table.table(saved).splitlines()
+    from covidseg_tf.decision_table import markdown
+
+    lines = markdown(saved).splitlines()
+    bench = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "decision_table.py"),
+                            str(out)], capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 0 and bench.stdout == markdown(saved) + "\n", bench.stderr  # the model card's command
     assert lines[2].startswith("| default (0.5, no rule, no flip) |") and lines[-1].startswith("| chosen:")
     assert f"{saved['baseline']['dice_pooled']:.3f}" in lines[2]
     assert f"{saved['chosen']['dice_pooled']:.3f}" in lines[-1]
