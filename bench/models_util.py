@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+# bench/infer.py reports the package's FLOP count as mu.conv_flops_per_image
+from covidseg_tf.flops import conv_flops_per_image  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -64,28 +67,6 @@ def build_stage(stage: str, size: int, precision: str, weights_from: str | None 
 
         model.set_weights(load_model(weights_from).get_weights())
     return model
-
-
-def conv_flops_per_image(model) -> dict[str, int]:
-    """Forward FLOPs of one image from the layer shapes, conv/dense only, 2 FLOPs per MAC (as the peer's
-    torch.utils.flop_counter): Conv2D 2*kh*kw*(Cin/groups)*Cout*Ho*Wo, DepthwiseConv2D 2*kh*kw*Cin*mult*Ho*Wo,
-    Dense 2*in*out. Element-wise ops (BN, activations, SE multiply, upsampling) are not counted."""
-    from keras import layers
-
-    conv = dw = dense = 0
-    for layer in model.layers:
-        if isinstance(layer, layers.DepthwiseConv2D):
-            _, h, w, c = layer.output.shape
-            kh, kw = layer.kernel_size
-            dw += 2 * kh * kw * h * w * c
-        elif isinstance(layer, layers.Conv2D):
-            _, h, w, cout = layer.output.shape
-            cin = layer.input.shape[-1]
-            kh, kw = layer.kernel_size
-            conv += 2 * kh * kw * (cin // layer.groups) * cout * h * w
-        elif isinstance(layer, layers.Dense):
-            dense += 2 * layer.input.shape[-1] * layer.units
-    return {"conv": int(conv), "depthwise": int(dw), "dense": int(dense), "total": int(conv + dw + dense)}
 
 
 def profiler_flops(fn, spec) -> int | None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import h5py
 import keras
@@ -321,15 +319,6 @@ SMP_CHANNELS = {
 }
 
 
-def _bench_models_util():
-    """bench/models_util.py (the FLOP counter bench/infer.py reports with; bench/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "models_util.py"
-    spec = importlib.util.spec_from_file_location("bench_models_util", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "index", [0, 3, *(pytest.param(i, marks=pytest.mark.slow) for i in (1, 2, 4, 5, 6, 7))]
 )
@@ -359,6 +348,8 @@ def test_smp_layout_taps_last_block_of_each_stride(index):
 
 @pytest.mark.parametrize("encoder,channels", sorted(PEER))
 def test_smp_layout_params_and_flops_equal_the_peer(encoder, channels):
+    from covidseg_tf.flops import conv_flops_per_image
+
     peer_params, head, bn_stats, peer_flops = PEER[(encoder, channels)]
     model = models.build_unet(encoder, (PEER_SIZE, PEER_SIZE, channels), layout=SMP)
     assert "top_conv" not in {layer.name for layer in model.layers}
@@ -366,11 +357,11 @@ def test_smp_layout_params_and_flops_equal_the_peer(encoder, channels):
     assert trainable == peer_params - head  # smp's unused _conv_head/_bn1 left out
     # non-trainable: BN moving statistics (torch buffers) + our Normalization's 2C+1 statistics
     assert model.count_params() == peer_params - head + bn_stats + 2 * channels + 1
-    flops = _bench_models_util().conv_flops_per_image(model)["total"]
+    flops = conv_flops_per_image(model)["total"]
     assert abs(flops - peer_flops) <= 0.02 * peer_flops, (flops, peer_flops)
     # and the old layout costs more: its wider skips and 1x1 top conv
     old = models.build_unet(encoder, (PEER_SIZE, PEER_SIZE, channels))
-    assert _bench_models_util().conv_flops_per_image(old)["total"] > 1.2 * flops
+    assert conv_flops_per_image(old)["total"] > 1.2 * flops
 
 
 def test_smp_layout_keras_save_load_round_trip(tmp_path):
