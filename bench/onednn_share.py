@@ -13,6 +13,8 @@ package turns them on; TF alone does so only on CPUs with AVX-512 VNNI / BF16 or
 
   python bench/onednn_share.py --stage infection --size 256 --batch 8 --batch-norm fused
   python bench/onednn_share.py --stage infection --size 256 --batch 8 --side ours peer
+  # the breakdown of a saved ONEDNN_VERBOSE=1 log of N primitive-running calls (e.g. N training steps)
+  python bench/onednn_share.py --from-log verbose.log --calls N
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ def onednn_times(stdout: str) -> tuple[dict[str, float], dict[str, float]]:
     return per_kind, per_impl
 
 
+def breakdown(stdout: str, calls: int, top: int, digits: int = 3) -> dict:
+    """`onednn_times` of ONEDNN_VERBOSE output per call: the total, per kind, and the `top` largest
+    kind/propagation/implementation rows, in seconds rounded to `digits`."""
+    per_kind, per_impl = onednn_times(stdout)
+    return {"onednn_s_per_step": round(sum(per_kind.values()) / calls, digits),
+            "per_kind_s_per_step": {k: round(v / calls, digits)
+                                    for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+            "per_impl_s_per_step": {k: round(v / calls, digits)
+                                    for k, v in sorted(per_impl.items(), key=lambda kv: -kv[1])[:top]}}
+
+
 def run_side(side: str, args) -> dict:
     """One verbose training run of `side`; its step time and oneDNN breakdown per step."""
     if side == "ours":
@@ -70,14 +83,12 @@ def run_side(side: str, args) -> dict:
     if proc.returncode != 0 or not records:
         raise SystemExit(f"onednn_share: the {side} run failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     rec = records[-1]
-    per_kind, per_impl = onednn_times(proc.stdout)
-    onednn_s = sum(per_kind.values()) / calls
-    top = sorted(per_impl.items(), key=lambda kv: -kv[1])[:args.top]
-    return {**conf, "median_step_s": round(rec["median_s"], 3), "onednn_s_per_step": round(onednn_s, 3),
+    onednn_s = sum(onednn_times(proc.stdout)[0].values()) / calls
+    parts = breakdown(proc.stdout, calls, args.top)
+    return {**conf, "median_step_s": round(rec["median_s"], 3), "onednn_s_per_step": parts["onednn_s_per_step"],
             "onednn_share": round(onednn_s / rec["median_s"], 3),
             "outside_onednn_s_per_step": round(rec["median_s"] - onednn_s, 3),
-            "per_kind_s_per_step": {k: round(v / calls, 3) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
-            "per_impl_s_per_step": {k: round(v / calls, 3) for k, v in top},
+            "per_kind_s_per_step": parts["per_kind_s_per_step"], "per_impl_s_per_step": parts["per_impl_s_per_step"],
             "foreign_cpu_frac": rec.get("foreign_cpu_frac"), "tf": rec.get("tf")}
 
 
@@ -98,9 +109,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peer-python", default=compare_peer.DEFAULT_PEER_PYTHON)
     p.add_argument("--peer-script", default=str(compare_peer.PEER_DIR / "smp_bench.py"))
     p.add_argument("--json-out", default=None, help="append the JSON line to this file")
+    p.add_argument("--from-log", type=Path, default=None,
+                   help="summarize this saved ONEDNN_VERBOSE=1 output instead of running a side (to the microsecond)")
+    p.add_argument("--calls", type=int, default=1, help="with --from-log: the calls the log covers (per-call figures)")
     args = p.parse_args(argv)
-    result = {"script": "onednn_share", "size": args.size, "threads": args.threads,
-              "sides": {side: run_side(side, args) for side in args.side}}
+    if args.from_log:
+        result = {"script": "onednn_share", "log": str(args.from_log), "calls": args.calls,
+                  **breakdown(args.from_log.read_text(), args.calls, args.top, digits=6)}
+    else:
+        result = {"script": "onednn_share", "size": args.size, "threads": args.threads,
+                  "sides": {side: run_side(side, args) for side in args.side}}
     line = json.dumps(result)
     print(line, flush=True)
     if args.json_out:
