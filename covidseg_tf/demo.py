@@ -59,22 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_stage(stage: str, args: argparse.Namespace, data_dir: Path, extra: list[str]) -> Path:
-    """Train one stage via covidseg_tf.train.main (or reuse a finished run); returns its model.keras."""
+def train_or_reuse(stage: str, args: argparse.Namespace, data_dir: Path, lung_model: Path | None = None) -> Path:
+    """Train one stage with covidseg_tf.train.train_stage (Stage 2 on the lung masks of `lung_model`), or reuse
+    the finished run; returns its model.keras. A setting train refuses ends the demo with exit code 2."""
     from covidseg_tf import train
+    from covidseg_tf.config import default_config
 
     out = args.workdir / "runs" / stage
     model = out / "model.keras"
     if (out / "DONE").exists() and model.is_file():
         log.info("reusing the finished %s run in %s (pass --fresh to retrain)", stage, out)
         return model
-    argv = ["--stage", stage, "--dataset", DATASET, "--data-dir", str(data_dir), "--image-size", str(args.image_size),
-            "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
-            "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
-            "--encoder", args.encoder, "--encoder-weights", "none", "--seed", str(args.seed),
-            "--output", str(out), "--export-dir", str(args.workdir / "saved_models")] + extra
-    log.info("training %s: python -m covidseg_tf.train %s", stage, " ".join(argv))
-    train.main(argv)
+    cfg = default_config(stage).replace(dataset=DATASET, image_size=args.image_size, epochs=args.epochs,
+                                        batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                        encoder=args.encoder, encoder_weights="none")
+    log.info("training %s into %s: %s, %d px, %d epochs of %d steps", stage, out, cfg.encoder, cfg.image_size,
+             cfg.epochs, args.steps_per_epoch)
+    try:
+        train.train_stage(cfg, output=out, lung_model=lung_model, seed=args.seed, data_dir=data_dir,
+                          steps_per_epoch=args.steps_per_epoch, export_dir=args.workdir / "saved_models")
+    except train.UsageError as e:
+        build_parser().exit(exitcodes.USAGE, f"python -m covidseg_tf.demo: error: {e}\n")
     if not model.is_file():
         raise RuntimeError(f"training {stage} produced no {model}")
     return model
@@ -115,9 +120,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log.info("[1/6] building %s in %s", DATASET, data_dir)
     builder = load_builder(DATASET, data_dir)
     log.info("[2/6] training Stage 1 (lung)")
-    lung = train_stage("lung", args, data_dir, [])
+    lung = train_or_reuse("lung", args, data_dir)
     log.info("[3/6] training Stage 2 (infection) on Stage-1 lung masks")
-    infection = train_stage("infection", args, data_dir, ["--lung-model", str(lung), "--lung-masks", "stage1"])
+    infection = train_or_reuse("infection", args, data_dir, lung_model=lung)
     log.info("[4/6] evaluating on the validation split")
     report_dir = wd / "reports" / "synthetic"
     evaluate.main(["--lung-model", str(lung), "--infection-model", str(infection), "--dataset", DATASET,

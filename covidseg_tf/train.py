@@ -1,4 +1,14 @@
-"""Train one stage of the cascade: `python -m covidseg_tf.train --stage lung|infection`.
+"""Train one stage of the cascade: `python -m covidseg_tf.train --stage lung|infection`, or from Python::
+
+    from covidseg_tf.config import default_config
+    from covidseg_tf.train import train_stage
+
+    cfg = default_config("lung").replace(dataset="covid_qu_ex/synthetic", image_size=128, epochs=3,
+                                         encoder_weights="none")
+    summary = train_stage(cfg, output="runs/lung-synth", seed=0)  # summary["model"]: runs/lung-synth/model.keras
+
+`train_stage` takes the StageConfig and the run's other settings (`RunArgs`, as keywords) and is what the CLI
+calls; its errors are `UsageError`s naming the flag of the same name.
 
 A run folder (``--output``, default ``runs/<stage>``) receives::
 
@@ -100,18 +110,44 @@ _CONFIG_FLAGS = ("encoder", "image_size", "batch_size", "epochs", "patience", "l
 INCOMPATIBLE_FLAGS = ("--stage", "--encoder", "--unet-layout", "--batch-norm", "--image-size", "--lr-schedule")
 #: Config fields newer than some run folders, with the value such runs were built with.
 _ADDED_FIELDS = {"batch_norm": "keras", "image_head_weight": 0.0}
-_RUN_ARGS = ("lung_model", "lung_masks", "mixed_precision", "strategy", "seed", "steps_per_epoch",
-             "validation_steps", "data_dir", "manual_dir", "export_dir", "no_export")
 CONFIG_FILE = "config.json"
 RERUNS_FILE = "reruns.jsonl"
 
 
-class UsageError(SystemExit):
-    """A bad flag or missing input: exit code 2 with a message naming the flag."""
+class UsageError(ValueError):
+    """A bad setting or missing input, found before the run folder is created or touched; the message names the
+    flag (the `train_stage` keyword or StageConfig field of the same name). `main` ends with it: exit code 2."""
 
     def __init__(self, message: str):
-        super().__init__(2)
+        super().__init__(message)
         self.message = message
+
+
+LUNG_MASKS = ("stage1", "ground_truth")
+MIXED_PRECISIONS = ("off", "bf16", "fp16")
+STRATEGIES = ("auto", "mirrored", "multiworker")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """The settings of a training run beside its StageConfig, each the `train` flag of the same name (`--help`
+    says what it does): `config.json` records them and a rerun is compared with them (`check_rerun`).
+    `train_stage` takes them as keywords (`export=False` for `no_export=True`)."""
+
+    lung_model: str | os.PathLike | None = None
+    lung_masks: str = "stage1"
+    mixed_precision: str = "off"
+    strategy: str = "auto"
+    seed: int | None = None
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    data_dir: str | os.PathLike | None = None
+    manual_dir: str | os.PathLike | None = None
+    export_dir: str | os.PathLike | None = None
+    no_export: bool = False
+
+
+_RUN_ARGS = tuple(f.name for f in dataclasses.fields(RunArgs))
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -145,11 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_flags(p, default=None)  # --dataset is a StageConfig field above
     p.add_argument("--output", help="run folder (default: runs/<stage>); rerunning resumes an unfinished run")
     p.add_argument("--lung-model", help="Stage-1 .keras model (infection stage with --lung-masks stage1)")
-    p.add_argument("--lung-masks", choices=("stage1", "ground_truth"), default="stage1",
+    p.add_argument("--lung-masks", choices=LUNG_MASKS, default="stage1",
                    help="Stage 2's lung channel: Stage-1 predictions (as at inference; default) or ground truth")
-    p.add_argument("--mixed-precision", choices=("off", "bf16", "fp16"), default="off",
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="off",
                    help="compute dtype; bf16 uses AMX on recent Intel CPUs, fp16 is for GPUs (default: off)")
-    p.add_argument("--strategy", choices=("auto", "mirrored", "multiworker"), default="auto",
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="tf.distribute strategy; --batch-size is global (default: auto)")
     p.add_argument("--seed", type=int, help="seed everything (weights, shuffling, augmentation) for a repeatable run")
     p.add_argument("--steps-per-epoch", type=int, help="cap the training steps of each epoch")
@@ -184,16 +220,31 @@ def _loss_weights(text: str) -> dict[str, float]:
         if weight is None or weight != weight:  # no "=", not a number, or NaN
             raise argparse.ArgumentTypeError(
                 f"expected TERM=WEIGHT pairs separated by commas (e.g. dice=0.5,bce=0.3,focal=0.2), got {text!r}")
-        if term not in LOSS_TERMS:
-            raise argparse.ArgumentTypeError(f"unknown loss term {term!r}; known terms: {', '.join(LOSS_TERMS)}")
         if term in weights:
             raise argparse.ArgumentTypeError(f"loss term {term!r} given twice in {text!r}")
-        if weight < 0:
-            raise argparse.ArgumentTypeError(f"weight of {term!r} must be zero or more, got {weight:g}")
         weights[term] = weight
-    if not any(w > 0 for w in weights.values()):
-        raise argparse.ArgumentTypeError(f"at least one loss weight must be positive, got {text!r}")
+    problem = _loss_weights_problem(weights, repr(text))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return weights
+
+
+def _loss_weights_problem(weights: dict[str, float], given: str) -> str | None:
+    """What is wrong with loss weights {term: weight} (`given`: as the user wrote them), or None: the terms must
+    be LOSS_TERMS, the weights zero or more, at least one positive.
+
+    >>> _loss_weights_problem({"dice": 1.0, "focal": 0.0}, "")
+    >>> _loss_weights_problem({"dice": 0.0}, "dice=0")
+    'at least one loss weight must be positive, got dice=0'
+    """
+    for term, weight in weights.items():
+        if term not in LOSS_TERMS:
+            return f"unknown loss term {term!r}; known terms: {', '.join(LOSS_TERMS)}"
+        if not weight >= 0:
+            return f"weight of {term!r} must be zero or more, got {weight:g}"
+    if not any(w > 0 for w in weights.values()):
+        return f"at least one loss weight must be positive, got {given}"
+    return None
 
 
 def _weights_txt(weights: dict[str, float]) -> str:
@@ -251,7 +302,7 @@ def _augment_problems(aug: AugmentConfig) -> list[str]:
 
 
 def config_from_args(args: argparse.Namespace) -> StageConfig:
-    """The stage's seed config with the flags given on the command line applied, validated."""
+    """The stage's seed config with the flags given on the command line applied, validated (`check_config`)."""
     cfg = default_config(args.stage)
     changes = {name: getattr(args, name) for name in _CONFIG_FLAGS}
     cfg = cfg.replace(**changes, loss_weights=args.loss_weights)
@@ -260,11 +311,22 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
                                                                   if v is not None}))
     if args.clipnorm == _OFF:  # "--clipnorm none" switches the stage's clipping off
         cfg = dataclasses.replace(cfg, clipnorm=None)
+    return check_config(cfg)
+
+
+def check_config(cfg: StageConfig) -> StageConfig:
+    """`cfg` checked, with its encoder name in lower case; a bad field raises UsageError naming its `train` flag
+    (`--<field-name>`; the augment fields `--aug-<name>`)."""
     from covidseg_tf.models import ENCODERS  # imported here: `--help` stays free of TensorFlow
 
-    cfg = cfg.replace(encoder=cfg.encoder.lower())
+    if cfg.stage not in STAGES:
+        raise UsageError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage}")
+    channels = default_config(cfg.stage).in_channels
+    if cfg.in_channels != channels:  # only a config built by hand can get it wrong
+        raise UsageError(f"in_channels {cfg.in_channels} does not fit --stage {cfg.stage}, which takes {channels} "
+                         "(build the config with default_config(stage).replace(...))")
     checks = [
-        ("--encoder", cfg.encoder in ENCODERS, f"one of {', '.join(ENCODERS)}"),
+        ("--encoder", cfg.encoder.lower() in ENCODERS, f"one of {', '.join(ENCODERS)}"),
         ("--image-size", cfg.image_size > 0 and cfg.image_size % 32 == 0, "a positive multiple of 32"),
         ("--batch-size", cfg.batch_size > 0, "positive"),
         ("--epochs", cfg.epochs > 0, "positive"),
@@ -280,20 +342,36 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         ("--image-head-weight", cfg.image_head_weight >= 0, "zero or more"),
         ("--image-head-weight", cfg.stage == "infection" or cfg.image_head_weight == 0,
          "0 for the lung stage (only Stage 2 has an image head)"),
-        ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
-        ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
     ]
-    for flag, ok, what in checks:
-        if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"), None)
-            value = getattr(cfg, flag[2:].replace("-", "_"), value) if value is None else value
-            raise UsageError(f"{flag} must be {what}, got {value}")
+    _raise_first(checks, cfg)
     if cfg.clipnorm is not None and cfg.clipnorm <= 0:
         raise UsageError(f"--clipnorm must be positive or 'none', got {cfg.clipnorm}")
+    problem = _loss_weights_problem(cfg.loss_weights, _weights_txt(cfg.loss_weights))
+    if problem:
+        raise UsageError(f"--loss-weights: {problem}")
     problems = _augment_problems(cfg.augment)
     if problems:
         raise UsageError("; ".join(problems))
-    return cfg
+    return cfg.replace(encoder=cfg.encoder.lower())
+
+
+def check_run_args(args: RunArgs) -> None:
+    """A UsageError naming the flag of the first bad field of `args` (paths are checked when the run starts)."""
+    _raise_first([
+        ("--lung-masks", args.lung_masks in LUNG_MASKS, f"one of {', '.join(LUNG_MASKS)}"),
+        ("--mixed-precision", args.mixed_precision in MIXED_PRECISIONS, f"one of {', '.join(MIXED_PRECISIONS)}"),
+        ("--strategy", args.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+        ("--steps-per-epoch", args.steps_per_epoch is None or args.steps_per_epoch > 0, "positive"),
+        ("--validation-steps", args.validation_steps is None or args.validation_steps > 0, "positive"),
+    ], args)
+
+
+def _raise_first(checks: list[tuple[str, bool, str]], values: Any) -> None:
+    """UsageError "<flag> must be <what>, got <value>" for the first (flag, ok, what) of `checks` that is not ok;
+    the value is the attribute of `values` named like the flag."""
+    for flag, ok, what in checks:
+        if not ok:
+            raise UsageError(f"{flag} must be {what}, got {getattr(values, flag[2:].replace('-', '_'))}")
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -551,7 +629,7 @@ def _run_flags(config: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
     return flags
 
 
-def check_rerun(out: Path, cfg: StageConfig, args: argparse.Namespace) -> dict[str, tuple[Any, Any]] | None:
+def check_rerun(out: Path, cfg: StageConfig, args: RunArgs | argparse.Namespace) -> dict[str, tuple[Any, Any]] | None:
     """Compare a rerun with the run started in `out`: None for a first start (no config.json), else the flags
     changed since, {flag: (old, new)}. Raises UsageError when a changed flag is one a run cannot change
     (INCOMPATIBLE_FLAGS, or --mixed-precision to or from fp16; the module docstring says why)."""
@@ -637,15 +715,44 @@ def _load_lung_model(path: Path, image_size: int):
 
 # ----------------------------------------------------------------------------------------------- training
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as `args` say; returns a summary (run folder, best validation Dice, SavedModel path)."""
+    """Train as the parsed command line `args` says (`train_stage` with its StageConfig and run arguments)."""
+    cfg = config_from_args(args)
+    run_args = {name: getattr(args, name) for name in _RUN_ARGS if name != "no_export"}
+    return train_stage(cfg, output=args.output or f"runs/{cfg.stage}", export=not args.no_export, **run_args)
+
+
+def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: str | os.PathLike | None = None,
+                lung_masks: str = "stage1", mixed_precision: str = "off", strategy: str = "auto",
+                seed: int | None = None, steps_per_epoch: int | None = None, validation_steps: int | None = None,
+                data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None,
+                export_dir: str | os.PathLike | None = None, export: bool = True) -> dict[str, Any]:
+    """Train the stage `config` describes into the run folder `output`, or resume the unfinished run there, and
+    export its best model; returns the summary also written to `<output>/DONE`: {"run", "model" (model.keras),
+    "best_val_dice", "encoder_weights", "saved_model" (unless export=False)}.
+
+    The keywords are the `train` flags of the same names (`RunArgs`; `export=False` is `--no-export`): e.g. an
+    infection stage fed by a trained lung stage, on the synthetic data, a few steps::
+
+        cfg = default_config("infection").replace(dataset="covid_qu_ex/synthetic", image_size=64, epochs=2)
+        train_stage(cfg, output="runs/infection-synth", lung_model="runs/lung-synth/model.keras",
+                    steps_per_epoch=5, seed=0)
+
+    Everything (config, run arguments, the run folder, a rerun's flags, the encoder weights, `lung_model`) is
+    checked before the run folder is created or touched: a bad one raises UsageError, whose message names the flag;
+    a dataset that cannot be built or loaded raises data.DatasetError (or the builder's CovidQuExDataError).
+    """
     import keras
 
     from covidseg_tf import data
     from covidseg_tf.models import build_stage_model
 
     # Everything is checked before the run folder is created or touched.
-    cfg = config_from_args(args)
-    out = Path(args.output or f"runs/{cfg.stage}")
+    cfg = check_config(config)
+    args = RunArgs(lung_model=lung_model, lung_masks=lung_masks, mixed_precision=mixed_precision, strategy=strategy,
+                   seed=seed, steps_per_epoch=steps_per_epoch, validation_steps=validation_steps, data_dir=data_dir,
+                   manual_dir=manual_dir, export_dir=export_dir, no_export=not export)
+    check_run_args(args)  # from here on `args` holds the keywords (lung_model and strategy are reused as names)
+    out = Path(output)
     _check_output(out)
     changes = check_rerun(out, cfg, args)
     lung_model_path = None
@@ -676,14 +783,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if resumed is not None:
             log.warning("%s has a backup/ but no %s (written by an older version); its flags cannot be checked",
                         out, CONFIG_FILE)
-        (out / CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict(), "args": vars(args)}, indent=2,
-                                                  default=str))
+        (out / CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict(), "args": _args_record(out, args)},
+                                                  indent=2, default=str))
     else:
         if changes:
             log.info("flags changed since %s was started (%s keeps the original ones): %s", out, CONFIG_FILE,
                      ", ".join(f"{flag} {_value_txt(a)} -> {_value_txt(b)}" for flag, (a, b) in changes.items()))
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_epochs": resumed,
-                  "changed": {flag: list(ab) for flag, ab in changes.items()}, "args": vars(args)}
+                  "changed": {flag: list(ab) for flag, ab in changes.items()}, "args": _args_record(out, args)}
         with open(out / RERUNS_FILE, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
     if resumed is not None:
@@ -747,7 +854,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _args_record(out: Path, args: RunArgs) -> dict[str, Any]:
+    """The run arguments as config.json and reruns.jsonl record them (with the run folder, `output`)."""
+    return {"output": str(out), **dataclasses.asdict(args)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the `train` flags, train (`train_stage`) and return its summary; a UsageError ends with one
+    ``error:`` line and exit code 2 (SystemExit). The console script and `python -m` run `cli`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

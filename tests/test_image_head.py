@@ -119,11 +119,22 @@ def _train(tmp_path, synthetic_data_dir, *extra):
                  "--output", str(tmp_path / "run"), *extra])
 
 
+def _train_stage(tmp_path, synthetic_data_dir, **changes):
+    """`_train` through the Python API, covidseg_tf.train.train_stage, with these StageConfig changes."""
+    from covidseg_tf.config import default_config
+    from covidseg_tf.train import train_stage
+
+    cfg = default_config("infection").replace(dataset="covid_qu_ex/synthetic", image_size=SIZE, batch_size=4,
+                                              encoder_weights="none", **changes)
+    return train_stage(cfg, output=tmp_path / "run", data_dir=synthetic_data_dir, steps_per_epoch=3,
+                       validation_steps=2, lung_masks="ground_truth", export=False, seed=0)
+
+
 def test_train_with_image_head(tmp_path, synthetic_data_dir):
     from covidseg_tf.cascade import load_model
     from covidseg_tf.models import has_image_head
 
-    summary = _train(tmp_path, synthetic_data_dir, "--epochs", "2", "--image-head-weight", "0.2")
+    summary = _train_stage(tmp_path, synthetic_data_dir, epochs=2, image_head_weight=0.2)
     with open(tmp_path / "run" / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,11 +12,21 @@ from pathlib import Path
 import pytest
 
 from covidseg_tf import train
+from covidseg_tf.config import StageConfig, default_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "covid_qu_ex/synthetic", "--image-size", "64", "--encoder", "efficientnetb0",
         "--encoder-weights", "none", "--batch-size", "8", "--steps-per-epoch", "2", "--validation-steps", "2",
         "--seed", "1"]
+# TINY for train.train_stage: the StageConfig fields and the run arguments
+TINY_RUN = {"steps_per_epoch": 2, "validation_steps": 2, "seed": 1}
+
+
+def tiny(stage: str, **changes) -> StageConfig:
+    """The seed config of `stage` with TINY's settings (and `changes`)."""
+    settings = {"dataset": "covid_qu_ex/synthetic", "image_size": 64, "encoder": "efficientnetb0",
+                "encoder_weights": "none", "batch_size": 8}
+    return default_config(stage).replace(**{**settings, **changes})
 
 
 def _rows(history: Path) -> list[dict[str, str]]:
@@ -26,8 +37,8 @@ def _rows(history: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def lung_run(synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("lung")
-    summary = train.main(["--stage", "lung", *TINY, "--epochs", "2", "--data-dir", str(synthetic_data_dir),
-                          "--output", str(root / "run"), "--export-dir", str(root / "saved_models")])
+    summary = train.train_stage(tiny("lung", epochs=2), output=root / "run", data_dir=synthetic_data_dir,
+                                export_dir=root / "saved_models", **TINY_RUN)
     return {"root": root, **summary}
 
 
@@ -60,14 +71,16 @@ def test_tensorboard_logs_hold_scalars_and_overlay_images(lung_run: dict):
 
 
 def test_infection_stage_uses_the_stage1_model(lung_run: dict, synthetic_data_dir: Path, tmp_path: Path):
-    summary = train.main(["--stage", "infection", *TINY, "--epochs", "1", "--data-dir", str(synthetic_data_dir),
-                          "--lung-model", lung_run["model"], "--output", str(tmp_path / "run")])
+    summary = train.train_stage(tiny("infection", epochs=1), output=tmp_path / "run", data_dir=synthetic_data_dir,
+                                lung_model=lung_run["model"], **TINY_RUN)
     run = Path(summary["run"])
     assert len(_rows(run / "history.csv")) == 1
     assert list((run / "stage1_masks").glob("*.tfrecord")), "Stage-1 masks were not cached"
     # without --export-dir the SavedModel goes into the run folder, never into the repository's saved_models/
     assert Path(summary["saved_model"]) == run / "saved_models" / "infection" / "1"
-    # a finished run is never silently retrained
+    # a finished run is never silently retrained: a UsageError, exit code 2 on the command line
+    with pytest.raises(train.UsageError, match="holds a finished run"):
+        train.train_stage(tiny("infection"), output=run, data_dir=synthetic_data_dir, lung_model=lung_run["model"])
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "infection", *TINY, "--data-dir", str(synthetic_data_dir), "--lung-model",
                     lung_run["model"], "--output", str(run)])
@@ -352,3 +365,64 @@ def test_overlays_threshold_at_the_runs_threshold(threshold: float, tinted: bool
     image, truth, prediction = np.split(grid, 3, axis=1)
     np.testing.assert_array_equal(truth, image)  # an empty truth mask: no tint
     assert (prediction[..., 0] > prediction[..., 1] + 50).all() if tinted else (prediction == image).all()
+
+
+class _Crash(Exception):
+    """Stands for a crash right after the run folder was started (raised by a patched input pipeline)."""
+
+
+def test_train_stage_is_what_the_cli_runs(synthetic_data_dir: Path, tmp_path: Path, monkeypatch):
+    """The command line and the Python API start the same run: the same config.json (the StageConfig and the run
+    arguments), written before anything trains (the input pipeline is patched to crash, so nothing does)."""
+    import json
+
+    from covidseg_tf import data
+
+    monkeypatch.setattr(data, "make_pipeline", lambda *args, **kwargs: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        train.main(["--stage", "lung", *TINY, "--epochs", "3", "--bn-momentum", "0.95", "--aug-hflip-p", "0",
+                    "--data-dir", str(synthetic_data_dir), "--output", str(tmp_path / "cli"), "--no-export"])
+    cfg = tiny("lung", epochs=3, bn_momentum=0.95)
+    cfg = cfg.replace(augment=dataclasses.replace(cfg.augment, hflip_p=0.0))
+    with pytest.raises(_Crash):
+        train.train_stage(cfg, output=tmp_path / "api", data_dir=synthetic_data_dir, export=False, **TINY_RUN)
+    cli, api = (json.loads((tmp_path / name / train.CONFIG_FILE).read_text()) for name in ("cli", "api"))
+    assert cli["config"] == api["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert cli["args"].pop("output") == str(tmp_path / "cli") and api["args"].pop("output") == str(tmp_path / "api")
+    assert cli["args"] == api["args"]
+    assert api["args"] == {**json.loads(json.dumps(dataclasses.asdict(train.RunArgs()))), **TINY_RUN,
+                           "data_dir": str(synthetic_data_dir), "no_export": True}
+    # the API's rerun is checked against the CLI's run like any rerun: the encoder cannot change
+    with pytest.raises(train.UsageError, match="--encoder efficientnetb0 -> efficientnetb1"):
+        train.train_stage(cfg.replace(encoder="efficientnetb1"), output=tmp_path / "cli",
+                          data_dir=synthetic_data_dir, export=False, **TINY_RUN)
+
+
+@pytest.mark.parametrize("config, kwargs, message", [
+    (tiny("lung", image_size=100), {}, "--image-size must be a positive multiple of 32, got 100"),
+    (tiny("lung", encoder="efficientnetb99"), {}, "--encoder must be one of efficientnetb0, "),
+    (tiny("lung").replace(in_channels=4), {}, "in_channels 4 does not fit --stage lung, which takes 3"),
+    (tiny("lung", loss_weights={"dice": 1.0, "dce": 1.0}), {},
+     "--loss-weights: unknown loss term 'dce'; known terms: dice, bce, focal"),
+    (tiny("lung", loss_weights={"dice": 0.0, "bce": 0.0}), {},
+     "--loss-weights: at least one loss weight must be positive, got dice=0,bce=0"),
+    (tiny("lung", augment=dataclasses.replace(default_config("lung").augment, hflip_p=2.0)), {},
+     "--aug-hflip-p must be a probability in [0, 1], got 2"),
+    (tiny("lung"), {"steps_per_epoch": 0}, "--steps-per-epoch must be positive, got 0"),
+    (tiny("lung"), {"strategy": "ring"}, "--strategy must be one of auto, mirrored, multiworker, got ring"),
+    (tiny("lung"), {"mixed_precision": "fp8"}, "--mixed-precision must be one of off, bf16, fp16, got fp8"),
+    (tiny("infection"), {}, "--lung-masks stage1 (the default) needs --lung-model PATH"),
+    (tiny("infection"), {"lung_masks": "predicted"}, "--lung-masks must be one of stage1, ground_truth"),
+])
+def test_train_stage_refuses_bad_settings_with_a_usage_error(config, kwargs, message, tmp_path: Path):
+    """train_stage checks what argparse checks on the command line, and raises (no SystemExit) before the run
+    folder is created."""
+    with pytest.raises(train.UsageError) as e:
+        train.train_stage(config, output=tmp_path / "run", **kwargs)
+    assert isinstance(e.value, ValueError) and not isinstance(e.value, SystemExit)
+    assert str(e.value).startswith(message), str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_config_lowercases_the_encoder():
+    assert train.check_config(tiny("lung", encoder="EfficientNetB0")) == tiny("lung")
