@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
-from conftest import BAD, GOOD, H, W
+from helpers import BAD, GOOD, H, W
 from PIL import Image
 
 from covidseg_tf import batch_predict as bp
@@ -248,9 +248,9 @@ def test_handler_loads_the_cascade_with_the_decision_and_survives_a_failing_imag
 
 @pytest.fixture(scope="module")
 def conv_loaded(tmp_path_factory) -> bp.LoadedCascade:
-    """conftest.conv_cascade (dark pixels are lung, brighter ones inside it infection) loaded by the handler: its
+    """helpers.conv_cascade (dark pixels are lung, brighter ones inside it infection) loaded by the handler: its
     lung maps of chest-X-ray-like phantoms pass the input gate."""
-    from conftest import conv_cascade
+    from helpers import conv_cascade
 
     d = tmp_path_factory.mktemp("conv_models")
     for model, stage in zip(conv_cascade(64), ("lung", "infection")):
@@ -262,7 +262,7 @@ def test_a_colour_photo_is_not_assessed_and_an_xray_is(conv_loaded, tmp_path):
     """ReadDecodeFn measures each file's colour share, run_inference hands it to the input gate, WriteOutputsFn
     writes predict's record: a colour photograph is "assessed": false with the reason (empty masks, "not
     assessed" in severity.csv), a chest-X-ray-like phantom in the same batch is graded, its masks predict's."""
-    from conftest import phantom
+    from helpers import phantom
 
     from covidseg_tf import limits, nonxray
     from covidseg_tf.imageio import decode_image

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_tf1
+from helpers import run_tf1
 from PIL import Image
 
 from covidseg_tf import cascade, export, nonxray, serving

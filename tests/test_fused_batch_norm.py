@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import randomize_batchnorms
+from helpers import randomize_batchnorms
 
 from covidseg_tf.batchnorm import MIN_FUSED_EPSILON, FusedBatchNormalization, with_batch_norm
 from covidseg_tf.config import default_config

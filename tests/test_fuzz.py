@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import check_decode_outcomes, run_fuzz
 from fuzzcorpus import corpus
+from helpers import check_decode_outcomes, run_fuzz
 
 from covidseg_tf import limits
 
@@ -93,7 +93,7 @@ def corpus_folder(inputs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def conv_models(tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import conv_cascade
+    from helpers import conv_cascade
 
     d = tmp_path_factory.mktemp("fuzz_models")
     for model, stage in zip(conv_cascade(64), ("lung", "infection")):
@@ -189,7 +189,7 @@ def test_fuzz_cascade_serving_signature(inputs, tmp_path):
     """Each input as one request to the exported cascade (TensorFlow's own decoders, not Pillow): a complete
     result within the size policy or an InvalidArgument naming images[0]; the PNG/JPEG seeds are all served
     (CMYK JPEG included, issue 23 item 7)."""
-    from conftest import conv_cascade
+    from helpers import conv_cascade
 
     from covidseg_tf.export import export_cascade
 

@@ -1,7 +1,7 @@
 """The image-level head at inference (issue 22, part 3): the cascade's decision, predict's JSON, batch_predict's
 CSV, serve_client, the SavedModels (stage and cascade), TFLite, tune's grid and evaluate's image-level figures.
 
-The models are `conftest.conv_cascade`'s lung stage and `conftest.conv_head_stage` (an infection stage whose head
+The models are `helpers.conv_cascade`'s lung stage and `helpers.conv_head_stage` (an infection stage whose head
 calls an image "COVID-19" when its mean grey is above 100), so every expected value can be worked out by hand.
 """
 
@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import conv_cascade, conv_head_stage, phantom
+from helpers import conv_cascade, conv_head_stage, phantom
 
 from covidseg_tf.config import IMAGE_CLASSES, Decision
 
@@ -19,7 +19,7 @@ SIZE = 64
 
 
 def two_images() -> list[np.ndarray]:
-    """A: `conftest.phantom` (two dark lungs in a bright body, an infection patch in one lung; it passes the input
+    """A: `helpers.phantom` (two dark lungs in a bright body, an infection patch in one lung; it passes the input
     gate): mean grey ~130, the head says COVID-19. B: the same with the body darkened from ~180 to ~120 (still no
     lung for the conv stage): the same masks, mean grey ~90, the head says no."""
     a = phantom(SIZE, SIZE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BAD, GOOD, H, W, gradient
+from helpers import BAD, GOOD, H, W, gradient
 from PIL import Image
 
 from covidseg_tf import limits
@@ -237,7 +237,7 @@ def deflated(data: bytes) -> bytes:
 def bombs(tmp_path_factory) -> dict[str, bytes]:
     """The issue's decompression bombs: a 12000 x 12000 PNG of zeros (optimize=True, ~140 kB) and a deflated
     12000 x 12000 DICOM (~280 kB)."""
-    from conftest import write_dicom
+    from helpers import write_dicom
 
     d = tmp_path_factory.mktemp("bombs")
     zeros = np.zeros((12000, 12000), np.uint16)
@@ -264,7 +264,7 @@ def test_decode_xray_refuses_a_decompression_bomb_from_its_header(bombs, kind):
     ("rows_dicom", None, "x.dcm"),
 ])
 def test_decode_xray_size_limit_every_format(tmp_path, case, data, name):
-    from conftest import write_dicom
+    from helpers import write_dicom
 
     if case == "wide_jpeg":
         buf = io.BytesIO()
@@ -291,7 +291,7 @@ def test_deflated_dicom_decodes_like_the_plain_one_and_inflates_bounded(inputs, 
 
 def test_multiframe_dicom_decodes_only_its_first_frame(tmp_path, monkeypatch):
     import pydicom
-    from conftest import write_dicom
+    from helpers import write_dicom
 
     frames = np.stack([gradient(np.uint16, 4095), 4095 - gradient(np.uint16, 4095), np.zeros((H, W), np.uint16)])
     path = write_dicom(tmp_path / "multi.dcm", frames[0])

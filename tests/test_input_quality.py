@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import phantom
+from helpers import phantom
 
 from covidseg_tf import limits
 from covidseg_tf.cascade import input_quality, masks_at, to_model_pixels
@@ -57,7 +57,7 @@ def test_masks_at_assessed_empties_masks_and_severity():
 
 
 def test_cascade_predict_flags_each_image():
-    from conftest import conv_cascade
+    from helpers import conv_cascade
 
     from covidseg_tf.cascade import Cascade
 

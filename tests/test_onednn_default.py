@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 PROBE = ("import covidseg_tf, tensorflow\n"
          "from tensorflow.python.util import _pywrap_util_port as p\n"

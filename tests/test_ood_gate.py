@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import GOOD, conv_cascade, phantom
+from helpers import GOOD, conv_cascade, phantom
 from PIL import Image
 
 from covidseg_tf import limits, nonxray

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import randomize_batchnorms
+from helpers import randomize_batchnorms
 
 from covidseg_tf.config import default_config
 from covidseg_tf.export import export_stage

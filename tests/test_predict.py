@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BAD, GOOD, H, W
+from helpers import BAD, GOOD, H, W
 from PIL import Image
 
 from covidseg_tf import nonxray
@@ -285,9 +285,9 @@ def patched_png(height: int, width: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def conv_models(tmp_path_factory) -> tuple[Path, Path]:
-    """conftest.conv_cascade as .keras files: stage models that load in about a second (the CLI tests below are
+    """helpers.conv_cascade as .keras files: stage models that load in about a second (the CLI tests below are
     about files, not segmentation)."""
-    from conftest import conv_cascade
+    from helpers import conv_cascade
 
     d = tmp_path_factory.mktemp("conv_models")
     for model, stage in zip(conv_cascade(64), ("lung", "infection")):
@@ -362,7 +362,7 @@ def test_predict_never_grades_what_cannot_be_a_chest_xray(conv_models, tmp_path,
 
 def test_predict_records_input_sha256_and_assessed(conv_models, tmp_path):
     """A chest-X-ray-like phantom, also saved as RGB with a small red marker, is assessed and graded."""
-    from conftest import phantom
+    from helpers import phantom
 
     grey = phantom(90, 80, 3)
     marked = np.repeat(grey[..., None], 3, -1)

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import check_decode_outcomes, conv_cascade, phantom, run_fuzz, run_tf1, write_dicom
+from helpers import check_decode_outcomes, conv_cascade, phantom, run_fuzz, run_tf1, write_dicom
 from PIL import Image
 
 from covidseg_tf import limits, nonxray

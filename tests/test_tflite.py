@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import conv_cascade, phantom, randomize_batchnorms
+from helpers import conv_cascade, phantom, randomize_batchnorms
 
 from covidseg_tf import export
 from covidseg_tf.cascade import TFLITE_FILE, Cascade, TFLiteStage, load_model
@@ -39,7 +39,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def greys() -> list[np.ndarray]:
-    """Two chest-X-ray-like phantoms (`conftest.phantom`: they pass the input gate) of other sizes than the
+    """Two chest-X-ray-like phantoms (`helpers.phantom`: they pass the input gate) of other sizes than the
     models', with a lung infection patch."""
     return [phantom(90, 70, 0), phantom(64, 128, 1)]
 

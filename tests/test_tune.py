@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import conv_cascade
+from helpers import conv_cascade
 
 from covidseg_tf.config import Decision
 from covidseg_tf.tune import INFECTION_THRESHOLDS, MIN_INFECTION_PERCENTS, score
