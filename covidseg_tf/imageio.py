@@ -85,19 +85,6 @@ def colour_share(rgb: np.ndarray) -> float:
     return float(np.count_nonzero(chroma >= COLOUR_CHROMA)) / float(chroma.size)
 
 
-def is_dicom(path: str | Path) -> bool:
-    """True for a .dcm/.dicom name or a file with the DICOM preamble ("DICM" at byte 128)."""
-    path = Path(path)
-    if path.suffix.lower() in DICOM_EXTENSIONS:
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def to_uint8(arr: np.ndarray) -> np.ndarray:
     """Linear min..max stretch of any numeric array to uint8 0..255 (a constant image gives zeros).
 
