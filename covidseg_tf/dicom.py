@@ -51,12 +51,14 @@ Sides
     (the image-left lung is then the patient's left) and the per-lung numbers go with them; a warning is logged.
 
 Geometry (chest X-rays: CR / DX)
-    The SEG is the source's pixel grid. Frame of Reference UID: copied when the source has one; CR and DX images
-    often have none (the module is optional there), and then the SEG has none either (highdicom allows this for a
-    single-frame source). Pixel Spacing: copied into the SEG's Pixel Measures when the source has it. A source with
-    only Imager Pixel Spacing (spacing at the detector, not calibrated to the patient) gets no Pixel Measures: the
-    SEG does not claim a calibration the source does not make; a viewer takes the geometry from the source image the
-    SEG references. The SR's numbers are ratios of pixel counts, so they need no spacing. The SR's Image Library
+    The SEG is the source's pixel grid: each of its frames references the source image it was derived from
+    (Derivation Image Sequence), which is how viewers place a SEG on a projection image. Frame of Reference UID:
+    copied when the source has one; CR and DX images often have none (the module is optional there), and then the
+    SEG has none either (highdicom allows this for a single-frame source). Pixel spacing: an X-ray has no patient
+    coordinate system (no Image Orientation / Position (Patient)), so the SEG has no Pixel Measures (which would
+    need one, and with a Frame of Reference a slice thickness); the spacing stays in the source (Pixel Spacing or
+    Imager Pixel Spacing, the latter at the detector, not calibrated to the patient) and is recorded in the SR's
+    Image Library. The SR's numbers are ratios of pixel counts, so they need no spacing. The SR's Image Library
     entry for the source (TID 1603) records its Patient Orientation and Imager Pixel Spacing; a source without them
     (both are optional or may be empty in CR) gets an SR without the Image Library (a warning is logged); its
     measurement groups and evidence still reference the source.
@@ -302,9 +304,6 @@ def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorith
                     segment(LEFT_LUNG, "Left lung", c["anatomy"], c["left_lung"], LUNG_RGB),
                     segment(INFECTION, "Infection", c["abnormal"], c["opacity"], INFECTION_RGB, [c["lung"]])]
     pixels = np.stack([right, left, infection], axis=-1)[np.newaxis].astype(np.uint8)  # (1, H, W, segments)
-    pixel_measures = None
-    if "PixelSpacing" not in source and "ImagerPixelSpacing" in source:
-        log.debug("%s: Imager Pixel Spacing only: the SEG gets no Pixel Measures (module docstring)", name)
     try:
         seg = hd.seg.Segmentation(
             source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -313,15 +312,19 @@ def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorith
             manufacturer_model_name=algorithm.name, software_versions=algorithm.version,
             device_serial_number=algorithm.version, content_label="COVIDSEG",
             content_description="Lungs and COVID-19 infection",
-            series_description=SERIES_DESCRIPTION.format(what="segmentation"), omit_empty_frames=False,
-            pixel_measures=pixel_measures)
+            series_description=SERIES_DESCRIPTION.format(what="segmentation"), omit_empty_frames=False)
     except (ValueError, TypeError, AttributeError, KeyError) as e:  # highdicom's checks of the source
         raise DicomWriteError(f"{name}: cannot make a DICOM SEG of it: {type(e).__name__}: {e}") from e
-    if "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]:
-        # General Image module, Type 2C: a SEG without a patient coordinate system (an X-ray without Image
-        # Orientation (Patient)) carries the source's Patient Orientation (empty when the source has none);
-        # highdicom 0.28 does not copy it
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" not in shared:  # no patient coordinate system: a projection X-ray
+        # General Image module, Type 2C: such a SEG carries the source's Patient Orientation (empty when the source
+        # has none); highdicom 0.28 does not copy it
         seg.PatientOrientation = source.get("PatientOrientation", "")
+        # Pixel Measures without a plane position and orientation would place the segments in no coordinate
+        # system (and with a Frame of Reference dciodvfy then wants a Slice Thickness an X-ray does not have):
+        # the SEG is the source's pixel grid, referenced frame by frame (module docstring, Geometry)
+        if "PixelMeasuresSequence" in shared:
+            del shared.PixelMeasuresSequence
     return seg
 
 
@@ -349,7 +352,7 @@ def build_sr(source: pydicom.Dataset, seg: hd.seg.Segmentation, severity: Mappin
         return hd.sr.TrackingIdentifier(identifier=label, uid=hd.UID())
 
     def share(value: float) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=c["infected_share"], value=float(value), unit=c["percent"], algorithm_id=algo)
+        return hd.sr.Measurement(name=c["infected_share"], value=float(value), unit=c["percent"])
 
     def roi_group(segment: int, label: str, finding: Any, value: float,
                   evaluations: list[hd.sr.QualitativeEvaluation] | None = None,
