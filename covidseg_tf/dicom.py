@@ -35,7 +35,7 @@ Example (what predict does for a DICOM input)::
     record, _ = render_outputs("chest.dcm", image.gray, pred, "out/chest", models)   # predict's JSON record
     seg_path, sr_path = write_seg_and_sr(
         pydicom.dcmread(io.BytesIO(data)), {"lung": pred.lung, "infection": pred.infection}, record,
-        Algorithm.from_models(models), "out", stem="chest")              # out/chest_seg.dcm, out/chest_sr.dcm
+        Algorithm.from_models(models), "out", stem="chest", name="chest.dcm")  # out/chest_seg.dcm, out/chest_sr.dcm
 
 Inputs
     `masks`: {"lung": H x W, "infection": H x W} arrays at the source's Rows x Columns (nonzero = in the mask), as
@@ -72,9 +72,12 @@ Codes: standard ones (SNOMED CT, DICOM, UCUM) where one means exactly what is me
 lung, which has none, and the gate's verdict use the local coding scheme `CODING_SCHEME` (declared in the SR's
 Coding Scheme Identification Sequence).
 
-Errors: `DicomWriteError`, naming the source (its file name when it has one) and the attribute, mask or figure that
-is missing or wrong; nothing is written then. Files are written under temporary names and renamed
-(`paths.replace_atomically`), the SEG first, the SR (which references it) last.
+Errors: `DicomWriteError`, naming the source (`name`, else its file name) and the attribute, mask or figure that is
+missing or wrong; nothing is written then. Patient and study attributes a SEG / SR carries but a (de-identified)
+source may lack (`TYPE2_SOURCE_ATTRIBUTES`: Type 2, empty when unknown) are written empty instead.
+
+Files are written under temporary names and renamed (`paths.replace_atomically`), the SEG first, the SR (which
+references it) last.
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ SERIES_DESCRIPTION = "covidseg-tf {what} - NOT FOR CLINICAL USE"
 REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                               "Rows", "Columns")
 """Attributes a source dataset must have (the references and the pixel grid); a missing one is an error."""
+TYPE2_SOURCE_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "StudyID", "AccessionNumber", "ReferringPhysicianName")
+"""Patient / study attributes copied from the source into the SEG and SR; one the source lacks is written empty
+(`with_type2_attributes`)."""
 RIGHT_LUNG, LEFT_LUNG, INFECTION = 1, 2, 3
 """Segment numbers (the SEG's frame numbers too: one frame per segment)."""
 
@@ -178,21 +185,45 @@ class Algorithm:
 
 
 # ----------------------------------------------------------------------------------------------- checks of the inputs
-def _source_name(source: pydicom.Dataset) -> str:
+def _source_name(source: pydicom.Dataset, name: str | None = None) -> str:
+    """`name` if given, else the source's file name, else "source DICOM dataset" (for messages)."""
+    if name:
+        return name
     filename = getattr(source, "filename", None)
     return str(filename) if isinstance(filename, (str, Path)) and str(filename) else "source DICOM dataset"
 
 
-def check_source(source: pydicom.Dataset) -> None:
+def check_source(source: pydicom.Dataset, name: str | None = None) -> None:
     """Raise `DicomWriteError` naming the first of `REQUIRED_SOURCE_ATTRIBUTES` the source lacks (or has empty), or
-    a multi-frame source (a chest X-ray is one frame; predict decodes the first only)."""
-    name = _source_name(source)
+    a multi-frame source (a chest X-ray is one frame; predict decodes the first only). `name` names the source in
+    the message (default: its file name)."""
+    name = _source_name(source, name)
     for keyword in REQUIRED_SOURCE_ATTRIBUTES:
         if keyword not in source or source[keyword].value in (None, ""):
             raise DicomWriteError(f"{name}: the source has no {keyword}; a DICOM SEG / SR must reference it")
     frames = int(source.get("NumberOfFrames") or 1)
     if frames != 1:
         raise DicomWriteError(f"{name}: the source has {frames} frames (NumberOfFrames); one X-ray frame expected")
+
+
+def with_type2_attributes(source: pydicom.Dataset, name: str | None = None) -> pydicom.Dataset:
+    """The source itself, or, when it lacks some of `TYPE2_SOURCE_ATTRIBUTES` (patient and study attributes a SEG /
+    SR must carry, empty when unknown; de-identified files often drop them), a new dataset with the same elements
+    and those added empty (logged); the caller's dataset is never changed."""
+    import pydicom
+
+    missing = [k for k in TYPE2_SOURCE_ATTRIBUTES if k not in source]
+    if not missing:
+        return source
+    log.info("%s: no %s: written empty in the SEG and SR (Type 2: unknown)", _source_name(source, name),
+             ", ".join(missing))
+    filled = pydicom.Dataset()
+    filled.update(source)
+    if hasattr(source, "file_meta"):
+        filled.file_meta = source.file_meta
+    for keyword in missing:
+        setattr(filled, keyword, "")
+    return filled
 
 
 def _mask(masks: Mapping[str, np.ndarray], key: str, shape: tuple[int, int], name: str) -> np.ndarray:
@@ -273,15 +304,18 @@ def lung_sides(lung: np.ndarray, source_mirrored: bool = False) -> tuple[np.ndar
 
 
 # ----------------------------------------------------------------------------------------------- SEG
-def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorithm: Algorithm) -> hd.seg.Segmentation:
+def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorithm: Algorithm,
+              name: str | None = None) -> hd.seg.Segmentation:
     """The DICOM Segmentation (BINARY; segments `RIGHT_LUNG`, `LEFT_LUNG`, `INFECTION`, one frame each, empty ones
-    kept) of `masks` on `source` (module docstring: Inputs, Sides, Geometry)."""
+    kept) of `masks` on `source` (module docstring: Inputs, Sides, Geometry); `name` names the source in errors and
+    log lines (default: its file name)."""
     import highdicom as hd
 
     from covidseg_tf.predict import INFECTION_RGB, LUNG_RGB
 
-    check_source(source)
-    name = _source_name(source)
+    check_source(source, name)
+    name = _source_name(source, name)
+    source = with_type2_attributes(source, name)
     shape = (int(source.Rows), int(source.Columns))
     lung, infection = _mask(masks, "lung", shape, name), _mask(masks, "infection", shape, name)
     flip = mirrored(source)
@@ -310,7 +344,7 @@ def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorith
             segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer=algorithm.name,
             manufacturer_model_name=algorithm.name, software_versions=algorithm.version,
-            device_serial_number=algorithm.version, content_label="COVIDSEG",
+            device_serial_number=_device_uid(algorithm), content_label="COVIDSEG",
             content_description="Lungs and COVID-19 infection",
             series_description=SERIES_DESCRIPTION.format(what="segmentation"), omit_empty_frames=False)
     except (ValueError, TypeError, AttributeError, KeyError) as e:  # highdicom's checks of the source
@@ -330,15 +364,16 @@ def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorith
 
 # ----------------------------------------------------------------------------------------------- SR
 def build_sr(source: pydicom.Dataset, seg: hd.seg.Segmentation, severity: Mapping[str, Any],
-             algorithm: Algorithm) -> hd.sr.Comprehensive3DSR:
+             algorithm: Algorithm, name: str | None = None) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Measurement Report (a Comprehensive 3D SR) of `severity` (predict's JSON record) on `source`,
     whose per-segment groups reference the segments of `seg` (`build_seg`'s); module docstring: Sides, Not
-    assessed."""
+    assessed. `name` as in `build_seg`."""
     import highdicom as hd
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
 
-    check_source(source)
-    name = _source_name(source)
+    check_source(source, name)
+    name = _source_name(source, name)
+    source = with_type2_attributes(source, name)
     fig = figures_of(severity, name)
     c = _codes()
     algo = algorithm.for_sr()
@@ -452,13 +487,15 @@ def _save(dataset: pydicom.Dataset, path: Path) -> None:
 
 
 def write_seg_and_sr(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], severity: Mapping[str, Any],
-                     algorithm: Algorithm, out_dir: str | Path, stem: str | None = None) -> tuple[Path, Path]:
+                     algorithm: Algorithm, out_dir: str | Path, stem: str | None = None,
+                     name: str | None = None) -> tuple[Path, Path]:
     """Write the SEG (`build_seg`) and SR (`build_sr`) of one prediction on the DICOM dataset `source` into
     `out_dir` as `output_paths(out_dir, stem)` (stem defaults to the source's SOP Instance UID), each atomically, the
     SR last; returns (SEG path, SR path). Both are built before either is written: bad input
-    (`DicomWriteError`) writes nothing. See the module docstring for the inputs and an example."""
-    seg = build_seg(source, masks, algorithm)
-    sr = build_sr(source, seg, severity, algorithm)
+    (`DicomWriteError`, naming the source as `name` or its file name) writes nothing. See the module docstring for
+    the inputs and an example."""
+    seg = build_seg(source, masks, algorithm, name)
+    sr = build_sr(source, seg, severity, algorithm, name)
     seg_path, sr_path = output_paths(out_dir, stem or str(source.SOPInstanceUID))
     seg_path.parent.mkdir(parents=True, exist_ok=True)
     _save(seg, seg_path)

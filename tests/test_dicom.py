@@ -168,7 +168,7 @@ def check_references(seg: Dataset, sr: Dataset, source: Dataset) -> None:
     """Both in the source's study and new series with new UIDs, referencing the source; "not for clinical use"."""
     for ds, what in ((seg, "SEG"), (sr, "SR")):
         assert ds.StudyInstanceUID == source.StudyInstanceUID, what
-        assert ds.PatientID == source.PatientID, what
+        assert ds.PatientID == source.get("PatientID", ""), what
         assert ds.SeriesInstanceUID not in (source.SeriesInstanceUID,), what
         assert ds.SOPInstanceUID != source.SOPInstanceUID, what
         assert "NOT FOR CLINICAL USE" in ds.SeriesDescription, what
@@ -386,6 +386,24 @@ def test_missing_source_attribute_is_named(tmp_path: Path, keyword: str) -> None
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_missing_patient_and_study_attributes_are_written_empty(tmp_path: Path) -> None:
+    """A de-identified source without patient name / ID / birth date / sex, study date / time / ID, accession number
+    still gets a valid SEG and SR, with those attributes empty; the caller's dataset is not changed."""
+    gray, lung, infection = phantom_case()
+    source = pydicom.dcmread(make_source(tmp_path / "anon.dcm", gray, modality="CR"))
+    for keyword in dicom.TYPE2_SOURCE_ATTRIBUTES:
+        delattr(source, keyword)
+    record = predict_record(gray, lung, infection, tmp_path)
+    paths = dicom.write_seg_and_sr(source, {"lung": lung, "infection": infection}, record, ALGORITHM,
+                                   tmp_path / "out", name="anon.dcm")
+    assert not any(keyword in source for keyword in dicom.TYPE2_SOURCE_ATTRIBUTES)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        assert all(keyword in ds and not ds[keyword].value for keyword in dicom.TYPE2_SOURCE_ATTRIBUTES), p.name
+    check_readback(source, record, *paths, lung, infection)
+    validate(*paths)
+
+
 def test_bad_masks_and_figures_are_named(tmp_path: Path) -> None:
     gray, lung, infection = phantom_case()
     path = make_source(tmp_path / "src.dcm", gray)
@@ -394,6 +412,9 @@ def test_bad_masks_and_figures_are_named(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(dicom.DicomWriteError, match=r"src\.dcm.*masks\['lung'\] has shape \(10, 10\)"):
         dicom.write_seg_and_sr(source, {"lung": lung[:10, :10], "infection": infection}, record, ALGORITHM, out)
+    with pytest.raises(dicom.DicomWriteError, match=r"^given\.dcm: masks\['lung'\]"):  # the name the caller gives
+        dicom.write_seg_and_sr(source, {"lung": lung[:10, :10], "infection": infection}, record, ALGORITHM, out,
+                               name="given.dcm")
     with pytest.raises(dicom.DicomWriteError, match=r"masks\['infection'\] is missing"):
         dicom.write_seg_and_sr(source, {"lung": lung}, record, ALGORITHM, out)
     bad = dict(record, severity=dict(record["severity"], total=130.0))
