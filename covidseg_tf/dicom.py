@@ -82,6 +82,7 @@ references it) last.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -477,10 +478,26 @@ def output_paths(out_dir: str | Path, stem: str) -> tuple[Path, Path]:
     return out_dir / f"{stem}{SEG_SUFFIX}", out_dir / f"{stem}{SR_SUFFIX}"
 
 
-def _save(dataset: pydicom.Dataset, path: Path) -> None:
+def encode(dataset: pydicom.Dataset) -> bytes:
+    """The bytes of a DICOM file (preamble, file meta) holding `dataset`."""
+    buf = io.BytesIO()
+    dataset.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def seg_and_sr_bytes(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], severity: Mapping[str, Any],
+                     algorithm: Algorithm, name: str | None = None) -> tuple[bytes, bytes]:
+    """The SEG (`build_seg`) and SR (`build_sr`) files of one prediction, as bytes (for a writer that writes all of
+    an input's outputs together, e.g. predict's, SEG and SR before its JSON); arguments as `write_seg_and_sr`."""
+    seg = build_seg(source, masks, algorithm, name)
+    sr = build_sr(source, seg, severity, algorithm, name)
+    return encode(seg), encode(sr)
+
+
+def _write(data: bytes, path: Path) -> None:
     tmp = partial_path(path)
     try:
-        dataset.save_as(tmp, enforce_file_format=True)
+        tmp.write_bytes(data)
         replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -489,15 +506,14 @@ def _save(dataset: pydicom.Dataset, path: Path) -> None:
 def write_seg_and_sr(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], severity: Mapping[str, Any],
                      algorithm: Algorithm, out_dir: str | Path, stem: str | None = None,
                      name: str | None = None) -> tuple[Path, Path]:
-    """Write the SEG (`build_seg`) and SR (`build_sr`) of one prediction on the DICOM dataset `source` into
-    `out_dir` as `output_paths(out_dir, stem)` (stem defaults to the source's SOP Instance UID), each atomically, the
-    SR last; returns (SEG path, SR path). Both are built before either is written: bad input
-    (`DicomWriteError`, naming the source as `name` or its file name) writes nothing. See the module docstring for
-    the inputs and an example."""
-    seg = build_seg(source, masks, algorithm, name)
-    sr = build_sr(source, seg, severity, algorithm, name)
+    """Write the SEG (`build_seg`) and SR (`build_sr`) of one prediction on the DICOM dataset `source` (its pixel
+    data is not needed: a header read with ``stop_before_pixels`` will do) into `out_dir` as
+    `output_paths(out_dir, stem)` (stem defaults to the source's SOP Instance UID), each atomically, the SR last;
+    returns (SEG path, SR path). Both are built before either is written: bad input (`DicomWriteError`, naming the
+    source as `name` or its file name) writes nothing. See the module docstring for the inputs and an example."""
+    seg, sr = seg_and_sr_bytes(source, masks, severity, algorithm, name)
     seg_path, sr_path = output_paths(out_dir, stem or str(source.SOPInstanceUID))
     seg_path.parent.mkdir(parents=True, exist_ok=True)
-    _save(seg, seg_path)
-    _save(sr, sr_path)
+    _write(seg, seg_path)
+    _write(sr, sr_path)
     return seg_path, sr_path

@@ -431,6 +431,24 @@ def test_bad_masks_and_figures_are_named(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_header_only_source_and_bytes(tmp_path: Path) -> None:
+    """A source read without its pixel data (`stop_before_pixels`, as predict can read it cheaply) gives the same
+    SEG pixels and SR numbers; `seg_and_sr_bytes` gives the files' bytes."""
+    gray, lung, infection = phantom_case()
+    path = make_source(tmp_path / "h.dcm", gray, modality="CR", photometric="MONOCHROME1", transfer_syntax=RLELossless)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    assert "PixelData" not in header
+    record = predict_record(gray, lung, infection, tmp_path)
+    seg, sr = dicom.seg_and_sr_bytes(header, {"lung": lung, "infection": infection}, record, ALGORITHM)
+    paths = dicom.output_paths(tmp_path / "out", "h")
+    paths[0].parent.mkdir()
+    for p, data in zip(paths, (seg, sr)):
+        p.write_bytes(data)
+        assert data[128:132] == b"DICM"
+    check_readback(header, record, *paths, lung, infection)
+    validate(*paths)
+
+
 def test_algorithm_from_predict_models() -> None:
     models = {"lung": {"sha256": "a" * 64}, "infection": {"sha256": "b" * 64}, "covidseg_tf": "9.9.9"}
     algo = dicom.Algorithm.from_models(models)
