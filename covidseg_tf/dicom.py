@@ -33,9 +33,10 @@ Example (what predict does for a DICOM input)::
     pred = cascade.predict([image.gray], colour=[image.colour])[0]
     models = model_info(cascade)
     record, _ = render_outputs("chest.dcm", image.gray, pred, "out/chest", models)   # predict's JSON record
+    source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)   # its header is enough
     seg_path, sr_path = write_seg_and_sr(
-        pydicom.dcmread(io.BytesIO(data)), {"lung": pred.lung, "infection": pred.infection}, record,
-        Algorithm.from_models(models), "out", stem="chest", name="chest.dcm")  # out/chest_seg.dcm, out/chest_sr.dcm
+        source, {"lung": pred.lung, "infection": pred.infection}, record, Algorithm.from_models(models), "out",
+        stem="chest", name="chest.dcm")                                    # out/chest_seg.dcm, out/chest_sr.dcm
 
 Inputs
     `masks`: {"lung": H x W, "infection": H x W} arrays at the source's Rows x Columns (nonzero = in the mask), as
@@ -56,12 +57,11 @@ Geometry (chest X-rays: CR / DX)
     copied when the source has one; CR and DX images often have none (the module is optional there), and then the
     SEG has none either (highdicom allows this for a single-frame source). Pixel spacing: an X-ray has no patient
     coordinate system (no Image Orientation / Position (Patient)), so the SEG has no Pixel Measures (which would
-    need one, and with a Frame of Reference a slice thickness); the spacing stays in the source (Pixel Spacing or
-    Imager Pixel Spacing, the latter at the detector, not calibrated to the patient) and is recorded in the SR's
-    Image Library. The SR's numbers are ratios of pixel counts, so they need no spacing. The SR's Image Library
-    entry for the source (TID 1603) records its Patient Orientation and Imager Pixel Spacing; a source without them
-    (both are optional or may be empty in CR) gets an SR without the Image Library (a warning is logged); its
-    measurement groups and evidence still reference the source.
+    need one, and with a Frame of Reference a slice thickness); the spacing stays in the source. The SR's Image
+    Library entry for the source (TID 1603) records its Patient Orientation, Imager Pixel Spacing (at the detector)
+    and Frame of Reference UID; a source without Patient Orientation or Imager Pixel Spacing (optional, or empty, in
+    CR) gets an SR without the Image Library (a warning is logged); its measurement groups and evidence still
+    reference the source. The SR's numbers are ratios of pixel counts: they need no spacing.
 
 Not assessed
     An image the input gate refused (``assessed`` false) gets the SEG (its three segments empty, as predict's mask
@@ -82,6 +82,7 @@ references it) last.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Mapping
@@ -120,8 +121,10 @@ CODING_SCHEME = "99COVIDSEG"
 """The local coding scheme of the concepts no standard code names exactly (declared in the SR)."""
 
 
-def _codes() -> dict[str, Any]:
-    """The coded concepts of the SEG and SR (built on first use: highdicom is imported lazily)."""
+@functools.cache
+def concepts() -> dict[str, Any]:
+    """The coded concepts of the SEG and SR by role ("infected_share", "assessed", "reason", "right_lung",
+    "grades": {grade: concept}, ...), built once on first use (highdicom is imported lazily)."""
     from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes
 
@@ -174,7 +177,7 @@ class Algorithm:
         """The SEG's Segment Algorithm Identification."""
         import highdicom as hd
 
-        return hd.AlgorithmIdentificationSequence(name=self.name, family=_codes()["family"], version=self.version,
+        return hd.AlgorithmIdentificationSequence(name=self.name, family=concepts()["family"], version=self.version,
                                                   parameters=self.parameters() or None)
 
     def for_sr(self) -> hd.sr.AlgorithmIdentification:
@@ -324,7 +327,7 @@ def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorith
         log.warning("%s: Patient Orientation %s: the image is mirrored, so the image-left lung is the patient's "
                     "left", name, source.get("PatientOrientation"))
     right, left = lung_sides(lung, flip)
-    c = _codes()
+    c = concepts()
     algo = algorithm.for_seg()
 
     def segment(number: int, label: str, category: Any, kind: Any, rgb: tuple[int, int, int],
@@ -376,7 +379,7 @@ def build_sr(source: pydicom.Dataset, seg: hd.seg.Segmentation, severity: Mappin
     name = _source_name(source, name)
     source = with_type2_attributes(source, name)
     fig = figures_of(severity, name)
-    c = _codes()
+    c = concepts()
     algo = algorithm.for_sr()
     flip = mirrored(source)
     # the figures are per patient side as cascade.severity names them (image left = patient's right); a mirrored

@@ -293,7 +293,7 @@ def check_readback(source: Dataset, record: dict, seg_path: Path, sr_path: Path,
         assert measurements[0].unit == codes.UCUM.Percent
     grade = evaluation(rois["Infection"], codes.SCT.Severity)
     assert grade.meaning.lower() == sev["grade"] == severity_grade(sev["total"])
-    assert evaluation(image_group, dicom._codes()["assessed"]) == codes.SCT.Yes
+    assert evaluation(image_group, dicom.concepts()["assessed"]) == codes.SCT.Yes
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -367,9 +367,9 @@ def test_not_assessed(tmp_path: Path) -> None:
     assert not decoded_segments(seg_path, source).any()
     rois, image_group = sr_groups(sr_path)
     assert rois == {}
-    assert evaluation(image_group, dicom._codes()["assessed"]) == codes.SCT.No
+    assert evaluation(image_group, dicom.concepts()["assessed"]) == codes.SCT.No
     texts = [item.TextValue for item in image_group[0].ContentSequence if item.ValueType == "TEXT"
-             and item.ConceptNameCodeSequence[0].CodeValue == dicom._codes()["reason"].value]
+             and item.ConceptNameCodeSequence[0].CodeValue == dicom.concepts()["reason"].value]
     assert texts == [reason]
     assert not hd.sr.srread(sr_path).content.get_planar_roi_measurement_groups()
     validate(seg_path, sr_path)
