@@ -169,7 +169,7 @@ def check_references(seg: Dataset, sr: Dataset, source: Dataset) -> None:
     for ds, what in ((seg, "SEG"), (sr, "SR")):
         assert ds.StudyInstanceUID == source.StudyInstanceUID, what
         assert ds.PatientID == source.get("PatientID", ""), what
-        assert ds.SeriesInstanceUID not in (source.SeriesInstanceUID,), what
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID, what
         assert ds.SOPInstanceUID != source.SOPInstanceUID, what
         assert "NOT FOR CLINICAL USE" in ds.SeriesDescription, what
     assert seg.SeriesInstanceUID != sr.SeriesInstanceUID and seg.SOPInstanceUID != sr.SOPInstanceUID
