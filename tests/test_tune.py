@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import conv_cascade
 
-from covidseg_tf.config import Decision
+from covidseg_tf.inference import Decision
 from covidseg_tf.tune import INFECTION_THRESHOLDS, MIN_INFECTION_PERCENTS, score
 
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
