@@ -331,3 +331,20 @@ def test_decision_is_recorded_by_export_and_read_by_predictor_load(exported_stag
     assert info["threshold"] == 0.6 and info["decision"] == chosen.to_dict()
     with pytest.raises(ValueError, match="infection_threshold must be in"):
         Decision(infection_threshold=1.5)
+
+
+def test_the_old_import_path_names_the_new_objects():
+    """covidseg_tf.cascade keeps the former names for old imports; each is the inference package's object."""
+    from covidseg_tf import cascade, inference
+    from covidseg_tf.inference import postprocess, preprocess, stages
+
+    assert cascade.Cascade is inference.Predictor and cascade.load_model is stages.load_stage
+    assert cascade.masks_at is postprocess.apply_decision and cascade.mask_at is postprocess.threshold_mask
+    assert cascade.Decision is postprocess.Decision and cascade.to_model_pixels is preprocess.to_model_pixels
+    lung_model = fixed_model(two_lungs()[0], 3, "lung")
+    inf_model = fixed_model(np.full((S, S, 1), 0.7, np.float32), 4, "inf")
+    x = tf.zeros((1, S, S, 3))
+    old = cascade.run_cascade(lung_model, inf_model, x, 0.5)
+    new = Predictor(lung_model, inf_model, 0.5).predict_pixels(x)
+    assert set(old) == set(new) and all(np.array_equal(old[k], new[k]) for k in new)
+    np.testing.assert_array_equal(cascade.run_stage2(inf_model, x, two_lungs()), new["infection_prob"])
