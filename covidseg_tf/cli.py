@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
+from covidseg_tf import config
 
 
 def probability_threshold(text: str) -> float:
@@ -30,14 +30,15 @@ def probability_threshold(text: str) -> float:
 
 
 def add_model_flags(parser: Any, *, urls: bool = False, image_size: bool = True) -> None:
-    """--lung-model, --infection-model (default: the shipped versions) and, with `image_size`, --image-size on an
+    """--lung-model, --infection-model (default: `config.DEFAULT_LUNG_MODEL` / `DEFAULT_INFECTION_MODEL`, read at each
+    call: the shipped versions) and, with `image_size`, --image-size on an
     argparse parser. With `urls` the model flags stay strings, so that gs://... or s3://... survive."""
     kind, where = (str, "; a URL is copied to each worker") if urls else (Path, "")
-    parser.add_argument("--lung-model", type=kind, default=kind(DEFAULT_LUNG_MODEL),
+    parser.add_argument("--lung-model", type=kind, default=kind(config.DEFAULT_LUNG_MODEL),
                         help=f"Stage-1 model: SavedModel base or version folder, .keras file, or .tflite file (export "
                              f"--tflite){where} "
                              "(default: %(default)s)")
-    parser.add_argument("--infection-model", type=kind, default=kind(DEFAULT_INFECTION_MODEL),
+    parser.add_argument("--infection-model", type=kind, default=kind(config.DEFAULT_INFECTION_MODEL),
                         help="Stage-2 model, like --lung-model (default: %(default)s)")
     if image_size:
         parser.add_argument("--image-size", type=int, default=None,

@@ -334,6 +334,7 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
     """
     import tensorflow as tf
 
+    from covidseg_tf import data
     from covidseg_tf.inference.postprocess import Decision
     from covidseg_tf.inference.predictor import predict_batches
     from covidseg_tf.paths import replace_atomically, sha256_file
@@ -344,9 +345,10 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for split in splits:
-                for ex, out in predict_batches(model, None, split, Decision(threshold=threshold),
-                                               image_size=image_size, builder=builder, batch_size=1,
-                                               desc=f"Stage-1 lung masks ({split})"):
+                for ex, out in predict_batches(model, None, data.load_split(builder, split), Decision(threshold),
+                                               image_size=image_size, batch_size=1,
+                                               desc=f"Stage-1 lung masks ({split})",
+                                               total=builder.info.splits[split].num_examples):
                     mask = tf.cast(out["lung_input"][0], tf.uint8)
                     feat = {"name": ex["file_name"][0].numpy(), "png": tf.io.encode_png(mask).numpy()}
                     example = tf.train.Example(features=tf.train.Features(feature={

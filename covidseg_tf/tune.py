@@ -50,6 +50,7 @@ def collect(predictor, builder, split: str, hflip: bool, batch_size: int, limit:
     float32."""
     import tensorflow as tf
 
+    from covidseg_tf.data import load_split
     from covidseg_tf.inference.postprocess import infection_probability
     from covidseg_tf.inference.preprocess import resize_mask
 
@@ -63,9 +64,10 @@ def collect(predictor, builder, split: str, hflip: bool, batch_size: int, limit:
 
     keys = ("lung_prob", "infection_prob", "lung", "infection")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keys, "label", "infection_probability")}
-    for batch, out in predictor.predict_batches(split, builder=builder, batch_size=batch_size, limit=limit,
-                                                hflip=hflip, then=then,
-                                                desc=f"tune {split} (hflip {'on' if hflip else 'off'})"):
+    examples = load_split(builder, split)
+    for batch, out in predictor.predict_batches(examples, batch_size=batch_size, limit=limit, hflip=hflip, then=then,
+                                                desc=f"tune {split} (hflip {'on' if hflip else 'off'})",
+                                                total=builder.info.splits[split].num_examples):
         for key in keys:
             parts[key].append(out[key].numpy().astype(np.float16))
         parts["infection_probability"].append(out["infection_probability"].numpy().astype(np.float32))

@@ -2,8 +2,8 @@
 
     predictor = Predictor.load("saved_models/lung", "saved_models/infection")   # the recorded Decision
     [p] = predictor.predict([gray])             # masks at the image's own size, severity, the gate's verdict
-    for batch, out in predictor.predict_batches("validation", builder=builder, batch_size=16):
-        ...                                     # a TFDS split: probabilities at the model size S per batch
+    for batch, out in predictor.predict_batches(dataset, batch_size=16):
+        ...                                     # e.g. a TFDS split: probabilities at the model size S per batch
 
 `run_stages` is the one stage runner (TensorFlow ops, eagerly or inside `tf.function` and SavedModels): Stage 1
 gives a lung probability map at S; thresholding it at S gives the lung mask Stage 2 sees as its 4th channel
@@ -242,7 +242,7 @@ class Predictor:
                         **kwargs: Any) -> Iterator[tuple[Tensors, Tensors]]:
         """`predict_batches` (the module function) with this predictor's models and decision:
 
-            for batch, out in predictor.predict_batches("validation", builder=builder, batch_size=16):
+            for batch, out in predictor.predict_batches(load_split(builder, "validation"), batch_size=16):
                 out["lung_prob"], out["infection_prob"], batch["label"]
 
         `infection` False runs Stage 1 only; `hflip` replaces the decision's flip; `kwargs` are the function's.
@@ -262,24 +262,24 @@ def run_batch(lung_model: Any, infection_model: Any | None, batch: Tensors, deci
     return {**stages, **(then(batch, stages) if then is not None else {})}
 
 
-def predict_batches(lung_model: Any, infection_model: Any | None, examples: Any, decision: Decision | float, *,
-                    image_size: int | None = None, builder: Any = None, batch_size: int = 16,
+def predict_batches(lung_model: Any, infection_model: Any | None, examples: tf.data.Dataset,
+                    decision: Decision | float, *, image_size: int | None = None, batch_size: int = 16,
                     limit: int | None = None, then: BatchStep | None = None, desc: str | None = None,
                     total: int | None = None) -> Iterator[tuple[Tensors, Tensors]]:
-    """Run the stages over a TFDS split or dataset in batches: yields (batch, outputs) per batch, in order
-    (`Predictor.predict_batches` is this with the predictor's models; training's Stage-1 masks call it with the
-    lung model alone).
+    """Run the stages over a dataset of examples (e.g. a TFDS split, `data.load_split`) in batches: yields
+    (batch, outputs) per batch, in order (`Predictor.predict_batches` is this with the predictor's models;
+    training's Stage-1 masks call it with the lung model alone).
 
     Args:
         lung_model, infection_model: stage models (`infection_model` None: Stage 1 only).
-        examples: a split name of `builder` (`data.load_split`) or a tf.data.Dataset of unbatched examples
-            whose "image" is (H, W, 1) uint8 (the images of one batch must share a size).
+        examples: a tf.data.Dataset of unbatched example dicts whose "image" is (H, W, 1) uint8 (the images of one
+            batch must share a size).
         decision: the `Decision` (or lung threshold) `run_stages` uses.
         image_size: the models' input size S (default: the lung model's).
         batch_size, limit: images per batch; only the first `limit` examples.
         then: `then(batch, stages) -> dict` of more TensorFlow ops, run in the same graph after `run_stages`
             (e.g. masks at the native size, losses); its outputs join the stages'.
-        desc: progress bar text (default: no bar); total: its length for a dataset (a split knows its own).
+        desc, total: progress bar text (default: no bar) and length (the number of examples, before `limit`).
 
     Returns:
         An iterator of (the batched example dict, {"lung_prob", "lung_input", "infection_prob",
@@ -288,11 +288,6 @@ def predict_batches(lung_model: Any, infection_model: Any | None, examples: Any,
     from tqdm import tqdm
 
     size = model_input_size(lung_model, image_size)[0]
-    if isinstance(examples, str):
-        from covidseg_tf.data import load_split
-
-        total = builder.info.splits[examples].num_examples
-        examples = load_split(builder, examples)
     if limit:
         examples = examples.take(limit)
         total = limit if total is None else min(total, limit)
