@@ -223,8 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"servables to write (default: {' '.join(SERVABLES)})")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights and compute of the served graphs (BatchNorm is folded either way); bf16 halves "
-                   "the size and is ~2x faster on CPUs with AVX512_BF16/AMX, within the tolerance in "
-                   "saved_models/MODEL_CARD.md (default: %(default)s)")
+                   "the size and is faster on CPUs with bfloat16 units (AVX512_BF16, AMX; bench/RESULTS.md), within "
+                   "the tolerance in saved_models/MODEL_CARD.md (default: %(default)s)")
     p.add_argument("--tflite", action="store_true",
                    help="also write each stage as float32 TFLite, <version>/stage.tflite, which the CLIs take as "
                    "--lung-model/--infection-model (XNNPACK on CPU; TF Serving ignores it)")
