@@ -7,7 +7,7 @@ Each configuration runs as its own command in a fresh subprocess, end to end (Py
 model loading, reading, inference, writing every output), which is what a user waits for; `images_per_s` is N
 over that wall time. For Beam, `pipeline_s` is the pipeline alone (from `p.run()` to the end, as the command
 prints it; it still includes starting the workers and loading the models in each), and `run_inference` holds
-RunInference's own metrics (batches, mean batch size, seconds inside `Cascade.predict` and in model loading, summed
+RunInference's own metrics (batches, mean batch size, seconds inside `Predictor.predict` and in model loading, summed
 over the worker processes; the first batch of each process includes tracing the graph). A psutil sampler (every
 --sample-s) follows the whole process tree: `peak_rss_mib` of the launcher, of each Beam worker process
 (`sdk_worker_main`) and of the tree at once. Contention: `foreign_cpu_frac` is the machine's busy share during the

@@ -5,7 +5,7 @@ SavedModels (signature `predict_pixels`), fp32 and bf16, per stage and for the w
 For every precision x batch it times (median of --steps after tracing + --warmup calls):
   keras/lung       tf.function(model(x)), input_signature (B, S, S, 3), jit_compile per --jit
   keras/infection  same, (B, S, S, 4)
-  keras/cascade    tf.function(run_cascade(lung, infection, pixels)): both stages + thresholds + severity
+  keras/cascade    tf.function(Predictor(lung, infection).predict_pixels(pixels)): both stages + thresholds + severity
   savedmodel/cascade  covidseg_tf.export.export_cascade(precision=fp32|bf16) -> tf.saved_model.load ->
                       signatures["predict_pixels"] (BatchNorm folded + frozen, as the product serves it)
   savedmodel/lung, savedmodel/infection   (with --savedmodel-stages)
@@ -134,14 +134,15 @@ def _dice(a, b) -> float:
 def _cascade_outputs(lung, inf, x, ref_lung_mask, threshold):
     import tensorflow as tf
 
-    from covidseg_tf.cascade import run_cascade, run_stage2
+    from covidseg_tf.inference.predictor import Predictor, run_stages
 
-    f = tf.function(lambda px: run_cascade(lung, inf, px, threshold))
+    f = tf.function(lambda px: Predictor(lung, inf, threshold).predict_pixels(px))
     out = {k: v.numpy() for k, v in f(x).items()}
     if ref_lung_mask is None:
         ref_lung_mask = out["lung_mask"]
     # stage 2 alone on the SAME lung channel (the reference lung mask), to isolate its own error
-    out["infection_prob_same_input"] = run_stage2(inf, x, ref_lung_mask).numpy()  # the mask of a head model too
+    same = run_stages(None, inf, x, threshold, lung_mask=ref_lung_mask)  # the mask of a head model too
+    out["infection_prob_same_input"] = same["infection_prob"].numpy()
     return out
 
 
@@ -187,7 +188,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
 
-    from covidseg_tf.cascade import run_cascade
+    from covidseg_tf.inference.predictor import Predictor
 
     S = args.size
     t0 = time.perf_counter()
@@ -245,7 +246,7 @@ def main(argv=None):
 
     tflite = {}
     if "tflite" in args.variants and "fp32" in models:
-        from covidseg_tf.cascade import TFLiteStage
+        from covidseg_tf.inference.stages import TFLiteStage
         from covidseg_tf.optimize import tflite_model
 
         t = time.perf_counter()
@@ -272,8 +273,8 @@ def main(argv=None):
                             elif target == "infection":
                                 fn, x = fold.compiled(lambda v, m=b: m(v, training=False), s4, fz, jc), px4
                             else:
-                                fn, x = fold.compiled(lambda v, a=a, b=b: run_cascade(a, b, v, args.threshold),
-                                                      s3, fz, jc), px
+                                cascade = Predictor(a, b, args.threshold)
+                                fn, x = fold.compiled(lambda v, c=cascade: c.predict_pixels(v), s3, fz, jc), px
                             timed(lambda v, fn=fn: sync(fn(v)), x, source="keras", variant=variant,
                                   precision=prec, target=target, batch=B, jit=jit)
                         except Exception as e:  # noqa: BLE001  (e.g. XLA unsupported op): record, go on

@@ -63,9 +63,9 @@ def build_stage(stage: str, size: int, precision: str, weights_from: str | None 
     finally:
         keras.mixed_precision.set_global_policy("float32")
     if weights_from:
-        from covidseg_tf.cascade import load_model
+        from covidseg_tf.inference.stages import load_stage
 
-        model.set_weights(load_model(weights_from).get_weights())
+        model.set_weights(load_stage(weights_from).get_weights())
     return model
 
 

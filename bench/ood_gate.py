@@ -4,7 +4,7 @@
 For every image of the chosen splits (default Train, Val and Test of ../shared/covidqu, Kaggle's layout
 ``Infection Segmentation Data/Infection Segmentation Data/<split>/<class>/images/*.png``) it decodes the file as
 `predict` does (`imageio.decode_image`: grey pixels and the colour share) and runs the gate exactly as
-`Cascade.predict` decides it (`Cascade.input_gate`: `cascade.input_quality` on the model pixels and Stage 1's
+`Predictor.predict` decides it (`Predictor.input_gate`: `preprocess.input_quality` on the model pixels and Stage 1's
 lung probabilities of the given models). Per split it reports how many images the gate refuses (the false
 refusals: every real image is a chest X-ray) with the first few files and reasons, and for every statistic its
 minimum, maximum, 0.1 / 1 / 50 / 99 / 99.9 percentiles and the MARGIN: how far the worst image of the split is
@@ -83,10 +83,10 @@ def summarize(values: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def gate_rows(cascade: Any, grays: list[np.ndarray], colour: list[float], pixel_sizes: list[int]) -> dict[str, Any]:
-    """`Cascade.input_gate` of a batch, plus the pixel statistics at `pixel_sizes`."""
+    """`Predictor.input_gate` of a batch, plus the pixel statistics at `pixel_sizes`."""
     import tensorflow as tf
 
-    from covidseg_tf.cascade import detail, roughness, to_model_pixels
+    from covidseg_tf.inference.preprocess import detail, roughness, to_model_pixels
 
     q = cascade.input_gate(grays, colour)
     for size in pixel_sizes:
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         common.emit({"bench": "ood_gate", "skipped": f"no real data at {root}"}, args.json_out)
         return 0
-    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.inference import Predictor
 
     t0 = time.perf_counter()
-    cascade = Cascade.load(args.lung_model, args.infection_model)
+    cascade = Predictor.load(args.lung_model, args.infection_model)
     result: dict[str, Any] = {
         "bench": "ood_gate", "lung_model": args.lung_model, "infection_model": args.infection_model,
         "image_size": cascade.image_size, "decision": cascade.decision.to_dict(),

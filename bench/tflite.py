@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cascade inference as TFLite (XNNPACK), float32 and int8, against the TensorFlow graph the product serves.
 
-Variants, each both stages of the cascade (`covidseg_tf.cascade.run_stages`: Stage 1, threshold, Stage 2):
+Variants, each both stages of the cascade (`covidseg_tf.inference.predictor.run_stages`: Stage 1, threshold, Stage 2):
   tf_fp32         covidseg_tf.optimize.frozen_stage(model, "fp32"): BatchNorm folded, frozen (what export serves)
   tf_bf16         the same in bfloat16 (the shipped precision; emulated on CPUs without AVX512_BF16 or AMX)
   tflite_fp32     covidseg_tf.optimize.tflite_model, float32: what `covidseg_tf.export --tflite` writes
@@ -41,8 +41,8 @@ def load_images(builder, split: str, count: int, size: int) -> dict[str, np.ndar
     """`count` examples spread over `split` (every k-th): model pixels (S px, 3 ch) + lung channel, truths."""
     import tensorflow as tf
 
-    from covidseg_tf.cascade import resize_mask, to_model_pixels
     from covidseg_tf.data import load_split
+    from covidseg_tf.inference.preprocess import resize_mask, to_model_pixels
 
     stride = max(1, builder.info.splits[split].num_examples // count)
     ex = load_split(builder, split).enumerate().filter(lambda i, _: i % stride == 0).take(count)
@@ -59,12 +59,13 @@ def load_images(builder, split: str, count: int, size: int) -> dict[str, np.ndar
 
 def cascade_outputs(lung, infection, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Both stages on every image, one at a time: probabilities at the model size, masks at the image size."""
-    from covidseg_tf.cascade import masks_at, run_stages
+    from covidseg_tf.inference.postprocess import apply_decision
+    from covidseg_tf.inference.predictor import run_stages
 
     probs: dict[str, list] = {"lung_prob": [], "infection_prob": [], "lung_mask": [], "infection_mask": []}
     for x in data["pixels"]:
         st = run_stages(lung, infection, x[None, ..., :3], 0.5)
-        m = masks_at(st["lung_prob"], st["infection_prob"], 0.5, size=data["lung"].shape[1:3])
+        m = apply_decision(st["lung_prob"], st["infection_prob"], 0.5, size=data["lung"].shape[1:3])
         for k, v in ((*st.items(), *m.items())):
             if k in probs:
                 probs[k].append(v.numpy()[0])
@@ -98,12 +99,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "tf": common.configure_tf(args.threads, 1), "args": vars(args)}
     import tensorflow as tf
 
-    from covidseg_tf.cascade import TFLiteStage, load_model, model_input_size
     from covidseg_tf.data import load_builder
+    from covidseg_tf.inference.stages import TFLiteStage, load_stage, model_input_size
     from covidseg_tf.optimize import frozen_stage, tflite_model
 
-    models = {"lung": load_model(args.lung_model, stage="lung"),
-              "infection": load_model(args.infection_model, stage="infection")}
+    models = {"lung": load_stage(args.lung_model, stage="lung"),
+              "infection": load_stage(args.infection_model, stage="infection")}
     size, _ = model_input_size(models["lung"])
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     val = load_images(builder, "validation", args.images, size)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accuracy[v]["tflite_bytes"] = sizes[v]
     result["accuracy"] = accuracy
 
-    from covidseg_tf.cascade import run_stages
+    from covidseg_tf.inference.predictor import run_stages
 
     x = tf.constant(val["pixels"][:1, ..., :3])
     times: dict[str, list[float]] = {v: [] for v in variants}

@@ -18,10 +18,10 @@ The pipeline (`build_pipeline`):
 3. **read + decode** (`ReadDecodeFn`): bytes through `fileio.ReadableFile` (as `fileio.ReadMatches` gives them),
    then `covidseg_tf.imageio.decode_image` (grey pixels and the file's colour share, for the input gate);
    unreadable files go to the dead letter with the reason.
-4. **RunInference** with `CascadeModelHandler`: `load_model` loads `covidseg_tf.cascade.Cascade` once per worker
+4. **RunInference** with `CascadeModelHandler`: `load_model` loads `covidseg_tf.inference.Predictor` once per worker
    process (models on ``gs://``/``s3://`` are copied to a local temporary folder first); `run_inference` runs a
    batch (up to --batch-size images, any sizes: the cascade resizes each and returns masks at each input's size)
-   through `Cascade.predict`. If a batch fails, its images are retried one by one and only the failing ones go to
+   through `Predictor.predict`. If a batch fails, its images are retried one by one and only the failing ones go to
    the dead letter.
 5. **render + write** (`WriteOutputsFn`): `covidseg_tf.predict.render_outputs` gives exactly `predict`'s four files
    per image (``<stem>_lung.png``, ``<stem>_infection.png`` at the input size, ``<stem>_overlay.png``,
@@ -89,14 +89,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from covidseg_tf.config import (
-    DEFAULT_INFECTION_MODEL,
-    DEFAULT_LUNG_MODEL,
-    Decision,
-    add_decision_flags,
-    add_model_flags,
-    decision_overrides,
-)
+from covidseg_tf.cli import add_decision_flags, add_model_flags, decision_overrides
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.exitcodes import EPILOG, FAILED, OK, USAGE, interrupted
 from covidseg_tf.paths import Unusable, path_problem, walk_files
 from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
@@ -374,10 +368,10 @@ class CascadeModelHandler(ModelHandler):
     InferenceFailure, models info)`` triples.
 
     Args:
-        lung_model, infection_model: paths or URLs of the stage models (`covidseg_tf.cascade.load_model`).
-        decision: `Decision` fields that replace the models' recorded decision (`Cascade.load`'s overrides, as
+        lung_model, infection_model: paths or URLs of the stage models (`covidseg_tf.inference.load_stage`).
+        decision: `Decision` fields that replace the models' recorded decision (`Predictor.load`'s overrides, as
             predict's --threshold ... flags); image_size: for models without a fixed input size.
-        max_batch_size: images per `Cascade.predict` call (BatchElements' upper bound; it starts at 1 and grows
+        max_batch_size: images per `Predictor.predict` call (BatchElements' upper bound; it starts at 1 and grows
             while larger batches are faster per image). Images of any size share a batch: the cascade resizes
             each to the model size and returns masks at each input's own size. oneDNN's results depend on the
             batch size (and the thread count) in the last bits, so a pixel at the threshold may differ from
@@ -403,12 +397,12 @@ class CascadeModelHandler(ModelHandler):
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError as e:  # TensorFlow already running in this process (e.g. the in-process runner)
                 log.warning("--tf-threads %s not applied: %s", self.tf_threads, e)
-        from covidseg_tf.cascade import Cascade
+        from covidseg_tf.inference import Predictor
         from covidseg_tf.predict import model_info
 
         given = {"lung": self.lung_model, "infection": self.infection_model}
         local = {k: stage_locally(v) for k, v in given.items()}
-        cascade = Cascade.load(local["lung"], local["infection"], image_size=self.image_size, **self.decision)
+        cascade = Predictor.load(local["lung"], local["infection"], image_size=self.image_size, **self.decision)
         models = model_info(cascade)
         for k in given:  # report the models by the paths the user gave, not the temporary copies
             if local[k] != given[k]:
@@ -750,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addFilter(lambda r: not r.getMessage().startswith("Resource module is not available"))
     decision = decision_overrides(args)
     try:  # checked here, before any worker starts
+        from covidseg_tf.inference import Decision
+
         dataclasses.replace(Decision(), **decision)
     except (TypeError, ValueError) as e:
         log.error("%s", e)

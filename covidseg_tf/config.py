@@ -6,7 +6,6 @@ the `--help` text, the training run and the exported model card together.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,20 +89,18 @@ class StageConfig:
     weight_decay: float = 1e-4
     dropout: float = 0.0
     # BatchNorm moving-statistics momentum (Keras convention). 0.9 is PyTorch's default (momentum=0.1), which the
-    # seed's smp decoder used. Keras' 0.99 leaves a short run's moving statistics near their initial values, so a
-    # short run from random init validates far worse with 0.99 than with 0.9; to see it, run `train --stage lung
-    # --dataset covid_qu_ex/synthetic --image-size 128 --epochs 3 --learning-rate 1e-3` with and without
-    # `--bn-momentum 0.99` (the README's Training section records that command's result with the default).
+    # seed's smp decoder used; with Keras' 0.99 a short run's moving statistics stay near their initial values
+    # (bench/RESULTS.md, "BatchNorm momentum").
     bn_momentum: float = 0.9
     clipnorm: float | None = None
     # Where the U-Net taps the encoder (UNET_LAYOUTS): "segmentation_models_pytorch" (smp's Unet: last block of
-    # each stride, no top conv; the seed recipe's own library) or "segmentation_models" (qubvel's Keras Unet, the
-    # layout of the shipped version-1 models). Chosen by measurement: bench/RESULTS.md, "U-Net layout".
+    # each stride, no top conv; the seed recipe's own library; the shipped models') or "segmentation_models"
+    # (qubvel's Keras Unet). Chosen by measurement: bench/RESULTS.md, "U-Net layout".
     unet_layout: str = "segmentation_models_pytorch"
     # BatchNormalization of every encoder and decoder BN layer (BATCH_NORMS): "fused" (covidseg_tf.batchnorm.
     # FusedBatchNormalization: keras' layer and weights, its training step one FusedBatchNormV3 op) or "keras"
-    # (keras.layers.BatchNormalization; the shipped models were trained with it). Inference is the same arithmetic
-    # either way. Chosen by measurement: bench/RESULTS.md, "Fused BatchNorm".
+    # (keras.layers.BatchNormalization). Inference is the same arithmetic either way. Chosen by measurement:
+    # bench/RESULTS.md, "Fused BatchNorm".
     batch_norm: str = "fused"
     # Loss = sum(weight * term); terms: LOSS_TERMS.
     loss_weights: dict[str, float] = field(default_factory=lambda: {"dice": 0.7, "bce": 0.3})
@@ -164,108 +161,3 @@ def default_config(stage: str) -> StageConfig:
         return DEFAULTS[stage]
     except KeyError:
         raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}") from None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """How the cascade turns probabilities into masks (covidseg_tf.cascade explains each field).
-
-    Defaults: the stages' config thresholds, no image-level rule, no test-time augmentation. Values chosen on the
-    validation split (`python -m covidseg_tf.tune`) are recorded in exported SavedModels.
-    """
-
-    threshold: float = LUNG.threshold
-    infection_threshold: float = INFECTION.threshold
-    min_infection_percent: float = 0.0
-    hflip: bool = False
-    min_infection_probability: float = 0.0
-    """Image-level head rule: the infection mask is emptied where the head's COVID-19 probability is below this
-    (0: the head is not consulted; a value > 0 needs an infection model with an image head)."""
-
-    def __post_init__(self) -> None:
-        for name in ("threshold", "infection_threshold"):
-            if not 0.0 < float(getattr(self, name)) < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if not 0.0 <= float(self.min_infection_percent) < 100.0:
-            raise ValueError(f"min_infection_percent must be in [0, 100), got {self.min_infection_percent}")
-        if not 0.0 <= float(self.min_infection_probability) < 1.0:
-            raise ValueError(f"min_infection_probability must be in [0, 1), got {self.min_infection_probability}")
-
-    @property
-    def uses_image_head(self) -> bool:
-        """True if the decision consults the image-level head (`min_infection_probability` > 0)."""
-        return float(self.min_infection_probability) > 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def of(cls, value: Decision | float) -> Decision:
-        """`value` itself, or for a number the decision with that threshold for both stages."""
-        return value if isinstance(value, Decision) else cls(threshold=value, infection_threshold=value)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Decision:
-        """From `to_dict` output (unknown keys are an error naming them)."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown Decision field(s) {sorted(unknown)}")
-        return cls(**d)
-
-
-def probability_threshold(text: str) -> float:
-    """argparse type of a threshold flag: a number strictly between 0 and 1 (otherwise argparse prints a one-line
-    usage error and exits 2, before any model is loaded; `Decision` checks the same rule)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1) (a probability strictly between 0 and 1), got {text}")
-    return value
-
-
-def add_model_flags(parser: Any, *, urls: bool = False, image_size: bool = True) -> None:
-    """--lung-model, --infection-model (default: the shipped versions) and, with `image_size`, --image-size on an
-    argparse parser. With `urls` the model flags stay strings, so that gs://... or s3://... survive."""
-    kind, where = (str, "; a URL is copied to each worker") if urls else (Path, "")
-    parser.add_argument("--lung-model", type=kind, default=kind(DEFAULT_LUNG_MODEL),
-                        help=f"Stage-1 model: SavedModel base or version folder, .keras file, or .tflite file (export "
-                             f"--tflite){where} "
-                             "(default: %(default)s)")
-    parser.add_argument("--infection-model", type=kind, default=kind(DEFAULT_INFECTION_MODEL),
-                        help="Stage-2 model, like --lung-model (default: %(default)s)")
-    if image_size:
-        parser.add_argument("--image-size", type=int, default=None,
-                            help="model input size, only for models without a fixed one (default: the models' size)")
-
-
-def add_dataset_flags(parser: Any, default: str | None = "covid_qu_ex/infection") -> None:
-    """--dataset (unless `default` is None), --data-dir, --manual-dir on an argparse parser: the TFDS dataset and
-    where it is built from."""
-    if default is not None:
-        parser.add_argument("--dataset", default=default, help="TFDS name/config (default: %(default)s)")
-    parser.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
-    parser.add_argument("--manual-dir", help="folder holding the Kaggle COVID-QU-Ex zip or its extracted folder "
-                                             "(to build the real dataset)")
-
-
-def add_decision_flags(parser: Any) -> None:
-    """--threshold, --infection-threshold, --min-infection-percent, --min-infection-probability, --hflip/--no-hflip
-    on an argparse parser; each defaults to None: the decision recorded in the models (see `decision_overrides`)."""
-    parser.add_argument("--threshold", type=probability_threshold, default=None,
-                        help="lung probability threshold (default: the models' recorded decision, else 0.5)")
-    parser.add_argument("--infection-threshold", type=probability_threshold, default=None,
-                        help="infection probability threshold (default: recorded, else 0.5)")
-    parser.add_argument("--min-infection-percent", type=float, default=None,
-                        help="empty infection masks covering less of the lung than this (default: recorded, else 0)")
-    parser.add_argument("--min-infection-probability", type=float, default=None,
-                        help="empty infection masks where the image-level head's COVID-19 probability is below this; "
-                             "0 ignores the head; needs an infection model with a head (default: recorded, else 0)")
-    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                        help="horizontal-flip test-time augmentation (default: recorded, else off)")
-
-
-def decision_overrides(args: Any) -> dict[str, Any]:
-    """The Decision fields given on the command line (for `Cascade.load(..., **overrides)`)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Decision) if getattr(args, f.name) is not None}

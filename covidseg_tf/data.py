@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from covidseg_tf.cascade import resize_mask, to_model_pixels
 from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, AugmentConfig, StageConfig
+from covidseg_tf.inference.preprocess import resize_mask, to_model_pixels
 
 log = logging.getLogger(__name__)
 

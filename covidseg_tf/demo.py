@@ -105,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from covidseg_tf import evaluate, predict
-    from covidseg_tf.cascade import load_model
     from covidseg_tf.data import load_builder
     from covidseg_tf.export import export_cascade
+    from covidseg_tf.inference import load_stage
 
     t0 = time.time()
     wd: Path = args.workdir
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     evaluate.main(["--lung-model", str(lung), "--infection-model", str(infection), "--dataset", DATASET,
                    "--data-dir", str(data_dir), "--split", "validation", "--out", str(report_dir)])
     log.info("[5/6] exporting the cascade SavedModel")
-    cascade_dir = export_cascade(load_model(lung), load_model(infection), wd / "saved_models")
+    cascade_dir = export_cascade(load_stage(lung), load_stage(infection), wd / "saved_models")
     log.info("[6/6] predicting on %d test images", args.samples)
     samples = write_samples(builder, args.samples, wd / "samples")
     pred_dir = wd / "predictions"

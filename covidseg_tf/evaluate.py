@@ -3,12 +3,13 @@
     python -m covidseg_tf.evaluate --dataset covid_qu_ex/infection --split validation   # the shipped models
     python -m covidseg_tf.evaluate --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras
 
-Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels (`saved_models/lung/<N>`,
-`saved_models/infection/<N>`, N = config.SHIPPED_VERSION); a base or version folder or a `.keras` file works too.
+Models (`covidseg_tf.inference.load_stage`): by default the shipped SavedModels (`saved_models/lung/<N>`,
+`saved_models/infection/<N>`, N = `config.SHIPPED_VERSION`); a base or version folder, a `.keras` or a `.tflite` file
+works too.
 The report names the files used (for a SavedModel, its version folder).
 
 How the numbers are made
-    * Every image runs through `covidseg_tf.cascade` exactly as `predict` runs it (model pixels, both stages,
+    * Every image runs through `covidseg_tf.inference` exactly as `predict` runs it (model pixels, both stages,
       masks at the image's own size, severity on those masks); Dice and IoU compare these masks with the
       ground-truth masks at their NATIVE size (256 px for COVID-QU-Ex). The images of one batch must share a size.
     * Stage 1 (Table I): the predicted lung mask vs the ground-truth lung mask.
@@ -49,13 +50,8 @@ from typing import Any
 import numpy as np
 
 from covidseg_tf import __version__, exitcodes
-from covidseg_tf.config import (
-    add_dataset_flags,
-    add_decision_flags,
-    add_model_flags,
-    decision_overrides,
-    default_config,
-)
+from covidseg_tf.cli import add_dataset_flags, add_decision_flags, add_model_flags, decision_overrides
+from covidseg_tf.config import default_config
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +148,9 @@ def make_loss(stage: str):
     return losses.make_loss(default_config(stage))
 
 
-def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
-    """A tf.function: native (gray, lung_gt, infection_gt) batch -> masks at native size and per-image losses.
+def batch_scores(predictor: Any, lung_loss: Any, infection_loss: Any, with_infection: bool) -> Any:
+    """evaluate's bookkeeping of one batch, for `Predictor.predict_batches(..., then=...)`: (batch, stages) ->
+    masks at the native size and per-image losses, as TensorFlow ops.
 
     Outputs: "lung_pred", "infection_cascade", "infection_gt_lung" (B, H, W, 1) 0/1, "severity_total" (B,) of the
     cascade, "<name>_loss" (B,) per-image losses at the model size, and for a model with an image head
@@ -161,86 +158,82 @@ def make_step(cascade, lung_loss, infection_loss, with_infection: bool):
     """
     import tensorflow as tf
 
-    from covidseg_tf.cascade import (
-        infection_probability,
-        mask_at,
-        masks_at,
-        resize_mask,
-        run_stage2,
-        run_stages,
-        to_model_pixels,
-    )
+    from covidseg_tf.inference.postprocess import apply_decision, infection_probability, threshold_mask
+    from covidseg_tf.inference.predictor import run_stages
+    from covidseg_tf.inference.preprocess import resize_mask, to_model_pixels
 
-    size, decision = cascade.image_size, cascade.decision
+    size, decision = predictor.image_size, predictor.decision
 
     def per_image(loss_fn, y_true, y_pred):
         return tf.map_fn(lambda a: tf.cast(loss_fn(a[0][None], a[1][None]), tf.float32), (y_true, y_pred),
                          fn_output_signature=tf.float32)
 
+    def then(batch: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any]:
+        gray = batch["image"]
+        lung_gt = tf.cast(batch["lung_mask"] > 0, tf.float32)
+        hw = tf.shape(gray)[1:3]
+        lung_gt_small = resize_mask(lung_gt, size)
+        out = {"lung_loss": per_image(lung_loss, lung_gt_small, stages["lung_prob"])}
+        if not with_infection:
+            out["lung_pred"] = threshold_mask(stages["lung_prob"], hw, decision.threshold)
+            return out
+        inf_gt_small = resize_mask(tf.cast(batch["infection_mask"] > 0, tf.float32), size)
+        image_class = stages.get("image_class_prob")
+        m = apply_decision(stages["lung_prob"], stages["infection_prob"], decision, hw, image_class_prob=image_class)
+        out.update(lung_pred=m["lung_mask"], infection_cascade=m["infection_mask"], severity_total=m["severity_total"],
+                   infection_cascade_loss=per_image(infection_loss, inf_gt_small, stages["infection_prob"]))
+        if image_class is not None:
+            out["infection_probability"] = infection_probability(image_class)
+        gt = run_stages(None, predictor.infection_model, to_model_pixels(gray, size), decision,
+                        lung_mask=lung_gt_small)  # the ablation: Stage 2 given the ground-truth lungs
+        gt_masks = apply_decision(stages["lung_prob"], gt["infection_prob"], decision, hw, lung_mask=lung_gt,
+                                  image_class_prob=gt.get("image_class_prob"))
+        out["infection_gt_lung"] = gt_masks["infection_mask"]
+        out["infection_gt_lung_loss"] = per_image(infection_loss, inf_gt_small, gt["infection_prob"])
+        return out
+
+    return then
+
+
+def make_step(predictor: Any, lung_loss: Any, infection_loss: Any, with_infection: bool) -> Any:
+    """`batch_scores` of one batch as a tf.function step(gray uint8, lung_gt, infection_gt), each (B, H, W, 1) at
+    the native size (what `evaluate_split` computes per batch through `Predictor.predict_batches`)."""
+    import tensorflow as tf
+
+    then = batch_scores(predictor, lung_loss, infection_loss, with_infection)
     img = tf.TensorSpec([None, None, None, 1], tf.uint8)
     msk = tf.TensorSpec([None, None, None, 1], tf.float32)
 
     @tf.function(input_signature=[img, msk, msk])
     def step(gray, lung_gt, infection_gt):
-        hw = tf.shape(gray)[1:3]
-        pixels = to_model_pixels(gray, size)
-        stages = run_stages(cascade.lung_model, cascade.infection_model if with_infection else None, pixels,
-                            decision.threshold, hflip=decision.hflip)
-        lung_gt_small = resize_mask(lung_gt, size)
-        out = {"lung_loss": per_image(lung_loss, lung_gt_small, stages["lung_prob"])}
-        if not with_infection:
-            out["lung_pred"] = mask_at(stages["lung_prob"], hw, decision.threshold)
-            return out
-        inf_gt_small = resize_mask(infection_gt, size)
-        image_class = stages.get("image_class_prob")
-        m = masks_at(stages["lung_prob"], stages["infection_prob"], decision, hw, image_class_prob=image_class)
-        out.update(lung_pred=m["lung_mask"], infection_cascade=m["infection_mask"], severity_total=m["severity_total"],
-                   infection_cascade_loss=per_image(infection_loss, inf_gt_small, stages["infection_prob"]))
-        if image_class is not None:
-            out["infection_probability"] = infection_probability(image_class)
-        prob_gt, class_gt = run_stage2(cascade.infection_model, pixels, lung_gt_small, decision.hflip, with_class=True)
-        gt = masks_at(stages["lung_prob"], prob_gt, decision, hw, lung_mask=lung_gt, image_class_prob=class_gt)
-        out["infection_gt_lung"] = gt["infection_mask"]
-        out["infection_gt_lung_loss"] = per_image(infection_loss, inf_gt_small, prob_gt)
-        return out
+        batch = {"image": gray, "lung_mask": lung_gt, "infection_mask": infection_gt}
+        return predictor.run_batch(batch, infection=with_infection, then=then)
 
     return step
 
 
-def model_path(model: Any, given: Path) -> Path:
-    """What the report names: the version folder of a SavedModel (a base folder resolves to one), else `given`."""
-    from covidseg_tf.cascade import SavedModelStage
-
-    return model.path if isinstance(model, SavedModelStage) else given
-
-
-def prepare(examples, with_infection: bool, batch_size: int):
-    """Examples -> batches of (gray uint8, lung_gt, infection_gt float32 0/1, label, index) at native size."""
-    import tensorflow as tf
-
-    def fn(i, ex):
-        lung = tf.cast(ex["lung_mask"] > 0, tf.float32)
-        inf = tf.cast(ex["infection_mask"] > 0, tf.float32) if with_infection else tf.zeros_like(lung)
-        return ex["image"], lung, inf, ex["label"], i
-
-    return examples.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+def model_path(stage: Any, given: Path) -> Path:
+    """What the report names: the file or version folder the stage was loaded from (a base folder resolves to its
+    version), else `given`."""
+    return stage.path or given
 
 
 # ----------------------------------------------------------------------------------------------- main work
-def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: int, limit: int | None,
-                   figure_path: Path | None, progress: bool = True, head_threshold: float = 0.5) -> dict[str, Any]:
-    """Run the models over one split; returns the summaries (and writes Fig. 1 when asked). `head_threshold`:
-    the infection probability at which the image head's verdict counts as "infection" (`image_level_figures`)."""
+def evaluate_split(builder, split: str, predictor: Any, then: Any, with_infection: bool, batch_size: int,
+                   limit: int | None, figure_path: Path | None, progress: bool = True,
+                   head_threshold: float = 0.5) -> dict[str, Any]:
+    """Run the models over one split (`Predictor.predict_batches` with evaluate's `then`, `batch_scores`); returns
+    the summaries (and writes Fig. 1 when asked). `head_threshold`: the infection probability at which the image
+    head's verdict counts as "infection" (`image_level_figures`)."""
     import tensorflow as tf
-    from tqdm import tqdm
 
-    from covidseg_tf.cascade import severity
     from covidseg_tf.data import load_split
+    from covidseg_tf.inference.postprocess import severity
     from covidseg_tf.report import make_figure, pick_figure_rows
 
     class_names = builder.info.features["label"].names
     covid_id = class_names.index("COVID-19")
-    examples = load_split(builder, split)
+    examples = load_split(builder, split).enumerate().map(lambda i, ex: dict(ex, index=i))
     total = builder.info.splits[split].num_examples
     if limit:
         examples = examples.take(limit)
@@ -253,14 +246,20 @@ def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: 
     positive: list[bool] = []
     flagged: list[bool] = []
     probability: list[float] = []
-    bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress)
-    for gray, lung_gt, inf_gt, label, idx in prepare(examples, with_infection, batch_size):
-        out = step(gray, lung_gt, inf_gt)
-        labels = label.numpy()
-        scores["lung"].add(lung_gt.numpy(), out["lung_pred"].numpy(), labels, out["lung_loss"].numpy())
+
+    def truth(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        lung = (batch["lung_mask"].numpy() > 0).astype(np.float32)
+        return lung, (batch["infection_mask"].numpy() > 0).astype(np.float32) if with_infection else 0 * lung
+
+    batches = predictor.predict_batches(examples, batch_size=batch_size, infection=with_infection, then=then,
+                                        desc=f"evaluate {split}" if progress else None, total=total)
+    for batch, out in batches:
+        lung_gt, inf_gt = truth(batch)
+        labels = batch["label"].numpy()
+        scores["lung"].add(lung_gt, out["lung_pred"].numpy(), labels, out["lung_loss"].numpy())
         if with_infection:
             for name in ("infection_cascade", "infection_gt_lung"):
-                scores[name].add(inf_gt.numpy(), out[name].numpy(), labels, out[f"{name}_loss"].numpy())
+                scores[name].add(inf_gt, out[name].numpy(), labels, out[f"{name}_loss"].numpy())
             true_sev = severity(lung_gt, inf_gt)["severity_total"].numpy()
             covid = labels == covid_id
             positive += covid.tolist()
@@ -268,13 +267,11 @@ def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: 
             if "infection_probability" in out:
                 probability += out["infection_probability"].numpy().tolist()
             sev_err += np.abs(out["severity_total"].numpy() - true_sev)[covid].tolist()
-            lung_px = lung_gt.numpy().sum(axis=(1, 2, 3))
-            inf_px = (inf_gt.numpy() * lung_gt.numpy()).sum(axis=(1, 2, 3))
-            for i, c, lp, ip in zip(idx.numpy(), covid, lung_px, inf_px):
+            lung_px = lung_gt.sum(axis=(1, 2, 3))
+            inf_px = (inf_gt * lung_gt).sum(axis=(1, 2, 3))
+            for i, c, lp, ip in zip(batch["index"].numpy(), covid, lung_px, inf_px):
                 if c and lp > 0:
                     infected_fraction[int(i)] = float(ip / lp)
-        bar.update(len(labels))
-    bar.close()
     result: dict[str, Any] = {k: v.summary() for k, v in scores.items()}
     if with_infection:
         result["severity_mae_covid"] = float(np.mean(sev_err)) if sev_err else None
@@ -284,13 +281,14 @@ def evaluate_split(builder, split: str, step, with_infection: bool, batch_size: 
         rows: dict[int, dict[str, Any]] = {}
         if chosen:
             sel = tf.constant(chosen, tf.int64)
-            for gray, lung_gt, inf_gt, _label, idx in prepare(examples, True, batch_size).unbatch().filter(
-                    lambda *a: tf.reduce_any(tf.equal(a[4], sel))).batch(len(chosen)):
-                out = step(gray, lung_gt, inf_gt)
-                for j, i in enumerate(idx.numpy()):
+            picked = examples.filter(lambda ex: tf.reduce_any(tf.equal(ex["index"], sel)))
+            for batch, out in predictor.predict_batches(picked, batch_size=len(chosen), then=then):
+                _, inf_gt = truth(batch)
+                for j, i in enumerate(batch["index"].numpy()):
                     i = int(i)
-                    rows[i] = {"image": gray.numpy()[j, :, :, 0], "lung_pred": out["lung_pred"].numpy()[j, :, :, 0],
-                               "infection_gt": inf_gt.numpy()[j, :, :, 0],
+                    rows[i] = {"image": batch["image"].numpy()[j, :, :, 0],
+                               "lung_pred": out["lung_pred"].numpy()[j, :, :, 0],
+                               "infection_gt": inf_gt[j, :, :, 0],
                                "infection_pred": out["infection_cascade"].numpy()[j, :, :, 0],
                                "caption": f"#{i}  GT infected {100 * infected_fraction[i]:.1f}% of lung  |  "
                                           f"lung Dice {scores['lung'].dice[i]:.3f}  infection Dice "
@@ -337,32 +335,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.data import load_builder
+    from covidseg_tf.inference import Predictor
     from covidseg_tf.report import write_report
 
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     t0 = time.time()
-    cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
-                           **decision_overrides(args))
+    predictor = Predictor.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                               **decision_overrides(args))
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     with_infection = "infection_mask" in builder.info.features
-    step = make_step(cascade, make_loss("lung"), make_loss("infection"), with_infection)
+    then = batch_scores(predictor, make_loss("lung"), make_loss("infection"), with_infection)
     results: dict[str, Any] = {}
     figures: dict[str, str] = {}
     for split in args.split:
         fig = None if args.no_figure or not with_infection else args.out / f"fig1_{split}.png"
-        results[split] = evaluate_split(builder, split, step, with_infection, args.batch_size, args.limit, fig,
-                                        progress=not args.quiet,
-                                        head_threshold=cascade.decision.min_infection_probability or 0.5)
+        results[split] = evaluate_split(builder, split, predictor, then, with_infection, args.batch_size, args.limit,
+                                        fig, progress=not args.quiet,
+                                        head_threshold=predictor.decision.min_infection_probability or 0.5)
         if fig is not None:
             figures[split] = str(fig)
     report = {
         "dataset": builder.info.full_name, "splits": list(args.split), "limit": args.limit,
-        "lung_model": str(model_path(cascade.lung_model, args.lung_model)),
-        "infection_model": str(model_path(cascade.infection_model, args.infection_model)),
-        "image_size": cascade.image_size, "decision": cascade.decision.to_dict(),
+        "lung_model": str(model_path(predictor.lung_model, args.lung_model)),
+        "infection_model": str(model_path(predictor.infection_model, args.infection_model)),
+        "image_size": predictor.image_size, "decision": predictor.decision.to_dict(),
         "class_names": list(builder.info.features["label"].names),
         "results": results, "figures": figures, "seconds": time.time() - t0,
         "versions": {"covidseg_tf": __version__, "keras": keras.__version__, "tensorflow": tf.__version__},

@@ -9,17 +9,17 @@ Layout (TF Serving model base paths; see saved_models/README.md):
 Each version is written to a temporary folder `<out>/<name>/.tmp-*` beside the versions and then renamed to
 the next free integer, so TF Serving (which only loads integer-named folders) never sees half a version and an
 existing version is never overwritten. Each version holds `assets.extra/tf_serving_warmup_requests`
-(PredictionLog records, one per signature) and `assets.extra/covidseg_export.json` (what was exported).
+(PredictionLog records, one per signature) and `assets.extra/covidseg_export.json`, the
+`inference.stages.ExportManifest` of what was exported (a stage servable applies what it records).
 The signatures and their input/output names are documented in `covidseg_tf.serving`.
 
 The served graphs are inference copies (covidseg_tf.optimize): BatchNorm folded into the convolutions, weights
 frozen into graph constants, in float32 or (`--precision bf16`) bfloat16 with float32 input/output. Freezing also
-stores each weight once: Keras' own `ExportArchive` writes every variable twice (keras-team/keras#23553).
+stores each weight once, where Keras' own `ExportArchive` writes every variable twice (keras-team/keras#23553).
 
 `--tflite` adds the second export target: each stage version folder also holds `stage.tflite` (float32, batch 1,
-`covidseg_tf.optimize.tflite_model`), which `load_model` / `Cascade.load` and so every CLI's --lung-model /
---infection-model accept, run on TFLite's XNNPACK CPU kernels (bench/RESULTS.md, "TFLite and int8"). TF Serving
-ignores the file.
+`covidseg_tf.optimize.tflite_model`), which `inference.load_stage` / `Predictor.load` and so every CLI's
+--lung-model / --infection-model accept, run on TFLite's XNNPACK CPU kernels. TF Serving ignores the file.
 """
 
 from __future__ import annotations
@@ -39,8 +39,17 @@ from typing import Any
 import tensorflow as tf
 
 from covidseg_tf import exitcodes, serving
-from covidseg_tf.cascade import TFLITE_FILE, model_input_size, stage_agreement
-from covidseg_tf.config import Decision, add_decision_flags, decision_overrides, default_config
+from covidseg_tf.cli import add_decision_flags, decision_overrides
+from covidseg_tf.config import default_config
+from covidseg_tf.inference.postprocess import Decision
+from covidseg_tf.inference.stages import (
+    TFLITE_FILE,
+    ExportManifest,
+    head_agreement,
+    keras_model,
+    model_input_size,
+    stage_agreement,
+)
 from covidseg_tf.optimize import PRECISIONS, frozen_stage, tflite_model
 from covidseg_tf.paths import integer_versions, unwritable_reason
 
@@ -89,7 +98,7 @@ def _write_savedmodel(
     path: Path,
     signatures: dict[str, tuple[Callable, list]],
     warmup: list[bytes] | None,
-    info: dict[str, Any],
+    manifest: ExportManifest,
     tflite: bytes | None = None,
 ) -> None:
     """Save the signature functions (over frozen stage graphs: no variables) as a SavedModel at `path`, with
@@ -109,70 +118,75 @@ def _write_savedmodel(
         serving.write_warmup(path, warmup)
     if tflite is not None:
         (path / TFLITE_FILE).write_bytes(tflite)
-        info = dict(info, tflite={"file": TFLITE_FILE, "precision": "fp32", "bytes": len(tflite)})
-    info = dict(info, signatures=sorted(signatures), tensorflow=tf.__version__, keras=keras.__version__,
-                exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), max_side=serving.MAX_SIDE)
-    extra = path / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    (extra / "covidseg_export.json").write_text(json.dumps(info, indent=2) + "\n")
+        manifest = manifest.replace(tflite={"file": TFLITE_FILE, "precision": "fp32", "bytes": len(tflite)})
+    manifest.replace(signatures=sorted(signatures), tensorflow=tf.__version__, keras=keras.__version__,
+                     exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     max_side=serving.MAX_SIDE).write(path)
 
 
 def export_stage(
     model: Any,
     stage: str,
     base_dir: Path | str,
-    threshold: Decision | float = 0.5,
+    decision: Decision | float = 0.5,
     warmup: bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
     tflite: bool = False,
 ) -> Path:
-    """Export one stage model (Keras, input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
+    """Export one Keras stage model (input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
 
     `stage` names the servable ("lung" or "infection"); it also prefixes the output names (`lung_prob`, ...).
-    `threshold` (a number or a `Decision`) gives the stage's mask threshold; the whole decision is recorded in
-    `covidseg_export.json`, where `Cascade.load` finds it.
+    `decision` (a `Decision` or one threshold): the lung stage records and applies its `threshold`; the infection
+    stage records and applies the whole decision (`Predictor.load` reads it from there).
     `image_size` is only needed for a model built with a free input size (it must match a fixed one).
     The graph is BatchNorm-folded and frozen, in `precision` ("fp32" or "bf16"; see covidseg_tf.optimize).
     `tflite` also writes the float32 TFLite copy `<N>/stage.tflite` (any `precision`).
     """
     if stage not in ("lung", "infection"):
         raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
+    model = keras_model(model)
     size, channels = model_input_size(model, image_size)
     expected = default_config(stage).in_channels
     if channels != expected:
         raise ValueError(f"the {stage} stage takes {expected} input channels, but the model takes {channels}")
-    decision = Decision.of(threshold)
-    threshold = decision.threshold if stage == "lung" else decision.infection_threshold
-    signatures = serving.stage_signatures(frozen_stage(model, precision, size), stage, threshold, size)
+    decision = Decision.of(decision)
+    if stage == "lung":
+        manifest = ExportManifest(servable=stage, image_size=size, channels=channels, threshold=decision.threshold,
+                                  precision=precision, model=model.name)
+    else:
+        head_agreement(model, decision)
+        manifest = ExportManifest(servable=stage, image_size=size, channels=channels,
+                                  threshold=decision.infection_threshold, decision=decision, precision=precision,
+                                  model=model.name)
+    signatures = serving.stage_signatures(frozen_stage(model, precision, size), manifest)
     records = serving.warmup_requests(stage, size, channels) if warmup else None
-    info = {"servable": stage, "image_size": size, "channels": channels, "threshold": threshold,
-            "decision": decision.to_dict(), "precision": precision, "model": getattr(model, "name", None)}
     content = tflite_model(model, "fp32", image_size=size) if tflite else None
     return write_version(Path(base_dir) / stage,
-                         lambda tmp: _write_savedmodel(tmp, signatures, records, info, content))
+                         lambda tmp: _write_savedmodel(tmp, signatures, records, manifest, content))
 
 
 def export_cascade(
     lung_model: Any,
     infection_model: Any,
     base_dir: Path | str,
-    threshold: Decision | float = 0.5,
+    decision: Decision | float = 0.5,
     warmup: bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
 ) -> Path:
-    """Export both stages as one servable `<base_dir>/cascade/<N>/` (masks + severity, by the `Decision` given
-    as `threshold`, recorded in `covidseg_export.json`); returns that path."""
-    decision = Decision.of(threshold)
+    """Export both Keras stages as one servable `<base_dir>/cascade/<N>/` (masks + severity, by `decision`, which
+    its manifest records); returns that path."""
+    decision = Decision.of(decision)
+    lung_model, infection_model = keras_model(lung_model), keras_model(infection_model)
     size = stage_agreement(lung_model, infection_model, image_size)
     lung, infection = frozen_stage(lung_model, precision, size), frozen_stage(infection_model, precision, size)
     signatures = serving.cascade_signatures(lung, infection, decision, size)
     records = serving.warmup_requests("cascade", size, 3) if warmup else None
-    info = {"servable": "cascade", "image_size": size, "channels": 3, "threshold": decision.threshold,
-            "decision": decision.to_dict(), "precision": precision,
-            "model": [getattr(lung_model, "name", None), getattr(infection_model, "name", None)]}
-    return write_version(Path(base_dir) / "cascade", lambda tmp: _write_savedmodel(tmp, signatures, records, info))
+    manifest = ExportManifest(servable="cascade", image_size=size, channels=3, threshold=decision.threshold,
+                              decision=decision, precision=precision, model=[lung_model.name, infection_model.name])
+    return write_version(Path(base_dir) / "cascade",
+                         lambda tmp: _write_savedmodel(tmp, signatures, records, manifest))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -227,14 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: --out {args.out}: {reason}", file=sys.stderr)
         return exitcodes.USAGE
     try:
-        from covidseg_tf.cascade import load_model
+        from covidseg_tf.inference.stages import load_stage  # looked up here: tests replace it
 
         for flag, path in (("--lung-model", args.lung_model), ("--infection-model", args.infection_model)):
             if path.suffix != ".keras":
                 raise ValueError(f"{flag} {path}: export takes the .keras file of a training run "
                                  "(runs/<name>/model.keras); SavedModels are already exported")
-        lung = load_model(args.lung_model, stage="lung")
-        infection = load_model(args.infection_model, stage="infection")
+        lung = load_stage(args.lung_model, stage="lung")
+        infection = load_stage(args.infection_model, stage="infection")
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return exitcodes.USAGE

@@ -9,13 +9,14 @@ their keras.applications names (``stem_conv``, ``block1a_dwconv``, ..., ``top_ac
 
 Where the decoder taps the encoder is the *layout* (``build_unet(layout=...)``, ``StageConfig.unet_layout``):
 
-* ``"segmentation_models"`` (qubvel's Keras ``Unet``; what the shipped models use): skips from
+* ``"segmentation_models"`` (qubvel's Keras ``Unet``): skips from
   ``block6a/4a/3a/2a_expand_activation`` (the expanded input of the first block of strides 32, 16, 8, 4,
   i.e. features at strides 16, 8, 4, 2), bottleneck ``top_activation`` (after the encoder's 1x1 top conv:
   1280 channels for B0, 1536 for B3).
-* ``"segmentation_models_pytorch"`` (smp's ``Unet``): skips from the output of the last block at strides 16, 8
-  and 4 and from ``stem_activation`` (stride 2), bottleneck the output of the last block at stride 32; the
-  1x1 top conv is not used (the model does not contain it). Fewer channels reach the decoder, so it is cheaper.
+* ``"segmentation_models_pytorch"`` (smp's ``Unet``; the default of `StageConfig` and what the shipped models
+  use): skips from the output of the last block at strides 16, 8 and 4 and from ``stem_activation`` (stride 2),
+  bottleneck the output of the last block at stride 32; the 1x1 top conv is not used (the model does not contain
+  it). Fewer channels reach the decoder, so it is cheaper.
   The tapped layers are found from the encoder's graph by stride (`block_outputs_by_stride`), for B0-B7. One
   difference from smp: for B0, smp 0.6.0 takes its stride-16 feature after ``block5a`` (its hard-coded
   index), here it is the last stride-16 block ``block5c`` (same shape, same cost; for B1-B7 smp also takes
@@ -24,7 +25,7 @@ Where the decoder taps the encoder is the *layout* (``build_unet(layout=...)``, 
 A saved ``.keras`` model carries its layout in its graph: loading never needs the config.
 
 BatchNorm (``build_unet(batch_norm=...)``, ``StageConfig.batch_norm``): ``"keras"`` builds every BN layer of
-encoder and decoder as keras.layers.BatchNormalization (what the shipped models hold); ``"fused"`` swaps them all
+encoder and decoder as keras.layers.BatchNormalization; ``"fused"`` swaps them all
 for covidseg_tf.batchnorm.FusedBatchNormalization, a subclass with the same names, configs and weights whose
 training step is one fused op. A ``.keras`` file records the class of each layer.
 
@@ -232,17 +233,6 @@ def transfer_encoder_weights(
         target.set_weights(values)
         copied += 1
     return copied
-
-
-def load_stage_model(path: str | os.PathLike) -> keras.Model:
-    """A trained stage model (`.keras` file written by training), uncompiled."""
-    from covidseg_tf.cascade import load_model
-
-    model = load_model(path)
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"{path}: encoder weights from a trained stage need its .keras file, not a SavedModel "
-                         "or a TFLite file")
-    return model
 
 
 def transfer_stage_weights(model: keras.Model, source: keras.Model, stem_init: str = "cycle") -> int:
@@ -531,7 +521,8 @@ def build_unet(
                 layer.momentum = bn_momentum
 
     if weights_path is not None and weights_path.suffix == ".keras":
-        copied = transfer_stage_weights(model, load_stage_model(weights_path), stem_init=stem_init)
+        source = keras.models.load_model(weights_path, compile=False)  # batchnorm's custom layer is registered
+        copied = transfer_stage_weights(model, source, stem_init=stem_init)
         log.info("initialised %d layers from the trained stage model %s (stem_init=%s)", copied, weights_path,
                  stem_init)
     elif weights_path is not None:

@@ -1,7 +1,7 @@
-"""Inference-only copies of a trained stage model: BatchNorm folded, optional bfloat16, frozen.
+"""Inference-only copies of a trained Keras stage model: BatchNorm folded, optional bfloat16, frozen; and TFLite.
 
-`frozen_stage(model, precision)` is what `covidseg_tf.export` serves: a graph function (B, S, S, C) float32 raw
-pixels -> (B, S, S, 1) float32 probabilities whose weights are constants in the graph.
+    stage = frozen_stage(model, "bf16")      # an inference.stages.FrozenStage, what covidseg_tf.export serves
+    content = tflite_model(model)            # float32 TFLite flatbuffer bytes (batch 1)
 
 1. BatchNorm folding (`fold_batchnorm`). Inference BN is affine, y = gamma * (x - mean) / sqrt(var + eps) + beta,
    so every BatchNormalization fed only by a Conv2D / DepthwiseConv2D is folded into that conv:
@@ -11,17 +11,16 @@ pixels -> (B, S, S, 1) float32 probabilities whose weights are constants in the 
    equals the original up to float32 round-off. On CPU this removes BN's element-wise passes and lets
    grappler's remapper fuse conv + bias + activation into one oneDNN convolution.
 2. Precision. "fp32" keeps everything float32. "bf16" gives every layer the `bfloat16` policy (weights stored
-   and computed in bfloat16, which this CPU's AVX512_BF16 runs ~2x faster than float32) except the input
-   preprocessing (Rescaling, Normalization) and the output sigmoid, which stay float32 - the same split as
-   Keras' `mixed_bfloat16`, but the weights themselves are bfloat16, so they take half the bytes.
-   Tolerance: `bench/infer.py` and tests check max |p_bf16 - p_fp32| on the probabilities.
+   and computed in bfloat16) except the input preprocessing (Rescaling, Normalization) and the output sigmoid,
+   which stay float32 - the same split as Keras' `mixed_bfloat16`, but the weights themselves are bfloat16, so
+   they take half the bytes. Speed and tolerance: bench/RESULTS.md.
 3. Freezing. The traced forward function's variables become graph constants
    (`convert_variables_to_constants_v2`), so a SavedModel stores each weight once and grappler can fold
    constant casts at load time.
 
-`tflite_model(model)` is the second export target: the same stage as a TensorFlow Lite flatbuffer (float32,
-batch 1; the converter folds BatchNorm itself), run by `covidseg_tf.cascade.TFLiteStage` on XNNPACK.
-`bench/tflite.py` compares it, and its int8 variants, with the frozen graphs (bench/RESULTS.md).
+`tflite_model(model)` is the second export target: the same stage as a TensorFlow Lite flatbuffer (the converter
+folds BatchNorm itself), run by `covidseg_tf.inference.stages.TFLiteStage`; its int8 variants are for bench/.
+Each function takes a keras.Model or a Keras `Stage` (`inference.stages.keras_model`).
 """
 
 from __future__ import annotations
@@ -36,7 +35,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
+from covidseg_tf.config import split_outputs
+from covidseg_tf.inference.stages import FrozenStage, keras_model, model_input_size, quiet_absl
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,14 @@ def _keeps_float32(layer: layers.Layer) -> bool:
     return isinstance(layer, layers.Activation) and layer.name == "sigmoid"
 
 
-def fold_batchnorm(model: keras.Model, precision: str | None = None) -> keras.Model:
+def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:
     """An inference copy of `model` with the Conv -> BN pairs folded (see the module docstring).
 
     precision: "fp32" or "bf16" sets every layer's dtype policy as described there; None keeps each layer's own.
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    model = keras_model(model)
     pairs = foldable_pairs(model)
     bns = set(pairs.values())
 
@@ -131,42 +132,25 @@ def fold_batchnorm(model: keras.Model, precision: str | None = None) -> keras.Mo
     return folded
 
 
-class FrozenStage:
-    """A stage model as a frozen graph function; called like the Keras model (`stage(pixels, training=False)`)."""
+def frozen_stage(model: Any, precision: str = "fp32", image_size: int | None = None) -> FrozenStage:
+    """`model` folded, in `precision` and frozen (see the module docstring), as a Stage of format "frozen"."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    def __init__(self, model: keras.Model, precision: str = "fp32", image_size: int | None = None):
-        from covidseg_tf.cascade import model_input_size
+    model = keras_model(model)
+    size, channels = model_input_size(model, image_size)
+    fast = fold_batchnorm(model, precision)
+    input_shape = (None, size, size, channels)
 
-        size, channels = model_input_size(model, image_size)
-        self.name = model.name
-        self.precision = precision
-        self.input_shape = (None, size, size, channels)
-        fast = fold_batchnorm(model, precision)
-        spec = tf.TensorSpec(self.input_shape, tf.float32, name="pixels")
+    def outputs(x):  # the mask, then the image class probabilities of a model with an image head
+        mask, image_class = split_outputs(fast(x, training=False))
+        return tuple(tf.cast(t, tf.float32) for t in (mask, image_class) if t is not None)
 
-        def outputs(x):  # the mask, then the image class probabilities of a model with an image head
-            mask, image_class = split_outputs(fast(x, training=False))
-            return tuple(tf.cast(t, tf.float32) for t in (mask, image_class) if t is not None)
-
-        fn = tf.function(outputs, input_signature=[spec])
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-        self.function = convert_variables_to_constants_v2(fn.get_concrete_function())
-        self.has_image_head = len(self.function.structured_outputs) == 2
-
-    def __call__(self, pixels: tf.Tensor, training: bool = False) -> tf.Tensor | dict[str, tf.Tensor]:
-        """The mask probabilities, or for a model with an image head the dict the Keras model returns."""
-        out = self.function(tf.cast(pixels, tf.float32))  # a frozen function returns a flat list
-        out = list(out) if isinstance(out, (list, tuple)) else [out]
-        return out[0] if len(out) == 1 else {MASK_OUTPUT: out[0], IMAGE_CLASS_OUTPUT: out[1]}
+    fn = tf.function(outputs, input_signature=[tf.TensorSpec(input_shape, tf.float32, name="pixels")])
+    return FrozenStage(convert_variables_to_constants_v2(fn.get_concrete_function()), model.name, input_shape,
+                       precision)
 
 
-def frozen_stage(model: keras.Model, precision: str = "fp32", image_size: int | None = None) -> FrozenStage:
-    """`model` folded, in `precision` and frozen (see the module docstring)."""
-    return FrozenStage(model, precision, image_size)
-
-
-def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = None,
+def tflite_model(model: Any, mode: str = "fp32", representative: Any = None,
                  image_size: int | None = None) -> bytes:
     """A stage model as TFLite flatbuffer bytes: input (1, S, S, C) float32 raw pixels, output (1, S, S, 1) float32
     probabilities (and, for a model with an image head, a second output: the (1, C) class probabilities).
@@ -175,8 +159,7 @@ def tflite_model(model: keras.Model, mode: str = "fp32", representative: Any = N
     on the fly); "int8" (int8 weights and activations, float32 input/output, calibrated on `representative`:
     an iterable of (S, S, C) float32 pixel arrays). The quantized modes are for `bench/tflite.py`.
     """
-    from covidseg_tf.cascade import model_input_size, quiet_absl
-
+    model = keras_model(model)
     if mode not in TFLITE_MODES:
         raise ValueError(f"TFLite mode must be one of {TFLITE_MODES}, got {mode!r}")
     if mode == "int8" and representative is None:

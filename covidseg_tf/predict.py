@@ -1,7 +1,7 @@
 """Segment lungs and COVID-19 infection on X-ray files and score severity.
 
 For each input image (PNG / JPEG / BMP / TIFF, 8 or 16 bit, gray / RGB / RGBA, or DICOM; see
-covidseg_tf.imageio) `covidseg_tf.cascade.Cascade` gives the lung and infection masks and the severity at the
+covidseg_tf.imageio) `covidseg_tf.inference.Predictor` gives the lung and infection masks and the severity at the
 input's own resolution (the same function the cascade SavedModel and `evaluate` run). Written into --out, per
 input `<name>`:
 
@@ -35,9 +35,9 @@ for a usage error found before anything is written (an --out that cannot be writ
 earlier outputs without --overwrite, a model that cannot be loaded); 130 after Ctrl-C (the outputs written are
 complete); else 0.
 
-Models (covidseg_tf.cascade.load_model): by default the shipped SavedModels `saved_models/lung/<N>` and
-`saved_models/infection/<N>`, N = config.SHIPPED_VERSION; --lung-model / --infection-model also take a TF Serving base
-folder (its highest integer version), a version folder or a Keras `.keras` file.
+Models (`covidseg_tf.inference.load_stage`): by default the shipped SavedModels `saved_models/lung/<N>` and
+`saved_models/infection/<N>`, N = `config.SHIPPED_VERSION`; --lung-model / --infection-model also take a TF Serving
+base folder (its highest integer version), a version folder, a Keras `.keras` file or a `.tflite` file.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covidseg_tf import __version__, exitcodes
-from covidseg_tf.config import add_decision_flags, add_model_flags, decision_overrides
+from covidseg_tf.cli import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
 from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
     Unusable,
@@ -66,7 +66,7 @@ from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.
 )
 
 if TYPE_CHECKING:
-    from covidseg_tf.cascade import Cascade, Prediction
+    from covidseg_tf.inference import Prediction, Predictor, Stage
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +78,32 @@ LUNG_RGB = (0, 220, 90)
 INFECTION_RGB = (255, 30, 30)
 
 
-def model_info(cascade: Cascade) -> dict[str, Any]:
+def model_info(predictor: Predictor) -> dict[str, Any]:
     """Model files and library versions for the JSON reports (see `model_file_info`)."""
     import keras
     import tensorflow as tf
 
-    return {"lung": model_file_info(cascade.lung_model, cascade.sources["lung"]),
-            "infection": model_file_info(cascade.infection_model, cascade.sources["infection"]),
-            "image_size": cascade.image_size, "decision": cascade.decision.to_dict(), "covidseg_tf": __version__,
+    return {"lung": model_file_info(predictor.lung_model, predictor.sources["lung"]),
+            "infection": model_file_info(predictor.infection_model, predictor.sources["infection"]),
+            "image_size": predictor.image_size, "decision": predictor.decision.to_dict(), "covidseg_tf": __version__,
             "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
-def model_file_info(model: Any, given: Path) -> dict[str, Any]:
-    """Path, size and sha256 of a loaded model's `.keras` file (`given`) or, for a SavedModel, its version folder,
-    the total size of its files, the sha256 of its saved_model.pb and `precision` / `image_size` of its export."""
-    from covidseg_tf.cascade import SavedModelStage
-
-    if not isinstance(model, SavedModelStage):
-        return {"path": str(given), "format": "keras", "bytes": given.stat().st_size, "sha256": sha256_file(given)}
-    path = model.path
-    record = {"path": str(path), "format": "savedmodel",
-              "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-              "sha256": sha256_file(path / "saved_model.pb")}
-    record.update({k: model.info[k] for k in ("precision", "image_size") if k in model.info})
+def model_file_info(stage: Stage, given: Path | None) -> dict[str, Any]:
+    """{"path", "format" (the stage's: "keras", "savedmodel", "tflite", "frozen"), "bytes", "sha256"} of a loaded
+    stage, plus `precision` / `image_size` from its export manifest. The path is what the stage was loaded from
+    (`given` when it does not know): for a SavedModel its version folder, whose bytes are the total of its files
+    and whose sha256 is that of its saved_model.pb; a model without a file has no bytes or sha256."""
+    path = stage.path or given
+    record: dict[str, Any] = {"path": None if path is None else str(path), "format": stage.format}
+    if path is not None and path.is_dir():
+        record.update(bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                      sha256=sha256_file(path / "saved_model.pb"))
+    elif path is not None:
+        record.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    if stage.manifest is not None:
+        record.update({k: v for k, v in (("precision", stage.manifest.precision),
+                                          ("image_size", stage.manifest.image_size)) if v is not None})
     return record
 
 
@@ -226,7 +229,7 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
     """
     from PIL import Image
 
-    from covidseg_tf.cascade import severity_grade
+    from covidseg_tf.inference.postprocess import severity_grade
 
     def png(array: np.ndarray, level: int = 6) -> bytes:
         buf = io.BytesIO()
@@ -255,7 +258,7 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
             "unit": "percent of lung area infected",
         },
         # the infection model's image-level head (None without one, or when not assessed); the decision may
-        # have emptied the infection mask because of it (covidseg_tf.cascade, "Image-level head")
+        # have emptied the infection mask because of it (`inference.Decision.min_infection_probability`)
         "image_level": None if pred.image_class_probabilities is None or not assessed else {
             "infection_probability": pred.infection_probability,
             "class": pred.image_class,
@@ -295,12 +298,12 @@ def read_input(path: Path) -> tuple[bytes, DecodedImage]:
     return data, decode_image(data, str(path))
 
 
-def process_file(cascade: Cascade, path: Path, stem: Path, models: dict[str, Any],
+def process_file(predictor: Predictor, path: Path, stem: Path, models: dict[str, Any],
                  read: tuple[bytes, DecodedImage] | None = None) -> dict[str, Any]:
     """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
     `read` is `read_input(path)` when done already: the bytes decoded are the bytes hashed (``input_sha256``)."""
     data, image = read if read is not None else read_input(path)
-    pred = cascade.predict([image.gray], colour=[image.colour])[0]
+    pred = predictor.predict([image.gray], colour=[image.colour])[0]
     record, encoded = render_outputs(str(path), image.gray, pred, str(stem), models, sha256=sha256_bytes(data))
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_outputs(encoded)
@@ -393,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stale:
             log.warning("removed %d output(s) of an earlier run of %s: %s", len(stale), f, ", ".join(map(str, stale)))
 
-    cascade, models, finished = None, {}, 0
+    predictor, models, finished = None, {}, 0
     try:
         for f in tqdm(files, desc="predict", unit="img", disable=args.quiet):
             try:
@@ -402,18 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 skip(f, e)
                 finished += 1
                 continue
-            if cascade is None:  # loaded for the first readable input: a run of refused inputs never loads them
+            if predictor is None:  # loaded for the first readable input: a run of refused inputs never loads them
                 try:
-                    from covidseg_tf.cascade import Cascade
+                    from covidseg_tf.inference import Predictor
 
-                    cascade = Cascade.load(args.lung_model, args.infection_model, image_size=args.image_size,
-                                           **decision_overrides(args))
-                    models = model_info(cascade)
+                    predictor = Predictor.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                                               **decision_overrides(args))
+                    models = model_info(predictor)
                 except (ValueError, FileNotFoundError, ImportError) as e:
                     log.error("%s", e)
                     return exitcodes.USAGE  # --lung-model / --infection-model: nothing was written
             try:
-                rec = process_file(cascade, f, plan[f], models, read)
+                rec = process_file(predictor, f, plan[f], models, read)
             except Exception as e:
                 skip(f, e)
                 finished += 1

@@ -13,13 +13,16 @@ Signatures of a stage servable (`lung` or `infection`; ``<p>`` is the stage name
     predict_pixels   inputs  pixels      (B, S, S, C) float32  raw 0..255 (C = 3; 4 for infection: + lung 0/1)
                      outputs <p>_prob, <p>_mask                (B, S, S, 1) float32 at the MODEL size S
 
-An infection stage with an image-level head adds to both signatures `image_class_prob` ((B, C) float32, the
-softmax over COVID-19 / Non-COVID / Normal, `covidseg_tf.config.IMAGE_CLASSES`).
+A stage servable applies exactly what its manifest (`inference.stages.ExportManifest`) records: the lung stage
+its threshold; the infection stage its whole `Decision` through `postprocess.apply_decision` with the given lung
+mask (threshold, flip test-time augmentation, the image-level rules), so its masks are the cascade's for the same
+lung mask. An infection stage with an image-level head adds to both signatures `image_class_prob` ((B, C) float32,
+the softmax over COVID-19 / Non-COVID / Normal, `covidseg_tf.config.IMAGE_CLASSES`).
 
 The cascade servable: `serving_default` takes `images` only and returns lung_mask_bytes, infection_mask_bytes
 (input-size PNGs; the infection PNG is inside the lung PNG), severity_left, severity_right, severity_total
 ((B,) float32 percent of the patient's left/right/both lungs, computed on the input-size masks), height, width,
-and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thresholds in `covidseg_tf.limits`):
+and the input-quality gate's verdict (`inference.preprocess.input_quality`, thresholds in `covidseg_tf.limits`):
 
                      assessed        (B,) bool    False: the image cannot be a frontal chest X-ray (too small,
                                                   extreme aspect ratio, near-constant, in colour, noise-like,
@@ -27,26 +30,24 @@ and the input-quality gate's verdict (`covidseg_tf.cascade.input_quality`, thres
                                                   which is no finding: report "not assessed"
                      reason          (B,) string  why not ("" when assessed), e.g. "too small: 2x2 pixels ..."
 
-and, when its infection stage has an image-level head (`covidseg_tf.cascade`, "Image-level head"):
+and, when its infection stage has an image-level head:
 
                      infection_probability  (B,) float32  the head's probability that the image shows infection
                                                           (its COVID-19 class; 0 where not assessed)
                      image_class            (B,) string   the most probable class ("" where not assessed)
                      image_class_prob       (B, C) float32  the class probabilities (COVID-19, Non-COVID, Normal)
 
-Its `predict_pixels` takes (B, S, S, 3) pixels and returns the tensors of `covidseg_tf.cascade.run_cascade`
+Its `predict_pixels` takes (B, S, S, 3) pixels and returns the tensors of `inference.Predictor.predict_pixels`
 (lung_prob, lung_mask, infection_prob, infection_mask + severity, at S; with a head also image_class_prob and
-infection_probability), without the gate (the caller chose the pixels). Versions exported before the gate (the
-retired version 1) have no `assessed` / `reason` outputs; versions exported before the colour, noise and lung
-checks (version 2) apply only the size, aspect and near-constant checks. The colour share is measured from the
+infection_probability), without the gate (the caller chose the pixels). The colour share is measured from the
 file's own RGB pixels (`colour_share`, a second decode of colour files only), as `imageio.decode_image` measures
 it for `predict`.
 
-Pixels and masks follow `covidseg_tf.cascade` (the one place for them): images become model pixels with
-`to_model_pixels`, probabilities become input-size masks with `mask_at` / `masks_at` (bilinear resize to the
-input's height x width, then ``>= threshold``; infection multiplied by the lung mask), so `predict` and this
-SavedModel give the same masks and severity for the same image. They also decode alike (`gray_pixels`): JPEG
-with the accurate integer DCT that Pillow uses, 16-bit grey PNG stretched min..max like `imageio.to_uint8`.
+Pixels and masks follow `covidseg_tf.inference` (the one place for them): images become model pixels with
+`preprocess.to_model_pixels`, probabilities become input-size masks with `postprocess.threshold_mask` /
+`apply_decision`, so `predict` and this SavedModel give the same masks and severity for the same image. They also
+decode alike (`gray_pixels`): JPEG with the accurate integer DCT that Pillow uses, 16-bit grey PNG stretched
+min..max like `imageio.to_uint8`.
 
 Why this representation: `serving_default` is the REST entry point, and TF Serving's REST API returns every
 output of a signature as JSON (it cannot filter outputs), so it returns only compact (B,) outputs: a PNG string
@@ -62,7 +63,7 @@ PNG/JPEG whose header declares more than the size policy of `covidseg_tf.limits`
 MAX_PIXELS; checked from the header - PNG IHDR bytes, `tf.image.extract_jpeg_shape` - BEFORE decoding, so a
 decompression bomb is never inflated), a corrupt image ("images[3] is a corrupt PNG or JPEG: the decoder rejects
 its data"; decoding runs in a `tf.data` map with `ignore_errors` so that the failing item can be named, see
-`decode_each`; the retired version 1 answers with the decoder's own message, which names no item), a lung mask
+`decode_each`), a lung mask
 whose size differs from its image.
 
 Numerics: the served graphs' convolutions (TensorFlow's CPU kernels as grappler rewrites them) sum in an order
@@ -84,23 +85,17 @@ import numpy as np
 import tensorflow as tf
 
 from covidseg_tf import limits
-from covidseg_tf.cascade import (
-    IMAGE_CLASS_PROB,
+from covidseg_tf.inference.postprocess import (
     SEVERITY_KEYS,
-    head_agreement,
+    Decision,
+    apply_decision,
     image_class_names,
     infection_probability,
-    input_quality,
-    mask_at,
-    masks_at,
-    model_input_size,
-    resize_mask,
-    run_cascade,
-    run_stages,
-    stage_agreement,
-    to_model_pixels,
+    threshold_mask,
 )
-from covidseg_tf.config import Decision, split_outputs
+from covidseg_tf.inference.predictor import Predictor, run_stages
+from covidseg_tf.inference.preprocess import input_quality, resize_mask, to_model_pixels
+from covidseg_tf.inference.stages import IMAGE_CLASS_PROB, ExportManifest, as_stage, model_input_size
 
 log = logging.getLogger(__name__)
 
@@ -168,21 +163,6 @@ def _header(data: tf.Tensor, what: tf.Tensor, max_side: int) -> tuple[tf.Tensor,
     problem = tf.where(is_png & ~has_ihdr, _msg(what, " is a truncated PNG (no IHDR chunk)"), problem)
     problem = tf.where(is_png | is_jpeg, problem, _msg(what, " is not a PNG or JPEG image (", length, " bytes)"))
     return hw, problem
-
-
-def header_size(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tuple[tf.Tensor, list[tf.Operation]]:
-    """(height, width) int64 declared by a PNG/JPEG header, and the assert op that validates it (`what` is a
-    scalar string naming the item in the error message, e.g. "images[3]"; the checks are `decode_each`'s)."""
-    hw, problem = _header(data, what, max_side)
-    return hw, [tf.debugging.Assert(tf.equal(problem, ""), [problem])]
-
-
-def decode_gray(data: tf.Tensor, what: tf.Tensor, max_side: int = MAX_SIDE) -> tf.Tensor:
-    """Decode one PNG/JPEG (validated by `header_size` first) to (H, W, 1) uint8 grey (`gray_pixels`; the
-    decoder's own error, which does not name `what`, for a corrupt file; `decode_each` names it)."""
-    _, checks = header_size(data, what, max_side)
-    with tf.control_dependencies(checks):
-        return gray_pixels(data)
 
 
 def gray_pixels(data: tf.Tensor) -> tf.Tensor:
@@ -361,34 +341,43 @@ def _png(mask: tf.Tensor) -> tf.Tensor:
     return tf.io.encode_png(tf.cast(mask[0], tf.uint8) * 255)
 
 
-def stage_pngs(prob: tf.Tensor, sizes: tf.Tensor, threshold: float, within: tf.Tensor | None = None) -> tf.Tensor:
-    """(B, S, S, 1) probabilities -> (B,) PNG masks (uint8 0/255) at each image's own size (`cascade.mask_at`).
+def stage_pngs(prob: tf.Tensor, sizes: tf.Tensor, threshold: float) -> tf.Tensor:
+    """(B, S, S, 1) probabilities -> (B,) PNG masks (uint8 0/255) at each image's own size
+    (`postprocess.threshold_mask`)."""
 
-    `within`, when given, is a (B,) string tensor of full-size 0/1 (or 0/255) PNG masks the mask is multiplied by.
-    """
+    def one(args: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        return _png(threshold_mask(args[0][tf.newaxis], args[1], threshold))
 
-    def one(args: tuple[Any, ...]) -> tf.Tensor:
-        mask = mask_at(args[0][tf.newaxis], args[1], threshold)
-        if within is not None:
-            mask = mask * tf.cast(tf.io.decode_png(args[2], channels=1) > 0, tf.float32)[tf.newaxis]
-        return _png(mask)
+    return tf.map_fn(one, (prob, sizes), fn_output_signature=tf.TensorSpec([], tf.string))
 
-    elems: tuple[tf.Tensor, ...] = (prob, sizes) if within is None else (prob, sizes, within)
-    return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec([], tf.string))
+
+def infection_pngs(prob: tf.Tensor, sizes: tf.Tensor, lung_pngs: tf.Tensor, decision: Decision,
+                   image_class_prob: tf.Tensor | None = None) -> tf.Tensor:
+    """(B, S, S, 1) infection probabilities -> (B,) PNG masks (uint8 0/255) at each image's own size, by
+    `postprocess.apply_decision` with the given full-size lung masks ((B,) 0/1 or 0/255 PNGs) as the lung."""
+    classes = tf.zeros([tf.shape(sizes)[0], 1]) if image_class_prob is None else image_class_prob
+
+    def one(args: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        lung = tf.cast(tf.io.decode_png(args[2], channels=1) > 0, tf.float32)[tf.newaxis]
+        m = apply_decision(None, args[0][tf.newaxis], decision, args[1], lung_mask=lung,
+                           image_class_prob=None if image_class_prob is None else args[3][tf.newaxis])
+        return _png(m["infection_mask"])
+
+    return tf.map_fn(one, (prob, sizes, lung_pngs, classes), fn_output_signature=tf.TensorSpec([], tf.string))
 
 
 def cascade_outputs(lung_prob: tf.Tensor, infection_prob: tf.Tensor, sizes: tf.Tensor,
                     decision: Decision, assessed: tf.Tensor | None = None,
                     image_class_prob: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-    """Per image, `cascade.masks_at` its own size: lung and infection PNGs and the severity computed on them
-    (empty masks and severity 0 where `assessed`, (B,) bool from `cascade.input_quality`, is False).
+    """Per image, `postprocess.apply_decision` at its own size: lung and infection PNGs and the severity computed on
+    them (empty masks and severity 0 where `assessed`, (B,) bool from `preprocess.input_quality`, is False).
     `image_class_prob` (B, C), from an image head, takes part in the decision where it consults the head."""
     if assessed is None:
         assessed = tf.ones(tf.shape(sizes)[:1], tf.bool)
     classes = tf.zeros([tf.shape(sizes)[0], 1]) if image_class_prob is None else image_class_prob
 
     def one(args: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
-        m = masks_at(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis],
+        m = apply_decision(args[0][tf.newaxis], args[1][tf.newaxis], decision, args[2], assessed=args[3][tf.newaxis],
                      image_class_prob=None if image_class_prob is None else args[4][tf.newaxis])
         return (_png(m["lung_mask"]), _png(m["infection_mask"])) + tuple(m[k][0] for k in SEVERITY_KEYS)
 
@@ -411,51 +400,44 @@ def image_level_outputs(image_class_prob: tf.Tensor, assessed: tf.Tensor) -> dic
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _predict(model: Any, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """The stage's mask probabilities and its image class probabilities (None without a head), as float32."""
-    mask, image_class = split_outputs(model(pixels, training=False))
-    return tf.cast(mask, tf.float32), None if image_class is None else tf.cast(image_class, tf.float32)
-
-
 def _with_class(out: dict[str, tf.Tensor], image_class: tf.Tensor | None) -> dict[str, tf.Tensor]:
     """`out` plus the image head's class probabilities, where the model has a head."""
     return out if image_class is None else dict(out, **{IMAGE_CLASS_PROB: image_class})
 
 
-def stage_signatures(
-    model: Any, stage: str, threshold: float = 0.5, image_size: int | None = None
-) -> dict[str, tuple[Callable, list]]:
-    """{signature name: (fn, input_signature)} for one stage model (see the module docstring)."""
-    size, channels = model_input_size(model, image_size)
-    p = stage
-
-    def outputs_small(prob: tf.Tensor, lung: tf.Tensor | None) -> dict[str, tf.Tensor]:
-        mask = mask_at(prob, None, threshold)
-        if lung is not None:
-            mask = mask * tf.cast(lung > 0.5, tf.float32)
-        return {f"{p}_prob": prob, f"{p}_mask": mask}
+def stage_signatures(model: Any, manifest: ExportManifest) -> dict[str, tuple[Callable, list]]:
+    """{signature name: (fn, input_signature)} of one stage servable (module docstring), applying exactly what its
+    `manifest` records: a lung stage its `threshold`; an infection stage its whole `decision`
+    (`postprocess.apply_decision` with the given lung mask, the decision's flip and image-level rules)."""
+    stage = as_stage(model)
+    p = manifest.servable
+    size, channels = model_input_size(stage, manifest.image_size)
 
     def outputs_full(png: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
         return {f"{p}_mask_bytes": png, "height": sizes[:, 0], "width": sizes[:, 1]}
 
-    if channels == 3:
+    if p == "lung" and channels == 3:
+        threshold = manifest.threshold
 
         def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
-            return outputs_full(stage_pngs(_predict(model, pixels)[0], sizes, threshold), sizes)
+            return outputs_full(stage_pngs(stage.probabilities(pixels)[0], sizes, threshold), sizes)
 
         image_sig = [tf.TensorSpec([None], tf.string, name="images")]
 
         def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            return outputs_small(_predict(model, pixels)[0], None)
+            prob = stage.probabilities(pixels)[0]
+            return {f"{p}_prob": prob, f"{p}_mask": threshold_mask(prob, None, threshold)}
 
-    elif channels == 4:
+    elif p == "infection" and channels == 4:
+        decision = manifest.decision
 
         def serve_images(images: tf.Tensor, lung_masks: tf.Tensor) -> dict[str, tf.Tensor]:
             pixels, sizes = load_images(images, size)
             lung_small, lung_full = load_masks(lung_masks, sizes, size)
-            prob, image_class = _predict(model, tf.concat([pixels, lung_small], axis=-1))
-            return _with_class(outputs_full(stage_pngs(prob, sizes, threshold, within=lung_full), sizes), image_class)
+            prob, image_class = stage.probabilities(tf.concat([pixels, lung_small], axis=-1), decision.hflip)
+            png = infection_pngs(prob, sizes, lung_full, decision, image_class)
+            return _with_class(outputs_full(png, sizes), image_class)
 
         image_sig = [
             tf.TensorSpec([None], tf.string, name="images"),
@@ -463,11 +445,14 @@ def stage_signatures(
         ]
 
         def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-            prob, image_class = _predict(model, pixels)
-            return _with_class(outputs_small(prob, pixels[..., 3:4]), image_class)
+            prob, image_class = stage.probabilities(pixels, decision.hflip)
+            lung = tf.cast(pixels[..., 3:4] > 0.5, tf.float32)
+            mask = apply_decision(None, prob, decision, lung_mask=lung, image_class_prob=image_class)["infection_mask"]
+            return _with_class({f"{p}_prob": prob, f"{p}_mask": mask}, image_class)
 
     else:
-        raise ValueError(f"stage model must take 3 or 4 channels, got {channels}")
+        raise ValueError(f"a {p!r} servable of a model taking {channels} channels: expected a 3-channel lung or a "
+                         "4-channel infection stage")
 
     return {
         DEFAULT_SIGNATURE: (serve_images, image_sig),
@@ -479,16 +464,15 @@ def cascade_signatures(
     lung_model: Any, infection_model: Any, decision: Decision | float = 0.5, image_size: int | None = None
 ) -> dict[str, tuple[Callable, list]]:
     """{signature name: (fn, input_signature)} of the two-stage cascade (see the module docstring)."""
-    decision = Decision.of(decision)
-    size = stage_agreement(lung_model, infection_model, image_size)
-    head_agreement(infection_model, decision)
+    predictor = Predictor(lung_model, infection_model, decision, image_size)
+    decision, size = predictor.decision, predictor.image_size
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return dict(run_cascade(lung_model, infection_model, pixels, decision))
+        return dict(predictor.predict_pixels(pixels))
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels, sizes, colour = load_images_with_colour(images, size)
-        stages = run_stages(lung_model, infection_model, pixels, decision.threshold, hflip=decision.hflip)
+        stages = run_stages(predictor.lung_model, predictor.infection_model, pixels, decision)
         quality = input_quality(pixels, sizes, colour, stages["lung_prob"])
         image_class = stages.get("image_class_prob")
         out = cascade_outputs(stages["lung_prob"], stages["infection_prob"], sizes, decision, quality["assessed"],

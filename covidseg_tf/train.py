@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from covidseg_tf import exitcodes
+from covidseg_tf.cli import add_dataset_flags
 from covidseg_tf.config import (
     BATCH_NORMS,
     IMAGE_CLASS_OUTPUT,
@@ -75,7 +76,6 @@ from covidseg_tf.config import (
     UNET_LAYOUTS,
     AugmentConfig,
     StageConfig,
-    add_dataset_flags,
     default_config,
     split_outputs,
 )
@@ -403,34 +403,29 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
     """Stage-1 lung masks for every example of `splits`, as (file names, PNG bytes at the model size), predicted by
     `model`, loaded from `lung_model_path` and taking `image_size` (`_load_lung_model`).
 
-    Each mask is `cascade.run_stages`' `lung_input`: the image made model pixels, Stage 1, thresholded at the
-    model size, i.e. exactly the mask Stage 2 is given at inference (the pipeline resizes it nearest to the
+    Each mask is `inference.predictor.run_stages`' `lung_input` (through `predict_batches`, one image per batch):
+    the image made model pixels, Stage 1, thresholded at the model size, i.e. exactly the mask Stage 2 is given at
+    inference (the pipeline resizes it nearest to the
     example's native size for augmentation and back). Predicted once and cached in `cache_dir`, keyed by the
     Stage-1 model file's digest and the threshold, so a rerun (or a resumed run) reuses them and a retrained
     Stage-1 model invalidates them.
     """
     import tensorflow as tf
-    from tqdm import tqdm
 
-    from covidseg_tf import data
-    from covidseg_tf.cascade import run_stages, to_model_pixels
+    from covidseg_tf.inference.postprocess import Decision
+    from covidseg_tf.inference.predictor import predict_batches
     from covidseg_tf.paths import replace_atomically, sha256_file
 
-    size = image_size
     cache = cache_dir / f"{sha256_file(lung_model_path)[:16]}-t{threshold:g}.tfrecord"
     if not cache.exists():
-        spec = tf.TensorSpec([None, None, None, 1], tf.uint8)
-        lung_input = tf.function(lambda g: run_stages(model, None, to_model_pixels(g, size), threshold)["lung_input"],
-                                 input_signature=[spec])
         tmp = cache.with_suffix(".partial")
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for split in splits:
-                ds = data.load_split(builder, split)
-                n = builder.info.splits[split].num_examples
-                for ex in tqdm(ds.batch(1).prefetch(4), total=n, desc=f"Stage-1 lung masks ({split})",
-                               unit="img", disable=None):
-                    mask = tf.cast(lung_input(ex["image"])[0], tf.uint8)
+                for ex, out in predict_batches(model, None, split, Decision(threshold=threshold),
+                                               image_size=image_size, builder=builder, batch_size=1,
+                                               desc=f"Stage-1 lung masks ({split})"):
+                    mask = tf.cast(out["lung_input"][0], tf.uint8)
                     feat = {"name": ex["file_name"][0].numpy(), "png": tf.io.encode_png(mask).numpy()}
                     example = tf.train.Example(features=tf.train.Features(feature={
                         k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feat.items()}))
@@ -679,18 +674,14 @@ def _encoder_weights(cfg: StageConfig) -> str | None:
     """cfg.encoder_weights resolved ("auto" -> "imagenet" or None) and checked: an "imagenet" download, or a file
     that loads (a trained stage's .keras file, or weights of the 3-channel encoder, as `build_stage_model` loads
     them), so a PNG or a broken file is a usage error before the run folder is created."""
-    from covidseg_tf.models import (
-        choose_encoder_weights,
-        load_reference_encoder,
-        load_stage_model,
-        resolve_encoder_weights,
-    )
+    from covidseg_tf.inference.stages import keras_model, load_stage
+    from covidseg_tf.models import choose_encoder_weights, load_reference_encoder, resolve_encoder_weights
 
     try:
         weights = choose_encoder_weights(cfg.encoder, cfg.encoder_weights)
         path = resolve_encoder_weights(cfg.encoder, weights)
         if path is not None and path.suffix == ".keras":
-            load_stage_model(path)
+            keras_model(load_stage(path))
         elif path is not None and str(weights).lower() != "imagenet":
             load_reference_encoder(cfg.encoder, path)
     except (RuntimeError, OSError, ValueError) as e:
@@ -700,10 +691,10 @@ def _encoder_weights(cfg: StageConfig) -> str | None:
 
 def _load_lung_model(path: Path, image_size: int):
     """The Stage-1 model of --lung-model: loadable, a lung stage model, taking `image_size` (else UsageError)."""
-    from covidseg_tf.cascade import load_model, model_input_size
+    from covidseg_tf.inference.stages import load_stage, model_input_size
 
     try:
-        model = load_model(path, stage="lung")
+        model = load_stage(path, stage="lung")
         size, _ = model_input_size(model, image_size)
     except (OSError, ValueError) as e:
         raise UsageError(f"--lung-model: {e}") from None
@@ -844,12 +835,12 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
     summary: dict[str, Any] = {"run": str(out), "model": str(out / "model.keras"), "best_val_dice": best,
                                "encoder_weights": weights}
     if not args.no_export:
-        from covidseg_tf.cascade import load_model
         from covidseg_tf.export import export_stage
+        from covidseg_tf.inference.stages import load_stage
 
         export_dir = Path(args.export_dir) if args.export_dir else out / "saved_models"
-        summary["saved_model"] = str(export_stage(load_model(out / "model.keras"), cfg.stage, export_dir,
-                                                  threshold=cfg.threshold))
+        summary["saved_model"] = str(export_stage(load_stage(out / "model.keras"), cfg.stage, export_dir,
+                                                  decision=cfg.threshold))
     (out / "DONE").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -5,10 +5,10 @@
 
 Both stages run once over the split (twice with `--hflip both`: without and with horizontal-flip test-time
 augmentation); every candidate decision then turns the same probabilities into masks with
-`covidseg_tf.cascade.masks_at` (the function every entry point runs), at the models' input size, against the
-ground-truth masks resized there with nearest neighbour (for COVID-QU-Ex and 256 px models that is the native
-size). The objective is the mean per-image infection Dice over ALL images, where an image with no infection
-scores 1 when nothing is predicted and 0 otherwise: it rewards segmenting COVID-19 images and leaving
+`covidseg_tf.inference.postprocess.apply_decision` (the function every entry point runs), at the models' input
+size, against the ground-truth masks resized there with nearest neighbour (for COVID-QU-Ex and 256 px models that
+is the native size). The objective is the mean per-image infection Dice over ALL images, where an image with no
+infection scores 1 when nothing is predicted and 0 otherwise: it rewards segmenting COVID-19 images and leaving
 Non-COVID / Normal images empty alike. For an infection model with an image-level head the grid also spans
 the head's rule (`Decision.min_infection_probability`, MIN_INFECTION_PROBABILITIES; 0 = the head is not consulted):
 it only empties whole images, so it is scored from the same per-image counts at no extra model cost. The JSON
@@ -25,12 +25,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from covidseg_tf import exitcodes
-from covidseg_tf.config import Decision, add_dataset_flags, add_model_flags, probability_threshold
+from covidseg_tf.cli import add_dataset_flags, add_model_flags, probability_threshold
+from covidseg_tf.config import LUNG
+
+if TYPE_CHECKING:
+    from covidseg_tf.inference.postprocess import Decision
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +44,32 @@ MIN_INFECTION_PROBABILITIES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8
 """The image head's rule, tried only for infection models with a head (0: the head is not consulted)."""
 
 
-def collect(cascade, builder, split: str, hflip: bool, batch_size: int, limit: int | None) -> dict[str, np.ndarray]:
-    """Probabilities (float16) and ground truth at the model size, and labels, for every image of `split`; for an
-    infection model with an image head also "infection_probability" (B,) float32."""
+def collect(predictor, builder, split: str, hflip: bool, batch_size: int, limit: int | None) -> dict[str, np.ndarray]:
+    """Probabilities (float16) and ground truth at the model size, and labels, for every image of `split`
+    (`Predictor.predict_batches`); for an infection model with an image head also "infection_probability" (B,)
+    float32."""
     import tensorflow as tf
-    from tqdm import tqdm
 
-    from covidseg_tf.cascade import infection_probability, resize_mask, run_stages, to_model_pixels
-    from covidseg_tf.data import load_split
+    from covidseg_tf.inference.postprocess import infection_probability
+    from covidseg_tf.inference.preprocess import resize_mask
 
-    size = cascade.image_size
-    examples = load_split(builder, split)
-    total = builder.info.splits[split].num_examples if not limit else limit
-    if limit:
-        examples = examples.take(limit)
+    size, head = predictor.image_size, predictor.has_image_head
 
-    head = cascade.has_image_head
-
-    @tf.function(reduce_retracing=True)
-    def step(image, lung, infection):
-        st = run_stages(cascade.lung_model, cascade.infection_model, to_model_pixels(image, size),
-                        cascade.decision.threshold, hflip=hflip)
-        p = infection_probability(st["image_class_prob"]) if head else tf.zeros(tf.shape(image)[:1])
-        return st["lung_prob"], st["infection_prob"], resize_mask(lung, size), resize_mask(infection, size), p
+    def then(batch: dict[str, tf.Tensor], stages: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"lung": resize_mask(tf.cast(batch["lung_mask"] > 0, tf.float32), size),
+                "infection": resize_mask(tf.cast(batch["infection_mask"] > 0, tf.float32), size),
+                "infection_probability": infection_probability(stages["image_class_prob"]) if head
+                else tf.zeros(tf.shape(batch["image"])[:1])}
 
     keys = ("lung_prob", "infection_prob", "lung", "infection")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keys, "label", "infection_probability")}
-    batches = examples.map(lambda ex: (ex["image"], tf.cast(ex["lung_mask"] > 0, tf.float32),
-                                       tf.cast(ex["infection_mask"] > 0, tf.float32), ex["label"])).batch(batch_size)
-    with tqdm(total=total, desc=f"tune {split} (hflip {'on' if hflip else 'off'})", unit="img", disable=None) as bar:
-        for image, lung, infection, label in batches:
-            outs = step(image, lung, infection)
-            for key, value in zip(keys, outs):
-                parts[key].append(value.numpy().astype(np.float16))
-            parts["infection_probability"].append(outs[4].numpy().astype(np.float32))
-            parts["label"].append(label.numpy())
-            bar.update(len(label))
+    for batch, out in predictor.predict_batches(split, builder=builder, batch_size=batch_size, limit=limit,
+                                                hflip=hflip, then=then,
+                                                desc=f"tune {split} (hflip {'on' if hflip else 'off'})"):
+        for key in keys:
+            parts[key].append(out[key].numpy().astype(np.float16))
+        parts["infection_probability"].append(out["infection_probability"].numpy().astype(np.float32))
+        parts["label"].append(batch["label"].numpy())
     data = {k: np.concatenate(v) for k, v in parts.items()}
     if not head:
         del data["infection_probability"]
@@ -91,18 +85,18 @@ def score(data: dict[str, np.ndarray], decision: Decision, class_names: Sequence
 def score_head_rules(data: dict[str, np.ndarray], decision: Decision, class_names: Sequence[str],
                      min_probabilities: Sequence[float], chunk: int = 128) -> list[dict[str, float]]:
     """`score` of `decision` with each of `min_probabilities` as its `min_infection_probability`, from one pass of
-    `masks_at` (the head's rule only empties whole images: their true positives become false negatives)."""
+    `apply_decision` (the head's rule only empties whole images: their true positives become false negatives)."""
     import tensorflow as tf
 
     from covidseg_tf import metrics
-    from covidseg_tf.cascade import masks_at, severity
+    from covidseg_tf.inference.postprocess import apply_decision, severity
 
     without_head = replace(decision, min_infection_probability=0.0)
     counts, pred_sev, true_sev = [], [], []
     for i in range(0, len(data["label"]), chunk):
         sl = slice(i, i + chunk)
-        m = masks_at(tf.constant(data["lung_prob"][sl], tf.float32), tf.constant(data["infection_prob"][sl],
-                     tf.float32), without_head)
+        m = apply_decision(tf.constant(data["lung_prob"][sl], tf.float32),
+                           tf.constant(data["infection_prob"][sl], tf.float32), without_head)
         pred = m["infection_mask"].numpy()
         counts.append(np.stack(metrics.confusion_counts(data["infection"][sl].astype(np.float32), pred), axis=1))
         pred_sev.append(m["severity_total"].numpy())
@@ -159,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, image_size=False)
     add_dataset_flags(p)
     p.add_argument("--split", default="validation", help="split to choose on (default: %(default)s)")
-    p.add_argument("--threshold", type=probability_threshold, default=Decision().threshold,
+    p.add_argument("--threshold", type=probability_threshold, default=LUNG.threshold,
                    help="lung threshold, kept fixed (default: %(default)s)")
     p.add_argument("--hflip", choices=("off", "on", "both"), default="off",
                    help="flip TTA: try without, with, or both (both runs the models 3x) (default: %(default)s)")
@@ -173,19 +167,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.data import load_builder
+    from covidseg_tf.inference import Decision, Predictor
 
     t0 = time.time()
-    cascade = Cascade.load(args.lung_model, args.infection_model, Decision(threshold=args.threshold))
-    head_rules = MIN_INFECTION_PROBABILITIES if cascade.has_image_head else (0.0,)
+    predictor = Predictor.load(args.lung_model, args.infection_model, Decision(threshold=args.threshold))
+    head_rules = MIN_INFECTION_PROBABILITIES if predictor.has_image_head else (0.0,)
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     if "infection_mask" not in builder.info.features:
         parser.error(f"--dataset {args.dataset} has no infection masks: tune on covid_qu_ex/infection or synthetic")
     class_names = builder.info.features["label"].names
     grid = []
     for hflip in {"off": [False], "on": [True], "both": [False, True]}[args.hflip]:
-        data = collect(cascade, builder, args.split, hflip, args.batch_size, args.limit)
+        data = collect(predictor, builder, args.split, hflip, args.batch_size, args.limit)
         lung = lung_dice(data, args.threshold)
         for t in INFECTION_THRESHOLDS:
             for m in MIN_INFECTION_PERCENTS:

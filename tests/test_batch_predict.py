@@ -87,7 +87,7 @@ def test_beam_flags_pass_through():
     opts = PipelineOptions(rest).view_as(DirectOptions)
     assert (opts.direct_num_workers, opts.direct_running_mode) == (2, "multi_processing")
     assert "--project" in rest
-    from covidseg_tf.config import decision_overrides
+    from covidseg_tf.cli import decision_overrides
 
     args, _ = bp.build_parser().parse_known_args(["x", "--output", "o", "--infection-threshold", "0.3", "--hflip"])
     assert decision_overrides(args) == {"infection_threshold": 0.3, "hflip": True}  # predict's decision flags
@@ -230,7 +230,7 @@ def tiny_loaded(tiny_models) -> bp.LoadedCascade:
 
 
 def test_handler_loads_the_cascade_with_the_decision_and_survives_a_failing_image(tiny_models, tiny_loaded):
-    from covidseg_tf.cascade import Prediction
+    from covidseg_tf.inference import Prediction
 
     handler = bp.CascadeModelHandler(*map(str, tiny_models), decision={"infection_threshold": 0.3}, max_batch_size=4)
     assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 4}

@@ -1,4 +1,5 @@
-"""covidseg_tf.cascade on hand-made masks and tiny stand-in models with fixed outputs."""
+"""covidseg_tf.inference (severity, the decision, the stages, the Predictor) on hand-made masks and tiny stand-in
+models with fixed outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from covidseg_tf.cascade import run_cascade, severity, severity_grade, split_columns
+from covidseg_tf.inference import Decision, Predictor
+from covidseg_tf.inference.postprocess import apply_decision, severity, severity_grade, split_columns
+from covidseg_tf.inference.predictor import run_stages
+from covidseg_tf.inference.stages import KerasStage
 
 S = 64
 
@@ -117,7 +121,7 @@ def fixed_model(prob_map: np.ndarray, channels: int, name: str) -> keras.Model:
     return keras.Model(inp, out, name=name)
 
 
-def test_run_cascade_masks_infection_outside_lung_and_feeds_lung_mask():
+def test_predict_pixels_masks_infection_outside_lung_and_feeds_lung_mask():
     lung_prob = two_lungs()[0] * 0.9 + 0.05  # 0.95 in the lungs, 0.05 outside
     inf_prob = np.zeros((S, S, 1), np.float32)
     inf_prob[8:32, 4:26] = 0.8  # inside the image-left lung
@@ -129,12 +133,13 @@ def test_run_cascade_masks_infection_outside_lung_and_feeds_lung_mask():
     inf_out = keras.layers.Lambda(lambda x: tf.zeros_like(x[..., :1]) + tf.constant(inf_prob[None]))(inp)
     inf_model = keras.Model(inp, inf_out)
 
-    def infection_model(x, training=False):
-        seen["x"] = x
-        return inf_model(x, training=training)
+    class Spy(KerasStage):  # records what Stage 2 is given
+        def __call__(self, x, training=False):
+            seen["x"] = x
+            return super().__call__(x, training=training)
 
     pixels = tf.random.uniform((2, S, S, 3), 0, 255)
-    out = run_cascade(lung_model, infection_model, pixels, threshold=0.5)
+    out = Predictor(lung_model, Spy(inf_model), Decision(threshold=0.5)).predict_pixels(pixels)
     for k in ("lung_prob", "lung_mask", "infection_prob", "infection_mask"):
         assert out[k].shape == (2, S, S, 1) and out[k].dtype == tf.float32
     for k in ("severity_left", "severity_right", "severity_total"):
@@ -151,10 +156,11 @@ def test_run_cascade_masks_infection_outside_lung_and_feeds_lung_mask():
     np.testing.assert_allclose(out["severity_left"].numpy(), [0.0, 0.0])
 
 
-def test_run_cascade_inside_tf_function():
+def test_predict_pixels_inside_tf_function():
     lung_model = fixed_model(two_lungs()[0], 3, "lung")
     inf_model = fixed_model(np.full((S, S, 1), 0.7, np.float32), 4, "inf")
-    fn = tf.function(lambda p: run_cascade(lung_model, inf_model, p),
+    predictor = Predictor(lung_model, inf_model)
+    fn = tf.function(predictor.predict_pixels,
                      input_signature=[tf.TensorSpec([None, S, S, 3], tf.float32)])
     out = fn(tf.zeros((1, S, S, 3)))
     assert out["severity_total"].numpy()[0] == pytest.approx(100.0)
@@ -187,13 +193,13 @@ def random_pixels(channels: int = 3, batch: int = 2, seed: int = 0) -> np.ndarra
 
 @pytest.mark.parametrize("stage,channels", [("lung", 3), ("infection", 4)])
 @pytest.mark.parametrize("which", ["base", "version"])
-def test_load_model_saved_model_stage_matches_keras(exported_stages, stage, channels, which):
-    from covidseg_tf.cascade import SavedModelStage, load_model, model_input_size
+def test_load_stage_saved_model_stage_matches_keras(exported_stages, stage, channels, which):
+    from covidseg_tf.inference.stages import SavedModelStage, load_stage, model_input_size
 
     lung, inf, base = exported_stages
     keras_model = lung if stage == "lung" else inf
     version = base / stage / "1"
-    loaded = load_model(base / stage if which == "base" else version)
+    loaded = load_stage(base / stage if which == "base" else version)
     assert isinstance(loaded, SavedModelStage)
     assert loaded.path == version and loaded.info["servable"] == stage and loaded.info["precision"] == "fp32"
     assert loaded.input_shape == (None, S, S, channels) and stage in loaded.name
@@ -207,7 +213,7 @@ def test_load_model_saved_model_stage_matches_keras(exported_stages, stage, chan
 
 
 def test_saved_model_version_takes_highest_integer(tmp_path):
-    from covidseg_tf.cascade import saved_model_version
+    from covidseg_tf.inference.stages import saved_model_version
 
     for name in ("2", "10", "9", ".tmp-abc", "11b"):
         (tmp_path / name).mkdir()
@@ -217,11 +223,11 @@ def test_saved_model_version_takes_highest_integer(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty", "only_tmp", "not_saved_model", "version_without_pb", "cascade", "text_file"])
-def test_load_model_rejects_what_is_not_a_stage_model(exported_stages, tmp_path, case):
+def test_load_stage_rejects_what_is_not_a_stage_model(exported_stages, tmp_path, case):
     import json
     import shutil
 
-    from covidseg_tf.cascade import load_model
+    from covidseg_tf.inference.stages import load_stage
 
     path = tmp_path / "model"
     path.mkdir()
@@ -243,21 +249,21 @@ def test_load_model_rejects_what_is_not_a_stage_model(exported_stages, tmp_path,
         path = tmp_path / "model.txt"
         path.write_text("hello")
     with pytest.raises(ValueError, match=expect) as err:
-        load_model(path)
+        load_stage(path)
     assert str(path) in str(err.value)
 
 
-def test_load_model_checks_the_stage(exported_stages):
-    from covidseg_tf.cascade import load_model
+def test_load_stage_checks_the_stage(exported_stages):
+    from covidseg_tf.inference.stages import load_stage
 
     base = exported_stages[2]
-    assert load_model(base / "infection", stage="infection").stage == "infection"
+    assert load_stage(base / "infection", stage="infection").stage == "infection"
     with pytest.raises(ValueError, match="not a lung stage model"):
-        load_model(base / "infection", stage="lung")
+        load_stage(base / "infection", stage="lung")
 
 
-def test_run_cascade_with_saved_model_stages_in_tf_function(exported_stages):
-    from covidseg_tf.cascade import load_model
+def test_predict_pixels_with_saved_model_stages_in_tf_function(exported_stages):
+    from covidseg_tf.inference.stages import load_stage
 
     lung, inf, base = exported_stages
     x = tf.constant(random_pixels(3, seed=1))
@@ -269,8 +275,8 @@ def test_run_cascade_with_saved_model_stages_in_tf_function(exported_stages):
     threshold = float((mid[i] + mid[i + 1]) / 2)
     spec = [tf.TensorSpec([None, S, S, 3], tf.float32)]
     outs = []
-    for stages in ((lung, inf), (load_model(base / "lung"), load_model(base / "infection"))):
-        fn = tf.function(lambda px, s=stages: run_cascade(s[0], s[1], px, threshold), input_signature=spec)
+    for stages in ((lung, inf), (load_stage(base / "lung"), load_stage(base / "infection"))):
+        fn = tf.function(Predictor(*stages, threshold).predict_pixels, input_signature=spec)
         outs.append({k: v.numpy() for k, v in fn(x).items()})
     want, got = outs
     assert 0 < want["lung_mask"].mean() < 1
@@ -284,51 +290,61 @@ def test_run_cascade_with_saved_model_stages_in_tf_function(exported_stages):
 
 # ------------------------------------------------------------------------------------------ decision
 def test_decision_rule_empties_small_infections_and_their_severity():
-    from covidseg_tf.cascade import masks_at
-    from covidseg_tf.config import Decision
-
     lung_prob = np.repeat(two_lungs(), 2, axis=0) * 0.9  # (2, S, S, 1): both images the same lungs
     inf_prob = np.zeros_like(lung_prob)
     inf_prob[0, 8:32, 4:26] = 0.8  # image 0: 528 px of the image-left lung
     inf_prob[1, 8:10, 4:6] = 0.8  # image 1: 4 px
     lung_px = float(two_lungs()[0].sum())
-    keep_all = masks_at(lung_prob, inf_prob, Decision())
+    keep_all = apply_decision(lung_prob, inf_prob, Decision())
     small_pct = 100 * 4 / lung_px
     assert float(keep_all["severity_total"][1]) == pytest.approx(small_pct, rel=1e-5)
-    rule = masks_at(lung_prob, inf_prob, Decision(min_infection_percent=small_pct * 2))
+    rule = apply_decision(lung_prob, inf_prob, Decision(min_infection_percent=small_pct * 2))
     assert rule["infection_mask"].numpy()[1].sum() == 0 and float(rule["severity_total"][1]) == 0.0
     np.testing.assert_array_equal(rule["infection_mask"].numpy()[0], keep_all["infection_mask"].numpy()[0])
     assert float(rule["severity_total"][0]) == pytest.approx(100 * 528 / lung_px, rel=1e-5)
     # the infection threshold is its own: 0.85 > 0.8 drops both, the lung stays
-    high = masks_at(lung_prob, inf_prob, Decision(infection_threshold=0.85))
+    high = apply_decision(lung_prob, inf_prob, Decision(infection_threshold=0.85))
     assert high["infection_mask"].numpy().sum() == 0 and high["lung_mask"].numpy().sum() == 2 * lung_px
 
 
 def test_hflip_tta_averages_the_mirrored_prediction():
-    from covidseg_tf.cascade import run_stages
-
     ramp = np.tile(np.linspace(0.0, 1.0, S, dtype=np.float32)[None, :, None], (S, 1, 1))  # left 0 -> right 1
     model = fixed_model(ramp, 3, "ramp")
     pixels = tf.zeros((1, S, S, 3))
     plain = run_stages(model, None, pixels, 0.5)["lung_prob"].numpy()
-    tta = run_stages(model, None, pixels, 0.5, hflip=True)["lung_prob"].numpy()
+    tta = run_stages(model, None, pixels, Decision(hflip=True))["lung_prob"].numpy()
     np.testing.assert_allclose(plain[0], ramp)
     np.testing.assert_allclose(tta[0], 0.5 * (ramp + ramp[:, ::-1]), atol=1e-6)  # mean with the mirror: flat
 
 
-def test_decision_is_recorded_by_export_and_read_by_cascade_load(exported_stages, tmp_path):
-    from covidseg_tf.cascade import Cascade
-    from covidseg_tf.config import Decision
+def test_decision_is_recorded_by_export_and_read_by_predictor_load(exported_stages, tmp_path):
     from covidseg_tf.export import export_stage
 
     lung, inf, _ = exported_stages
     chosen = Decision(threshold=0.45, infection_threshold=0.6, min_infection_percent=2.0, hflip=True)
     for model, stage in ((lung, "lung"), (inf, "infection")):
         export_stage(model, stage, tmp_path, chosen, warmup=False)
-    loaded = Cascade.load(tmp_path / "lung", tmp_path / "infection")
+    loaded = Predictor.load(tmp_path / "lung", tmp_path / "infection")
     assert loaded.decision == chosen
-    assert Cascade.load(tmp_path / "lung", tmp_path / "infection", hflip=False).decision == Decision(0.45, 0.6, 2.0)
+    assert Predictor.load(tmp_path / "lung", tmp_path / "infection", hflip=False).decision == Decision(0.45, 0.6, 2.0)
     info = json.loads((tmp_path / "infection" / "1" / "assets.extra" / "covidseg_export.json").read_text())
     assert info["threshold"] == 0.6 and info["decision"] == chosen.to_dict()
     with pytest.raises(ValueError, match="infection_threshold must be in"):
         Decision(infection_threshold=1.5)
+
+
+def test_the_old_import_path_names_the_new_objects():
+    """covidseg_tf.cascade keeps the former names for old imports; each is the inference package's object."""
+    from covidseg_tf import cascade, inference
+    from covidseg_tf.inference import postprocess, preprocess, stages
+
+    assert cascade.Cascade is inference.Predictor and cascade.load_model is stages.load_stage
+    assert cascade.masks_at is postprocess.apply_decision and cascade.mask_at is postprocess.threshold_mask
+    assert cascade.Decision is postprocess.Decision and cascade.to_model_pixels is preprocess.to_model_pixels
+    lung_model = fixed_model(two_lungs()[0], 3, "lung")
+    inf_model = fixed_model(np.full((S, S, 1), 0.7, np.float32), 4, "inf")
+    x = tf.zeros((1, S, S, 3))
+    old = cascade.run_cascade(lung_model, inf_model, x, 0.5)
+    new = Predictor(lung_model, inf_model, 0.5).predict_pixels(x)
+    assert set(old) == set(new) and all(np.array_equal(old[k], new[k]) for k in new)
+    np.testing.assert_array_equal(cascade.run_stage2(inf_model, x, two_lungs()), new["infection_prob"])

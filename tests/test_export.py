@@ -139,7 +139,7 @@ def _pixels_of(images: list[bytes]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def lung_path(models, base) -> Path:
-    return export.export_stage(models["lung"], "lung", base, threshold=THRESHOLD)
+    return export.export_stage(models["lung"], "lung", base, decision=THRESHOLD)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def lung_run(lung_path, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def infection_path(models, base) -> Path:
-    return export.export_stage(models["infection"], "infection", base, threshold=THRESHOLD)
+    return export.export_stage(models["infection"], "infection", base, decision=THRESHOLD)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def infection_run(infection_path, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cascade_path(models, base) -> Path:
-    return export.export_cascade(models["lung"], models["infection"], base, threshold=THRESHOLD)
+    return export.export_cascade(models["lung"], models["infection"], base, decision=THRESHOLD)
 
 
 @pytest.fixture(scope="module")

@@ -121,12 +121,12 @@ def test_cli_missing_model_file_is_a_clear_error(tmp_path, caplog):
 def test_cli_out_that_is_a_file_is_a_usage_error_before_the_models_load(tmp_path, monkeypatch, capsys, where):
     """Issue 23: `export --out FILE` ended in NotADirectoryError after the models were loaded and frozen (18 s);
     now one `error:` line naming --out, exit 2, before any model is read."""
-    from covidseg_tf import cascade
+    from covidseg_tf.inference import stages
 
     def no_load(*args, **kwargs):
         raise AssertionError("models loaded")
 
-    monkeypatch.setattr(cascade, "load_model", no_load)
+    monkeypatch.setattr(stages, "load_stage", no_load)
     (tmp_path / "file").write_text("not a folder")
     out = tmp_path / "file" if where == "a_file" else tmp_path / "file" / "models"
     code = export.main(["--lung-model", str(tmp_path / "l.keras"), "--infection-model", str(tmp_path / "i.keras"),

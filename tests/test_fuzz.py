@@ -193,7 +193,7 @@ def test_fuzz_cascade_serving_signature(inputs, tmp_path):
 
     from covidseg_tf.export import export_cascade
 
-    path = export_cascade(*conv_cascade(64), tmp_path / "served", threshold=0.5, warmup=False)
+    path = export_cascade(*conv_cascade(64), tmp_path / "served", decision=0.5, warmup=False)
     (tmp_path / "cases.pkl").write_bytes(pickle.dumps(inputs))
     proc = subprocess.run([sys.executable, "-c", SERVE_RUNNER, str(path), str(tmp_path / "cases.pkl"),
                            str(tmp_path / "o.pkl")], capture_output=True, text=True, timeout=1800, env=_env(),

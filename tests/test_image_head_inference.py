@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import conv_cascade, conv_head_stage, phantom
 
-from covidseg_tf.config import IMAGE_CLASSES, Decision
+from covidseg_tf.config import IMAGE_CLASSES
+from covidseg_tf.inference import Decision
 
 SIZE = 64
 
@@ -134,8 +135,9 @@ def test_predict_json_batch_csv_and_serve_client_carry_the_head(models, tmp_path
 def test_exported_servables_serve_the_head(models, tmp_path):
     import tensorflow as tf
 
-    from covidseg_tf.cascade import Cascade, SavedModelStage
+    from covidseg_tf.cascade import Cascade
     from covidseg_tf.export import export_cascade, export_stage
+    from covidseg_tf.inference.stages import SavedModelStage
 
     lung, infection = models
     decision = Decision(min_infection_probability=0.5)
@@ -166,8 +168,8 @@ def test_exported_servables_serve_the_head(models, tmp_path):
 
 
 def test_tflite_stage_returns_the_head(models):
-    from covidseg_tf.cascade import TFLiteStage
     from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT
+    from covidseg_tf.inference.stages import TFLiteStage
     from covidseg_tf.optimize import tflite_model
 
     _, infection = models

@@ -9,7 +9,8 @@ import tensorflow as tf
 from helpers import phantom
 
 from covidseg_tf import limits
-from covidseg_tf.cascade import input_quality, masks_at, to_model_pixels
+from covidseg_tf.cascade import masks_at
+from covidseg_tf.inference.preprocess import input_quality, to_model_pixels
 
 
 def gate(images: list[np.ndarray], size: int = 64) -> dict[str, list]:

@@ -20,9 +20,10 @@ from helpers import GOOD, conv_cascade, phantom
 from PIL import Image
 
 from covidseg_tf import limits, nonxray
-from covidseg_tf.cascade import Cascade, input_quality, lung_plausibility, to_model_pixels
+from covidseg_tf.cascade import Cascade
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.imageio import decode_image, read_xray
+from covidseg_tf.inference.preprocess import input_quality, lung_plausibility, to_model_pixels
 
 S = 64
 NOT_XRAY = "not a frontal chest X-ray: "

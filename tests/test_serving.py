@@ -86,7 +86,7 @@ def models() -> tuple[keras.Model, keras.Model]:
 def cascade_path(models, tmp_path_factory) -> Path:
     from covidseg_tf.export import export_cascade
 
-    return export_cascade(*models, tmp_path_factory.mktemp("served"), threshold=0.5, warmup=False)
+    return export_cascade(*models, tmp_path_factory.mktemp("served"), decision=0.5, warmup=False)
 
 
 @pytest.fixture(scope="module")

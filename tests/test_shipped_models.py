@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, Decision
+from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.imageio import read_xray
+from covidseg_tf.inference import Decision
 
 VAL = Path("Infection Segmentation Data") / "Infection Segmentation Data" / "Val"
 PER_CLASS = {"COVID-19": 16, "Non-COVID": 8, "Normal": 8}

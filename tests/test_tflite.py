@@ -13,8 +13,9 @@ import tensorflow as tf
 from helpers import conv_cascade, phantom, randomize_batchnorms
 
 from covidseg_tf import export
-from covidseg_tf.cascade import TFLITE_FILE, Cascade, TFLiteStage, load_model
+from covidseg_tf.cascade import Cascade, load_model
 from covidseg_tf.config import default_config
+from covidseg_tf.inference.stages import TFLITE_FILE, TFLiteStage
 from covidseg_tf.models import build_stage_model
 from covidseg_tf.optimize import tflite_model
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import conv_cascade
 
-from covidseg_tf.config import Decision
+from covidseg_tf.inference import Decision
 from covidseg_tf.tune import INFECTION_THRESHOLDS, MIN_INFECTION_PERCENTS, score
 
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
