@@ -132,7 +132,7 @@ def folder_entries(root: Path) -> list[dict[str, Any]]:
                 continue
             if record is not None:
                 entries.append(entry_of(rel, record))
-    return entries
+    return sorted(entries, key=lambda e: e["record"])
 
 
 def sort_entries(entries: list[dict[str, Any]], key: str = "total", descending: bool = True) -> list[dict[str, Any]]:

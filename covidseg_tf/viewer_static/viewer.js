@@ -3,6 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const DISPLAY_HEIGHT = 560;
+const RESULT_WIDTH = 400;  // px kept for the result panel beside the picture (#result is 20em)
 const state = { colours: null, sort: "total", order: "desc", current: null, masks: {} };
 
 function setStatus(text, isError) {
@@ -79,6 +81,10 @@ async function show(result, title) {
   xray.width = overlay.width = base ? base.naturalWidth : 1;
   xray.height = overlay.height = base ? base.naturalHeight : 1;
   if (base) xray.getContext("2d").drawImage(base, 0, 0);
+  // shown at most DISPLAY_HEIGHT px high and as wide as the page allows (a small image is enlarged)
+  const room = $("view").clientWidth - RESULT_WIDTH;
+  const scale = Math.min(DISPLAY_HEIGHT / xray.height, room / xray.width);
+  xray.style.width = `${Math.round(xray.width * scale)}px`;
   state.masks = { lung: lung && maskBits(lung), infection: infection && maskBits(infection) };
   for (const id of ["show-lung", "show-infection", "opacity"]) $(id).disabled = !layered;
   $("layer-note").textContent = layered ? "" :
@@ -86,6 +92,8 @@ async function show(result, title) {
   drawOverlay();
 
   $("title").textContent = title;
+  $("size").textContent = `${record.size.width} \u00d7 ${record.size.height} px` +
+    (record.input_sha256 ? `, SHA-256 ${record.input_sha256.slice(0, 12)}\u2026` : "");
   const sev = record.severity;
   for (const side of ["right", "left", "total"]) {
     const cell = $(`sev-${side}`);
@@ -100,7 +108,7 @@ async function show(result, title) {
   $("image-level").textContent = level ?
     `image-level head: COVID-19 probability ${level.infection_probability.toFixed(3)}, class ${level.class}` : "";
   const m = record.models || {};
-  const model = (s) => s ? `${(s.path || "?").split("/").slice(-2).join("/")} (${s.format})` : "?";
+  const model = (s) => s ? `${(s.path || "?").split("/").slice(-3).join("/")} (${s.format})` : "?";
   $("models").textContent = `models: lung ${model(m.lung)}, infection ${model(m.infection)}; ` +
     `covidseg_tf ${m.covidseg_tf || "?"}` + (m.decision ? `; decision threshold ${m.decision.threshold}` : "");
   const names = { lung: "lung mask (PNG)", infection: "infection mask (PNG)", overlay: "overlay (PNG)",
