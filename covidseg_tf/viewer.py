@@ -189,13 +189,20 @@ class Viewer:
     the folder to browse (None: no folder) and the uploads' results."""
 
     def __init__(self, predictor: Predictor | None, folder: Path | None = None):
-        from covidseg_tf.predict import model_info
-
-        self.predictor = predictor
-        self.models = model_info(predictor) if predictor is not None else None
+        self.predictor: Predictor | None = None
+        self.models: dict[str, Any] | None = None
+        if predictor is not None:
+            self.use(predictor)
         self.folder = folder.resolve() if folder is not None else None
         self.results = Results()
         self._lock = threading.Lock()  # one prediction at a time (the CPU is the limit anyway)
+
+    def use(self, predictor: Predictor) -> None:
+        """Serve uploads with `predictor` (its `predict.model_info` goes into every record)."""
+        from covidseg_tf.predict import model_info
+
+        self.models = model_info(predictor)
+        self.predictor = predictor
 
     def upload(self, data: bytes, name: str) -> dict[str, Any]:
         """Predict one uploaded file as predict does; returns {"record", "links", "xray"}. Raises
@@ -456,19 +463,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not loopback:
         log.warning("listening on %s: anyone who can reach this address sees the page%s (no authentication)",
                     args.host, f" and {args.folder}" if args.folder else "")
+    viewer = Viewer(None, args.folder)
+    try:  # the port first: a port in use is found before the models load
+        # (an IPv6 loopback address keeps no Host check: werkzeug cannot match "[::1]:port" against a list)
+        server = serve(create_app(viewer, loopback=loopback and ":" not in args.host), args.host, args.port)
+    except (OSError, SystemExit) as e:  # werkzeug reports a port in use on stderr and exits 1
+        log.error("cannot listen on %s:%d%s", args.host, args.port, f": {e}" if isinstance(e, OSError) else "")
+        return exitcodes.USAGE
     from covidseg_tf.inference import Predictor
 
     try:
-        predictor = Predictor.load(args.lung_model, args.infection_model, image_size=args.image_size,
-                                   **decision_overrides(args))
+        viewer.use(Predictor.load(args.lung_model, args.infection_model, image_size=args.image_size,
+                                  **decision_overrides(args)))
     except (ValueError, FileNotFoundError, ImportError) as e:
         log.error("%s", e)
-        return exitcodes.USAGE
-    app = create_app(Viewer(predictor, args.folder), loopback=loopback)
-    try:
-        server = serve(app, args.host, args.port)
-    except OSError as e:
-        log.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+        server.server_close()
         return exitcodes.USAGE
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     log.info("serving on http://%s:%d/ (Ctrl-C stops)", shown, server.port)

@@ -354,6 +354,19 @@ def test_a_folder_that_is_not_a_folder_is_a_usage_error(tmp_path):
     assert viewer.main(["--folder", str(tmp_path / "missing")]) == 2
 
 
+def test_a_port_in_use_is_a_usage_error_found_before_the_models_load():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        assert viewer.main(["--port", str(taken.getsockname()[1]), "--quiet"]) == 2
+        assert time.monotonic() - started < 5  # no model was loaded
+
+
+def test_a_model_that_cannot_be_loaded_is_a_usage_error(tmp_path):
+    assert viewer.main(["--port", "0", "--quiet", "--lung-model", str(tmp_path / "missing")]) == 2
+
+
 def test_the_command_serves_the_page_and_stops_on_ctrl_c(tree):
     """`python -m covidseg_tf.viewer --folder DIR --port 0`: logs its address, serves the page and the folder,
     exits 0 on SIGINT."""
