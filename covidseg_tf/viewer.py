@@ -107,13 +107,21 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return record if {"file", "assessed"} <= record.keys() else None
 
 
+def _number(value: Any) -> float | None:
+    """A record's figure if it is one (a hand-edited record may hold anything), else None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def entry_of(rel: str, record: dict[str, Any]) -> dict[str, Any]:
-    """One row of the folder list: the record's path (relative to the folder), its input and its severities."""
-    sev, image_level = record["severity"], record.get("image_level") or {}
+    """One row of the folder list: the record's path (relative to the folder), its input and its severities
+    (None where the record has no number)."""
+    sev, image_level = record["severity"], record.get("image_level")
+    image_level = image_level if isinstance(image_level, dict) else {}
     return {"record": rel, "file": str(record["file"]), "assessed": bool(record["assessed"]),
-            "reason": record.get("reason"), "left": sev.get("left"), "right": sev.get("right"),
-            "total": sev.get("total"), "grade": sev.get("grade"),
-            "infection_probability": image_level.get("infection_probability")}
+            "reason": None if record.get("reason") is None else str(record["reason"]),
+            "left": _number(sev.get("left")), "right": _number(sev.get("right")), "total": _number(sev.get("total")),
+            "grade": None if sev.get("grade") is None else str(sev["grade"]),
+            "infection_probability": _number(image_level.get("infection_probability"))}
 
 
 def folder_entries(root: Path) -> list[dict[str, Any]]:

@@ -69,7 +69,10 @@ def tree(tmp_path: Path) -> dict[str, Path]:
                "images/n.json": record_of("n.png", None, reason="near-constant")}
     for rel, record in records.items():
         (root / rel).write_text(json.dumps(record))
+    (root / "images" / "odd.json").write_text(json.dumps(record_of("odd.png", 5.0) | {
+        "severity": {"left": "12", "right": True, "total": [1], "grade": 3}}))  # hand-edited: no numbers
     (root / "a_lung.png").write_bytes(b"\x89PNG lung")
+    (root / "a_seg.dcm").write_bytes(b"DICM seg")
     (root / "config.json").write_text(json.dumps({"not": "a record"}))
     (root / "severity.csv").write_text("file,severity_total\n")
     (root / "link_out.json").symlink_to(outside / "other.json")
@@ -171,7 +174,10 @@ def test_security_headers_and_no_network_assets(client):
 # ----------------------------------------------------------------------------------------------- folder list
 def test_folder_lists_the_records_only(tree):
     entries = folder_entries(tree["root"])
-    assert [e["record"] for e in entries] == ["a.json", "images/deep/c.json", "images/n.json", "sub/b.json"]
+    assert [e["record"] for e in entries] == ["a.json", "images/deep/c.json", "images/n.json", "images/odd.json",
+                                              "sub/b.json"]
+    odd = entries[3]
+    assert (odd["left"], odd["right"], odd["total"], odd["grade"]) == (None, None, None, "3")
     a = entries[0]
     assert (a["file"], a["left"], a["right"], a["total"], a["assessed"]) == ("a.png", 5.0, 15.0, 10.0, True)
     n = entries[2]
@@ -179,11 +185,11 @@ def test_folder_lists_the_records_only(tree):
 
 
 @pytest.mark.parametrize("key,descending,expected", [
-    ("total", True, ["sub/b.json", "images/deep/c.json", "a.json", "images/n.json"]),
-    ("total", False, ["a.json", "images/deep/c.json", "sub/b.json", "images/n.json"]),
-    ("left", True, ["sub/b.json", "images/deep/c.json", "a.json", "images/n.json"]),
-    ("right", False, ["a.json", "images/deep/c.json", "sub/b.json", "images/n.json"]),
-    ("name", False, ["a.json", "images/deep/c.json", "images/n.json", "sub/b.json"]),
+    ("total", True, ["sub/b.json", "images/deep/c.json", "a.json", "images/n.json", "images/odd.json"]),
+    ("total", False, ["a.json", "images/deep/c.json", "sub/b.json", "images/n.json", "images/odd.json"]),
+    ("left", True, ["sub/b.json", "images/deep/c.json", "a.json", "images/n.json", "images/odd.json"]),
+    ("right", False, ["a.json", "images/deep/c.json", "sub/b.json", "images/n.json", "images/odd.json"]),
+    ("name", False, ["a.json", "images/deep/c.json", "images/n.json", "images/odd.json", "sub/b.json"]),
 ])
 def test_sort_entries(tree, key, descending, expected):
     assert [e["record"] for e in sort_entries(folder_entries(tree["root"]), key, descending)] == expected
@@ -192,9 +198,9 @@ def test_sort_entries(tree, key, descending, expected):
 def test_folder_api_sorts_and_refuses_unknown_keys(client):
     body = client.get("/api/folder?sort=total&order=desc").get_json()
     assert body["folder"] == "preds"
-    assert [e["total"] for e in body["entries"]] == [70.0, 30.0, 10.0, None]
+    assert [e["total"] for e in body["entries"]] == [70.0, 30.0, 10.0, None, None]
     assert [e["total"] for e in client.get("/api/folder?sort=total&order=asc").get_json()["entries"]] == \
-        [10.0, 30.0, 70.0, None]
+        [10.0, 30.0, 70.0, None, None]
     bad = client.get("/api/folder?sort=__class__")
     assert bad.status_code == 400 and "sort" in bad.get_json()["error"]
 
@@ -209,8 +215,10 @@ def test_without_a_folder_there_is_nothing_to_browse():
 def test_record_links_its_sibling_outputs(client, tree):
     body = client.get("/api/record/a.json").get_json()
     assert body["record"]["severity"]["total"] == 10.0
-    assert body["links"] == {"lung": "/files/a_lung.png", "json": "/files/a.json"}
+    assert body["links"] == {"lung": "/files/a_lung.png", "json": "/files/a.json", "seg": "/files/a_seg.dcm"}
     assert body["xray"] is None  # a.png is not in the folder
+    seg = client.get(body["links"]["seg"])
+    assert seg.data == b"DICM seg" and seg.headers["Content-Disposition"].startswith("attachment")
 
 
 def test_xray_shown_only_from_inside_the_folder_with_the_recorded_hash(tree):
@@ -324,12 +332,16 @@ def test_upload_gives_predicts_record_val(predictor, live, shared_covidqu, tmp_p
     assert expected["assessed"] and expected["severity"]["total"] > 0
 
 
-@pytest.mark.shared_data
-def test_dicom_upload_also_gives_seg_and_sr(predictor, live, shared_covidqu, tmp_path):
+@pytest.mark.parametrize("source", ["phantom", pytest.param("val", marks=pytest.mark.shared_data)])
+def test_dicom_upload_also_gives_seg_and_sr(predictor, live, request, tmp_path, source):
     import pydicom
 
-    gray = np.asarray(Image.open(sorted((shared_covidqu / VAL_COVID).glob("*.png"))[1]).convert("L"))
-    path = write_dicom(tmp_path / "val.dcm", gray.astype(np.uint16) * 16)
+    if source == "val":
+        png = sorted((request.getfixturevalue("shared_covidqu") / VAL_COVID).glob("*.png"))[1]
+        gray = np.asarray(Image.open(png).convert("L"))
+    else:
+        gray = phantom(256, 240, seed=2)
+    path = write_dicom(tmp_path / f"{source}.dcm", gray.astype(np.uint16) * 16)
     ds = pydicom.dcmread(path)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     ds.save_as(path, enforce_file_format=True)
@@ -338,8 +350,15 @@ def test_dicom_upload_also_gives_seg_and_sr(predictor, live, shared_covidqu, tmp
     seg = pydicom.dcmread(io.BytesIO(live.get(body["links"]["seg"]).data))
     sr = pydicom.dcmread(io.BytesIO(live.get(body["links"]["sr"]).data))
     assert seg.Modality == "SEG" and sr.Modality == "SR"
-    source = pydicom.dcmread(path, stop_before_pixels=True)
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == ds.StudyInstanceUID
+    assert (seg.Rows, seg.Columns) == gray.shape
+
+
+def test_a_dicom_the_seg_cannot_reference_still_gets_its_prediction(predictor, live, tmp_path):
+    """No Study Instance UID (helpers.write_dicom writes none): the PNG / JSON results, and the reason for no SEG."""
+    path = write_dicom(tmp_path / "nostudy.dcm", phantom(128, 128).astype(np.uint16) * 16)
+    body, _ = _same_as_predict(predictor, live, path, tmp_path)
+    assert "seg" not in body["links"] and "StudyInstanceUID" in body["dicom_error"]
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -478,6 +497,9 @@ def _check_page(url: str, path: Path, expected: dict, screenshot: Path | None = 
         assert lung_only <= lung_px and lung_only + red >= lung_px
         if screenshot is not None:
             driver.save_screenshot(str(screenshot))
+        driver.execute_script("const o = document.getElementById('opacity'); o.value = 80;"
+                              "o.dispatchEvent(new Event('input'));")
+        assert driver.find_element(By.ID, "overlay").value_of_css_property("opacity") == "0.8"
         driver.find_element(By.ID, "show-infection").click()  # infection layer off: every lung pixel green
         assert driver.execute_script(COUNT_COLOUR, list(predict.LUNG_RGB))[0] == lung_px
         assert driver.execute_script(COUNT_COLOUR, list(predict.INFECTION_RGB))[0] == 0
