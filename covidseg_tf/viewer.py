@@ -343,6 +343,10 @@ def create_app(viewer: Viewer, loopback: bool = True) -> flask.Flask:
         return error(413, f"{name}: the upload is larger than {MAX_UPLOAD_BYTES} bytes (the largest image the "
                           f"decoder accepts, {MAX_SIDE} px a side, fits in less)")
 
+    @app.errorhandler(Outside)
+    def outside(e: Outside) -> flask.Response:  # says nothing about what lies outside the folder
+        return error(404, NotFound.description)
+
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> flask.Response:
         return error(e.code or 500, e.description or e.name)
@@ -387,13 +391,10 @@ def create_app(viewer: Viewer, loopback: bool = True) -> flask.Flask:
 
     @app.get("/xray/<path:rel>")
     def xray(rel: str) -> flask.Response:
-        try:
-            record = viewer.record(rel)["record"]
-            source = viewer.source_of(rel, record)
-            if source is None:
-                raise Outside(rel)
-        except Outside:
-            raise NotFound() from None
+        record = read_record(confined(viewer.folder, rel)) if viewer.folder and rel.endswith(".json") else None
+        source = viewer.source_of(rel, record) if record is not None else None
+        if source is None:
+            raise NotFound()
         try:
             gray = decode_image(source.read_bytes(), rel).gray
         except (OSError, XRayReadError) as e:
