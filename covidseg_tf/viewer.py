@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -439,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      --infection-model runs/infection/model.keras\n"
                "only files inside --folder are served; the page loads nothing from the network.\n"
                "--host other than 127.0.0.1 / localhost exposes the page (no authentication) to the network.\n"
-               "exit codes: 0 stopped (Ctrl-C); 2 usage error (a --folder that is not a folder, a model that "
-               "cannot be loaded, a port in use).")
+               "exit codes: 0 stopped (Ctrl-C or SIGTERM); 2 usage error (a --folder that is not a folder, a port "
+               "in use, a model that cannot be loaded).")
     add_model_flags(p)
     add_decision_flags(p)
     p.add_argument("--folder", type=Path, default=None,
@@ -490,6 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.USAGE
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     log.info("serving on http://%s:%d/ (Ctrl-C stops)", shown, server.port)
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (kill, a service manager) stops it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

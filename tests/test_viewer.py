@@ -386,9 +386,10 @@ def test_a_model_that_cannot_be_loaded_is_a_usage_error(tmp_path):
     assert viewer.main(["--port", "0", "--quiet", "--lung-model", str(tmp_path / "missing")]) == 2
 
 
-def test_the_command_serves_the_page_and_stops_on_ctrl_c(tree):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_command_serves_the_page_and_stops_on_a_signal(tree, stop):
     """`python -m covidseg_tf.viewer --folder DIR --port 0`: logs its address, serves the page and the folder,
-    exits 0 on SIGINT."""
+    exits 0 on Ctrl-C (SIGINT) or SIGTERM."""
     proc = subprocess.Popen([sys.executable, "-m", "covidseg_tf.viewer", "--folder", str(tree["root"]), "--port",
                              "0"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
@@ -407,7 +408,7 @@ def test_the_command_serves_the_page_and_stops_on_ctrl_c(tree):
         assert [e["record"] for e in body["entries"]][0] == "sub/b.json"
         conn.request("GET", "/")
         assert b"covidseg-tf viewer" in conn.getresponse().read()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
