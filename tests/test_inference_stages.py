@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import conv_cascade, phantom
+from helpers import conv_cascade, phantom
 
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, SAVED_MODELS, SHIPPED_VERSION
 from covidseg_tf.inference import Decision, ExportManifest, Predictor, Stage, load_stage
