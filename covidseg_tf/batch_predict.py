@@ -25,7 +25,8 @@ The pipeline (`build_pipeline`):
    the dead letter.
 5. **render + write** (`WriteOutputsFn`): `covidseg_tf.predict.render_outputs` gives exactly `predict`'s four files
    per image (``<stem>_lung.png``, ``<stem>_infection.png`` at the input size, ``<stem>_overlay.png``,
-   ``<stem>.json``), written with `FileSystems.create` (so ``gs://`` works).
+   ``<stem>.json``; with --dicom, a DICOM input's ``<stem>_seg.dcm`` and ``<stem>_sr.dcm``, `covidseg_tf.dicom`),
+   written with `FileSystems.create` (so ``gs://`` works).
 6. **summaries** with Beam's text sink, each as ONE file (`WriteToText` with ``shard_name_template=""``, i.e. one
    shard: fine for summaries, ~1.5 kB per image in ``summary.jsonl``):
 
@@ -197,6 +198,7 @@ class XRay:
     gray: np.ndarray = field(repr=False)  # H x W uint8
     sha256: str = ""  # of the input's bytes
     colour: float = 0.0  # share of clearly coloured pixels of the file (imageio.decode_image), for the input gate
+    dicom: Any = field(default=None, repr=False)  # a DICOM input's header when its SEG and SR are wanted (--dicom)
 
 
 @dataclass
@@ -307,8 +309,9 @@ class ReadDecodeFn(beam.DoFn):
     """``(uri, stem)`` -> `XRay` (bytes through `fileio.ReadableFile`, then `imageio.decode_image`: the grey image
     and the file's colour share); failures go to the ``dead_letter`` output with the reason."""
 
-    def __init__(self, images_root: str):
+    def __init__(self, images_root: str, dicom: bool = False):
         self.images_root = images_root
+        self.dicom = dicom  # keep a DICOM input's header (`imageio.DecodedImage.dicom`) for its SEG and SR
 
     def process(self, element: tuple[str, str]) -> Iterator[Any]:
         from covidseg_tf.imageio import decode_image
@@ -331,7 +334,8 @@ class ReadDecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(uri, "decode", str(e)))
             return
         yield XRay(file=uri, stem=join(self.images_root, stem), gray=decoded.gray,
-                   sha256=hashlib.sha256(data).hexdigest(), colour=decoded.colour)
+                   sha256=hashlib.sha256(data).hexdigest(), colour=decoded.colour,
+                   dicom=decoded.dicom if self.dicom else None)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -460,13 +464,14 @@ class WriteOutputsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(x.file, "inference", pred.reason))
             return
         try:
-            record, encoded = render_outputs(x.file, x.gray, pred, x.stem, models, sha256=x.sha256)
+            record, encoded = render_outputs(x.file, x.gray, pred, x.stem, models, sha256=x.sha256, dicom=x.dicom)
         except Exception as e:
             _failed("render")
             yield beam.pvalue.TaggedOutput("dead_letter", dead_letter(x.file, "render", f"{type(e).__name__}: {e}"))
             return
         for path, data in encoded.items():  # an unwritable output is the run's problem, not the image's: raise
-            mime = "application/json" if path.endswith(".json") else "image/png"
+            mime = ("application/json" if path.endswith(".json") else "application/dicom" if path.endswith(".dcm")
+                    else "image/png")
             if self.output and path.startswith(self.output):  # for the manifest, before the file exists
                 yield beam.pvalue.TaggedOutput("written", path[len(self.output):])
             with FileSystems.create(path, mime_type=mime, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -489,6 +494,7 @@ class Settings:
     image_size: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     tf_threads: int | None = None
+    dicom: bool = False  # also a DICOM Segmentation and Measurement Report per DICOM input
 
 
 def build_pipeline(p: beam.Pipeline, s: Settings) -> None:
@@ -503,7 +509,7 @@ def build_pipeline(p: beam.Pipeline, s: Settings) -> None:
              | "AssignStems" >> beam.FlatMap(lambda kv: assign_stems(*kv))
              | "GroupStems" >> beam.GroupByKey()
              | "ResolveCollisions" >> beam.FlatMap(lambda kv: resolve_collisions(*kv)))
-    decoded = stems | "ReadDecode" >> beam.ParDo(ReadDecodeFn(join(s.output, IMAGES_DIR))).with_outputs(
+    decoded = stems | "ReadDecode" >> beam.ParDo(ReadDecodeFn(join(s.output, IMAGES_DIR), s.dicom)).with_outputs(
         "dead_letter", main="images")
     handler = CascadeModelHandler(s.lung_model, s.infection_model, s.decision, s.image_size, s.batch_size,
                                   s.tf_threads)
@@ -730,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorFlow intra-op threads per worker process (default: TensorFlow's, all cores)")
     p.add_argument("--overwrite", action="store_true",
                    help="if --output holds an earlier run's results, delete them and run (default: refuse)")
+    p.add_argument("--dicom", action="store_true",
+                   help="for each DICOM input, also write <stem>_seg.dcm (DICOM Segmentation) and <stem>_sr.dcm (TID "
+                   "1500 Measurement Report); an input they cannot be made for goes to the dead letter (stage render)")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     return p
 
@@ -755,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE
     settings = Settings(patterns=list(args.inputs), output=args.output, lung_model=args.lung_model,
                         infection_model=args.infection_model, decision=decision, image_size=args.image_size,
-                        batch_size=args.batch_size, tf_threads=args.tf_threads)
+                        batch_size=args.batch_size, tf_threads=args.tf_threads, dicom=args.dicom)
     try:
         res = run(settings, beam_args, overwrite=args.overwrite)
     except Refused as e:

@@ -72,6 +72,9 @@ class DecodedImage:
 
     gray: np.ndarray
     colour: float = 0.0
+    dicom: Any = None
+    """A DICOM input's header (pydicom Dataset read without its pixel data), which DICOM outputs reference (see
+    `covidseg_tf.dicom`); None for other formats."""
 
 
 def colour_share(rgb: np.ndarray) -> float:
@@ -140,9 +143,9 @@ def _dicom_dataset(data: bytes, name: str, header_only: bool) -> Any:
     return pydicom.dcmread(fp, stop_before_pixels=header_only)
 
 
-def _dicom_size(data: bytes, name: str) -> tuple[int, int]:
-    """(Rows, Columns) of a DICOM file, read without its pixel data."""
-    ds = _dicom_dataset(data, name, header_only=True)
+def _dicom_size(data: bytes, name: str, ds: Any = None) -> tuple[int, int]:
+    """(Rows, Columns) of a DICOM file from its header `ds` (read here, without the pixel data, when not given)."""
+    ds = _dicom_dataset(data, name, header_only=True) if ds is None else ds
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if rows is None or cols is None:
         raise XRayReadError(f"{name}: DICOM file has no Rows / Columns (not an image)")
@@ -315,9 +318,11 @@ def decode_image(data: bytes, name: str) -> DecodedImage:
     if not data:  # whatever the name says (an empty .dcm too)
         raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     dicom = _is_dicom(data, name)
+    header = None
     try:
         if dicom:
-            _check_size(*_dicom_size(data, name), name)
+            header = _dicom_dataset(data, name, header_only=True)
+            _check_size(*_dicom_size(data, name, header), name)
         arr, colour = _read_dicom(data, name) if dicom else _read_pillow(io.BytesIO(data), name)
     except XRayReadError:
         raise
@@ -327,7 +332,7 @@ def decode_image(data: bytes, name: str) -> DecodedImage:
     if arr.ndim != 2 or arr.size == 0:
         raise XRayReadError(f"{name}: decoded to an array of shape {arr.shape}; expected one grey image (H x W)")
     _check_size(arr.shape[0], arr.shape[1], name)  # the header's promise kept (e.g. after the EXIF rotation)
-    return DecodedImage(np.ascontiguousarray(arr, dtype=np.uint8), colour)
+    return DecodedImage(np.ascontiguousarray(arr, dtype=np.uint8), colour, header)
 
 
 def find_images(paths: list[str | Path], exclude: Path | None = None,

@@ -9,6 +9,10 @@ input `<name>`:
     <name>_infection.png  infection mask, 8-bit 0/255, input resolution
     <name>_overlay.png    the X-ray with the lung outline + light tint (green) and the infection (red), input
                           resolution up to 2048 px a side (OVERLAY_MAX_SIDE), shrunk by an integer factor beyond
+    <name>_seg.dcm        with --dicom, for a DICOM input: a DICOM Segmentation (right lung, left lung, infection)
+    <name>_sr.dcm         with --dicom, for a DICOM input: a DICOM TID 1500 Measurement Report (severity per lung,
+                          grade, assessed or why not), both referencing the input's study, series and instance
+                          (`covidseg_tf.dicom`)
     <name>.json           sizes, areas, severity per lung and grade, the image-level head's verdict (models
                           with a head), model files and versions
 
@@ -56,6 +60,7 @@ import numpy as np
 
 from covidseg_tf import __version__, exitcodes
 from covidseg_tf.cli import add_decision_flags, add_model_flags, decision_overrides
+from covidseg_tf.dicom import DICOM_SUFFIXES
 from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
 from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
     Unusable,
@@ -71,6 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = ("_lung.png", "_infection.png", "_overlay.png", ".json")
+"""The files every input gets, the JSON last; a DICOM input with --dicom also gets DICOM_SUFFIXES' (before it)."""
 
 OVERLAY_MAX_SIDE = 2048
 """The overlay (a picture to look at; the masks keep the input's size) is drawn at most this many pixels a side."""
@@ -157,8 +163,9 @@ def _key(path: Path) -> str:
 
 
 def output_paths(stem: Path) -> list[Path]:
-    """The four output files of an input planned at `stem` (OUTPUT_SUFFIXES order, the JSON last)."""
-    return [stem.parent / (stem.name + s) for s in OUTPUT_SUFFIXES]
+    """Every output file an input planned at `stem` may have (OUTPUT_SUFFIXES and DICOM_SUFFIXES, the JSON last):
+    the names reserved against collisions, checked for earlier runs and removed when stale."""
+    return [stem.parent / (stem.name + s) for s in (*OUTPUT_SUFFIXES[:-1], *DICOM_SUFFIXES, OUTPUT_SUFFIXES[-1])]
 
 
 def _earlier_output_of(stem: Path, source: Path) -> bool:
@@ -219,10 +226,14 @@ def plan_outputs(files: list[Path], roots: list[Path], out_dir: Path) -> dict[Pa
 
 
 def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
-                   models: dict[str, Any], sha256: str | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+                   models: dict[str, Any], sha256: str | None = None,
+                   dicom: Any = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The JSON record and the encoded outputs of one prediction: {output path: bytes} for `stem` + each of
     OUTPUT_SUFFIXES (the JSON last). `source` names the input, `stem` is any path prefix (local or a URL),
-    `sha256` (hex digest of the input file's bytes) is recorded as ``input_sha256``.
+    `sha256` (hex digest of the input file's bytes) is recorded as ``input_sha256``. Given `dicom`, the input's
+    DICOM header (`imageio.DecodedImage.dicom`), the DICOM Segmentation and Measurement Report of the prediction
+    (`covidseg_tf.dicom.seg_and_sr_bytes`) come too, before the JSON, which names them in ``"outputs"``; a header
+    they cannot be made from raises `covidseg_tf.dicom.DicomWriteError` (nothing is rendered).
 
     An image the quality gate did not assess (`pred.assessed` False) gets ``"assessed": false``, its
     ``"reason"``, null severities and grade, and empty masks: never a grade.
@@ -268,17 +279,29 @@ def render_outputs(source: str, gray: np.ndarray, pred: Prediction, stem: str,
         "models": models,
     }
     encoded = {names["lung"]: png(pred.lung * 255), names["infection"]: png(pred.infection * 255),
-               names["overlay"]: png(overlay(gray, pred.lung, pred.infection), level=1),  # noisy RGB: zlib 6 is slow
-               names["json"]: (json.dumps(record, indent=2) + "\n").encode()}
+               names["overlay"]: png(overlay(gray, pred.lung, pred.infection), level=1)}  # noisy RGB: zlib 6 is slow
+    if dicom is not None:
+        from covidseg_tf.dicom import Algorithm, seg_and_sr_bytes
+
+        parts = seg_and_sr_bytes(dicom, {"lung": pred.lung, "infection": pred.infection}, record,
+                                 Algorithm.from_models(models), name=source)
+        for key, suffix, data in zip(("seg", "sr"), DICOM_SUFFIXES, parts):
+            record["outputs"][key] = stem + suffix
+            encoded[stem + suffix] = data
+    encoded[names["json"]] = (json.dumps(record, indent=2) + "\n").encode()
     return record, encoded
 
 
-def write_outputs(encoded: dict[str, bytes]) -> None:
+def write_outputs(encoded: dict[str, bytes], stale: Sequence[Path] = ()) -> None:
     """Write one input's outputs (`render_outputs`, the JSON last) so that a JSON only ever stands next to the
-    complete, fresh files it describes: an existing JSON is removed first, then each file is written under a
-    temporary name and renamed over the old one, the new JSON last. An interrupted run leaves no JSON."""
+    complete, fresh files it describes: an existing JSON is removed first, then the `stale` files not written
+    this time (an earlier run's DICOM outputs), then each file is written under a temporary name and renamed over
+    the old one, the new JSON last. An interrupted run leaves no JSON."""
     names = list(encoded)
     Path(names[-1]).unlink(missing_ok=True)
+    for old in stale:
+        if str(old) not in encoded:
+            old.unlink(missing_ok=True)
     for name in names:
         tmp = Path(f"{name}.tmp-{os.getpid()}")
         try:
@@ -299,14 +322,16 @@ def read_input(path: Path) -> tuple[bytes, DecodedImage]:
 
 
 def process_file(predictor: Predictor, path: Path, stem: Path, models: dict[str, Any],
-                 read: tuple[bytes, DecodedImage] | None = None) -> dict[str, Any]:
-    """Predict one file and write its four outputs (`render_outputs`, `write_outputs`); returns the JSON record.
-    `read` is `read_input(path)` when done already: the bytes decoded are the bytes hashed (``input_sha256``)."""
+                 read: tuple[bytes, DecodedImage] | None = None, dicom: bool = False) -> dict[str, Any]:
+    """Predict one file and write its outputs (`render_outputs`, `write_outputs`; with `dicom`, a DICOM input's
+    SEG and SR too); returns the JSON record. `read` is `read_input(path)` when done already: the bytes decoded
+    are the bytes hashed (``input_sha256``)."""
     data, image = read if read is not None else read_input(path)
     pred = predictor.predict([image.gray], colour=[image.colour])[0]
-    record, encoded = render_outputs(str(path), image.gray, pred, str(stem), models, sha256=sha256_bytes(data))
+    record, encoded = render_outputs(str(path), image.gray, pred, str(stem), models, sha256=sha256_bytes(data),
+                                     dicom=image.dicom if dicom else None)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write_outputs(encoded)
+    write_outputs(encoded, stale=output_paths(stem))
     return record
 
 
@@ -329,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                "      --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras\n"
                "  python -m covidseg_tf.predict xray.png --out preds \\\n"
                "      --lung-model saved_models/lung/3 --infection-model saved_models/infection/3\n"
+               "  python -m covidseg_tf.predict study/ --out preds --dicom    # + DICOM SEG and SR per DICOM input\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
                "file;\n"
                f"folders are searched recursively for {', '.join(sorted(KNOWN_EXTENSIONS))} (links to folders are "
@@ -345,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of an earlier run (without it, predict refuses to write over any "
                    "existing output and names it) and remove the earlier outputs of inputs that fail this time")
+    p.add_argument("--dicom", action="store_true",
+                   help="for each DICOM input, also write a DICOM Segmentation (<name>_seg.dcm) and a TID 1500 "
+                   "Measurement Report (<name>_sr.dcm) referencing it, for PACS viewers; an input they cannot be made "
+                   "for fails (exit 1) with nothing written; other formats get the usual files only")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
@@ -416,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log.error("%s", e)
                     return exitcodes.USAGE  # --lung-model / --infection-model: nothing was written
             try:
-                rec = process_file(predictor, f, plan[f], models, read)
+                rec = process_file(predictor, f, plan[f], models, read, dicom=args.dicom)
             except Exception as e:
                 skip(f, e)
                 finished += 1

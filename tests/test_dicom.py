@@ -164,8 +164,9 @@ def share(infection: np.ndarray, region: np.ndarray) -> float:
     return 100.0 * np.count_nonzero(infection & region) / max(np.count_nonzero(region), 1)
 
 
-def check_references(seg: Dataset, sr: Dataset, source: Dataset) -> None:
-    """Both in the source's study and new series with new UIDs, referencing the source; "not for clinical use"."""
+def check_references(seg: Dataset, sr: Dataset, source: Dataset, algorithm: dicom.Algorithm = ALGORITHM) -> None:
+    """Both in the source's study and new series with new UIDs, referencing the source; "not for clinical use";
+    the SEG names `algorithm`'s model digests."""
     for ds, what in ((seg, "SEG"), (sr, "SR")):
         assert ds.StudyInstanceUID == source.StudyInstanceUID, what
         assert ds.PatientID == source.get("PatientID", ""), what
@@ -202,7 +203,7 @@ def check_references(seg: Dataset, sr: Dataset, source: Dataset) -> None:
                 for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
     assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
     params = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
-    assert "1" * 64 in params and "2" * 64 in params
+    assert all(digest in params for digest in algorithm.model_sha256.values())
 
 
 def sr_groups(sr_path: Path) -> tuple[dict[str, object], object]:
@@ -254,11 +255,11 @@ def validate(*paths: Path) -> list[str]:
 
 
 def check_readback(source: Dataset, record: dict, seg_path: Path, sr_path: Path, lung: np.ndarray,
-                   infection: np.ndarray, mirrored: bool = False) -> None:
+                   infection: np.ndarray, mirrored: bool = False, algorithm: dicom.Algorithm = ALGORITHM) -> None:
     """Read SEG and SR back: references, segments equal to the masks pixel for pixel, sides as the severity's,
     the SR's numbers equal to predict's record, each group referencing its segment."""
     seg, sr = pydicom.dcmread(seg_path), pydicom.dcmread(sr_path)
-    check_references(seg, sr, source)
+    check_references(seg, sr, source, algorithm)
     segments = decoded_segments(seg_path, source)
     right, left, inf = segments[..., 0], segments[..., 1], segments[..., 2]
     lung_b, inf_b = lung.astype(bool), infection.astype(bool)
@@ -468,3 +469,95 @@ def test_outputs_replace_earlier_ones_atomically(tmp_path: Path) -> None:
     assert pydicom.dcmread(second[0]).SOPInstanceUID != uid
     assert pydicom.dcmread(second[1]).CurrentRequestedProcedureEvidenceSequence  # a complete file
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+# ----------------------------------------------------------------------------------------------- predict --dicom
+def _mask(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return (np.asarray(Image.open(path)) > 0).astype(np.uint8)
+
+
+def test_predict_dicom_writes_seg_and_sr_for_dicom_inputs_only(tmp_path: Path, shared_covidqu: Path) -> None:
+    """`predict --dicom` with the shipped models on a Val X-ray as a MONOCHROME1 RLE CR and the same X-ray as a PNG:
+    the DICOM input gets a SEG and an SR (named in its JSON) whose segments are predict's mask PNGs pixel for pixel
+    and whose numbers are its JSON's; the PNG input gets no DICOM files."""
+    import json
+
+    from PIL import Image
+
+    from covidseg_tf import predict
+
+    gray, _, _ = val_case(shared_covidqu, "covid_1902.png")
+    (tmp_path / "in").mkdir()
+    src = make_source(tmp_path / "in" / "cr.dcm", gray, modality="CR", photometric="MONOCHROME1",
+                      transfer_syntax=RLELossless)
+    Image.fromarray(gray).save(tmp_path / "in" / "plain.png")
+    assert predict.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--dicom", "--quiet"]) == 0
+    base = tmp_path / "out" / "in"
+    record = json.loads((base / "cr.json").read_text())
+    assert record["assessed"] and record["outputs"]["seg"] == str(base / "cr_seg.dcm")
+    assert record["outputs"]["sr"] == str(base / "cr_sr.dcm")
+    lung, infection = _mask(base / "cr_lung.png"), _mask(base / "cr_infection.png")
+    assert infection.any()
+    check_readback(pydicom.dcmread(src), record, base / "cr_seg.dcm", base / "cr_sr.dcm", lung, infection,
+                   algorithm=dicom.Algorithm.from_models(record["models"]))
+    assert not list(base.glob("plain_*.dcm")) and "seg" not in json.loads((base / "plain.json").read_text())["outputs"]
+    if shutil.which("dciodvfy"):
+        validate(base / "cr_seg.dcm", base / "cr_sr.dcm")
+
+
+def test_predict_dicom_reruns_and_failures(tmp_path: Path) -> None:
+    """An earlier run's DICOM outputs count as outputs: a rerun without --overwrite is refused (exit 2); with
+    --overwrite and without --dicom they are removed (no stale SEG beside a fresh JSON). A DICOM input a SEG
+    cannot be made for (no Study Instance UID) fails alone with --dicom (exit 1, nothing of it written) and is
+    predicted as usual without it."""
+    import json
+
+    from covidseg_tf import predict
+
+    gray, _, _ = phantom_case(128, 128)
+    for d in ("in", "in2"):
+        (tmp_path / d).mkdir()
+    make_source(tmp_path / "in" / "a.dcm", gray)
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "in"), "--out", str(out), "--dicom", "--quiet"]) == 0
+    stem = out / "in" / "a"
+    assert {p.name for p in stem.parent.iterdir()} == {"a_lung.png", "a_infection.png", "a_overlay.png",
+                                                       "a_seg.dcm", "a_sr.dcm", "a.json"}
+    (stem.parent / "a.json").unlink()
+    assert predict.main([str(tmp_path / "in"), "--out", str(out), "--quiet"]) == 2  # the SEG is an earlier output
+    assert predict.main([str(tmp_path / "in"), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (stem.parent / "a_seg.dcm").exists() and not (stem.parent / "a_sr.dcm").exists()
+    assert set(json.loads((stem.parent / "a.json").read_text())["outputs"]) == {"lung", "infection", "overlay"}
+
+    bad = make_source(tmp_path / "in2" / "b.dcm", gray)
+    ds = pydicom.dcmread(bad)
+    del ds.StudyInstanceUID
+    ds.save_as(bad)
+    make_source(tmp_path / "in2" / "c.dcm", gray)
+    out2 = tmp_path / "out2"
+    assert predict.main([str(tmp_path / "in2"), "--out", str(out2), "--dicom", "--quiet"]) == 1
+    assert not list((out2 / "in2").glob("b*")) and (out2 / "in2" / "c_seg.dcm").exists()
+    assert predict.main([str(bad), "--out", str(tmp_path / "out3"), "--quiet"]) == 0
+
+
+def test_batch_predict_dicom(tmp_path: Path) -> None:
+    """batch_predict --dicom: a DICOM input's SEG and SR are written beside its other outputs, listed in the run's
+    manifest (so --overwrite removes them) and named in its record; the files equal predict's."""
+    import json
+
+    from covidseg_tf import batch_predict
+
+    gray, _, _ = phantom_case(128, 128)
+    (tmp_path / "in").mkdir()
+    make_source(tmp_path / "in" / "a.dcm", gray)
+    out = tmp_path / "out"
+    assert batch_predict.main([str(tmp_path / "in" / "*.dcm"), "--output", str(out), "--dicom", "--quiet"]) == 0
+    record = json.loads((out / "summary.jsonl").read_text().splitlines()[0])
+    seg, sr = Path(record["outputs"]["seg"]), Path(record["outputs"]["sr"])
+    assert seg.exists() and sr.exists() and seg.name == "a_seg.dcm"
+    manifest = (out / batch_predict.MANIFEST).read_text()
+    assert str(seg.relative_to(out)) in manifest and str(sr.relative_to(out)) in manifest
+    source = pydicom.dcmread(tmp_path / "in" / "a.dcm")
+    check_references(pydicom.dcmread(seg), pydicom.dcmread(sr), source, dicom.Algorithm.from_models(record["models"]))
