@@ -604,12 +604,12 @@ def test_predict_ctrl_c_is_one_line_and_exit_130(inputs, conv_models, tmp_path, 
         shutil.copy(inputs["png8_gray"], d / name)
     real = predict.write_outputs
 
-    def write_outputs(encoded):  # Ctrl-C while the second input's files are written
+    def write_outputs(encoded, **kwargs):  # Ctrl-C while the second input's files are written
         if any("b_" in Path(name).name for name in encoded):
             first = next(iter(encoded))
             Path(f"{first}.tmp-{os.getpid()}").write_bytes(b"partial")
             raise KeyboardInterrupt
-        real(encoded)
+        real(encoded, **kwargs)
 
     monkeypatch.setattr(predict, "write_outputs", write_outputs)
     capsys.readouterr()
