@@ -20,7 +20,7 @@ stage and for the cascade's masks, against a stated tolerance (TOL_* below).
 
 Variants: plain = tf.function(model) as built; fast = BatchNorm folded into the convs (bench/fold.py) + the
 concrete function frozen (variables -> constants); tflite = the stages as `covidseg_tf.export --tflite` writes
-them (`optimize.tflite_model`, float32, run by `cascade.TFLiteStage` on XNNPACK with --threads threads; fp32
+them (`optimize.tflite_model`, float32, run by `inference.stages.TFLiteStage` on XNNPACK with --threads threads; fp32
 only), the cascade's glue still in TensorFlow. Same outputs up to round-off (measured, see agreement).
 
 Prints ONE JSON line; --json-out appends it to a file.

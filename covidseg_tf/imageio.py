@@ -20,7 +20,7 @@ its header first (Pillow's lazy open: PNG IHDR, JPEG SOF, ...; DICOM Rows / Colu
 ``stop_before_pixels``) and an image above `limits.MAX_SIDE` pixels a side or `limits.MAX_PIXELS` pixels is
 refused BEFORE its pixels are decoded (`header_size`, `decode_xray`). A multi-frame DICOM decodes its first
 frame only. Small, near-constant or very elongated images are decoded: the cascade's quality gate reports them
-"not assessed" (`covidseg_tf.cascade.input_quality`).
+"not assessed" (`covidseg_tf.inference.preprocess.input_quality`).
 
 Colour (`decode_image`): a chest X-ray is grey, so before a colour file (RGB / RGBA / palette / CMYK ... image,
 colour DICOM) becomes grey, the share of its clearly coloured pixels is measured (`colour_share`: chroma
@@ -67,7 +67,7 @@ class DecodedImage:
 
     `gray` is the H x W uint8 image every tool runs on (`decode_xray`'s); `colour` is the share (0..1) of the
     file's pixels that are clearly coloured (`colour_share`), 0 for a grey file, for the input gate's colour check
-    (`covidseg_tf.cascade.input_quality`).
+    (`covidseg_tf.inference.preprocess.input_quality`).
     """
 
     gray: np.ndarray
