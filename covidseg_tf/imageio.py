@@ -251,7 +251,7 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
     if not data:  # whatever the name says (an empty .dcm too)
         raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     try:
-        if _is_dicom(data, name):
+        if is_dicom_bytes(data, name):
             return _dicom_size(data, name)
         from PIL import Image
 
@@ -265,7 +265,13 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
         raise XRayReadError(f"{name}: cannot read the header: {type(e).__name__}: {e}") from e
 
 
-def _is_dicom(data: bytes, name: str) -> bool:
+def is_dicom_bytes(data: bytes, name: str) -> bool:
+    """Whether `decode_xray` reads the file `name` with bytes `data` as DICOM: its extension is in
+    DICOM_EXTENSIONS or the bytes carry the "DICM" magic after the 128-byte preamble.
+
+    >>> is_dicom_bytes(b"", "chest.DCM"), is_dicom_bytes(bytes(128) + b"DICM", "upload"), is_dicom_bytes(b"", "a.png")
+    (True, True, False)
+    """
     return Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
 
 
@@ -314,7 +320,7 @@ def decode_image(data: bytes, name: str) -> DecodedImage:
     pixels before the conversion to grey; 0 for a grey file), as a `DecodedImage`. Raises as `decode_xray`."""
     if not data:  # whatever the name says (an empty .dcm too)
         raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
-    dicom = _is_dicom(data, name)
+    dicom = is_dicom_bytes(data, name)
     try:
         if dicom:
             _check_size(*_dicom_size(data, name), name)
