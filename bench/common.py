@@ -222,6 +222,24 @@ def machine_info() -> dict[str, Any]:
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
+# ----------------------------------------------------------------------------------------------- graph functions
+def compiled(fn: Callable[[Any], Any], spec: Any, freeze: bool = False, jit_compile: bool = False) -> Any:
+    """A graph-compiled inference callable of `fn` for ONE fixed input signature `spec` (a tf.TensorSpec).
+
+    freeze=True: the concrete function with its variables turned into constants
+    (convert_variables_to_constants_v2), so grappler can constant-fold weight casts (bfloat16 copies of the
+    float32 variables are made once, not at every call) and fuse conv + bias + activation. A frozen function
+    does not see later weight updates: build it after the weights are final."""
+    import tensorflow as tf
+
+    f = tf.function(fn, input_signature=[spec], jit_compile=jit_compile)
+    if not freeze:
+        return f
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    return convert_variables_to_constants_v2(f.get_concrete_function())
+
+
 # ----------------------------------------------------------------------------------------------- output
 def emit(result: dict[str, Any], json_out: str | None) -> None:
     """Print the result as ONE JSON line; append it to json_out when given."""

@@ -18,9 +18,9 @@ the agreement with the fp32/plain model of every other precision/variant on the 
 copied into the bf16 model): max |p - p_fp32| of the probabilities and Dice between the thresholded masks, per
 stage and for the cascade's masks, against a stated tolerance (TOL_* below).
 
-Variants: plain = tf.function(model) as built; fast = BatchNorm folded into the convs (bench/fold.py) + the
-concrete function frozen (variables -> constants); tflite = the stages as `covidseg_tf.export --tflite` writes
-them (`optimize.tflite_model`, float32, run by `cascade.TFLiteStage` on XNNPACK with --threads threads; fp32
+Variants: plain = tf.function(model) as built; fast = BatchNorm folded into the convs (`optimize.fold_batchnorm`) +
+the concrete function frozen (variables -> constants); tflite = the stages as `covidseg_tf.export --tflite` writes
+them (`optimize.tflite_model`, float32, run by `inference.stages.TFLiteStage` on XNNPACK with --threads threads; fp32
 only), the cascade's glue still in TensorFlow. Same outputs up to round-off (measured, see agreement).
 
 Prints ONE JSON line; --json-out appends it to a file.
@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import fold  # noqa: E402
 import models_util as mu  # noqa: E402
 
 log = logging.getLogger("bench.infer")
@@ -67,8 +66,8 @@ def parse_args(argv=None):
                    default=["lung", "infection", "cascade"], help="Keras functions to time")
     p.add_argument("--variants", nargs="+", choices=["plain", "fast", "tflite"], default=["plain", "fast"],
                    help="plain: tf.function(model) as built; fast: BatchNorm folded into the convs "
-                        "(bench/fold.py) and the concrete function frozen (variables -> constants); tflite: "
-                        "float32 TFLite stages (fp32 only)")
+                        "(covidseg_tf.optimize.fold_batchnorm) and the concrete function frozen (variables -> "
+                        "constants); tflite: float32 TFLite stages (fp32 only)")
     p.add_argument("--no-savedmodel", action="store_true", help="skip the SavedModel export + timing")
     p.add_argument("--savedmodel-stages", action="store_true",
                    help="also export/time the lung and infection servables (cascade only by default)")
@@ -238,11 +237,13 @@ def main(argv=None):
 
     fast = {}
     if "fast" in args.variants:
+        from covidseg_tf.optimize import fold_batchnorm, foldable_pairs
+
         t = time.perf_counter()
-        fast = {prec: (fold.fold_batchnorm(lung), fold.fold_batchnorm(inf)) for prec, (lung, inf) in models.items()}
+        fast = {prec: (fold_batchnorm(lung), fold_batchnorm(inf)) for prec, (lung, inf) in models.items()}
         result["fold_s"] = round(time.perf_counter() - t, 1)
-        result["folded_bn_pairs"] = {"lung": len(fold.foldable_pairs(next(iter(models.values()))[0])),
-                                     "infection": len(fold.foldable_pairs(next(iter(models.values()))[1]))}
+        result["folded_bn_pairs"] = {"lung": len(foldable_pairs(next(iter(models.values()))[0])),
+                                     "infection": len(foldable_pairs(next(iter(models.values()))[1]))}
 
     tflite = {}
     if "tflite" in args.variants and "fp32" in models:
@@ -269,12 +270,12 @@ def main(argv=None):
                     for target in args.targets:
                         try:
                             if target == "lung":
-                                fn, x = fold.compiled(lambda v, m=a: m(v, training=False), s3, fz, jc), px
+                                fn, x = common.compiled(lambda v, m=a: m(v, training=False), s3, fz, jc), px
                             elif target == "infection":
-                                fn, x = fold.compiled(lambda v, m=b: m(v, training=False), s4, fz, jc), px4
+                                fn, x = common.compiled(lambda v, m=b: m(v, training=False), s4, fz, jc), px4
                             else:
                                 cascade = Predictor(a, b, args.threshold)
-                                fn, x = fold.compiled(lambda v, c=cascade: c.predict_pixels(v), s3, fz, jc), px
+                                fn, x = common.compiled(lambda v, c=cascade: c.predict_pixels(v), s3, fz, jc), px
                             timed(lambda v, fn=fn: sync(fn(v)), x, source="keras", variant=variant,
                                   precision=prec, target=target, batch=B, jit=jit)
                         except Exception as e:  # noqa: BLE001  (e.g. XLA unsupported op): record, go on

@@ -82,13 +82,13 @@ def summarize(values: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def gate_rows(cascade: Any, grays: list[np.ndarray], colour: list[float], pixel_sizes: list[int]) -> dict[str, Any]:
+def gate_rows(predictor: Any, grays: list[np.ndarray], colour: list[float], pixel_sizes: list[int]) -> dict[str, Any]:
     """`Predictor.input_gate` of a batch, plus the pixel statistics at `pixel_sizes`."""
     import tensorflow as tf
 
     from covidseg_tf.inference.preprocess import detail, roughness, to_model_pixels
 
-    q = cascade.input_gate(grays, colour)
+    q = predictor.input_gate(grays, colour)
     for size in pixel_sizes:
         pixels = tf.stack([to_model_pixels(tf.constant(g[:, :, None]), size) for g in grays])
         q[f"grey_std@{size}"] = tf.math.reduce_std(pixels[..., 0], axis=[1, 2]).numpy()
@@ -97,7 +97,7 @@ def gate_rows(cascade: Any, grays: list[np.ndarray], colour: list[float], pixel_
     return q
 
 
-def run_files(cascade: Any, files: list[Path], pixel_sizes: list[int], batch: int, invert: bool = False
+def run_files(predictor: Any, files: list[Path], pixel_sizes: list[int], batch: int, invert: bool = False
               ) -> dict[str, Any]:
     """The gate over `files` (inverted with `invert`): per-image statistics, refusals."""
     from covidseg_tf.imageio import decode_image
@@ -106,7 +106,7 @@ def run_files(cascade: Any, files: list[Path], pixel_sizes: list[int], batch: in
     for i in range(0, len(files), batch):
         decoded = [decode_image(f.read_bytes(), str(f)) for f in files[i:i + batch]]
         grays = [255 - d.gray if invert else d.gray for d in decoded]
-        q = gate_rows(cascade, grays, [d.colour for d in decoded], pixel_sizes)
+        q = gate_rows(predictor, grays, [d.colour for d in decoded], pixel_sizes)
         for k, v in q.items():
             columns.setdefault(k, []).extend(list(v))
     assessed = np.array(columns["assessed"], bool)
@@ -121,7 +121,7 @@ def run_files(cascade: Any, files: list[Path], pixel_sizes: list[int], batch: in
             "refused_by_check": checks, "refused_first": refused[:10], "stats": summarize(stats)}
 
 
-def run_generated(cascade: Any, seeds: int, pixel_sizes: list[int]) -> dict[str, Any]:
+def run_generated(predictor: Any, seeds: int, pixel_sizes: list[int]) -> dict[str, Any]:
     """The generated non-X-ray set through the gate from its PNG bytes: per kind and seed, the check and stats."""
     from covidseg_tf import nonxray
     from covidseg_tf.imageio import decode_image
@@ -130,7 +130,7 @@ def run_generated(cascade: Any, seeds: int, pixel_sizes: list[int]) -> dict[str,
     for seed in range(seeds):
         images = nonxray.make_all(seed)
         decoded = [decode_image(nonxray.encode_png(img), f"{kind}.png") for kind, img in images.items()]
-        q = gate_rows(cascade, [d.gray for d in decoded], [d.colour for d in decoded], pixel_sizes)
+        q = gate_rows(predictor, [d.gray for d in decoded], [d.colour for d in decoded], pixel_sizes)
         for i, kind in enumerate(images):
             row = {"seed": seed, "assessed": bool(q["assessed"][i]), "check": q["check"][i],
                    "expected": nonxray.EXPECTED[kind], "reason": q["reason"][i]}
@@ -172,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     from covidseg_tf.inference import Predictor
 
     t0 = time.perf_counter()
-    cascade = Predictor.load(args.lung_model, args.infection_model)
+    predictor = Predictor.load(args.lung_model, args.infection_model)
     result: dict[str, Any] = {
         "bench": "ood_gate", "lung_model": args.lung_model, "infection_model": args.infection_model,
-        "image_size": cascade.image_size, "decision": cascade.decision.to_dict(),
+        "image_size": predictor.image_size, "decision": predictor.decision.to_dict(),
         "limits": {k: getattr(limits, k) for k in (
             "MIN_SIDE", "MAX_ASPECT", "MIN_STD", "COLOUR_CHROMA", "MAX_COLOUR_SHARE", "MAX_ROUGHNESS", "DETAIL_CELLS",
             "MIN_DETAIL", "LUNG_CUTOFF", "LUNG_SURE", "MIN_LUNG_AREA", "MAX_LUNG_AREA", "MIN_LUNG_BALANCE",
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for split in args.splits:
         files = sorted((root / split).glob("*/images/*.png"))[:args.limit]
-        result["splits"][split] = run_files(cascade, files, args.pixel_sizes, args.batch)
+        result["splits"][split] = run_files(predictor, files, args.pixel_sizes, args.batch)
     if not args.no_inverted:
         files = sorted((root / "Val").glob("*/images/*.png"))[:args.limit]
-        result["inverted_val"] = run_files(cascade, files, args.pixel_sizes, args.batch, invert=True)
-    result["generated"] = run_generated(cascade, args.seeds, args.pixel_sizes)
+        result["inverted_val"] = run_files(predictor, files, args.pixel_sizes, args.batch, invert=True)
+    result["generated"] = run_generated(predictor, args.seeds, args.pixel_sizes)
     chosen = [s for s in ("Train", "Val") if s in result["splits"]]
     result["false_refusals_train_val"] = sum(result["splits"][s]["refused"] for s in chosen)
     result["seconds"] = round(time.perf_counter() - t0, 1)

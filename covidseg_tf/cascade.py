@@ -1,5 +1,10 @@
-"""The old import path of the inference code: use `covidseg_tf.inference` (this module only re-exports its names
-under their former ones, e.g. `Cascade` is `inference.Predictor`, `load_model` is `inference.load_stage`)."""
+"""Kept for old imports only: the inference code's former names, re-exported from `covidseg_tf.inference`.
+
+New code imports from `covidseg_tf.inference`. The former names: `Cascade` (`inference.Predictor`), `load_model`
+(`inference.load_stage`), `masks_at` (`postprocess.apply_decision`), `mask_at` (`postprocess.threshold_mask`), and
+`run_cascade`, `run_stage2`, `run_stages` (wrappers of `predictor.run_stages` taking their former arguments); the
+other names are the inference package's own.
+"""
 
 from __future__ import annotations
 

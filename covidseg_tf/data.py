@@ -7,8 +7,8 @@
 * Augmentation runs at native size (256 px for COVID-QU-Ex, cheaper than at 448) on the image and all its masks
   jointly, with one seed per example drawn from `tf.data.Dataset.random`, so a seeded run is reproducible even
   with parallel calls.
-* Images become model pixels with `covidseg_tf.cascade.to_model_pixels` (the rule every entry point uses); masks
-  are resized with nearest neighbour (`cascade.resize_mask`).
+* Images become model pixels with `covidseg_tf.inference.preprocess.to_model_pixels` (the rule every entry point
+  uses); masks are resized with nearest neighbour (`preprocess.resize_mask`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
     <stem>_seg.dcm  a DICOM Segmentation (highdicom.seg.Segmentation, BINARY), one frame per segment at the source's
                     Rows x Columns, in the source's pixel grid (no resampling, no flip):
-                    1 "Right lung", 2 "Left lung" (the PATIENT's sides, split as `cascade.severity` splits them:
-                    `cascade.split_columns`), 3 "Infection" (abnormal opacity inside the lungs)
+                    1 "Right lung", 2 "Left lung" (the PATIENT's sides, split as `postprocess.severity` splits
+                    them: `postprocess.split_columns`), 3 "Infection" (abnormal opacity inside the lungs)
     <stem>_sr.dcm   a Comprehensive 3D SR holding a TID 1500 Measurement Report: one TID 1410 group per segment
                     (each referencing its SEG segment), with the infected share of that lung (groups 1-2) and of both
                     lungs (group 3, with the grade), and one TID 1501 group for the whole image saying whether the
@@ -22,16 +22,16 @@ Example (what predict does for a DICOM input)::
 
     import pydicom
 
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.dicom import Algorithm, write_seg_and_sr
     from covidseg_tf.imageio import decode_image
+    from covidseg_tf.inference import Predictor
     from covidseg_tf.predict import model_info, render_outputs
 
     data = Path("chest.dcm").read_bytes()
     image = decode_image(data, "chest.dcm")              # grey pixels, MONOCHROME1 inverted, at Rows x Columns
-    cascade = Cascade.load("saved_models/lung", "saved_models/infection")
-    pred = cascade.predict([image.gray], colour=[image.colour])[0]
-    models = model_info(cascade)
+    predictor = Predictor.load("saved_models/lung", "saved_models/infection")
+    pred = predictor.predict([image.gray], colour=[image.colour])[0]
+    models = model_info(predictor)
     record, _ = render_outputs("chest.dcm", image.gray, pred, "out/chest", models)   # predict's JSON record
     source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)   # its header is enough
     seg_path, sr_path = write_seg_and_sr(
@@ -40,13 +40,13 @@ Example (what predict does for a DICOM input)::
 
 Inputs
     `masks`: {"lung": H x W, "infection": H x W} arrays at the source's Rows x Columns (nonzero = in the mask), as
-    `cascade.Prediction` gives them for the decoded source (`imageio.decode_image` keeps the DICOM's pixel grid:
+    `inference.Prediction` gives them for the decoded source (`imageio.decode_image` keeps the DICOM's pixel grid:
     MONOCHROME1, rescale and windowing change grey values, never positions). `severity`: predict's JSON record (or
     any mapping with its keys): ``assessed``, ``reason`` and ``severity`` = {``left``, ``right``, ``total``,
     ``grade``} (percent of lung area; the patient's sides).
 
 Sides
-    `cascade.severity` takes the image's left columns as the patient's right lung (a PA/AP view shown the usual
+    `postprocess.severity` takes the image's left columns as the patient's right lung (a PA/AP view shown the usual
     way). When the source says otherwise in Patient Orientation (its first value, the direction of increasing
     column index, starting with "R": a mirrored image), the segments and the SR name the sides the other way round
     (the image-left lung is then the patient's left) and the per-lung numbers go with them; a warning is logged.
@@ -157,7 +157,7 @@ class DicomWriteError(ValueError):
 @dataclass(frozen=True)
 class Algorithm:
     """Which algorithm made the masks: `name`, `version` (covidseg-tf's) and {stage: SHA-256 hex} of the model files
-    (`predict.model_file_info`'s ``sha256``). `Algorithm.from_models(predict.model_info(cascade))` builds it."""
+    (`predict.model_file_info`'s ``sha256``). `Algorithm.from_models(predict.model_info(predictor))` builds it."""
 
     version: str = __version__
     model_sha256: Mapping[str, str] = field(default_factory=dict)
@@ -258,7 +258,7 @@ class Figures:
 def figures_of(severity: Mapping[str, Any], name: str = "severity") -> Figures:
     """The `Figures` of predict's JSON record (keys ``assessed``, ``reason``, ``severity`` = {``left``, ``right``,
     ``total``, ``grade``}); `DicomWriteError` naming the missing or invalid entry."""
-    from covidseg_tf.cascade import SEVERITY_BANDS
+    from covidseg_tf.inference.postprocess import SEVERITY_BANDS
 
     if "assessed" not in severity:
         raise DicomWriteError(f"{name}: severity['assessed'] is missing")
@@ -296,8 +296,8 @@ def mirrored(source: pydicom.Dataset) -> bool:
 
 def lung_sides(lung: np.ndarray, source_mirrored: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(patient's right lung, patient's left lung) boolean masks of an H x W lung mask, split at
-    `cascade.split_columns` (the columns `cascade.severity` splits at); `source_mirrored` swaps them."""
-    from covidseg_tf.cascade import split_columns
+    `postprocess.split_columns` (the columns `postprocess.severity` splits at); `source_mirrored` swaps them."""
+    from covidseg_tf.inference.postprocess import split_columns
 
     lung = np.asarray(lung) != 0
     split = int(split_columns(lung[np.newaxis].astype(np.float32)).numpy()[0])
@@ -382,7 +382,7 @@ def build_sr(source: pydicom.Dataset, seg: hd.seg.Segmentation, severity: Mappin
     c = concepts()
     algo = algorithm.for_sr()
     flip = mirrored(source)
-    # the figures are per patient side as cascade.severity names them (image left = patient's right); a mirrored
+    # the figures are per patient side as postprocess.severity names them (image left = patient's right); a mirrored
     # source swaps them, as build_seg swaps the segments
     right, left = (fig.left, fig.right) if flip else (fig.right, fig.left)
     source_ref = hd.sr.SourceImageForSegmentation.from_source_image(source)

@@ -20,7 +20,7 @@ its header first (Pillow's lazy open: PNG IHDR, JPEG SOF, ...; DICOM Rows / Colu
 ``stop_before_pixels``) and an image above `limits.MAX_SIDE` pixels a side or `limits.MAX_PIXELS` pixels is
 refused BEFORE its pixels are decoded (`header_size`, `decode_xray`). A multi-frame DICOM decodes its first
 frame only. Small, near-constant or very elongated images are decoded: the cascade's quality gate reports them
-"not assessed" (`covidseg_tf.cascade.input_quality`).
+"not assessed" (`covidseg_tf.inference.preprocess.input_quality`).
 
 Colour (`decode_image`): a chest X-ray is grey, so before a colour file (RGB / RGBA / palette / CMYK ... image,
 colour DICOM) becomes grey, the share of its clearly coloured pixels is measured (`colour_share`: chroma
@@ -67,7 +67,7 @@ class DecodedImage:
 
     `gray` is the H x W uint8 image every tool runs on (`decode_xray`'s); `colour` is the share (0..1) of the
     file's pixels that are clearly coloured (`colour_share`), 0 for a grey file, for the input gate's colour check
-    (`covidseg_tf.cascade.input_quality`).
+    (`covidseg_tf.inference.preprocess.input_quality`).
     """
 
     gray: np.ndarray
@@ -254,7 +254,7 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
     if not data:  # whatever the name says (an empty .dcm too)
         raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
     try:
-        if _is_dicom(data, name):
+        if is_dicom_bytes(data, name):
             return _dicom_size(data, name)
         from PIL import Image
 
@@ -268,7 +268,13 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
         raise XRayReadError(f"{name}: cannot read the header: {type(e).__name__}: {e}") from e
 
 
-def _is_dicom(data: bytes, name: str) -> bool:
+def is_dicom_bytes(data: bytes, name: str) -> bool:
+    """Whether `decode_xray` reads the file `name` with bytes `data` as DICOM: its extension is in
+    DICOM_EXTENSIONS or the bytes carry the "DICM" magic after the 128-byte preamble.
+
+    >>> is_dicom_bytes(b"", "chest.DCM"), is_dicom_bytes(bytes(128) + b"DICM", "upload"), is_dicom_bytes(b"", "a.png")
+    (True, True, False)
+    """
     return Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
 
 
@@ -317,7 +323,7 @@ def decode_image(data: bytes, name: str) -> DecodedImage:
     pixels before the conversion to grey; 0 for a grey file), as a `DecodedImage`. Raises as `decode_xray`."""
     if not data:  # whatever the name says (an empty .dcm too)
         raise XRayReadError(f"{name}: not an image (empty file, 0 bytes)")
-    dicom = _is_dicom(data, name)
+    dicom = is_dicom_bytes(data, name)
     header = None
     try:
         if dicom:

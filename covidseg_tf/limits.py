@@ -1,8 +1,9 @@
 """The input policy of every entry point, in one place: which images are decoded and which are assessed.
 
 Every number here is used by the Python path (`covidseg_tf.imageio`, `covidseg_tf.predict`, the batch predictor)
-AND by the SavedModels (`covidseg_tf.serving`, `covidseg_tf.cascade.input_quality`), so one image meets the same
-rule everywhere. This module imports nothing heavy (no TensorFlow): the CLIs read it before loading models.
+AND by the SavedModels (`covidseg_tf.serving`, `covidseg_tf.inference.preprocess.input_quality`), so one image
+meets the same rule everywhere. This module imports nothing heavy (no TensorFlow): the CLIs read it before loading
+models.
 
 Size limits (an error, checked from the file header BEFORE any pixel is decoded)
     Each side 1..MAX_SIDE pixels and at most MAX_PIXELS pixels (height x width) per image. Read from the PNG IHDR,
@@ -16,7 +17,7 @@ Size limits (an error, checked from the file header BEFORE any pixel is decoded)
 Quality gate (never an error: the image is decoded, then reported "not assessed" with the reason)
     An input that cannot be a chest X-ray gets no masks and no severity, whatever the models would say about it.
     The checks, in the order the reason names the first failing one (the check's name in brackets, as
-    `covidseg_tf.cascade.input_quality` returns it in "check"):
+    `covidseg_tf.inference.preprocess.input_quality` returns it in "check"):
 
     * [size] too small: a side below MIN_SIDE pixels (a 2 x 2 or 1 x 1 image);
     * [aspect] extreme aspect ratio: the long side more than MAX_ASPECT times the short side (the cascade squeezes
@@ -42,11 +43,11 @@ Quality gate (never an error: the image is decoded, then reported "not assessed"
         - confidence: the share of the lung pixels with p >= LUNG_SURE >= MIN_LUNG_CONFIDENCE: a trained lung
           model is sure of most of the lungs of an X-ray (0.53 - 0.96) and hesitant on what it has never seen.
 
-    The rule is TensorFlow ops in `covidseg_tf.cascade.input_quality` (the lung part in
-    `covidseg_tf.cascade.lung_plausibility`), run by `Cascade.predict` (predict, the batch predictor) and by the
-    cascade SavedModel's serving_default (`assessed`, `reason` outputs; versions exported before the colour,
-    noise, smooth and lung checks have only the first three). Callers of `Cascade.predict` that pass no colour
-    share (e.g. `evaluate` on TFDS images, which are grey) skip the colour check.
+    The rule is TensorFlow ops in `covidseg_tf.inference.preprocess.input_quality` (the lung part in
+    `covidseg_tf.inference.preprocess.lung_plausibility`), run by `Predictor.predict` (predict, the batch
+    predictor) and by the cascade SavedModel's serving_default (`assessed`, `reason` outputs; versions exported
+    before the colour, noise, smooth and lung checks have only the first three). Callers of `Predictor.predict`
+    that pass no colour share (e.g. `evaluate` on TFDS images, which are grey) skip the colour check.
 
     Not refused: an inverted (negative) X-ray is refused only when the lung model fails on it, which is rare (33
     of the 932 inverted Val images with the shipped models): its lungs are found, bright, and no cheap statistic

@@ -216,7 +216,7 @@ class Viewer:
     def upload(self, data: bytes, name: str) -> dict[str, Any]:
         """Predict one uploaded file as predict does; returns {"record", "links", "xray"}. Raises
         `imageio.XRayReadError` (naming `name`) for a file that cannot be decoded or is above the limits."""
-        from covidseg_tf.imageio import _is_dicom, decode_image
+        from covidseg_tf.imageio import decode_image, is_dicom_bytes
         from covidseg_tf.paths import sha256_bytes
         from covidseg_tf.predict import render_outputs
 
@@ -231,7 +231,7 @@ class Viewer:
         files = {url[len(prefix):]: body for url, body in encoded.items()}
         files["xray.png"] = _png(image.gray)
         dicom_error = None
-        if _is_dicom(data, name):
+        if is_dicom_bytes(data, name):
             try:
                 files.update(self._dicom_outputs(data, name, stem, pred, record))
             except Exception as e:  # the PNG / JSON results stand without them; say why

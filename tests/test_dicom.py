@@ -36,8 +36,9 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from covidseg_tf import dicom  # noqa: E402
-from covidseg_tf.cascade import Prediction, severity, severity_grade  # noqa: E402
 from covidseg_tf.imageio import decode_image  # noqa: E402
+from covidseg_tf.inference import Prediction  # noqa: E402
+from covidseg_tf.inference.postprocess import severity, severity_grade  # noqa: E402
 from covidseg_tf.predict import render_outputs  # noqa: E402
 
 VAL = ("Infection Segmentation Data", "Infection Segmentation Data", "Val")
@@ -126,7 +127,7 @@ def val_case(root: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def predict_record(gray: np.ndarray, lung: np.ndarray, infection: np.ndarray, tmp: Path,
                    assessed: bool = True, reason: str = "") -> dict:
     """predict's JSON record (`predict.render_outputs`) of a prediction made of these masks, severity computed by
-    `cascade.severity` as `Cascade.predict` computes it."""
+    `postprocess.severity` as `Predictor.predict` computes it."""
     sev = {k: float(v.numpy()[0]) for k, v in severity(lung[None].astype(np.float32),
                                                         infection[None].astype(np.float32)).items()}
     pred = Prediction(lung=lung, infection=infection, assessed=assessed, reason=reason, **sev)

@@ -143,13 +143,13 @@ def test_evaluate_cli_on_synthetic(synthetic_data_dir, tiny_models, tmp_path):
 
 
 def test_evaluate_saved_models_match_keras_and_report_version_folders(synthetic_data_dir, tiny_models, tmp_path):
-    from covidseg_tf.cascade import load_model
     from covidseg_tf.evaluate import main
     from covidseg_tf.export import export_stage
+    from covidseg_tf.inference import load_stage
 
     base = tmp_path / "saved_models"
     for path, stage in zip(tiny_models, ("lung", "infection")):
-        export_stage(load_model(path), stage, base)
+        export_stage(load_stage(path), stage, base)
     common = ["--data-dir", str(synthetic_data_dir), "--limit", "4", "--batch-size", "2", "--no-figure", "--quiet"]
     keras_report = main(["--lung-model", str(tiny_models[0]), "--infection-model", str(tiny_models[1]),
                          "--out", str(tmp_path / "keras")] + common)
@@ -195,11 +195,12 @@ def test_evaluate_cli_ends_a_builder_data_error_with_one_line(monkeypatch, tmp_p
     """The builder's own CovidQuExDataError (here: --manual-dir is a file but no zip) is one error line."""
     import sys
 
-    from covidseg_tf import cascade, evaluate
+    from covidseg_tf import evaluate
+    from covidseg_tf.inference import Predictor
 
     not_zip = tmp_path / "covidqu.zip"
     not_zip.write_bytes(b"not a zip")
-    monkeypatch.setattr(cascade.Cascade, "load", classmethod(lambda cls, *args, **kwargs: None))  # no models needed
+    monkeypatch.setattr(Predictor, "load", classmethod(lambda cls, *args, **kwargs: None))  # no models needed
     monkeypatch.setattr(sys, "argv", ["evaluate", "--dataset", "covid_qu_ex/infection", "--data-dir",
                                       str(tmp_path / "tfds"), "--manual-dir", str(not_zip), "--out",
                                       str(tmp_path / "out"), "--quiet"])

@@ -22,7 +22,10 @@ import tensorflow as tf
 from helpers import run_tf1
 from PIL import Image
 
-from covidseg_tf import cascade, export, nonxray, serving
+from covidseg_tf import export, nonxray, serving
+from covidseg_tf.inference import Predictor
+from covidseg_tf.inference.postprocess import severity
+from covidseg_tf.inference.preprocess import input_quality
 from covidseg_tf.models import build_unet
 
 S = 64
@@ -443,8 +446,8 @@ def test_infection_bad_masks(infection_run, case, message):
 
 
 def test_cascade_default_signature_matches_keras_cascade(cascade_run, models):
-    """The served masks and severity follow the Keras models' probabilities by `cascade.masks_at`'s rule, after
-    the input gate, whose verdict is the Python gate's (`cascade.input_quality` on the Keras Stage 1's map and
+    """The served masks and severity follow the Keras models' probabilities by `postprocess.apply_decision`'s rule,
+    after the input gate, whose verdict is the Python gate's (`preprocess.input_quality` on the Keras Stage 1's map and
     `imageio.decode_image`'s colour share): an image it refuses has empty masks and severity 0. (These untrained
     models give no plausible lungs, so both test images are refused here; test_serving.py checks assessed
     images with a cascade whose lung map is plausible.)"""
@@ -453,9 +456,9 @@ def test_cascade_default_signature_matches_keras_cascade(cascade_run, models):
     out = ok(cascade_run, "default")
     assert_compact(out, "cascade", 2)
     pixels = _pixels_of(GOOD)
-    expected = cascade.run_cascade(models["lung"], models["infection"], pixels, threshold=THRESHOLD)
+    expected = Predictor(models["lung"], models["infection"], THRESHOLD).predict_pixels(pixels)
     colour = [decode_image(data, name).colour for data, name in zip(GOOD, ("a.png", "b.jpg"))]
-    gate = cascade.input_quality(pixels, GOOD_HW, colour, expected["lung_prob"])
+    gate = input_quality(pixels, GOOD_HW, colour, expected["lung_prob"])
     assert out["assessed"].tolist() == gate["assessed"].numpy().tolist()
     assert [r.decode() for r in out["reason"]] == [r.decode() for r in gate["reason"].numpy()]
     assert out["reason"][1].decode().startswith("not a frontal chest X-ray: a colour image")  # the colour JPEG
@@ -472,10 +475,10 @@ def test_cascade_default_signature_matches_keras_cascade(cascade_run, models):
         inf = check_png_mask(out["infection_mask_bytes"][i], hw, inf_exp & lung_exp, inf_ok & lung_ok)
         assert not (inf & ~lung).any(), "infection PNG must lie inside the lung PNG"
         # severity is computed on exactly these input-size masks (as predict computes it) ...
-        own = cascade.severity(lung[None, ..., None].astype(np.float32), inf[None, ..., None].astype(np.float32))
+        own = severity(lung[None, ..., None].astype(np.float32), inf[None, ..., None].astype(np.float32))
         # ... and on the Keras models' masks at the input size it differs only by the undecided pixels
-        keras_sev = cascade.severity(lung_exp[None, ..., None].astype(np.float32),
-                                     (inf_exp & lung_exp)[None, ..., None].astype(np.float32))
+        keras_sev = severity(lung_exp[None, ..., None].astype(np.float32),
+                             (inf_exp & lung_exp)[None, ..., None].astype(np.float32))
         for key in serving.SEVERITY_KEYS:
             assert out[key][i] == pytest.approx(float(own[key][0]), abs=1e-4), key
             assert out[key][i] == pytest.approx(float(keras_sev[key][0]), abs=1.0), key
@@ -485,7 +488,7 @@ def test_cascade_default_signature_matches_keras_cascade(cascade_run, models):
 def test_cascade_pixels_signature_matches_keras_cascade(cascade_run, models):
     out = ok(cascade_run, "pixels")
     pixels = cascade_run["cases"]["pixels"]["feeds"]["pixels"]
-    expected = cascade.run_cascade(models["lung"], models["infection"], pixels, threshold=THRESHOLD)
+    expected = Predictor(models["lung"], models["infection"], THRESHOLD).predict_pixels(pixels)
     assert set(out) == set(expected)
     for key in ("lung_prob", "infection_prob"):
         assert np.max(np.abs(out[key] - expected[key].numpy())) <= TOL, key

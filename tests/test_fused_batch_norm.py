@@ -289,12 +289,12 @@ def test_fused_unet_train_step_matches_keras(models, pixels):
 
 
 def test_fused_unet_saves_and_loads(models, pixels, tmp_path: Path):
-    from covidseg_tf.cascade import load_model
+    from covidseg_tf.inference import load_stage
 
     fused_model = models[1]
     path = tmp_path / "fused.keras"
     fused_model.save(path)
-    loaded = load_model(path)
+    loaded = load_stage(path)
     assert sum(type(layer) is FusedBatchNormalization for layer in loaded.layers) > 50
     np.testing.assert_array_equal(loaded(pixels, training=False).numpy(), fused_model(pixels, training=False).numpy())
 

@@ -57,11 +57,11 @@ def test_no_head_model_is_unchanged():
 
 
 def test_head_model_round_trips_through_keras_file(head_model, tmp_path):
-    from covidseg_tf.cascade import load_model
+    from covidseg_tf.inference import load_stage
 
     path = tmp_path / "m.keras"
     head_model.save(path)
-    loaded = load_model(path)
+    loaded = load_stage(path)
     x = np.random.default_rng(1).uniform(0, 255, (1, SIZE, SIZE, 4)).astype("float32")
     for a, b in zip(split_outputs(head_model(x)), split_outputs(loaded(x))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -80,11 +80,12 @@ def test_frozen_stage_keeps_both_outputs(head_model):
 
 
 def test_cascade_takes_the_mask_of_a_head_model(head_model):
-    from covidseg_tf.cascade import run_stage2
+    from covidseg_tf.inference import Decision
+    from covidseg_tf.inference.predictor import run_stages
 
     pixels = np.random.default_rng(3).uniform(0, 255, (1, SIZE, SIZE, 3)).astype("float32")
     lung = np.ones((1, SIZE, SIZE, 1), "float32")
-    prob = run_stage2(head_model, pixels, lung)
+    prob = run_stages(None, head_model, pixels, Decision(), lung_mask=lung)["infection_prob"]
     want = head_model(np.concatenate([pixels, lung], -1), training=False)[MASK_OUTPUT]
     np.testing.assert_allclose(np.asarray(prob), np.asarray(want), atol=1e-6)
 
@@ -131,7 +132,7 @@ def _train_stage(tmp_path, synthetic_data_dir, **changes):
 
 
 def test_train_with_image_head(tmp_path, synthetic_data_dir):
-    from covidseg_tf.cascade import load_model
+    from covidseg_tf.inference import load_stage
     from covidseg_tf.models import has_image_head
 
     summary = _train_stage(tmp_path, synthetic_data_dir, epochs=2, image_head_weight=0.2)
@@ -140,7 +141,7 @@ def test_train_with_image_head(tmp_path, synthetic_data_dir):
     assert len(rows) == 2
     assert {"val_mask_dice", "val_image_class_accuracy", "image_class_loss"} <= set(rows[0])
     assert summary["best_val_dice"] == pytest.approx(max(float(r["val_mask_dice"]) for r in rows))
-    assert has_image_head(load_model(tmp_path / "run" / "model.keras"))
+    assert has_image_head(load_stage(tmp_path / "run" / "model.keras"))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["image_head_weight"] == 0.2
 
 

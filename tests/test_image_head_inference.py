@@ -14,7 +14,7 @@ import pytest
 from helpers import conv_cascade, conv_head_stage, phantom
 
 from covidseg_tf.config import IMAGE_CLASSES
-from covidseg_tf.inference import Decision
+from covidseg_tf.inference import Decision, Predictor
 
 SIZE = 64
 
@@ -41,21 +41,21 @@ def models():
     return lung, conv_head_stage(SIZE)
 
 
-def test_masks_at_empties_images_the_head_calls_healthy():
+def test_apply_decision_empties_images_the_head_calls_healthy():
     import tensorflow as tf
 
-    from covidseg_tf.cascade import masks_at
+    from covidseg_tf.inference.postprocess import apply_decision
 
     prob = tf.fill([2, 8, 8, 1], 0.9)
     classes = tf.constant([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]])
-    m = masks_at(prob, prob, Decision(min_infection_probability=0.5), image_class_prob=classes)
+    m = apply_decision(prob, prob, Decision(min_infection_probability=0.5), image_class_prob=classes)
     assert m["infection_mask"].numpy().reshape(2, -1).max(axis=1).tolist() == [1.0, 0.0]
     assert m["severity_total"].numpy().tolist() == [100.0, 0.0]
     assert m["lung_mask"].numpy().min() == 1.0  # the lungs stay
-    both = masks_at(prob, prob, Decision(), image_class_prob=classes)  # the head not consulted
+    both = apply_decision(prob, prob, Decision(), image_class_prob=classes)  # the head not consulted
     assert both["infection_mask"].numpy().min() == 1.0
     with pytest.raises(ValueError, match="no image head"):
-        masks_at(prob, prob, Decision(min_infection_probability=0.5))
+        apply_decision(prob, prob, Decision(min_infection_probability=0.5))
 
 
 def test_decision_field_is_checked_and_recorded():
@@ -67,12 +67,10 @@ def test_decision_field_is_checked_and_recorded():
         Decision(min_infection_probability=1.0)
 
 
-def test_cascade_reports_the_head_and_follows_its_rule(models):
-    from covidseg_tf.cascade import Cascade
-
+def test_predictor_reports_the_head_and_follows_its_rule(models):
     lung, infection = models
     a, b = two_images()
-    plain = Cascade(lung, infection).predict([a, b])
+    plain = Predictor(lung, infection).predict([a, b])
     assert [p.infection.any() for p in plain] == [True, True]
     assert plain[0].infection_probability == pytest.approx(covid_probability(a.mean()), abs=1e-3)
     assert plain[1].infection_probability == pytest.approx(covid_probability(b.mean()), abs=1e-3)
@@ -80,37 +78,32 @@ def test_cascade_reports_the_head_and_follows_its_rule(models):
     assert list(plain[0].image_class_probabilities) == list(IMAGE_CLASSES)
     assert sum(plain[1].image_class_probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
-    ruled = Cascade(lung, infection, Decision(min_infection_probability=0.5)).predict([a, b])
+    ruled = Predictor(lung, infection, Decision(min_infection_probability=0.5)).predict([a, b])
     assert ruled[0].infection.sum() == plain[0].infection.sum() > 0
     assert not ruled[1].infection.any() and ruled[1].severity_total == 0.0
     assert ruled[1].lung.sum() == plain[1].lung.sum()
 
 
 def test_models_without_a_head_keep_working_and_refuse_a_head_decision():
-    from covidseg_tf.cascade import Cascade
-
     lung, infection = conv_cascade(SIZE)
-    pred = Cascade(lung, infection).predict(two_images())
+    pred = Predictor(lung, infection).predict(two_images())
     assert pred[0].image_class_probabilities is None and pred[0].infection_probability is None
     with pytest.raises(ValueError, match="has none"):
-        Cascade(lung, infection, Decision(min_infection_probability=0.5))
+        Predictor(lung, infection, Decision(min_infection_probability=0.5))
 
 
 def test_not_assessed_images_get_no_head_verdict(models):
-    from covidseg_tf.cascade import Cascade
-
-    pred = Cascade(*models).predict([two_images()[1][:10]])[0]  # 10 px tall: too small
+    pred = Predictor(*models).predict([two_images()[1][:10]])[0]  # 10 px tall: too small
     assert not pred.assessed and pred.image_class_probabilities is None
 
 
 def test_predict_json_batch_csv_and_serve_client_carry_the_head(models, tmp_path):
     from covidseg_tf.batch_predict import CSV_COLUMNS, csv_line
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.predict import render_outputs
     from covidseg_tf.serve_client import save_prediction
 
     a, b = two_images()
-    preds = Cascade(*models, Decision(min_infection_probability=0.5)).predict([a, b])
+    preds = Predictor(*models, Decision(min_infection_probability=0.5)).predict([a, b])
     record, _ = render_outputs("a.png", a, preds[0], str(tmp_path / "a"), {})
     head = record["image_level"]
     assert head["class"] == "COVID-19"
@@ -120,7 +113,7 @@ def test_predict_json_batch_csv_and_serve_client_carry_the_head(models, tmp_path
     assert row["image_class"] == "COVID-19" and float(row["infection_probability"]) == pytest.approx(
         head["infection_probability"])
     lung, _ = conv_cascade(SIZE)
-    headless, _ = render_outputs("b.png", b, Cascade(*conv_cascade(SIZE)).predict([b])[0], str(tmp_path / "b"), {})
+    headless, _ = render_outputs("b.png", b, Predictor(*conv_cascade(SIZE)).predict([b])[0], str(tmp_path / "b"), {})
     assert headless["image_level"] is None
     assert csv_line(headless).endswith(",,")
 
@@ -135,7 +128,6 @@ def test_predict_json_batch_csv_and_serve_client_carry_the_head(models, tmp_path
 def test_exported_servables_serve_the_head(models, tmp_path):
     import tensorflow as tf
 
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.export import export_cascade, export_stage
     from covidseg_tf.inference.stages import SavedModelStage
 
@@ -145,10 +137,10 @@ def test_exported_servables_serve_the_head(models, tmp_path):
     stage = SavedModelStage(stage_dir)
     assert stage.has_image_head
     lung_dir = export_stage(lung, "lung", tmp_path, decision, warmup=False)
-    loaded = Cascade.load(lung_dir, stage_dir)
+    loaded = Predictor.load(lung_dir, stage_dir)
     assert loaded.decision == decision  # recorded with the export
     a, b = two_images()
-    want = Cascade(lung, infection, decision).predict([a, b])
+    want = Predictor(lung, infection, decision).predict([a, b])
     got = loaded.predict([a, b])
     for w, g in zip(want, got):
         assert g.infection_probability == pytest.approx(w.infection_probability, abs=1e-5)

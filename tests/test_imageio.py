@@ -15,7 +15,7 @@ from helpers import BAD, GOOD, H, W, gradient
 from PIL import Image
 
 from covidseg_tf import limits
-from covidseg_tf.imageio import XRayReadError, decode_xray, find_images, header_size, read_xray
+from covidseg_tf.imageio import XRayReadError, decode_xray, find_images, header_size, is_dicom_bytes, read_xray
 
 
 def stretched(arr: np.ndarray) -> np.ndarray:
@@ -72,6 +72,14 @@ def expected(kind: str, path: Path) -> np.ndarray:
         "dicom_mono1": lambda: stretched(g12),  # stored inverted (4095 - v), shown with bone bright again
         "dicom_window": lambda: windowed(g12, 1024, 2048),
     }[kind]()
+
+
+def test_is_dicom_bytes_by_extension_or_magic_bytes(inputs):
+    """The one DICOM test (predict, the viewer): a .dcm / .dicom name, or "DICM" after the 128-byte preamble."""
+    dicom, png = inputs["dicom_mono2"].read_bytes(), inputs["png8_gray"].read_bytes()
+    assert is_dicom_bytes(dicom, "upload") and is_dicom_bytes(png, "x.DCM") and is_dicom_bytes(png, "x.dicom")
+    assert not is_dicom_bytes(png, "x.png") and not is_dicom_bytes(b"", "upload")
+    np.testing.assert_array_equal(decode_xray(dicom, "upload"), read_xray(inputs["dicom_mono2"]))  # read as DICOM
 
 
 @pytest.mark.parametrize("kind", GOOD)

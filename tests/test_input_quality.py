@@ -1,5 +1,6 @@
-"""The input policy (covidseg_tf.limits): the quality gate `cascade.input_quality` (reasons, order, bounds, what it
-does to masks and severity), real COVID-QU-Ex images passing it, and threshold flags checked by every CLI."""
+"""The input policy (covidseg_tf.limits): the quality gate `inference.preprocess.input_quality` (reasons, order,
+bounds, what it does to masks and severity), real COVID-QU-Ex images passing it, and threshold flags checked by every
+CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tensorflow as tf
 from helpers import phantom
 
 from covidseg_tf import limits
-from covidseg_tf.cascade import masks_at
+from covidseg_tf.inference.postprocess import apply_decision
 from covidseg_tf.inference.preprocess import input_quality, to_model_pixels
 
 
@@ -48,21 +49,21 @@ def test_gate_bounds_are_inclusive_where_documented():
     assert q["assessed"] == [True, True, False]
 
 
-def test_masks_at_assessed_empties_masks_and_severity():
+def test_apply_decision_assessed_empties_masks_and_severity():
     prob = np.zeros((2, 8, 8, 1), np.float32)
     prob[:, 2:6, 1:7] = 0.9
-    m = masks_at(prob, prob, 0.5, assessed=tf.constant([True, False]))
+    m = apply_decision(prob, prob, 0.5, assessed=tf.constant([True, False]))
     assert m["lung_mask"].numpy()[0].sum() == 24 and m["lung_mask"].numpy()[1].sum() == 0
     assert m["infection_mask"].numpy()[1].sum() == 0
     assert float(m["severity_total"][0]) == pytest.approx(100.0) and float(m["severity_total"][1]) == 0.0
 
 
-def test_cascade_predict_flags_each_image():
+def test_predictor_predict_flags_each_image():
     from helpers import conv_cascade
 
-    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.inference import Predictor
 
-    preds = Cascade(*conv_cascade(64), 0.5).predict([phantom(90, 70), np.full((50, 50), 3, np.uint8)])
+    preds = Predictor(*conv_cascade(64), 0.5).predict([phantom(90, 70), np.full((50, 50), 3, np.uint8)])
     assert [p.assessed for p in preds] == [True, False]
     assert preds[0].reason == "" and preds[1].reason.startswith("near-constant image")
     assert preds[0].lung.any() and not preds[1].lung.any() and preds[1].severity_total == 0.0

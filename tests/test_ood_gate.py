@@ -1,10 +1,10 @@
 """The input gate's out-of-distribution checks (covidseg_tf.limits; issue 23 item 4): colour measured alike by both
 decoders, the lung-plausibility statistics on hand-made probability maps, the generated non-X-rays
-(covidseg_tf.nonxray) refused with the right reason through `Cascade.predict` (tiny cascade for the checks that need
+(covidseg_tf.nonxray) refused with the right reason through `Predictor.predict` (tiny cascade for the checks that need
 no trained model, the shipped models for all), and real Val images passing with the shipped models.
 
 The SavedModel side: test_serving.py (colour photos, noise, a gradient, grey-as-RGB and a marked X-ray through the
-exported cascade's serving_default, TF1 loader, agreeing with `Cascade.predict`) and test_export.py (serve_client
+exported cascade's serving_default, TF1 loader, agreeing with `Predictor.predict`) and test_export.py (serve_client
 on a colour photo through an exported cascade).
 """
 
@@ -20,9 +20,9 @@ from helpers import GOOD, conv_cascade, phantom
 from PIL import Image
 
 from covidseg_tf import limits, nonxray
-from covidseg_tf.cascade import Cascade
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.imageio import decode_image, read_xray
+from covidseg_tf.inference import Predictor
 from covidseg_tf.inference.preprocess import input_quality, lung_plausibility, to_model_pixels
 
 S = 64
@@ -126,7 +126,7 @@ def test_gate_checks_in_documented_order():
 
 def test_predict_wants_one_colour_share_per_image():
     with pytest.raises(ValueError, match="1 colour shares for 2 images"):
-        Cascade(*conv_cascade(S), 0.5).predict([phantom(70, 70), phantom(70, 70)], colour=[0.0])
+        Predictor(*conv_cascade(S), 0.5).predict([phantom(70, 70), phantom(70, 70)], colour=[0.0])
 
 
 # ----------------------------------------------------------------------------------------------- colour at decode time
@@ -210,17 +210,17 @@ def test_generated_set_is_seeded():
         nonxray.make("cat")
 
 
-def test_model_free_checks_refuse_the_generated_set_through_cascade_predict():
+def test_model_free_checks_refuse_the_generated_set_through_predictor_predict():
     """Colour photos, RGB and grey noise and gradients are refused whatever the models (a tiny 1x1-convolution
     cascade here), from their PNG bytes as predict reads them, with the expected reason, empty masks and severity
     0; a chest-X-ray-like phantom in the same batch is assessed."""
-    cascade = Cascade(*conv_cascade(S), 0.5)
+    predictor = Predictor(*conv_cascade(S), 0.5)
     names = [f"{kind}@{seed}" for kind in MODEL_FREE for seed in (0, 1)] + ["phantom"]
     files = [nonxray.encode_png(nonxray.make(n.split("@")[0], int(n.split("@")[1]))) for n in names[:-1]]
     files.append(png(phantom(120, 100, 1)))
     decoded = [decode_image(data, f"{name}.png") for data, name in zip(files, names)]
-    preds = cascade.predict([d.gray for d in decoded], colour=[d.colour for d in decoded])
-    checks = cascade.input_gate([d.gray for d in decoded], colour=[d.colour for d in decoded])["check"]
+    preds = predictor.predict([d.gray for d in decoded], colour=[d.colour for d in decoded])
+    checks = predictor.input_gate([d.gray for d in decoded], colour=[d.colour for d in decoded])["check"]
     words = {"colour": "a colour image: ", "noise": "noise-like: ", "smooth": "no structure: "}
     for name, pred, check in zip(names[:-1], preds, checks):
         expected = nonxray.EXPECTED[name.split("@")[0]]
@@ -231,15 +231,15 @@ def test_model_free_checks_refuse_the_generated_set_through_cascade_predict():
 
 
 @pytest.fixture(scope="module")
-def shipped() -> Cascade:
+def shipped() -> Predictor:
     if not (DEFAULT_LUNG_MODEL.is_dir() and DEFAULT_INFECTION_MODEL.is_dir()):
         pytest.skip(f"the shipped models are missing: {DEFAULT_LUNG_MODEL}, {DEFAULT_INFECTION_MODEL}")
-    return Cascade.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
+    return Predictor.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
 
 
 def test_shipped_models_refuse_every_generated_non_xray_with_the_expected_check(shipped):
     """Every required kind (text, checkerboards, CT- and MRI-like images need the trained lung model), two seeds,
-    through `Cascade.predict` as predict runs it: refused by the check `nonxray.EXPECTED` names."""
+    through `Predictor.predict` as predict runs it: refused by the check `nonxray.EXPECTED` names."""
     names, grays, colour = [], [], []
     for seed in (0, 1):
         for kind in nonxray.REQUIRED:

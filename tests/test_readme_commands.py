@@ -26,7 +26,7 @@ from covidseg_tf import demo, evaluate, predict, train
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL, SAVED_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_PAGES = ("training", "evaluation", "prediction", "serving", "batch", "performance")
+DOC_PAGES = ("training", "evaluation", "prediction", "serving", "batch", "performance", "viewer")
 PAGES = [REPO / "README.md", *(REPO / "docs" / f"{name}.md" for name in DOC_PAGES)]
 OUTPUT_FLAGS = ("--out", "--output", "--export-dir", "--workdir", "--data_dir", "--data-dir")
 SCRIPT_PREFIX = "covidseg-"
@@ -197,9 +197,9 @@ def test_console_scripts_the_pages_name_are_declared():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("scripts", {})
     for name in sorted(named):
         module = as_module_argv([name])[2]
-        target, _, function = str(scripts.get(name)).partition(":")
-        assert target == module, f"pyproject.toml declares {name} as {scripts.get(name)!r}, not a function of {module}"
-        assert callable(getattr(importlib.import_module(module), function, None)), f"{module} has no {function}()"
+        target, _, attr = scripts.get(name, "").partition(":")
+        assert target == module, f"pyproject.toml declares {name} as {scripts.get(name)!r}, not {module}:<entry>"
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{module} has no {attr}()"
 
 
 def code_references(text: str) -> set[str]:

@@ -128,14 +128,14 @@ def test_gate_flags_what_cannot_be_a_chest_xray_in_the_saved_model(tf1):
 
 
 def test_gate_same_rule_in_python_and_saved_model(tf1, models):
-    """`Cascade.predict` (predict, the batch predictor) gives the same flags, reasons, masks and severity, its
+    """`Predictor.predict` (predict, the batch predictor) gives the same flags, reasons, masks and severity, its
     colour share measured by `imageio.decode_image` as the SavedModel measures it."""
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.imageio import decode_image
+    from covidseg_tf.inference import Predictor
 
     out = tf1["gate"]["outputs"]
     decoded = [decode_image(data, f"{name}.{'jpg' if 'jpeg' in name else 'png'}") for name, (data, _) in GATE.items()]
-    preds = Cascade(*models, 0.5).predict([d.gray for d in decoded], colour=[d.colour for d in decoded])
+    preds = Predictor(*models, 0.5).predict([d.gray for d in decoded], colour=[d.colour for d in decoded])
     for i, (name, pred) in enumerate(zip(GATE, preds)):
         assert pred.assessed == bool(out["assessed"][i]), name
         assert pred.reason == out["reason"][i].decode(), name
@@ -163,8 +163,8 @@ def test_cmyk_jpeg_is_served_with_predicts_grey_pixels(tf1, models):
     grey level or two (libjpeg vs Pillow CMYK->RGB rounding) and so are the masks and severity."""
     import tensorflow as tf
 
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.imageio import decode_xray
+    from covidseg_tf.inference import Predictor
     from covidseg_tf.serving import gray_pixels
 
     assert "outputs" in tf1["cmyk"], tf1["cmyk"]
@@ -175,7 +175,7 @@ def test_cmyk_jpeg_is_served_with_predicts_grey_pixels(tf1, models):
     assert served.shape == expected.shape == (96, 80)
     assert np.abs(served.astype(int) - expected).max() <= 2
     out = tf1["cmyk"]["outputs"]
-    pred = Cascade(*models, 0.5).predict([expected])[0]
+    pred = Predictor(*models, 0.5).predict([expected])[0]
     assert (out["height"][1], out["width"][1]) == (96, 80) and bool(out["assessed"][1]) == pred.assessed
     lung = np.asarray(Image.open(io.BytesIO(out["lung_mask_bytes"][1]))) > 0
     assert (lung != pred.lung.astype(bool)).mean() < 0.002

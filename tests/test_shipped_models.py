@@ -42,14 +42,14 @@ def _dice(t: np.ndarray, p: np.ndarray) -> float:
 def predictions(shared_covidqu: Path) -> list[dict]:
     if not (DEFAULT_LUNG_MODEL.is_dir() and DEFAULT_INFECTION_MODEL.is_dir()):
         pytest.fail(f"the shipped models are missing: {DEFAULT_LUNG_MODEL}, {DEFAULT_INFECTION_MODEL}")
-    from covidseg_tf.cascade import Cascade
+    from covidseg_tf.inference import Predictor
 
-    cascade = Cascade.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
+    predictor = Predictor.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
     rows = []
     for cls, n in PER_CLASS.items():
         folder = shared_covidqu / VAL / cls
         for image in sorted((folder / "images").glob("*.png"))[:n]:
-            pred = cascade.predict([read_xray(image)])[0]
+            pred = predictor.predict([read_xray(image)])[0]
             rows.append({
                 "class": cls,
                 "lung_true": read_xray(folder / "lung masks" / image.name) > 127,
@@ -62,10 +62,10 @@ def predictions(shared_covidqu: Path) -> list[dict]:
 
 
 def test_shipped_models_are_what_predict_uses_by_default():
-    from covidseg_tf.cascade import load_model
+    from covidseg_tf.inference import load_stage
 
     for path, stage in ((DEFAULT_LUNG_MODEL, "lung"), (DEFAULT_INFECTION_MODEL, "infection")):
-        model = load_model(path, stage=stage)
+        model = load_stage(path, stage=stage)
         assert model.info["servable"] == stage and model.input_shape[1] == IMAGE_SIZE
         assert Decision.from_dict(model.info["decision"]) == DECISION
 
@@ -112,8 +112,8 @@ def test_predict_evaluate_and_cascade_servable_agree_exactly(shared_covidqu: Pat
     import tensorflow as tf
 
     from covidseg_tf import evaluate, predict
-    from covidseg_tf.cascade import Cascade
     from covidseg_tf.config import SAVED_MODELS, SHIPPED_VERSION
+    from covidseg_tf.inference import Predictor
 
     images = [p for cls in PER_CLASS for p in sorted((shared_covidqu / VAL / cls / "images").glob("*.png"))[:3]]
     assert predict.main([*map(str, images), "--out", str(tmp_path), "--quiet"]) == 0
@@ -121,8 +121,8 @@ def test_predict_evaluate_and_cascade_servable_agree_exactly(shared_covidqu: Pat
     serve = tf.saved_model.load(str(SAVED_MODELS / "cascade" / str(SHIPPED_VERSION))).signatures["serving_default"]
     one_by_one = [serve(images=tf.constant([p.read_bytes()])) for p in images]
     served = {k: tf.concat([r[k] for r in one_by_one], 0) for k in one_by_one[0]}
-    cascade = Cascade.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
-    step = evaluate.make_step(cascade, evaluate.make_loss("lung"), evaluate.make_loss("infection"), True)
+    predictor = Predictor.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
+    step = evaluate.make_step(predictor, evaluate.make_loss("lung"), evaluate.make_loss("infection"), True)
     zeros = tf.zeros((1, *read_xray(images[0]).shape, 1), tf.float32)
     steps = [step(tf.constant(read_xray(p)[None, ..., None]), zeros, zeros) for p in images]
     by_evaluate = {k: tf.concat([s[k] for s in steps], 0) for k in ("lung_pred", "infection_cascade", "severity_total")}

@@ -1,5 +1,5 @@
 """The second export target: each stage as float32 TFLite (`export --tflite`, `optimize.tflite_model`), loaded by
-`cascade.load_model` as a `TFLiteStage` wherever a stage model is taken."""
+`inference.load_stage` as a `TFLiteStage` wherever a stage model is taken."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import tensorflow as tf
 from helpers import conv_cascade, phantom, randomize_batchnorms
 
 from covidseg_tf import export
-from covidseg_tf.cascade import Cascade, load_model
 from covidseg_tf.config import default_config
+from covidseg_tf.inference import Predictor, load_stage
 from covidseg_tf.inference.stages import TFLITE_FILE, TFLiteStage
 from covidseg_tf.models import build_stage_model
 from covidseg_tf.optimize import tflite_model
@@ -56,8 +56,8 @@ def test_export_writes_stage_tflite_and_records_it(exported):
 
 
 def test_tflite_stages_predict_what_the_saved_models_predict(exported, greys):
-    tflite = Cascade.load(exported["lung"] / TFLITE_FILE, exported["infection"] / TFLITE_FILE)
-    saved = Cascade.load(exported["lung"], exported["infection"])
+    tflite = Predictor.load(exported["lung"] / TFLITE_FILE, exported["infection"] / TFLITE_FILE)
+    saved = Predictor.load(exported["lung"], exported["infection"])
     assert isinstance(tflite.lung_model, TFLiteStage) and tflite.lung_model.stage == "lung"
     assert tflite.decision == saved.decision and tflite.decision.min_infection_percent == 5  # the recorded one
     a, b = tflite.predict(greys), saved.predict(greys)
@@ -69,8 +69,8 @@ def test_tflite_stages_predict_what_the_saved_models_predict(exported, greys):
 
 
 def test_tflite_stage_runs_eagerly_and_in_a_graph(exported):
-    stage = load_model(exported["infection"] / TFLITE_FILE, stage="infection")
-    reference = load_model(exported["infection"], stage="infection")
+    stage = load_stage(exported["infection"] / TFLITE_FILE, stage="infection")
+    reference = load_stage(exported["infection"], stage="infection")
     x = np.random.default_rng(1).uniform(0, 255, (3, SIZE, SIZE, 4)).astype(np.float32)
     x[..., 3] = x[..., 3] > 100
     want = reference(x).numpy()
@@ -97,11 +97,11 @@ def test_bad_tflite_files_are_named(exported, tmp_path):
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"not a flatbuffer" * 8)
     with pytest.raises(ValueError, match=r"garbage\.tflite: cannot load this TFLite model"):
-        load_model(garbage)
+        load_stage(garbage)
     with pytest.raises(ValueError, match=r"stage\.tflite is not a infection stage model \(it is lung"):
-        load_model(exported["lung"] / TFLITE_FILE, stage="infection")
+        load_stage(exported["lung"] / TFLITE_FILE, stage="infection")
     with pytest.raises(FileNotFoundError, match="missing.tflite"):
-        load_model(tmp_path / "missing.tflite")
+        load_stage(tmp_path / "missing.tflite")
 
 
 def test_tflite_model_rejects_unknown_modes_and_uncalibrated_int8():
