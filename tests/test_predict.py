@@ -168,12 +168,12 @@ def test_predict_real_pngs_io(shared_covidqu, tiny_models, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_saved_models(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     """`tiny_models` exported as fp32 stage SavedModels; returns the TF Serving base folders (lung, infection)."""
-    from covidseg_tf.cascade import load_model
     from covidseg_tf.export import export_stage
+    from covidseg_tf.inference import load_stage
 
     base = tmp_path_factory.mktemp("saved_models")
     for path, stage in zip(tiny_models, ("lung", "infection")):
-        export_stage(load_model(path), stage, base)
+        export_stage(load_stage(path), stage, base)
     return base / "lung", base / "infection"
 
 
@@ -198,12 +198,13 @@ def test_predict_cli_saved_model_folders(inputs, tiny_saved_models, tmp_path):
 
 def test_predict_saved_model_same_masks_as_keras(tiny_models, tiny_saved_models):
     """The exported stages segment like the .keras models (pixels near the threshold aside: untrained nets)."""
-    from covidseg_tf.cascade import Cascade, run_stages
+    from covidseg_tf.inference import Predictor
+    from covidseg_tf.inference.predictor import run_stages
 
     gray = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # model size: no resizing
-    masks = []  # the stages' masks (Cascade.predict would empty them: the input gate refuses noise)
+    masks = []  # the stages' masks (Predictor.predict would empty them: the input gate refuses noise)
     for paths in (tiny_models, tiny_saved_models):
-        c = Cascade.load(*paths)
+        c = Predictor.load(*paths)
         stages = run_stages(c.lung_model, c.infection_model, c.model_pixels(gray)[None], c.threshold)
         masks.append({"lung": stages["lung_prob"].numpy() >= c.threshold,
                       "infection": stages["infection_prob"].numpy() >= c.decision.infection_threshold})
@@ -323,12 +324,12 @@ def test_predict_refuses_a_huge_image_from_its_header_and_goes_on(inputs, conv_m
 
 def test_predict_loads_no_model_when_every_input_is_refused(tmp_path, monkeypatch, caplog):
     """Models are loaded for the first readable input: the issue's big image alone ends in about a second."""
-    from covidseg_tf import cascade
+    from covidseg_tf.inference import Predictor
 
     def no_load(*args, **kwargs):
         raise AssertionError("models loaded")
 
-    monkeypatch.setattr(cascade.Cascade, "load", no_load)
+    monkeypatch.setattr(Predictor, "load", no_load)
     (tmp_path / "b.png").write_bytes(patched_png(12000, 12000))
     with caplog.at_level(logging.ERROR):
         assert run([tmp_path / "b.png"], tmp_path / "o", (tmp_path / "l.keras", tmp_path / "i.keras")) == 1
@@ -473,12 +474,13 @@ def test_overlay_cost_does_not_grow_with_the_input():
 def test_predict_unwritable_out_is_a_usage_error_before_any_model_loads(tmp_path, monkeypatch, capsys, where):
     """Issue 23: an --out that cannot be written was found only after the models were loaded and an image
     predicted; now one `error:` line and exit code 2 before anything loads."""
-    from covidseg_tf import cascade, predict
+    from covidseg_tf import predict
+    from covidseg_tf.inference import Predictor
 
     def no_load(*args, **kwargs):
         raise AssertionError("models loaded")
 
-    monkeypatch.setattr(cascade.Cascade, "load", no_load)
+    monkeypatch.setattr(Predictor, "load", no_load)
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(tmp_path / "x.png")
     (tmp_path / "file.txt").write_text("x")
     if where == "read_only":
