@@ -6,7 +6,8 @@ Both cascades run the same real Val images (--images, spread over the split: eve
   fp32  covidseg_tf.optimize.frozen_stage(model, "fp32") of both stages (the float32 graph export serves)
   int8  covidseg_tf.optimize.tflite_model(model, "int8", ...) of both stages (what `export --tflite int8` writes),
         calibrated on --calibration Train images (every k-th; no Val image), Stage 2 on each image with its
-        Stage-1 (fp32) lung mask (`optimize.calibration_pixels`)
+        Stage-1 (fp32) lung mask (`optimize.calibration_pixels`); --int8-stages lung keeps Stage 2 float32 (and
+        the reverse), --float-layers keeps more Keras layers of the int8 stages in float32
 Gate (`gate` in the JSON): pooled lung and infection Dice (masks at the images' own size against the truth) within
 --max-dice-drop of fp32, mean |Δ severity| (total, percentage points) <= --max-severity-diff, no image flips
 assessed / not assessed. Also reported: max |Δp| of the lung, infection and image-head probabilities (model size,
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--images", type=int, default=300, help="Val images for the gate (default: %(default)s)")
     p.add_argument("--calibration", type=int, default=64,
                    help="Train images that calibrate int8 (default: %(default)s)")
+    p.add_argument("--int8-stages", nargs="+", choices=("lung", "infection"), default=["lung", "infection"],
+                   help="stages run in int8; the others stay float32 (default: both)")
+    p.add_argument("--float-layers", nargs="*", default=[],
+                   help="Keras layer names the int8 stages keep in float32 (besides the input preprocessing)")
     p.add_argument("--max-dice-drop", type=float, default=0.005)
     p.add_argument("--max-severity-diff", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2, help="TF intra-op threads and TFLite num_threads")
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     predictor = Predictor(fp32["lung"], fp32["infection"], decision)
     lung_pixels = np.stack([predictor.model_pixels(e["image"][..., 0]).numpy() for e in train])
     calibration = {"lung": lung_pixels, "infection": calibration_pixels(fp32["lung"], lung_pixels, decision)}
-    int8 = {s: TFLiteStage(tflite_model(models[s], "int8", calibration[s]), args.threads) for s in models}
+    int8 = {s: TFLiteStage(tflite_model(models[s], "int8", calibration[s], float_layers=args.float_layers),
+                           args.threads) if s in args.int8_stages else fp32[s] for s in models}
     result["conversion_s"] = round(time.perf_counter() - t0, 1)
     outputs = {"fp32": run(predictor, val), "int8": run(Predictor(int8["lung"], int8["infection"], decision), val)}
 

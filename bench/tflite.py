@@ -6,8 +6,10 @@ Variants, each both stages of the cascade (`covidseg_tf.inference.predictor.run_
   tf_bf16         the same in bfloat16 (the shipped precision; emulated on CPUs without AVX512_BF16 or AMX)
   tflite_fp32     covidseg_tf.optimize.tflite_model, float32: what `covidseg_tf.export --tflite` writes
   tflite_dynamic  + Optimize.DEFAULT without calibration data: int8 weights, activations quantized on the fly
-  tflite_int8     + a representative dataset (--calibration Train images, ground-truth lung channel): int8
-                  weights and activations, float32 input and output
+  tflite_int8     what `covidseg_tf.export --tflite int8` writes: int8 weights and activations, the input
+                  preprocessing in float32, float32 input and output, calibrated on --calibration Train images
+                  (Stage 2 with their Stage-1 masks, `optimize.calibration_pixels`); its accuracy gate under the
+                  shipped decision: bench/int8_gate.py
 Accuracy, on --images Val images spread over the split (every k-th): max |p - p_tf_fp32| of each stage's
 probabilities and pooled lung / infection Dice at the images' own size (threshold 0.5 for both, no image-level
 rule), and each variant's Dice minus tf_fp32's. Speed: batch 1, one cascade call per image, the variants timed
@@ -101,17 +103,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from covidseg_tf.data import load_builder
     from covidseg_tf.inference.stages import TFLiteStage, load_stage, model_input_size
-    from covidseg_tf.optimize import frozen_stage, tflite_model
+    from covidseg_tf.optimize import calibration_pixels, frozen_stage, tflite_model
 
     models = {"lung": load_stage(args.lung_model, stage="lung"),
               "infection": load_stage(args.infection_model, stage="infection")}
     size, _ = model_input_size(models["lung"])
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     val = load_images(builder, "validation", args.images, size)
-    calibration = list(load_images(builder, "train", args.calibration, size)["pixels"]) \
-        if "tflite_int8" in args.variants else []
+    calibration = {"lung": load_images(builder, "train", args.calibration, size)["pixels"][..., :3]} \
+        if "tflite_int8" in args.variants else {"lung": []}
+    if len(calibration["lung"]):
+        calibration["infection"] = calibration_pixels(frozen_stage(models["lung"], "fp32"), calibration["lung"])
     result["images"] = {"validation": len(val["label"]), "per_class": np.bincount(val["label"]).tolist(),
-                        "size": size, "calibration_train": len(calibration)}
+                        "size": size, "calibration_train": len(calibration["lung"])}
 
     stages: dict[str, tuple[Any, Any]] = {}
     sizes: dict[str, int] = {}
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if v.startswith("tf_"):
             stages[v] = tuple(frozen_stage(models[s], v[3:]) for s in ("lung", "infection"))
         else:
-            content = {s: tflite_model(models[s], v[7:], calibration) for s in ("lung", "infection")}
+            content = {s: tflite_model(models[s], v[7:], calibration.get(s)) for s in ("lung", "infection")}
             sizes[v] = sum(len(c) for c in content.values())
             stages[v] = tuple(TFLiteStage(content[s], args.threads) for s in ("lung", "infection"))
         logging.info("%s ready in %.1f s", v, time.perf_counter() - t0)

@@ -169,19 +169,20 @@ def calibration_pixels(lung_model: Any, pixels: Any, decision: Any = 0.5, batch_
     return np.concatenate([pixels, np.concatenate(masks) if masks else pixels[..., :0]], -1)
 
 
-def float_preprocessing_nodes(model: keras.Model, content: bytes) -> list[str]:
+def float_preprocessing_nodes(model: keras.Model, content: bytes, float_layers: Iterable[str] = ()) -> list[str]:
     """Tensor names in the float TFLite `content` of `model` that its input preprocessing layers (Rescaling,
-    Normalization) produce: what int8 conversion keeps in float32."""
+    Normalization) and the layers named in `float_layers` produce: what int8 conversion keeps in float32."""
     from covidseg_tf.inference.stages import _tflite_interpreter
 
     names = [layer.name for layer in model.layers if isinstance(layer, (layers.Rescaling, layers.Normalization))]
+    names += list(float_layers)
     pattern = re.compile("|".join(rf"(^|/){re.escape(n)}(_\d+)?/" for n in names)) if names else None
     tensors = [d["name"] for d in _tflite_interpreter(content, 1).get_tensor_details()]
     return [t for t in tensors if pattern is not None and pattern.search(t)]
 
 
 def tflite_model(model: Any, mode: str = "fp32", representative: Iterable[Any] | None = None,
-                 image_size: int | None = None) -> bytes:
+                 image_size: int | None = None, float_layers: Iterable[str] = ()) -> bytes:
     """A stage model as TFLite flatbuffer bytes: input (1, S, S, C) float32 raw pixels, output (1, S, S, 1) float32
     probabilities (and, for a model with an image head, a second output: the (1, C) class probabilities).
 
@@ -189,6 +190,7 @@ def tflite_model(model: Any, mode: str = "fp32", representative: Iterable[Any] |
     activations, the input preprocessing in float32, float32 input/output; see the module docstring), calibrated
     on `representative`: an iterable of (S, S, C) float32 pixel arrays from real images (for Stage 2 with their
     Stage-1 masks: `calibration_pixels`); "dynamic" (int8 weights, activations quantized on the fly; bench/ only).
+    `float_layers`: names of more Keras layers of `model` that "int8" keeps in float32.
     """
     model = keras_model(model)
     if mode not in TFLITE_MODES:
@@ -211,7 +213,7 @@ def tflite_model(model: Any, mode: str = "fp32", representative: Iterable[Any] |
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
                 content = converter.convert()
             elif mode == "int8":
-                content = _int8(converter, model, content, representative, channels)
+                content = _int8(converter, model, content, representative, channels, float_layers)
     finally:
         log.debug("TFLite converter: %s", printed.getvalue())
     log.debug("%s -> TFLite %s, %d bytes", model.name, mode, len(content))
@@ -219,7 +221,7 @@ def tflite_model(model: Any, mode: str = "fp32", representative: Iterable[Any] |
 
 
 def _int8(converter: Any, model: keras.Model, float_content: bytes, representative: Iterable[Any],
-          channels: int) -> bytes:
+          channels: int, float_layers: Iterable[str] = ()) -> bytes:
     """`tflite_model`'s int8 conversion: calibrated on `representative`, the preprocessing nodes denylisted
     (TFLite's selective quantization, through `tf.lite.experimental.QuantizationDebugger`)."""
     samples = [np.asarray(x, np.float32)[None, ..., :channels] for x in representative]
@@ -230,7 +232,7 @@ def _int8(converter: Any, model: keras.Model, float_content: bytes, representati
     dataset = lambda: ([x] for x in samples)  # noqa: E731
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = dataset
-    keep = float_preprocessing_nodes(model, float_content)
+    keep = float_preprocessing_nodes(model, float_content, float_layers)
     log.debug("int8 TFLite of %s: %d calibration images, float32 nodes %s", model.name, len(samples), keep)
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
     debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset,
