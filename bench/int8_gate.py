@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lung_dice_diff": round(acc["int8"]["lung_dice_pooled"] - acc["fp32"]["lung_dice_pooled"], 5),
         "infection_dice_diff": round(acc["int8"]["infection_dice_pooled"] - acc["fp32"]["infection_dice_pooled"], 5),
         "severity_mean_abs_diff": round(float(dsev.mean()), 4),
+        "severity_mean_diff": round(float((b["severity"] - a["severity"]).mean()), 4),
         "severity_max_abs_diff": round(float(dsev.max()), 3),
         "assessed_flips": int((a["assessed"] != b["assessed"]).sum()),
         "not_assessed_fp32": int((~a["assessed"]).sum()),
