@@ -6,12 +6,16 @@ Variants, each both stages of the cascade (`covidseg_tf.inference.predictor.run_
   tf_bf16         the same in bfloat16 (the shipped precision; emulated on CPUs without AVX512_BF16 or AMX)
   tflite_fp32     covidseg_tf.optimize.tflite_model, float32: what `covidseg_tf.export --tflite` writes
   tflite_dynamic  + Optimize.DEFAULT without calibration data: int8 weights, activations quantized on the fly
-  tflite_int8     + a representative dataset (--calibration Train images, ground-truth lung channel): int8
-                  weights and activations, float32 input and output
+  tflite_int8     what `covidseg_tf.export --tflite int8` writes: int8 weights and activations, the input
+                  preprocessing in float32, float32 input and output, calibrated on --calibration Train images
+                  (Stage 2 with their Stage-1 masks, `optimize.calibration_pixels`); its accuracy gate under the
+                  shipped decision: bench/int8_gate.py
+  tflite_int8_lung  Stage 1 as tflite_int8, Stage 2 as tflite_fp32 (the mix that keeps int8_gate.py's gate)
 Accuracy, on --images Val images spread over the split (every k-th): max |p - p_tf_fp32| of each stage's
 probabilities and pooled lung / infection Dice at the images' own size (threshold 0.5 for both, no image-level
 rule), and each variant's Dice minus tf_fp32's. Speed: batch 1, one cascade call per image, the variants timed
 in turn (--rounds rounds of every variant), so their ratios hold on a busy machine; the absolute times do not.
+--pause-pgid stops that process group (e.g. a training run) for the timing loop alone and always resumes it.
 Prints ONE JSON line; --json-out appends it to a file.
 
   python bench/tflite.py --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras \\
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-VARIANTS = ("tf_fp32", "tf_bf16", "tflite_fp32", "tflite_dynamic", "tflite_int8")
+VARIANTS = ("tf_fp32", "tf_bf16", "tflite_fp32", "tflite_dynamic", "tflite_int8", "tflite_int8_lung")
 
 
 def load_images(builder, split: str, count: int, size: int) -> dict[str, np.ndarray]:
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=10, help="timing rounds; each times every variant once")
     p.add_argument("--threads", type=int, default=2, help="TF intra-op threads and TFLite num_threads")
+    p.add_argument("--pause-pgid", type=int, help="process group to SIGSTOP while timing (SIGCONT after, always)")
     p.add_argument("--json-out", help="append the JSON line to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -101,17 +108,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from covidseg_tf.data import load_builder
     from covidseg_tf.inference.stages import TFLiteStage, load_stage, model_input_size
-    from covidseg_tf.optimize import frozen_stage, tflite_model
+    from covidseg_tf.optimize import calibration_pixels, frozen_stage, tflite_model
 
     models = {"lung": load_stage(args.lung_model, stage="lung"),
               "infection": load_stage(args.infection_model, stage="infection")}
     size, _ = model_input_size(models["lung"])
     builder = load_builder(args.dataset, args.data_dir, args.manual_dir)
     val = load_images(builder, "validation", args.images, size)
-    calibration = list(load_images(builder, "train", args.calibration, size)["pixels"]) \
-        if "tflite_int8" in args.variants else []
+    calibration = {"lung": load_images(builder, "train", args.calibration, size)["pixels"][..., :3]} \
+        if {"tflite_int8", "tflite_int8_lung"} & set(args.variants) else {"lung": []}
+    if len(calibration["lung"]):
+        calibration["infection"] = calibration_pixels(frozen_stage(models["lung"], "fp32"), calibration["lung"])
     result["images"] = {"validation": len(val["label"]), "per_class": np.bincount(val["label"]).tolist(),
-                        "size": size, "calibration_train": len(calibration)}
+                        "size": size, "calibration_train": len(calibration["lung"])}
 
     stages: dict[str, tuple[Any, Any]] = {}
     sizes: dict[str, int] = {}
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if v.startswith("tf_"):
             stages[v] = tuple(frozen_stage(models[s], v[3:]) for s in ("lung", "infection"))
         else:
-            content = {s: tflite_model(models[s], v[7:], calibration) for s in ("lung", "infection")}
+            mode = {"lung": "int8", "infection": "fp32"} if v == "tflite_int8_lung" else dict.fromkeys(models, v[7:])
+            content = {s: tflite_model(models[s], mode[s], calibration.get(s)) for s in ("lung", "infection")}
             sizes[v] = sum(len(c) for c in content.values())
             stages[v] = tuple(TFLiteStage(content[s], args.threads) for s in ("lung", "infection"))
         logging.info("%s ready in %.1f s", v, time.perf_counter() - t0)
@@ -148,16 +158,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times: dict[str, list[float]] = {v: [] for v in variants}
     for v in variants:  # warm-up
         run_stages(*stages[v], x, 0.5)["infection_prob"].numpy()
-    for _ in range(args.rounds):
-        for v in variants:
-            t = time.perf_counter()
-            run_stages(*stages[v], x, 0.5)["infection_prob"].numpy()
-            times[v].append(time.perf_counter() - t)
+    if args.pause_pgid:
+        os.killpg(args.pause_pgid, signal.SIGSTOP)
+    t_pause = time.perf_counter()
+    try:
+        for _ in range(args.rounds):
+            for v in variants:
+                t = time.perf_counter()
+                run_stages(*stages[v], x, 0.5)["infection_prob"].numpy()
+                times[v].append(time.perf_counter() - t)
+    finally:
+        if args.pause_pgid:
+            os.killpg(args.pause_pgid, signal.SIGCONT)
+            result["paused_pgid_s"] = round(time.perf_counter() - t_pause, 1)
     med = {v: float(np.median(t)) for v, t in times.items()}
     result["cascade_batch1"] = {v: {"median_ms": round(1e3 * med[v], 2),
                                     "vs_tf_fp32": round(med[v] / med["tf_fp32"], 3),
                                     "times_ms": [round(1e3 * t, 1) for t in times[v]]} for v in variants}
-    result["machine"]["loadavg_end"] = [round(v, 2) for v in __import__("os").getloadavg()]
+    result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     common.emit(result, args.json_out)
     return result
 

@@ -19,7 +19,12 @@
    constant casts at load time.
 
 `tflite_model(model)` is the second export target: the same stage as a TensorFlow Lite flatbuffer (the converter
-folds BatchNorm itself), run by `covidseg_tf.inference.stages.TFLiteStage`; its int8 variants are for bench/.
+folds BatchNorm itself), run by `covidseg_tf.inference.stages.TFLiteStage`. Its "int8" mode (`export --tflite int8`)
+quantizes weights (per output channel) and activations (per tensor, ranges calibrated on real pixels) but keeps
+the encoder's input preprocessing (Rescaling, Normalization) in float32: there the 0/1 lung-mask channel of Stage 2
+is 0 or 1/255 beside image channels spanning about [-2, 2.6], below half an int8 step of a shared per-tensor
+range, so quantizing it erases the mask. Stage 2 calibrates on images with their Stage-1 masks
+(`calibration_pixels`), the input it meets in the cascade. "dynamic" (int8 weights only) is for bench/.
 Each function takes a keras.Model or a Keras `Stage` (`inference.stages.keras_model`).
 """
 
@@ -28,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -150,14 +157,40 @@ def frozen_stage(model: Any, precision: str = "fp32", image_size: int | None = N
                        precision)
 
 
-def tflite_model(model: Any, mode: str = "fp32", representative: Any = None,
-                 image_size: int | None = None) -> bytes:
+def calibration_pixels(lung_model: Any, pixels: Any, decision: Any = 0.5, batch_size: int = 16) -> np.ndarray:
+    """Calibration input of Stage 2 from (N, S, S, 3) model pixels: each image with its Stage-1 lung mask as the
+    4th channel (`inference.predictor.run_stages` of `lung_model` and `decision`, a `Decision` or lung threshold),
+    so int8 ranges are measured on what Stage 2 is fed in the cascade. Returns (N, S, S, 4) float32."""
+    from covidseg_tf.inference.predictor import run_stages
+
+    pixels = np.asarray(pixels, np.float32)[..., :3]
+    masks = [run_stages(lung_model, None, tf.constant(pixels[i:i + batch_size]), decision)["lung_input"].numpy()
+             for i in range(0, len(pixels), batch_size)]
+    return np.concatenate([pixels, np.concatenate(masks) if masks else pixels[..., :0]], -1)
+
+
+def float_preprocessing_nodes(model: keras.Model, content: bytes, float_layers: Iterable[str] = ()) -> list[str]:
+    """Tensor names in the float TFLite `content` of `model` that its input preprocessing layers (Rescaling,
+    Normalization) and the layers named in `float_layers` produce: what int8 conversion keeps in float32."""
+    from covidseg_tf.inference.stages import _tflite_interpreter
+
+    names = [layer.name for layer in model.layers if isinstance(layer, (layers.Rescaling, layers.Normalization))]
+    names += list(float_layers)
+    pattern = re.compile("|".join(rf"(^|/){re.escape(n)}(_\d+)?/" for n in names)) if names else None
+    tensors = [d["name"] for d in _tflite_interpreter(content, 1).get_tensor_details()]
+    return [t for t in tensors if pattern is not None and pattern.search(t)]
+
+
+def tflite_model(model: Any, mode: str = "fp32", representative: Iterable[Any] | None = None,
+                 image_size: int | None = None, float_layers: Iterable[str] = ()) -> bytes:
     """A stage model as TFLite flatbuffer bytes: input (1, S, S, C) float32 raw pixels, output (1, S, S, 1) float32
     probabilities (and, for a model with an image head, a second output: the (1, C) class probabilities).
 
-    `mode`: "fp32" (what `covidseg_tf.export --tflite` writes); "dynamic" (int8 weights, activations quantized
-    on the fly); "int8" (int8 weights and activations, float32 input/output, calibrated on `representative`:
-    an iterable of (S, S, C) float32 pixel arrays). The quantized modes are for `bench/tflite.py`.
+    `mode`: "fp32" (what `covidseg_tf.export --tflite` writes); "int8" (`export --tflite int8`: int8 weights and
+    activations, the input preprocessing in float32, float32 input/output; see the module docstring), calibrated
+    on `representative`: an iterable of (S, S, C) float32 pixel arrays from real images (for Stage 2 with their
+    Stage-1 masks: `calibration_pixels`); "dynamic" (int8 weights, activations quantized on the fly; bench/ only).
+    `float_layers`: names of more Keras layers of `model` that "int8" keeps in float32.
     """
     model = keras_model(model)
     if mode not in TFLITE_MODES:
@@ -172,16 +205,36 @@ def tflite_model(model: Any, mode: str = "fp32", representative: Any = None,
         outputs.append(layers.Activation("linear", dtype="float32", name="image_class_prob")(image_class))
     wrapped = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0])
     converter = tf.lite.TFLiteConverter.from_keras_model(wrapped)
-    if mode != "fp32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int8":
-        converter.representative_dataset = lambda: ([np.asarray(x, np.float32)[None, ..., :channels]]
-                                                    for x in representative)
     printed = io.StringIO()  # Keras' export, which the converter calls, prints the traced endpoints
     try:  # quiet_absl: the converter logs every function it traces at WARNING
         with quiet_absl(), contextlib.redirect_stdout(printed):
             content = converter.convert()
+            if mode == "dynamic":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                content = converter.convert()
+            elif mode == "int8":
+                content = _int8(converter, model, content, representative, channels, float_layers)
     finally:
         log.debug("TFLite converter: %s", printed.getvalue())
     log.debug("%s -> TFLite %s, %d bytes", model.name, mode, len(content))
     return content
+
+
+def _int8(converter: Any, model: keras.Model, float_content: bytes, representative: Iterable[Any],
+          channels: int, float_layers: Iterable[str] = ()) -> bytes:
+    """`tflite_model`'s int8 conversion: calibrated on `representative`, the preprocessing nodes denylisted
+    (TFLite's selective quantization, through `tf.lite.experimental.QuantizationDebugger`)."""
+    samples = [np.asarray(x, np.float32)[None, ..., :channels] for x in representative]
+    if not samples:
+        raise ValueError("TFLite mode 'int8' needs representative pixels to calibrate on, got none")
+    if samples[0].shape[-1] != channels:  # more are cut: a cascade's 4-channel pixels calibrate Stage 1 too
+        raise ValueError(f"representative pixels have {samples[0].shape[-1]} channels; the model takes {channels}")
+    dataset = lambda: ([x] for x in samples)  # noqa: E731
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = dataset
+    keep = float_preprocessing_nodes(model, float_content, float_layers)
+    log.debug("int8 TFLite of %s: %d calibration images, float32 nodes %s", model.name, len(samples), keep)
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset,
+                                                         debug_options=options)
+    return debugger.get_nondebug_quantized_model()

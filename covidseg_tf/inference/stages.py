@@ -305,7 +305,8 @@ class TFLiteStage(Stage):
     Runs one image per interpreter call on `threads` threads (default: TensorFlow's intra-op setting, else
     TF_NUM_INTRAOP_THREADS, else every core), eagerly or inside `tf.function` (through `tf.numpy_function`); calls
     are serialised (one interpreter). A file in an exported version folder takes its stage and decision from the
-    folder's manifest; a bare file's stage comes from its input channels.
+    folder's manifest; a bare file's stage comes from its input channels. `precision` is "int8" for a model holding
+    int8 tensors (`export --tflite int8`: float32 input and output, int8 inside), else "fp32".
     """
 
     format = "tflite"
@@ -337,11 +338,14 @@ class TFLiteStage(Stage):
         self.has_image_head = self._head is not None
         self.input_shape = (None, *shape[1:])
         self._classes = int(heads[0]["shape"][1]) if heads else 0
+        int8 = any(d["dtype"] == np.int8 for d in self._interpreter.get_tensor_details())
+        self.precision = "int8" if int8 else "fp32"
         self.manifest = None if self.path is None else ExportManifest.find(self.path.parent)
         self.stage = self.manifest.servable if self.manifest else STAGE_OF_CHANNELS.get(shape[3])
         self.name = f"{self.stage}_tflite"
         self._lock = threading.Lock()
-        log.info("loaded %s TFLite stage %s (input %s, %d threads)", self.stage, where, self.input_shape, threads)
+        log.info("loaded %s TFLite %s stage %s (input %s, %d threads)", self.stage, self.precision, where,
+                 self.input_shape, threads)
 
     def run(self, pixels: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(B, S, S, C) pixels -> (B, S, S, 1) float32 probabilities, in numpy (with an image head, the pair of
@@ -378,7 +382,8 @@ class TFLiteStage(Stage):
         return {MASK_OUTPUT: result[0], IMAGE_CLASS_OUTPUT: result[1]}
 
     def __repr__(self) -> str:
-        return f"TFLiteStage({str(self.path or '<bytes>')!r}, stage={self.stage!r}, input_shape={self.input_shape})"
+        return (f"TFLiteStage({str(self.path or '<bytes>')!r}, stage={self.stage!r}, precision={self.precision!r}, "
+                f"input_shape={self.input_shape})")
 
 
 def _tflite_interpreter(content: bytes, threads: int) -> Any:
