@@ -315,7 +315,7 @@ def build_seg(source: pydicom.Dataset, masks: Mapping[str, np.ndarray], algorith
     log lines (default: its file name)."""
     import highdicom as hd
 
-    from covidseg_tf.predict import INFECTION_RGB, LUNG_RGB
+    from covidseg_tf.report import INFECTION_RGB, LUNG_RGB
 
     check_source(source, name)
     name = _source_name(source, name)

@@ -69,6 +69,7 @@ from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.
     sha256_file,
     unwritable_reason,
 )
+from covidseg_tf.report import INFECTION_RGB, LUNG_RGB
 
 if TYPE_CHECKING:
     from covidseg_tf.inference import Prediction, Predictor, Stage
@@ -80,8 +81,6 @@ OUTPUT_SUFFIXES = ("_lung.png", "_infection.png", "_overlay.png", ".json")
 
 OVERLAY_MAX_SIDE = 2048
 """The overlay (a picture to look at; the masks keep the input's size) is drawn at most this many pixels a side."""
-LUNG_RGB = (0, 220, 90)
-INFECTION_RGB = (255, 30, 30)
 
 
 def model_info(predictor: Predictor) -> dict[str, Any]:

@@ -16,6 +16,9 @@ VARIANTS = {
     "infection_gt_lung": "Stage 2 (infection), ground-truth lung masks (ablation)",
 }
 FIGURE_ROWS = 6
+LUNG_RGB = (0, 220, 90)
+INFECTION_RGB = (255, 30, 30)
+"""The colours of the predicted lungs and infection in predict's overlay, the DICOM segments and the viewer."""
 
 
 # ----------------------------------------------------------------------------------------------- figure

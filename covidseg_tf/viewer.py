@@ -319,7 +319,7 @@ def create_app(viewer: Viewer, loopback: bool = True) -> flask.Flask:
     from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
     from covidseg_tf.imageio import XRayReadError, decode_image
-    from covidseg_tf.predict import INFECTION_RGB, LUNG_RGB
+    from covidseg_tf.report import INFECTION_RGB, LUNG_RGB
 
     app = flask.Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES, TRUSTED_HOSTS=list(LOOPBACK_NAMES) if loopback else None,
