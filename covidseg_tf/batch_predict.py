@@ -93,7 +93,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from covidseg_tf.cli import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.exitcodes import EPILOG, FAILED, OK, USAGE, interrupted
-from covidseg_tf.paths import Unusable, path_problem, walk_files
+from covidseg_tf.files import Unusable, path_problem, walk_files
 from covidseg_tf.stems import (  # noqa: F401  (the stem rules, shared with serve_client; also bp.<name>)
     GLOB_CHARS,
     SHORT_HASH,
@@ -230,7 +230,7 @@ def _may_hold_matches(rel_parts: Sequence[str], segments: Sequence[str]) -> bool
 
 def local_unusable(pattern: str) -> list[Unusable]:
     """What Beam's local match skips without a word although `pattern` (absolute, local) names or could reach it
-    (`covidseg_tf.paths.walk_files`): dangling or looping symbolic links and non-regular files the pattern matches
+    (`covidseg_tf.files.walk_files`): dangling or looping symbolic links and non-regular files the pattern matches
     (a FIFO would block its reader forever), folders below the listing root that cannot be listed, and, as notes,
     symbolic links to folders (not followed, as Beam's os.walk does not). A literal path: its `path_problem`."""
     if not has_glob(pattern):

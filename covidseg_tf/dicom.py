@@ -76,7 +76,7 @@ Errors: `DicomWriteError`, naming the source (`name`, else its file name) and th
 missing or wrong; nothing is written then. Patient and study attributes a SEG / SR carries but a (de-identified)
 source may lack (`TYPE2_SOURCE_ATTRIBUTES`: Type 2, empty when unknown) are written empty instead.
 
-Files are written under temporary names and renamed (`paths.replace_atomically`), the SEG first, the SR (which
+Files are written under temporary names and renamed (`files.replace_atomically`), the SEG first, the SR (which
 references it) last.
 """
 
@@ -93,7 +93,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from covidseg_tf import __version__
-from covidseg_tf.paths import partial_path, replace_atomically
+from covidseg_tf.files import partial_path, replace_atomically
 
 if TYPE_CHECKING:
     import highdicom as hd

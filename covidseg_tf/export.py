@@ -41,6 +41,7 @@ import tensorflow as tf
 from covidseg_tf import exitcodes, serving
 from covidseg_tf.cli import add_decision_flags, decision_overrides
 from covidseg_tf.config import default_config
+from covidseg_tf.files import integer_versions, unwritable_reason
 from covidseg_tf.inference.postprocess import Decision
 from covidseg_tf.inference.stages import (
     TFLITE_FILE,
@@ -51,7 +52,6 @@ from covidseg_tf.inference.stages import (
     stage_agreement,
 )
 from covidseg_tf.optimize import PRECISIONS, frozen_stage, tflite_model
-from covidseg_tf.paths import integer_versions, unwritable_reason
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from covidseg_tf.files import Unusable, path_problem, walk_files
 from covidseg_tf.limits import COLOUR_CHROMA, MAX_INFLATED_BYTES, MAX_PIXELS, size_problem
-from covidseg_tf.paths import Unusable, path_problem, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def find_images(paths: list[str | Path], exclude: Path | None = None,
 
     Returns (files, missing): explicitly named files are kept whatever their extension; folders contribute
     files with a known extension, except those under `exclude` (e.g. the output folder). What cannot be used is
-    never skipped without a word (`covidseg_tf.paths.walk_files`): folders that cannot be listed, dangling or
+    never skipped without a word (`covidseg_tf.files.walk_files`): folders that cannot be listed, dangling or
     looping symbolic links, non-regular files (and, as notes, symbolic links to folders, not followed) are
     appended to `unusable` when it is given, else logged as warnings.
     """

@@ -61,14 +61,14 @@ import numpy as np
 from covidseg_tf import __version__, exitcodes
 from covidseg_tf.cli import add_decision_flags, add_model_flags, decision_overrides
 from covidseg_tf.dicom import DICOM_SUFFIXES
-from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
-from covidseg_tf.paths import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
+from covidseg_tf.files import (  # noqa: F401  (unwritable_reason: also predict.unwritable_reason)
     Unusable,
     path_problem,
     sha256_bytes,
     sha256_file,
     unwritable_reason,
 )
+from covidseg_tf.imageio import KNOWN_EXTENSIONS, DecodedImage, XRayReadError, decode_image, find_images
 from covidseg_tf.report import INFECTION_RGB, LUNG_RGB
 
 if TYPE_CHECKING:

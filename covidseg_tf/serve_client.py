@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from covidseg_tf import exitcodes
-from covidseg_tf.paths import path_problem
+from covidseg_tf.files import path_problem
 from covidseg_tf.stems import plan_stems
 
 log = logging.getLogger(__name__)

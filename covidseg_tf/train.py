@@ -413,9 +413,9 @@ def stage1_lung_masks(model, lung_model_path: Path, builder, splits: Sequence[st
     import tensorflow as tf
 
     from covidseg_tf import data
+    from covidseg_tf.files import replace_atomically, sha256_file
     from covidseg_tf.inference.postprocess import Decision
     from covidseg_tf.inference.predictor import predict_batches
-    from covidseg_tf.paths import replace_atomically, sha256_file
 
     cache = cache_dir / f"{sha256_file(lung_model_path)[:16]}-t{threshold:g}.tfrecord"
     if not cache.exists():
@@ -482,7 +482,7 @@ def make_model_checkpoint(path: Path, best: float | None, monitor: str = "val_di
     whole)."""
     import keras
 
-    from covidseg_tf.paths import partial_path, remove_partials, replace_atomically
+    from covidseg_tf.files import partial_path, remove_partials, replace_atomically
 
     class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         def on_train_begin(self, logs=None):
@@ -515,7 +515,7 @@ def make_history_logger(path: Path):
 def drop_unfinished_rows(history_csv: Path, finished: int) -> int:
     """Keep only the rows of epochs < `finished` (the ones the backup counts as done: the others are trained
     again), rewritten atomically; returns the number of rows dropped."""
-    from covidseg_tf.paths import partial_path, replace_atomically
+    from covidseg_tf.files import partial_path, replace_atomically
 
     if not history_csv.exists():
         return 0

@@ -216,8 +216,8 @@ class Viewer:
     def upload(self, data: bytes, name: str) -> dict[str, Any]:
         """Predict one uploaded file as predict does; returns {"record", "links", "xray"}. Raises
         `imageio.XRayReadError` (naming `name`) for a file that cannot be decoded or is above the limits."""
+        from covidseg_tf.files import sha256_bytes
         from covidseg_tf.imageio import decode_image, is_dicom_bytes
-        from covidseg_tf.paths import sha256_bytes
         from covidseg_tf.predict import render_outputs
 
         assert self.predictor is not None and self.models is not None
@@ -277,7 +277,7 @@ class Viewer:
         """The X-ray file a folder record names, if it lies inside the folder and has the recorded SHA-256: the
         record's "file" as an absolute path, or relative to the folder, to the record's folder or to the server's
         working directory."""
-        from covidseg_tf.paths import sha256_file
+        from covidseg_tf.files import sha256_file
 
         assert self.folder is not None
         given = Path(str(record.get("file", "")))

@@ -131,8 +131,8 @@ def test_the_shipped_stages_load_with_their_recorded_decision():
 
 
 def test_model_file_info_names_each_format(exported):
+    from covidseg_tf.files import sha256_file
     from covidseg_tf.optimize import frozen_stage
-    from covidseg_tf.paths import sha256_file
     from covidseg_tf.predict import model_file_info, model_info
 
     tflite_paths = [exported[s] / TFLITE_FILE for s in ("lung", "infection")]

@@ -225,7 +225,7 @@ def test_xray_shown_only_from_inside_the_folder_with_the_recorded_hash(tree):
     root = tree["root"]
     Image.fromarray(phantom(64, 64)).save(root / "sub" / "x.png")
     data = (root / "sub" / "x.png").read_bytes()
-    from covidseg_tf.paths import sha256_bytes
+    from covidseg_tf.files import sha256_bytes
 
     record = record_of("x.png", 20.0, 10.0, 30.0) | {"input_sha256": sha256_bytes(data)}
     (root / "sub" / "x.json").write_text(json.dumps(record))  # "file" relative to the record's folder

@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 
 from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
+from covidseg_tf.files import integer_versions
 from covidseg_tf.inference.postprocess import Decision
 from covidseg_tf.inference.preprocess import SIZE_DIVISOR
-from covidseg_tf.paths import integer_versions
 
 log = logging.getLogger(__name__)
 
