@@ -26,7 +26,6 @@ M=${2:-../shared/covidqu}
 D=${3:-$HOME/tensorflow_datasets}
 THREADS=${THREADS:-2}
 PRECISION=${PRECISION:-off}
-EXPORT_PRECISION=${EXPORT_PRECISION:-bf16}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
 COMMON=(--encoder efficientnetb0 --batch-size 16 --lr-schedule cosine --seed 1 --no-export --image-size 128
@@ -47,13 +46,5 @@ train infection128 --stage infection --epochs 7 --learning-rate 1e-3 --image-hea
     --encoder-weights "$LUNG" --lung-model "$LUNG"
 INF=$R/infection128/model.keras
 
-echo "$(date -u +%FT%TZ) tune, export, evaluate"
-[[ -f $R/decision.json ]] || python -m covidseg_tf.tune --lung-model "$LUNG" --infection-model "$INF" \
-    --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" --hflip both --out "$R/decision.json" \
-    >> "$R/tune.log" 2>&1
-[[ -d $R/export ]] || python -m covidseg_tf.export --lung-model "$LUNG" --infection-model "$INF" \
-    --decision "$R/decision.json" --precision "$EXPORT_PRECISION" --out "$R/export" >> "$R/export.log" 2>&1
-[[ -f $R/eval/report.json ]] || python -m covidseg_tf.evaluate --lung-model "$R/export/lung" \
-    --infection-model "$R/export/infection" --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" \
-    --split validation test --out "$R/eval" >> "$R/evaluate.log" 2>&1
+bash recipes/finish.sh "$R" "$LUNG" "$INF" "$M" "$D"
 python bench/run_summary.py "$R"/lung128 "$R"/lung128_ft "$R"/infection128

@@ -17,7 +17,6 @@ M=${3:-../shared/covidqu}
 D=${4:-$HOME/tensorflow_datasets}
 THREADS=${THREADS:-2}
 PRECISION=${PRECISION:-off}
-EXPORT_PRECISION=${EXPORT_PRECISION:-bf16}
 mkdir -p "$R" "$V3"
 export TF_CPP_MIN_LOG_LEVEL=2
 [[ -f $V3/infection128/DONE ]] || bash recipes/train_v3.sh "$V3" "$M" "$D" >> "$V3/recipe.log" 2>&1
@@ -41,14 +40,6 @@ train "$R" infection256 --stage infection --image-size 256 --epochs 4 --learning
     --image-head-weight 0.2 --encoder-weights "$V3/infection128_ft/model.keras" --lung-model "$LUNG"
 INF=$R/infection256/model.keras
 
-echo "$(date -u +%FT%TZ) tune, export, evaluate"
-[[ -f $R/decision.json ]] || python -m covidseg_tf.tune --lung-model "$LUNG" --infection-model "$INF" \
-    --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" --hflip both --out "$R/decision.json" \
-    >> "$R/tune.log" 2>&1
-[[ -d $R/export ]] || python -m covidseg_tf.export --lung-model "$LUNG" --infection-model "$INF" \
-    --decision "$R/decision.json" --precision "$EXPORT_PRECISION" --out "$R/export" >> "$R/export.log" 2>&1
-[[ -f $R/eval/report.json ]] || python -m covidseg_tf.evaluate --lung-model "$R/export/lung" \
-    --infection-model "$R/export/infection" --dataset covid_qu_ex/infection --manual-dir "$M" --data-dir "$D" \
-    --split validation test --out "$R/eval" >> "$R/evaluate.log" 2>&1
+bash recipes/finish.sh "$R" "$LUNG" "$INF" "$M" "$D"
 python bench/run_summary.py "$R"/lung256 "$R"/infection256
 echo "$(date -u +%FT%TZ) done"
