@@ -12,7 +12,8 @@ Opening a file (upload)
     The bytes go through predict's own steps: `imageio.decode_image` (the size limits of `covidseg_tf.limits`,
     checked from the header before decoding), `inference.Predictor.predict`, then `predict.render_outputs` for the
     JSON record and the mask / overlay PNGs, so the page shows predict's numbers. A DICOM upload also gets its SEG
-    and SR (`dicom.seg_and_sr_bytes`). Results are kept in memory (the last `KEEP_RESULTS`), never written to disk.
+    and SR (`render_outputs` as for `predict --dicom`). Results are kept in memory (the last `KEEP_RESULTS`),
+    never written to disk.
     A request larger than `MAX_UPLOAD_BYTES` is refused (413) before it is read; a file that does not decode, or
     declares more pixels than the limits allow, is refused (422); each error names the file, and the server goes on.
 
@@ -217,7 +218,7 @@ class Viewer:
         """Predict one uploaded file as predict does; returns {"record", "links", "xray"}. Raises
         `imageio.XRayReadError` (naming `name`) for a file that cannot be decoded or is above the limits."""
         from covidseg_tf.files import sha256_bytes
-        from covidseg_tf.imageio import decode_image, is_dicom_bytes
+        from covidseg_tf.imageio import decode_image
         from covidseg_tf.predict import render_outputs
 
         assert self.predictor is not None and self.models is not None
@@ -227,32 +228,25 @@ class Viewer:
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem) or "upload"
         rid = self.results.new_id()
         prefix = f"/results/{rid}/"
-        record, encoded = render_outputs(name, image.gray, pred, prefix + stem, self.models, sha256=sha256_bytes(data))
+        def render(dicom: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+            return render_outputs(name, image.gray, pred, prefix + stem, self.models, sha256=sha256_bytes(data),
+                                  dicom=dicom)
+
+        dicom_error = None
+        try:  # a DICOM upload also gets its SEG and SR (image.dicom: its header; None for other formats)
+            record, encoded = render(image.dicom)
+        except Exception as e:  # the PNG / JSON results stand without them; say why
+            log.warning("%s: no DICOM SEG / SR: %s", name, e)
+            dicom_error = str(e)
+            record, encoded = render(None)
         files = {url[len(prefix):]: body for url, body in encoded.items()}
         files["xray.png"] = _png(image.gray)
-        dicom_error = None
-        if is_dicom_bytes(data, name):
-            try:
-                files.update(self._dicom_outputs(data, name, stem, pred, record))
-            except Exception as e:  # the PNG / JSON results stand without them; say why
-                log.warning("%s: no DICOM SEG / SR: %s", name, e)
-                dicom_error = str(e)
         self.results.put(rid, files)
         links = {kind: prefix + quote(stem + suffix) for kind, suffix in _suffixes().items()
                  if stem + suffix in files}
         log.info("%s: %s", name, f"severity {record['severity']['total']:.1f}% ({record['severity']['grade']})"
                  if record["assessed"] else f"not assessed: {record['reason']}")
         return {"record": record, "links": links, "xray": prefix + "xray.png", "dicom_error": dicom_error}
-
-    def _dicom_outputs(self, data: bytes, name: str, stem: str, pred: Any, record: dict[str, Any]) -> dict[str, bytes]:
-        import pydicom
-
-        from covidseg_tf.dicom import SEG_SUFFIX, SR_SUFFIX, Algorithm, seg_and_sr_bytes
-
-        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        seg, sr = seg_and_sr_bytes(source, {"lung": pred.lung, "infection": pred.infection}, record,
-                                   Algorithm.from_models(self.models), name=name)
-        return {stem + SEG_SUFFIX: seg, stem + SR_SUFFIX: sr}
 
     def record(self, rel: str) -> dict[str, Any]:
         """A folder record (`rel`: its path relative to the folder) with links to its sibling outputs and, when
