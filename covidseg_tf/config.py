@@ -18,7 +18,7 @@ UNET_LAYOUTS: tuple[str, ...] = ("segmentation_models", "segmentation_models_pyt
 BATCH_NORMS: tuple[str, ...] = ("keras", "fused")
 """BatchNormalization implementations of the U-Net (covidseg_tf.batchnorm explains the fused one)."""
 # The terms of the segmentation loss (covidseg_tf.losses), named by StageConfig.loss_weights and --loss-weights.
-LOSS_TERMS: tuple[str, ...] = ("dice", "bce", "focal")
+LOSS_TERMS: tuple[str, ...] = ("dice", "image_dice", "bce", "focal")
 
 # The image-level head's classes, in the order of the dataset's `label` (tfds_covidqu's CLASS_NAMES; a test keeps
 # the two equal: importing the builder here would load TensorFlow Datasets into every CLI).

@@ -10,6 +10,10 @@ Each term is the Keras loss of the same name:
   ``DiceLoss(mode="binary")`` sums over dims (0, 2) = batch and pixels). Like smp, the Dice term is set to 0 when the
   batch holds no positive pixel at all (Dice is undefined there; keras' formula would give a constant 1 with zero
   gradient); BCE and focal still train on such batches.
+* "image_dice": ``keras.losses.dice`` per image (``axis=(1, 2, 3)``), averaged over the images of the batch that hold
+  a positive pixel (0 when none does). Where the pooled "dice" lets one large lesion outweigh many small ones, this
+  term gives every image with a finding the same say, as the per-image Dice of the evaluation does. Images without a
+  positive pixel are left to BCE and focal (their per-image Dice is 0 whatever the prediction).
 * "bce": ``keras.losses.BinaryCrossentropy`` (mean over all pixels of the batch).
 * "focal": ``keras.losses.BinaryFocalCrossentropy(gamma=2)`` without class balancing (smp's ``FocalLoss`` defaults:
   alpha None, gamma 2), mean over all pixels.
@@ -34,7 +38,7 @@ TERMS: tuple[str, ...] = LOSS_TERMS
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
 class SegmentationLoss(keras.losses.Loss):
-    """sum(weights[term] * term(y_true, y_pred)) over the terms "dice", "bce", "focal" (see module docstring).
+    """sum(weights[term] * term(y_true, y_pred)) over the terms "dice", "image_dice", "bce", "focal" (see module docstring).
 
     Args:
         weights: term -> weight, e.g. {"dice": 0.7, "bce": 0.3}; terms with weight 0 or absent are skipped.
@@ -81,6 +85,10 @@ class SegmentationLoss(keras.losses.Loss):
         if self.weights.get("dice", 0.0) > 0:
             has_positives = ops.cast(ops.sum(y_true) > 0, "float32")
             values["dice"] = self._dice(y_true, y_pred) * has_positives
+        if self.weights.get("image_dice", 0.0) > 0:
+            per_image = keras.losses.dice(y_true, y_pred, axis=(1, 2, 3))
+            positive = ops.cast(ops.sum(y_true, axis=(1, 2, 3)) > 0, "float32")
+            values["image_dice"] = ops.sum(per_image * positive) / ops.maximum(ops.sum(positive), 1.0)
         if self.weights.get("bce", 0.0) > 0:
             values["bce"] = self._bce(y_true, y_pred)
         if self.weights.get("focal", 0.0) > 0:

@@ -54,6 +54,20 @@ def test_dice_term_is_pooled_over_the_batch():
     assert dice == pytest.approx(pooled, rel=1e-5)
 
 
+def test_image_dice_term_is_a_mean_over_images_with_findings():
+    """"image_dice": each image holding a positive pixel counts once; images without one do not count."""
+    y_true, y_pred = _batch()
+    y_true = y_true.copy()
+    y_true[0] = 0.0  # one image without a finding, which must not enter the mean
+    term = float(losses.SegmentationLoss(weights={"image_dice": 1.0})(y_true, y_pred))
+    per_image = [1 - 2 * (t * p).sum() / (t.sum() + p.sum()) for t, p in zip(y_true, y_pred, strict=True) if t.sum()]
+    assert len(per_image) == len(y_true) - 1
+    assert term == pytest.approx(np.mean(per_image), rel=1e-5)
+    pooled = float(losses.SegmentationLoss(weights={"dice": 1.0})(y_true, y_pred))
+    assert abs(term - pooled) > 1e-3  # the example tells it apart from the pooled term
+    assert float(losses.SegmentationLoss(weights={"image_dice": 1.0})(np.zeros_like(y_pred), y_pred)) == 0.0
+
+
 def test_empty_truth_batch_drops_dice_term():
     _, y_pred = _batch()
     y_true = np.zeros_like(y_pred)
