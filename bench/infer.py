@@ -22,6 +22,8 @@ Variants: plain = tf.function(model) as built; fast = BatchNorm folded into the 
 the concrete function frozen (variables -> constants); tflite = the stages as `covidseg_tf.export --tflite` writes
 them (`optimize.tflite_model`, float32, run by `inference.stages.TFLiteStage` on XNNPACK with --threads threads; fp32
 only), the cascade's glue still in TensorFlow. Same outputs up to round-off (measured, see agreement).
+tflite-int8 = Stage 1 as int8 TFLite (`optimize.tflite_model(mode="int8")`, calibrated on --calibration real X-rays
+from --images, else noise), Stage 2 float32 TFLite: the mix that passes bench/int8_gate.py's accuracy gate.
 
 Prints ONE JSON line; --json-out appends it to a file.
 
@@ -64,10 +66,14 @@ def parse_args(argv=None):
                    help="tf.function jit_compile (XLA) for the Keras functions")
     p.add_argument("--targets", nargs="*", choices=["lung", "infection", "cascade"],
                    default=["lung", "infection", "cascade"], help="Keras functions to time")
-    p.add_argument("--variants", nargs="+", choices=["plain", "fast", "tflite"], default=["plain", "fast"],
+    p.add_argument("--variants", nargs="+", choices=["plain", "fast", "tflite", "tflite-int8"],
+                   default=["plain", "fast"],
                    help="plain: tf.function(model) as built; fast: BatchNorm folded into the convs "
                         "(covidseg_tf.optimize.fold_batchnorm) and the concrete function frozen (variables -> "
-                        "constants); tflite: float32 TFLite stages (fp32 only)")
+                        "constants); tflite: float32 TFLite stages (fp32 only); tflite-int8: Stage 1 int8 TFLite, "
+                        "Stage 2 float32 TFLite (fp32 only)")
+    p.add_argument("--calibration", type=int, default=32,
+                   help="X-rays from --images that calibrate the tflite-int8 variant's Stage 1")
     p.add_argument("--no-savedmodel", action="store_true", help="skip the SavedModel export + timing")
     p.add_argument("--savedmodel-stages", action="store_true",
                    help="also export/time the lung and infection servables (cascade only by default)")
@@ -253,6 +259,18 @@ def main(argv=None):
         t = time.perf_counter()
         tflite["fp32"] = tuple(TFLiteStage(tflite_model(m), threads=args.threads) for m in models["fp32"])
         result["tflite_convert_s"] = round(time.perf_counter() - t, 1)
+    int8 = {}
+    if "tflite-int8" in args.variants and "fp32" in models:
+        from covidseg_tf.inference.stages import TFLiteStage
+        from covidseg_tf.optimize import tflite_model
+
+        t = time.perf_counter()
+        lung_fp32, inf_fp32 = models["fp32"]
+        calibration, result["int8_calibration"] = _sample_pixels(args.images, args.calibration, S, args.seed + 1)
+        int8["fp32"] = (TFLiteStage(tflite_model(lung_fp32, "int8", calibration), threads=args.threads),
+                        tflite["fp32"][1] if "fp32" in tflite
+                        else TFLiteStage(tflite_model(inf_fp32), threads=args.threads))
+        result["tflite_int8_convert_s"] = round(time.perf_counter() - t, 1)
 
     for prec, (lung, inf) in models.items():
         for B in args.batch:
@@ -260,11 +278,12 @@ def main(argv=None):
             px4 = tf.concat([px, tf.cast(tf.random.uniform((B, S, S, 1), seed=1) > 0.5, tf.float32)], -1)
             s3, s4 = tf.TensorSpec([B, S, S, 3], tf.float32), tf.TensorSpec([B, S, S, 4], tf.float32)
             for variant in args.variants:
-                if variant == "tflite" and prec not in tflite:
+                if variant.startswith("tflite") and prec not in (tflite if variant == "tflite" else int8):
                     continue
-                a, b = {"plain": (lung, inf), "fast": fast.get(prec), "tflite": tflite.get(prec)}[variant]
+                a, b = {"plain": (lung, inf), "fast": fast.get(prec), "tflite": tflite.get(prec),
+                        "tflite-int8": int8.get(prec)}[variant]
                 for jit in args.jit:
-                    jc, fz = jit == "on" and variant != "tflite", variant == "fast"
+                    jc, fz = jit == "on" and not variant.startswith("tflite"), variant == "fast"
                     if jc and fz:  # freezing rebuilds the graph without the XLA attribute: not a jit run
                         continue
                     for target in args.targets:
@@ -328,6 +347,7 @@ def main(argv=None):
         others = {f"{p}/plain": m for p, m in models.items() if p != "fp32"}
         others.update({f"{p}/fast": m for p, m in fast.items()})
         others.update({f"{p}/tflite": m for p, m in tflite.items()})
+        others.update({f"{p}/tflite-int8": m for p, m in int8.items()})
         if others:
             pixels, src = _sample_pixels(args.images, 4, S, args.seed)
             result["agreement_vs_fp32"] = agreement(models["fp32"], others, pixels, args.threshold)
