@@ -110,21 +110,26 @@ def write_version(base: Path | str, writer: Callable[[Path], None], attempts: in
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def calibration_files(folder: Path | str, count: int = CALIBRATION_IMAGES) -> list[Path]:
-    """The X-ray files of `folder` (searched recursively, `imageio.find_images`) that calibrate int8: every k-th
-    in sorted order, k = (files // count) or 1, at most `count` of them.
+def calibration_files(folders: Path | str | Sequence[Path | str], count: int = CALIBRATION_IMAGES) -> list[Path]:
+    """The X-ray files of `folders` (each searched recursively, `imageio.find_images`) that calibrate int8: every
+    k-th of them all in sorted order, k = (files // count) or 1, at most `count` of them.
 
     Raises:
-        ValueError: `folder` is missing, not a folder, or holds no X-ray image file (the message names it).
+        ValueError: a folder is missing, not a folder, or holds no X-ray image file (the message names it).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"--calibration-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}; "
-                         "give a folder of X-ray images (e.g. Train PNGs)")
-    files = sorted(find_images([folder])[0])
-    if not files:
-        raise ValueError(f"--calibration-dir {folder}: no X-ray image file ({' '.join(sorted(KNOWN_EXTENSIONS))}) "
-                         "in it or below it")
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    found: dict[Path, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"--calibration-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}"
+                             "; give folders of X-ray images (e.g. Train PNGs)")
+        files = find_images([folder])[0]
+        if not files:
+            raise ValueError(f"--calibration-dir {folder}: no X-ray image file "
+                             f"({' '.join(sorted(KNOWN_EXTENSIONS))}) in it or below it")
+        for f in files:
+            found.setdefault(f.resolve(), f)
+    files = sorted(found.values())
     return files[::max(1, len(files) // count)][:count]
 
 
@@ -298,10 +303,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "cascade passes the accuracy gate of bench/int8_gate.py on 300 Val images, Dice within 0.0003 and "
                    "mean |severity difference| 0.37 points; with Stage 2 in int8 too it fails it, infection Dice "
                    "-0.0079 and 3.39 points; bench/RESULTS.md)")
-    p.add_argument("--calibration-dir", type=Path, default=None,
-                   help="with --tflite int8: folder of X-ray images (read as predict reads them, searched "
-                   "recursively) whose pixels calibrate the int8 activation ranges, e.g. Train PNGs, not the images "
-                   "you evaluate on; Stage 2 calibrates on each with its Stage-1 lung mask under the exported decision")
+    p.add_argument("--calibration-dir", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="with --tflite int8: folders of X-ray images only (read as predict reads them, searched "
+                   "recursively: not a folder that holds masks too) whose pixels calibrate the int8 activation "
+                   "ranges, e.g. Train PNGs, not the images you evaluate on; Stage 2 calibrates on each with its "
+                   "Stage-1 lung mask under the exported decision")
     p.add_argument("--calibration-images", type=_positive_int, default=None,
                    help=f"with --tflite int8: how many images of --calibration-dir, every k-th file in sorted order "
                    f"(default: {CALIBRATION_IMAGES})")
@@ -313,7 +319,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag[2:].replace("-", "_")) is not None and not int8:
             p.error(f"{flag} applies to --tflite int8 only")
     if int8 and args.calibration_dir is None:
-        p.error("--tflite int8 needs --calibration-dir DIR: a folder of X-ray images to calibrate on (e.g. Train PNGs)")
+        p.error("--tflite int8 needs --calibration-dir DIR: a folder of X-ray images to calibrate on (e.g. Train "
+                "PNGs)")
     args.int8_stages = list(args.int8_stages or INT8_STAGES) if int8 else []
     args.calibration_images = args.calibration_images or CALIBRATION_IMAGES
     if int8 and not set(args.int8_stages) & set(args.only):
@@ -371,10 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             pixels = read_calibration(files, size)
         except ValueError as exc:
-            log.error("--calibration-dir %s: %s", args.calibration_dir, exc)
+            log.error("--calibration-dir: %s", exc)
             return exitcodes.USAGE
         log.info("int8 TFLite of %s: calibrating on %d images of %s", " and ".join(int8), len(files),
-                 args.calibration_dir)
+                 " ".join(map(str, args.calibration_dir)))
         if "lung" in int8:
             calibration["lung"] = pixels
         if "infection" in int8:  # Stage 2 calibrates on what it meets in the cascade: each image + its lung mask
