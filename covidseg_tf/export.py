@@ -20,11 +20,17 @@ stores each weight once, where Keras' own `ExportArchive` writes every variable 
 `--tflite` adds the second export target: each stage version folder also holds `stage.tflite` (float32, batch 1,
 `covidseg_tf.optimize.tflite_model`), which `inference.load_stage` / `Predictor.load` and so every CLI's
 --lung-model / --infection-model accept, run on TFLite's XNNPACK CPU kernels. TF Serving ignores the file.
+`--tflite int8 --calibration-dir DIR` writes the `--int8-stages` (default: Stage 1 only, the set that passes the
+accuracy gate of bench/int8_gate.py) as int8 TFLite instead, calibrated on images of DIR (Stage 2 on each with its
+Stage-1 lung mask, `optimize.calibration_pixels`), the other stage as float32; the manifest's `tflite` entry
+(`inference.stages.TFLiteExport`) records each file's precision, and for int8 the calibration count and the layers
+kept in float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -36,27 +42,37 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from covidseg_tf import exitcodes, serving
 from covidseg_tf.cli import add_decision_flags, decision_overrides
 from covidseg_tf.config import default_config
 from covidseg_tf.files import integer_versions, unwritable_reason
+from covidseg_tf.imageio import KNOWN_EXTENSIONS, find_images, read_xray
 from covidseg_tf.inference.postprocess import Decision
+from covidseg_tf.inference.preprocess import to_model_pixels
 from covidseg_tf.inference.stages import (
     TFLITE_FILE,
     ExportManifest,
+    TFLiteExport,
     head_agreement,
     keras_model,
     model_input_size,
     stage_agreement,
 )
-from covidseg_tf.optimize import PRECISIONS, frozen_stage, tflite_model
+from covidseg_tf.optimize import PRECISIONS, calibration_pixels, float32_layers, frozen_stage, tflite_model
 
 log = logging.getLogger(__name__)
 
 SERVABLES = ("lung", "infection", "cascade")
 PROG = "python -m covidseg_tf.export"
+TFLITE_PRECISIONS = ("fp32", "int8")
+"""What `--tflite [PRECISION]` writes: float32 TFLite, or int8 for the `--int8-stages`."""
+INT8_STAGES = ("lung",)
+"""`--int8-stages`' default: Stage 1 in int8 passes bench/int8_gate.py's accuracy gate (300 Val images: Dice within
+0.0003, mean |severity difference| 0.37 points), Stage 2 in int8 fails it (infection Dice -0.0079, 3.39 points)."""
+CALIBRATION_IMAGES = 64
 
 
 def next_version_dir(base: Path | str) -> int:
@@ -94,15 +110,59 @@ def write_version(base: Path | str, writer: Callable[[Path], None], attempts: in
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def calibration_files(folders: Path | str | Sequence[Path | str], count: int = CALIBRATION_IMAGES) -> list[Path]:
+    """The X-ray files of `folders` (each searched recursively, `imageio.find_images`) that calibrate int8: every
+    k-th of them all in sorted order, k = (files // count) or 1, at most `count` of them.
+
+    Raises:
+        ValueError: a folder is missing, not a folder, or holds no X-ray image file (the message names it).
+    """
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    found: dict[Path, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"--calibration-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}"
+                             "; give folders of X-ray images (e.g. Train PNGs)")
+        files = find_images([folder])[0]
+        if not files:
+            raise ValueError(f"--calibration-dir {folder}: no X-ray image file "
+                             f"({' '.join(sorted(KNOWN_EXTENSIONS))}) in it or below it")
+        for f in files:
+            found.setdefault(f.resolve(), f)
+    files = sorted(found.values())
+    return files[::max(1, len(files) // count)][:count]
+
+
+def read_calibration(files: Sequence[Path], image_size: int) -> np.ndarray:
+    """(N, S, S, 3) float32 model pixels of X-ray files: each read as predict reads it (`imageio.read_xray`) and made
+    model pixels by `preprocess.to_model_pixels` (ValueError, an `imageio.XRayReadError`, naming an unreadable
+    file)."""
+    return np.stack([to_model_pixels(tf.constant(read_xray(f)[:, :, None]), image_size).numpy() for f in files])
+
+
+def _tflite(model: Any, mode: str, size: int, calibration: Any = None) -> tuple[bytes, TFLiteExport]:
+    """A stage's TFLite bytes in `mode` ("fp32" or "int8", calibrated on `calibration` pixels) and their manifest
+    entry (without the byte count)."""
+    if mode not in TFLITE_PRECISIONS:
+        raise ValueError(f"--tflite precision must be one of {TFLITE_PRECISIONS}, got {mode!r}")
+    if mode == "fp32":
+        return tflite_model(model, "fp32", image_size=size), TFLiteExport(precision="fp32")
+    if calibration is None or not len(calibration):
+        raise ValueError("int8 TFLite needs calibration pixels (export --calibration-dir)")
+    content = tflite_model(model, "int8", calibration, image_size=size)
+    return content, TFLiteExport(precision="int8", calibration_images=len(calibration),
+                                 float_layers=float32_layers(model))
+
+
 def _write_savedmodel(
     path: Path,
     signatures: dict[str, tuple[Callable, list]],
     warmup: list[bytes] | None,
     manifest: ExportManifest,
-    tflite: bytes | None = None,
+    tflite: tuple[bytes, TFLiteExport] | None = None,
 ) -> None:
     """Save the signature functions (over frozen stage graphs: no variables) as a SavedModel at `path`, with
-    `tflite` (if given) as `path/stage.tflite`."""
+    `tflite` (if given: its bytes and manifest entry) as `path/stage.tflite`."""
     import keras
 
     module = tf.Module()
@@ -117,8 +177,9 @@ def _write_savedmodel(
     if warmup:
         serving.write_warmup(path, warmup)
     if tflite is not None:
-        (path / TFLITE_FILE).write_bytes(tflite)
-        manifest = manifest.replace(tflite={"file": TFLITE_FILE, "precision": "fp32", "bytes": len(tflite)})
+        content, entry = tflite
+        (path / TFLITE_FILE).write_bytes(content)
+        manifest = manifest.replace(tflite=dataclasses.replace(entry, file=TFLITE_FILE, bytes=len(content)))
     manifest.replace(signatures=sorted(signatures), tensorflow=tf.__version__, keras=keras.__version__,
                      exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      max_side=serving.MAX_SIDE).write(path)
@@ -132,7 +193,8 @@ def export_stage(
     warmup: bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
-    tflite: bool = False,
+    tflite: bool | str | None = False,
+    calibration: Any = None,
 ) -> Path:
     """Export one Keras stage model (input (None, S, S, 3|4)) to `<base_dir>/<stage>/<N>/`; returns that path.
 
@@ -141,7 +203,9 @@ def export_stage(
     stage records and applies the whole decision (`Predictor.load` reads it from there).
     `image_size` is only needed for a model built with a free input size (it must match a fixed one).
     The graph is BatchNorm-folded and frozen, in `precision` ("fp32" or "bf16"; see covidseg_tf.optimize).
-    `tflite` also writes the float32 TFLite copy `<N>/stage.tflite` (any `precision`).
+    `tflite` also writes a TFLite copy `<N>/stage.tflite` (any `precision`): True or "fp32" float32, "int8" int8
+    calibrated on `calibration`, (N, S, S, C) model pixels of real images (for the infection stage with their
+    Stage-1 masks: `optimize.calibration_pixels`).
     """
     if stage not in ("lung", "infection"):
         raise ValueError(f"stage must be 'lung' or 'infection', got {stage!r}")
@@ -161,9 +225,10 @@ def export_stage(
                                   model=model.name)
     signatures = serving.stage_signatures(frozen_stage(model, precision, size), manifest)
     records = serving.warmup_requests(stage, size, channels) if warmup else None
-    content = tflite_model(model, "fp32", image_size=size) if tflite else None
+    mode = "fp32" if tflite is True else tflite or None
+    converted = _tflite(model, mode, size, calibration) if mode else None
     return write_version(Path(base_dir) / stage,
-                         lambda tmp: _write_savedmodel(tmp, signatures, records, manifest, content))
+                         lambda tmp: _write_savedmodel(tmp, signatures, records, manifest, converted))
 
 
 def export_cascade(
@@ -200,13 +265,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "      --infection-model runs/infection/model.keras --out saved_models/\n"
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade\n"
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite\n"
+        "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite int8 \\\n"
+        "      --calibration-dir train_pngs/   # Stage 1 int8, Stage 2 float32 stage.tflite\n"
         "  python -m covidseg_tf.predict --lung-model saved_models/lung/3/stage.tflite \\\n"
         "      --infection-model saved_models/infection/3/stage.tflite xray.png\n"
         "then serve them:\n"
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config\n"
         "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot "
-        "be written, a bad --decision file\n" + exitcodes.EPILOG,
+        "be written, a bad --decision file, a --calibration-dir that is missing, holds no image or an unreadable "
+        "one\n" + exitcodes.EPILOG,
     )
     p.add_argument("--lung-model", required=True, type=Path, help="Stage 1 .keras file")
     p.add_argument("--infection-model", required=True, type=Path, help="Stage 2 .keras file")
@@ -225,12 +293,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weights and compute of the served graphs (BatchNorm is folded either way); bf16 halves "
                    "the size and is faster on CPUs with bfloat16 units (AVX512_BF16, AMX; bench/RESULTS.md), within "
                    "the tolerance in saved_models/MODEL_CARD.md (default: %(default)s)")
-    p.add_argument("--tflite", action="store_true",
-                   help="also write each stage as float32 TFLite, <version>/stage.tflite, which the CLIs take as "
-                   "--lung-model/--infection-model (XNNPACK on CPU; TF Serving ignores it)")
+    p.add_argument("--tflite", nargs="?", const="fp32", default=None, choices=TFLITE_PRECISIONS,
+                   help="also write each stage as TFLite, <version>/stage.tflite, which the CLIs take as "
+                   "--lung-model/--infection-model (XNNPACK on CPU; TF Serving ignores it): float32 (--tflite alone), "
+                   "or with `int8` the --int8-stages in int8 (weights and activations; input preprocessing, input "
+                   "and output float32; needs --calibration-dir) and the other stage in float32")
+    p.add_argument("--int8-stages", nargs="+", choices=("lung", "infection"), default=None,
+                   help="with --tflite int8: the stages written in int8 (default: lung: with Stage 1 in int8 the "
+                   "cascade passes the accuracy gate of bench/int8_gate.py on 300 Val images, Dice within 0.0003 and "
+                   "mean |severity difference| 0.37 points; with Stage 2 in int8 too it fails it, infection Dice "
+                   "-0.0079 and 3.39 points; bench/RESULTS.md)")
+    p.add_argument("--calibration-dir", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="with --tflite int8: folders of X-ray images only (read as predict reads them, searched "
+                   "recursively: not a folder that holds masks too) whose pixels calibrate the int8 activation "
+                   "ranges, e.g. Train PNGs, not the images you evaluate on; Stage 2 calibrates on each with its "
+                   "Stage-1 lung mask under the exported decision")
+    p.add_argument("--calibration-images", type=_positive_int, default=None,
+                   help=f"with --tflite int8: how many images of --calibration-dir, every k-th file in sorted order "
+                   f"(default: {CALIBRATION_IMAGES})")
     p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra warm-up requests")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    int8 = args.tflite == "int8"
+    for flag in ("--int8-stages", "--calibration-dir", "--calibration-images"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None and not int8:
+            p.error(f"{flag} applies to --tflite int8 only")
+    if int8 and args.calibration_dir is None:
+        p.error("--tflite int8 needs --calibration-dir DIR: a folder of X-ray images to calibrate on (e.g. Train "
+                "PNGs)")
+    args.int8_stages = list(args.int8_stages or INT8_STAGES) if int8 else []
+    args.calibration_images = args.calibration_images or CALIBRATION_IMAGES
+    if int8 and not set(args.int8_stages) & set(args.only):
+        p.error(f"--tflite int8: --only {' '.join(args.only)} writes none of the --int8-stages "
+                f"({' '.join(args.int8_stages)})")
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     reason = unwritable_reason(args.out)  # before the models load and freeze (tens of seconds)
     if reason:
         print(f"{PROG}: error: --out {args.out}: {reason}", file=sys.stderr)
+        return exitcodes.USAGE
+    try:  # also before the models load
+        files = calibration_files(args.calibration_dir, args.calibration_images) if args.int8_stages else []
+    except ValueError as exc:
+        log.error("%s", exc)
         return exitcodes.USAGE
     try:
         from covidseg_tf.inference.stages import load_stage  # looked up here: tests replace it
@@ -258,15 +366,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as exc:
         log.error("--decision %s: %s", args.decision, exc)
         return exitcodes.USAGE
+    int8 = [s for s in args.int8_stages if s in args.only]
+    calibration = {}
+    if int8:  # every calibration image is read before anything is written
+        try:
+            size = (stage_agreement(lung, infection, args.image_size) if "infection" in int8
+                    else model_input_size(lung, args.image_size)[0])
+        except ValueError as exc:
+            log.error("%s", exc)
+            return exitcodes.USAGE
+        try:
+            pixels = read_calibration(files, size)
+        except ValueError as exc:
+            log.error("--calibration-dir: %s", exc)
+            return exitcodes.USAGE
+        log.info("int8 TFLite of %s: calibrating on %d images of %s", " and ".join(int8), len(files),
+                 " ".join(map(str, args.calibration_dir)))
+        if "lung" in int8:
+            calibration["lung"] = pixels
+        if "infection" in int8:  # Stage 2 calibrates on what it meets in the cascade: each image + its lung mask
+            calibration["infection"] = calibration_pixels(lung, pixels, decision)
     warm = not args.no_warmup
     written = {}
-    if "lung" in args.only:
-        written["lung"] = export_stage(lung, "lung", args.out, decision, warmup=warm,
-                                        image_size=args.image_size, precision=args.precision, tflite=args.tflite)
-    if "infection" in args.only:
-        written["infection"] = export_stage(infection, "infection", args.out, decision, warmup=warm,
-                                             image_size=args.image_size, precision=args.precision,
-                                             tflite=args.tflite)
+    for stage, model in (("lung", lung), ("infection", infection)):
+        if stage in args.only:
+            mode = ("int8" if stage in int8 else "fp32") if args.tflite else None
+            written[stage] = export_stage(model, stage, args.out, decision, warmup=warm, image_size=args.image_size,
+                                          precision=args.precision, tflite=mode, calibration=calibration.get(stage))
     if "cascade" in args.only:
         written["cascade"] = export_cascade(lung, infection, args.out, decision, warmup=warm,
                                             image_size=args.image_size, precision=args.precision)

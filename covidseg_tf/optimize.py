@@ -169,13 +169,20 @@ def calibration_pixels(lung_model: Any, pixels: Any, decision: Any = 0.5, batch_
     return np.concatenate([pixels, np.concatenate(masks) if masks else pixels[..., :0]], -1)
 
 
+def float32_layers(model: Any, float_layers: Iterable[str] = ()) -> list[str]:
+    """Names of the Keras layers of `model` that "int8" TFLite keeps in float32: its input preprocessing layers
+    (Rescaling, Normalization), then those named in `float_layers` (what `export --tflite int8` records)."""
+    model = keras_model(model)
+    names = [layer.name for layer in model.layers if isinstance(layer, (layers.Rescaling, layers.Normalization))]
+    return names + [n for n in float_layers if n not in names]
+
+
 def float_preprocessing_nodes(model: keras.Model, content: bytes, float_layers: Iterable[str] = ()) -> list[str]:
-    """Tensor names in the float TFLite `content` of `model` that its input preprocessing layers (Rescaling,
-    Normalization) and the layers named in `float_layers` produce: what int8 conversion keeps in float32."""
+    """Tensor names in the float TFLite `content` of `model` that its `float32_layers` produce: what int8
+    conversion keeps in float32."""
     from covidseg_tf.inference.stages import _tflite_interpreter
 
-    names = [layer.name for layer in model.layers if isinstance(layer, (layers.Rescaling, layers.Normalization))]
-    names += list(float_layers)
+    names = float32_layers(model, float_layers)
     pattern = re.compile("|".join(rf"(^|/){re.escape(n)}(_\d+)?/" for n in names)) if names else None
     tensors = [d["name"] for d in _tflite_interpreter(content, 1).get_tensor_details()]
     return [t for t in tensors if pattern is not None and pattern.search(t)]

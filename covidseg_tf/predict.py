@@ -96,9 +96,10 @@ def model_info(predictor: Predictor) -> dict[str, Any]:
 
 def model_file_info(stage: Stage, given: Path | None) -> dict[str, Any]:
     """{"path", "format" (the stage's: "keras", "savedmodel", "tflite", "frozen"), "bytes", "sha256"} of a loaded
-    stage, plus `precision` / `image_size` from its export manifest. The path is what the stage was loaded from
-    (`given` when it does not know): for a SavedModel its version folder, whose bytes are the total of its files
-    and whose sha256 is that of its saved_model.pb; a model without a file has no bytes or sha256."""
+    stage, plus `precision` / `image_size` from its export manifest; a TFLite stage's `precision` is its file's own
+    ("fp32" or "int8", `TFLiteStage.precision`), not the SavedModel's beside it. The path is what the stage was
+    loaded from (`given` when it does not know): for a SavedModel its version folder, whose bytes are the total of
+    its files and whose sha256 is that of its saved_model.pb; a model without a file has no bytes or sha256."""
     path = stage.path or given
     record: dict[str, Any] = {"path": None if path is None else str(path), "format": stage.format}
     if path is not None and path.is_dir():
@@ -109,6 +110,8 @@ def model_file_info(stage: Stage, given: Path | None) -> dict[str, Any]:
     if stage.manifest is not None:
         record.update({k: v for k, v in (("precision", stage.manifest.precision),
                                           ("image_size", stage.manifest.image_size)) if v is not None})
+    if stage.format == "tflite":
+        record["precision"] = stage.precision
     return record
 
 

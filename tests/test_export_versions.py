@@ -202,16 +202,19 @@ def test_help_keeps_example_lines_and_states_each_default_once(capsys):
         "      --infection-model runs/infection/model.keras --out saved_models/",
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --only cascade",
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite",
+        "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite int8 \\",
+        "      --calibration-dir train_pngs/   # Stage 1 int8, Stage 2 float32 stage.tflite",
         "  python -m covidseg_tf.predict --lung-model saved_models/lung/3/stage.tflite \\",
         "      --infection-model saved_models/infection/3/stage.tflite xray.png",
         "then serve them:",
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config",
         "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot be "
-        "written, a bad --decision file",
+        "written, a bad --decision file, a --calibration-dir that is missing, holds no image or an unreadable one",
         exitcodes.EPILOG,
     ]
     flat = " ".join(text.split())
     assert "(default: None)" not in flat and ") (default:" not in flat
-    for default in ("(default: saved_models)", "(default: lung infection cascade)", "(default: fp32)"):
+    for default in ("(default: saved_models)", "(default: lung infection cascade)", "(default: fp32)",
+                    "(default: lung:", "(default: 64)"):
         assert flat.count(default) == 1, default

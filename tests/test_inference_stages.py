@@ -20,6 +20,7 @@ from covidseg_tf.inference.stages import (
     TFLITE_FILE,
     KerasStage,
     SavedModelStage,
+    TFLiteExport,
     TFLiteStage,
     as_stage,
     keras_model,
@@ -107,6 +108,25 @@ def test_export_manifest_round_trips_and_keeps_unknown_keys(tmp_path):
         ExportManifest.read(tmp_path)
     (tmp_path / EXPORT_INFO).write_text(json.dumps({"servable": "lung", "decision": {"threshold": 2}}))
     with pytest.raises(ValueError, match="threshold must be in"):
+        ExportManifest.read(tmp_path)
+
+
+def test_export_manifest_tflite_entry_is_typed_and_old_entries_still_read(tmp_path):
+    """The `tflite` entry is a `TFLiteExport`: an fp32 entry as written before it had a type reads and writes back
+    unchanged; an int8 entry records its calibration count and float32 layers; a bad entry names the file."""
+    old = {"servable": "lung", "threshold": 0.5, "tflite": {"file": TFLITE_FILE, "precision": "fp32", "bytes": 10}}
+    manifest = ExportManifest.from_dict(old)
+    assert manifest.tflite == TFLiteExport(precision="fp32", bytes=10) and manifest.tflite.calibration_images is None
+    assert manifest.to_dict() == old
+    int8 = manifest.replace(tflite=TFLiteExport(precision="int8", bytes=7, calibration_images=64,
+                                                float_layers=["rescaling", "normalization"], extra={"new": 1}))
+    int8.write(tmp_path)
+    raw = json.loads((tmp_path / EXPORT_INFO).read_text())["tflite"]
+    assert raw == {"file": TFLITE_FILE, "precision": "int8", "bytes": 7, "calibration_images": 64,
+                   "float_layers": ["rescaling", "normalization"], "new": 1}
+    assert ExportManifest.read(tmp_path) == int8
+    (tmp_path / EXPORT_INFO).write_text(json.dumps({**old, "tflite": "stage.tflite"}))
+    with pytest.raises(ValueError, match=r"covidseg_export\.json.*`tflite` entry .* is str, not an object"):
         ExportManifest.read(tmp_path)
 
 

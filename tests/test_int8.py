@@ -1,6 +1,7 @@
 """int8 TFLite stages (`optimize.tflite_model(..., "int8", ...)`): calibrated on real-looking pixels (phantom chest
 images, Stage 2 with their Stage-1 masks), the input preprocessing kept in float32, run by `TFLiteStage` like the
-float32 TFLite stages. (Not an export target: the int8 Stage 2 misses the accuracy gate, bench/RESULTS.md.)"""
+float32 TFLite stages. (`export --tflite int8` writes Stage 1 only by default: the int8 Stage 2 misses the accuracy
+gate, bench/RESULTS.md; tests/test_export_int8.py tests the export.)"""
 
 from __future__ import annotations
 

@@ -65,6 +65,40 @@ _HOW_TO_GET = ("train the stages with `python -m covidseg_tf.train --stage lung|
 
 # ----------------------------------------------------------------------------------------------- the manifest
 @dataclass(frozen=True)
+class TFLiteExport:
+    """The `tflite` entry of an `ExportManifest`: the `stage.tflite` written beside the SavedModel.
+
+        TFLiteExport(precision="int8", bytes=len(content), calibration_images=64, float_layers=["rescaling"])
+
+    `precision` is "fp32" (`export --tflite`) or "int8" (`export --tflite int8`); an int8 file also records
+    `calibration_images`, how many images calibrated its activation ranges, and `float_layers`, the Keras layers
+    it keeps in float32 (the input preprocessing; `optimize.float32_layers`). Keys this version does not know are
+    kept in `extra` and written back.
+    """
+
+    file: str = TFLITE_FILE
+    precision: str = "fp32"
+    bytes: int | None = None
+    calibration_images: int | None = None
+    float_layers: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (fields that are None are left out; `extra` keys follow the known ones)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TFLiteExport:
+        """From `to_dict` output or an older manifest's entry ({"file", "precision", "bytes"}; ValueError for one
+        that is no JSON object)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the `tflite` entry of the export manifest is {type(d).__name__}, not an object")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+
+
+@dataclass(frozen=True)
 class ExportManifest:
     """What `covidseg_tf.export` wrote into a version folder (`assets.extra/covidseg_export.json`).
 
@@ -73,8 +107,8 @@ class ExportManifest:
 
     `servable` is "lung", "infection" or "cascade"; `threshold` the stage's mask threshold (the lung stage applies
     only this); `decision` the whole `Decision` an infection stage or the cascade applies (None for a lung stage);
-    `tflite` describes a `stage.tflite` beside the SavedModel. Keys this version does not know are kept in `extra`
-    and written back.
+    `tflite` (a `TFLiteExport`; its JSON object is converted) describes a `stage.tflite` beside the SavedModel.
+    Keys this version does not know are kept in `extra` and written back.
     """
 
     servable: str
@@ -89,10 +123,14 @@ class ExportManifest:
     keras: str | None = None
     exported_at: str | None = None
     max_side: int | None = None
-    tflite: dict[str, Any] | None = None
+    tflite: TFLiteExport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     FILE: ClassVar[Path] = EXPORT_INFO
+
+    def __post_init__(self) -> None:
+        if self.tflite is not None and not isinstance(self.tflite, TFLiteExport):  # its JSON object (from_dict)
+            object.__setattr__(self, "tflite", TFLiteExport.from_dict(self.tflite))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (fields that are None are left out; `extra` keys follow the known ones)."""
@@ -101,12 +139,13 @@ class ExportManifest:
             value = getattr(self, f.name)
             if f.name == "extra" or value is None:
                 continue
-            out[f.name] = value.to_dict() if isinstance(value, Decision) else value
+            out[f.name] = value.to_dict() if isinstance(value, (Decision, TFLiteExport)) else value
         return {**out, **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportManifest:
-        """From `to_dict` output or an older manifest (ValueError for a missing servable or a bad decision)."""
+        """From `to_dict` output or an older manifest (ValueError for a missing servable, a bad decision or
+        `tflite` entry)."""
         if not isinstance(d, dict) or not isinstance(d.get("servable"), str):
             raise ValueError("no `servable` name in the export manifest")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
