@@ -2,15 +2,16 @@
 """Ours vs the PyTorch peer (segmentation_models_pytorch, ../shared/bench/peer/smp_bench.py from the repository
 root), side by side on this machine, ALTERNATING runs in subprocesses (round r: ours-infer, peer-infer,
 ours-train, peer-train; then, once, the memory runs), both with --threads (default 2) threads, and the ratios
-per target (issue 13's):
+per target (issue 26's; issue 13 asked <= 0.6 and <= 1 for the first and last):
 
-  cascade inference at --size, batch 1:   ours best cascade time / peer best (Stage-1 + Stage-2 time)  <= 0.6
+  cascade inference at --size, batch 1:   ours best cascade time / peer best (Stage-1 + Stage-2 time)  <= 0.5
   training throughput per stage, batch 8 (--train-batch): ours best images/s / peer best images/s       >= 1.2
   peak training memory per stage at --memory-size px, batch --memory-batch (256, 16): ours peak RSS of the
-      training process / the peer's (each side's lowest over its precisions/layouts)                     <= 1
+      training process / the peer's (each side's lowest over its precisions/layouts)                     <= 1.2
 
 "best": over precisions/variants and rounds, of the per-run medians. Ours = bench/infer.py (Keras tf.function:
-plain and BN-folded+frozen "fast", fp32 and bf16, and the float32 TFLite stages of `export --tflite`) and
+plain and BN-folded+frozen "fast", fp32 and bf16, the float32 TFLite stages of `export --tflite` and the
+Stage-1-int8 ones of `export --tflite int8`, variant "tflite-int8") and
 bench/train_step.py (train_on_batch, fp32 and bf16, --our-batch-norm).
 Peer = bf16 autocast + channels_last (its best layout per issue 7), optionally also fp32 (--peer-layouts).
 The peer has no cascade: its cascade time is the sum of its two stage times at batch 1 (ours also includes the
@@ -210,7 +211,7 @@ def main(argv=None):
         cont = max(v or 0 for v in (o["foreign_cpu_frac"], p1["foreign_cpu_frac"], p2["foreign_cpu_frac"]))
         summary["targets"]["cascade_infer_b1"] = {
             "ours_s": o, "peer_stage1_s": p1, "peer_stage2_s": p2, "peer_cascade_s": round(peer_sum, 5),
-            "ratio_ours_over_peer": round(ratio, 3), "target": "<= 0.6", "met": ratio <= 0.6,
+            "ratio_ours_over_peer": round(ratio, 3), "target": "<= 0.5", "met": ratio <= 0.5,
             "max_foreign_cpu_frac": cont, "contended": cont > common.CONTENTION_LIMIT}
         for stage in PEER:
             mine = [it for it in ours_stage_inf if it[2]["target"] == stage]
@@ -233,7 +234,7 @@ def main(argv=None):
             ratio = ob["value"] / pb["value"]
             summary["targets"][f"{stage}_train_memory_{args.memory_size}px_b{args.memory_batch}"] = {
                 "ours_peak_rss_mib": ob, "peer_peak_rss_mib": pb, "ratio_ours_over_peer": round(ratio, 3),
-                "target": "<= 1", "met": ratio <= 1}
+                "target": "<= 1.2", "met": ratio <= 1.2}
     summary["all_runs"] = {
         "ours_cascade_b1": ours_cascade, "ours_stage_b1": ours_stage_inf, "ours_train": ours_train,
         "peer_infer_b1": peer_inf, "peer_train": peer_train, "ours_memory": ours_mem, "peer_memory": peer_mem}
