@@ -9,8 +9,8 @@
     130  INTERRUPTED  Ctrl-C (SIGINT; 128 + 2, the shells' convention): one line instead of a traceback; what was
                       written is complete (each tool writes its files atomically)
 
-`predict`, `batch_predict`, `serve_client`, `train`, `export`, `evaluate`, `tune` and `demo` use these codes;
-each one's ``--help`` ends with `EPILOG`.
+`predict`, `batch_predict`, `serve_client`, `train`, `export`, `ensemble`, `evaluate`, `tune` and `demo` use these
+codes; each one's ``--help`` ends with `EPILOG`.
 """
 
 from __future__ import annotations

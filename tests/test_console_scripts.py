@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-CLIS = ("train", "evaluate", "tune", "predict", "batch_predict", "export", "serve_client", "demo", "viewer")
+CLIS = ("train", "evaluate", "tune", "predict", "batch_predict", "export", "ensemble", "serve_client", "demo",
+        "viewer")
 
 
 def _target(name: str):
