@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from covidseg_tf.config import split_outputs
+from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
 from covidseg_tf.inference.stages import FrozenStage, keras_model, model_input_size, quiet_absl
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 TFLITE_MODES = ("fp32", "dynamic", "int8")
 _FLOAT32_LAYERS = (layers.InputLayer, layers.Rescaling, layers.Normalization)
+# Layers (by name, or name suffix after "_") that a bf16 copy keeps float32: a stage's output sigmoid and softmax,
+# and an ensemble's (covidseg_tf.ensemble) resizes, means and its members' renamed outputs ("m0_sigmoid").
+_FLOAT32_NAMES = ("sigmoid", MASK_OUTPUT, IMAGE_CLASS_OUTPUT)
+_FLOAT32_PARTS = ("resize_input", "resize_mask")
 
 
 class FoldedBatchNorm(layers.Layer):
@@ -79,10 +83,13 @@ def foldable_pairs(model: keras.Model) -> dict[str, str]:
 
 
 def _keeps_float32(layer: layers.Layer) -> bool:
-    """Layers that stay float32 in a bf16 copy: input preprocessing and the output sigmoid."""
+    """Layers that stay float32 in a bf16 copy: input preprocessing, the outputs (`_FLOAT32_NAMES`) and an
+    ensemble's resizes."""
     if isinstance(layer, _FLOAT32_LAYERS):
         return True
-    return isinstance(layer, layers.Activation) and layer.name == "sigmoid"
+    name = layer.name
+    return (any(name == n or name.endswith("_" + n) for n in _FLOAT32_NAMES)
+            or any(part in name for part in _FLOAT32_PARTS))
 
 
 def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:

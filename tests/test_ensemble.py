@@ -148,6 +148,23 @@ def test_batchnorm_folding_folds_every_members_pairs(members, ens, pixels):
 
 
 # ----------------------------------------------------------------------------------------------- 1x1-conv stages
+def test_bf16_copy_keeps_outputs_resizes_and_means_float32(ens, pixels):
+    """A bf16 export rounds the members' convolutions only: the resizes, the members' sigmoids / softmaxes and the
+    means stay float32 (`optimize._keeps_float32`)."""
+    folded = fold_batchnorm(ens, "bf16")
+    by_name = {layer.name: layer.compute_dtype for layer in folded.layers}
+    float32 = [n for n in by_name if n in ("mask", "image_class") or n.endswith(("_sigmoid", "_image_class"))
+               or "resize_" in n]
+    assert {"mask", "image_class", "m0_sigmoid", "m1_sigmoid"} <= set(float32)
+    assert any("resize_mask" in n for n in float32) and any("resize_input" in n for n in float32)
+    assert all(by_name[n] == "float32" for n in float32), {n: by_name[n] for n in float32}
+    assert "bfloat16" in set(by_name.values())  # the rest is bf16
+    got, ref = folded(pixels, training=False), ens(pixels, training=False)
+    for key in (MASK_OUTPUT, IMAGE_CLASS_OUTPUT):
+        assert got[key].dtype == "float32"
+        np.testing.assert_allclose(got[key], ref[key], atol=0.01)
+
+
 def lung_conv(size: int, name: str) -> keras.Model:
     return conv_stage(size, 3, [-0.1 / 3, 0.02, 0.01], 8.0, name)
 
