@@ -84,6 +84,8 @@ def outcomes(tmp_path_factory) -> dict[str, dict]:
         ("tune_ctrl_c", "covidseg_tf.tune", ["--out", str(tmp / "u.json")],
          "covidseg_tf.inference.predictor.Predictor.load"),
         ("demo_ctrl_c", "covidseg_tf.demo", ["--workdir", str(tmp / "d")], "covidseg_tf.data.load_builder"),
+        ("ensemble_ctrl_c", "covidseg_tf.ensemble", ["--members", missing, missing, "--out", str(tmp / "n.keras")],
+         "covidseg_tf.inference.stages.load_stage"),
         ("predict_model", "covidseg_tf.predict", [str(tmp / "x.png"), "--out", str(tmp / "p2"), *models], None),
         ("batch_predict_model", "covidseg_tf.batch_predict", [str(tmp / "x.png"), "--output", str(tmp / "b2"),
                                                               *models], None),
@@ -100,7 +102,7 @@ def outcomes(tmp_path_factory) -> dict[str, dict]:
     return json.loads(line[-1][len("RESULTS "):])
 
 
-TOOLS = ["predict", "batch_predict", "serve_client", "train", "export", "evaluate", "tune", "demo"]
+TOOLS = ["predict", "batch_predict", "serve_client", "train", "export", "evaluate", "tune", "demo", "ensemble"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)
