@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lung-model", required=True, help="Stage-1 .keras file")
     p.add_argument("--infection-model", required=True, help="Stage-2 .keras file")
-    p.add_argument("--decision-of", default="saved_models/infection/3",
+    p.add_argument("--decision-of", default="saved_models/infection/5",
                    help="exported infection stage whose manifest's decision both cascades apply (default: %(default)s)")
     p.add_argument("--dataset", default="covid_qu_ex/infection")
     p.add_argument("--data-dir", help="TFDS data_dir")

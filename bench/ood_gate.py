@@ -19,11 +19,11 @@ as MONOCHROME2, reported, not required to be refused); for each the check that r
 Train and Val choose the thresholds; Test is only reported.
 
 Prints ONE JSON line (and appends it to --json-out). Skips (exit 0, "skipped") without the real data. Takes a
-few minutes on 2 cores (about 7,000 images through Stage 1 at 128 px with flip TTA).
+few minutes on 2 cores (about 7,000 images through Stage 1 at the lung model's size with flip TTA).
 
 Example:
   python bench/ood_gate.py --json-out bench/results/ood_gate.jsonl
-  python bench/ood_gate.py --lung-model saved_models/lung/3 --infection-model saved_models/infection/3
+  python bench/ood_gate.py --lung-model saved_models/lung/5 --infection-model saved_models/infection/5
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ INFECTION = StageConfig(
 
 SAVED_MODELS = Path(__file__).resolve().parent.parent / "saved_models"
 """The repository's TF Serving base folder (covidseg_tf.export writes `<stage>/<N>/` versions into it)."""
-SHIPPED_VERSION = 3
+SHIPPED_VERSION = 5
 """The version of each servable committed to the repository: predict's and evaluate's default models. Pinned, so
 that a version a user exports into saved_models/ never silently replaces the shipped one."""
 DEFAULT_LUNG_MODEL = SAVED_MODELS / "lung" / str(SHIPPED_VERSION)

@@ -38,7 +38,8 @@ TERMS: tuple[str, ...] = LOSS_TERMS
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
 class SegmentationLoss(keras.losses.Loss):
-    """sum(weights[term] * term(y_true, y_pred)) over the terms "dice", "image_dice", "bce", "focal" (see module docstring).
+    """sum(weights[term] * term(y_true, y_pred)) over the terms "dice", "image_dice", "bce", "focal" (see the module
+    docstring).
 
     Args:
         weights: term -> weight, e.g. {"dice": 0.7, "bce": 0.3}; terms with weight 0 or absent are skipped.

@@ -17,7 +17,7 @@ first, `covidseg_tf.limits.GATE_CHECKS`):
     gradient        a smooth grey ramp                                           smooth
     text            rendered black text on white paper                           reported only (refused by
                                                                                  the lung checks with version 2's
-                                                                                 lung model, not with version 3's)
+                                                                                 and 5's lung models, not 3's)
     checkerboard    8 x 8 grey squares                                           lungs
     ct_like         a dark image with a bright disc (a CT slice's statistics)    lungs
     mri_like        a dark image with a textured grey oval, bright rim, small dark ventricles (a brain MRI's)  lungs

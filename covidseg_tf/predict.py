@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m covidseg_tf.predict scans/ other.dcm --out preds \\\n"
                "      --lung-model runs/lung/model.keras --infection-model runs/infection/model.keras\n"
                "  python -m covidseg_tf.predict xray.png --out preds \\\n"
-               "      --lung-model saved_models/lung/3 --infection-model saved_models/infection/3\n"
+               "      --lung-model saved_models/lung/5 --infection-model saved_models/infection/5\n"
                "  python -m covidseg_tf.predict study/ --out preds --dicom    # + DICOM SEG and SR per DICOM input\n"
                "a model is a SavedModel base folder (its highest integer version), a version folder or a .keras "
                "file;\n"

@@ -204,8 +204,8 @@ def test_help_keeps_example_lines_and_states_each_default_once(capsys):
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite",
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite int8 \\",
         "      --calibration-dir train_pngs/   # Stage 1 int8, Stage 2 float32 stage.tflite",
-        "  python -m covidseg_tf.predict --lung-model saved_models/lung/3/stage.tflite \\",
-        "      --infection-model saved_models/infection/3/stage.tflite xray.png",
+        "  python -m covidseg_tf.predict --lung-model saved_models/lung/5/stage.tflite \\",
+        "      --infection-model saved_models/infection/5/stage.tflite xray.png",
         "then serve them:",
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config",
