@@ -219,8 +219,8 @@ def test_predict_defaults_are_the_repo_saved_models(inputs, tiny_saved_models, t
     from covidseg_tf import config, predict
 
     repo = Path(__file__).resolve().parents[1]
-    assert config.DEFAULT_LUNG_MODEL == repo / "saved_models" / "lung" / "3"  # the shipped version, pinned
-    assert config.DEFAULT_INFECTION_MODEL == repo / "saved_models" / "infection" / "3"
+    assert config.DEFAULT_LUNG_MODEL == repo / "saved_models" / "lung" / "5"  # the shipped version, pinned
+    assert config.DEFAULT_INFECTION_MODEL == repo / "saved_models" / "infection" / "5"
     args = predict.build_parser().parse_args(["x.png", "--out", "o"])
     assert (args.lung_model, args.infection_model) == (config.DEFAULT_LUNG_MODEL, config.DEFAULT_INFECTION_MODEL)
     # without --lung-model/--infection-model the defaults are what runs
