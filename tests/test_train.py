@@ -292,7 +292,7 @@ def test_one_augment_flag_per_field_and_the_config_reflects_them():
 
 def test_new_flags_show_the_config_defaults_in_help():
     helps = {a.option_strings[0]: a.help for a in train.build_parser()._actions if a.option_strings}
-    assert helps["--loss-weights"] == ("loss = sum of weight x term over dice, bce, focal; unnamed terms get 0 "
+    assert helps["--loss-weights"] == ("loss = sum of weight x term over dice, image_dice, bce, focal; unnamed terms get 0 "
                                        "(default: dice=0.7,bce=0.3 / dice=0.5,bce=0.3,focal=0.2)")
     assert helps["--aug-hflip-p"] == "probability of HorizontalFlip; default: 0.5"
     assert helps["--aug-rotate-deg"] == "Affine rotation limit in degrees (+-); default: 15"
@@ -303,7 +303,7 @@ def test_new_flags_show_the_config_defaults_in_help():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss-weights", "dce=1"], "argument --loss-weights: unknown loss term 'dce'; known terms: dice, bce, focal"),
+    (["--loss-weights", "dce=1"], "argument --loss-weights: unknown loss term 'dce'; known terms: dice, image_dice, bce, focal"),
     (["--loss-weights", "dice=0.5,bce=-0.1"],
      "argument --loss-weights: weight of 'bce' must be zero or more, got -0.1"),
     (["--loss-weights", "dice=0,bce=0"],
@@ -403,7 +403,7 @@ def test_train_stage_is_what_the_cli_runs(synthetic_data_dir: Path, tmp_path: Pa
     (tiny("lung", encoder="efficientnetb99"), {}, "--encoder must be one of efficientnetb0, "),
     (tiny("lung").replace(in_channels=4), {}, "in_channels 4 does not fit --stage lung, which takes 3"),
     (tiny("lung", loss_weights={"dice": 1.0, "dce": 1.0}), {},
-     "--loss-weights: unknown loss term 'dce'; known terms: dice, bce, focal"),
+     "--loss-weights: unknown loss term 'dce'; known terms: dice, image_dice, bce, focal"),
     (tiny("lung", loss_weights={"dice": 0.0, "bce": 0.0}), {},
      "--loss-weights: at least one loss weight must be positive, got dice=0,bce=0"),
     (tiny("lung", augment=dataclasses.replace(default_config("lung").augment, hflip_p=2.0)), {},
