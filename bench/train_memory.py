@@ -6,8 +6,8 @@
   pipeline    (--input data|pipeline) the TFDS builder opened, the Stage-1 mask table made (infection stage,
               --lung-model), the training pipeline built as covidseg_tf.train builds it
   data        (--input data) --data-batches batches drawn through that pipeline, no model: the tf.data share
-  model       the stage model built (random init) and compiled as covidseg_tf.train compiles it (AdamW, the
-              stage's loss and Dice/IoU metrics)
+  model       the stage model built (random init) and compiled as covidseg_tf.train compiles it (its optimizer,
+              the stage's loss and Dice/IoU metrics)
   first_step  the first (tracing) training step
   steady      after --warmup more steps and --steps timed ones (median step time reported)
   trimmed     then gc.collect() and glibc malloc_trim(0): the RSS still live (not a peak; steady's VmRSS minus
@@ -68,6 +68,8 @@ def parse_args(argv=None):
                         "layers (elements per output, batch excluded)")
     p.add_argument("--jit", choices=["off", "on"], default="off")
     p.add_argument("--steps-per-execution", type=int, default=1, help="(--input pipeline) model.compile's")
+    p.add_argument("--optimizer", choices=["keras", "fused"], default="keras",
+                   help="keras.optimizers.AdamW (before issue 26) or covidseg_tf.optimizers.FusedAdamW")
     p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
     p.add_argument("--grappler", nargs="*", default=[], metavar="OPTION=0|1",
                    help="tf.config.optimizer.set_experimental_options, e.g. disable_meta_optimizer=1")
@@ -115,6 +117,7 @@ def worker(args, stage: str) -> dict:
     from covidseg_tf import data, train
     from covidseg_tf.config import default_config
     from covidseg_tf.models import build_stage_model
+    from covidseg_tf.optimizers import make_optimizer
 
     if args.grappler:
         tf.config.optimizer.set_experimental_options({k: bool(int(v)) for k, v in _kv(args.grappler).items()})
@@ -164,7 +167,7 @@ def worker(args, stage: str) -> dict:
                 n += 1
         rec["remat_layers"] = n
     optimizer = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                       clipnorm=cfg.clipnorm)
+                                       clipnorm=cfg.clipnorm) if args.optimizer == "keras" else make_optimizer(cfg)
     kw = train.compile_args(cfg)
     if args.no_metrics:
         kw.pop("metrics")
@@ -231,7 +234,7 @@ def main(argv=None):
               "pipeline": _kv(args.pipeline), "decoded_cache": args.decoded_cache,
               "remat_encoder": args.remat_encoder, "jit": args.jit,
               "steps_per_execution": args.steps_per_execution, "metrics": not args.no_metrics,
-              "grappler": _kv(args.grappler),
+              "optimizer": args.optimizer, "grappler": _kv(args.grappler),
               "steps": args.steps, "warmup": args.warmup, "results": []}
     argv = sys.argv[1:] if argv is None else list(argv)
     for stage in args.stages:

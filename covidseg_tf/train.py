@@ -738,6 +738,7 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
 
     from covidseg_tf import data
     from covidseg_tf.models import build_stage_model
+    from covidseg_tf.optimizers import make_optimizer
 
     # Everything is checked before the run folder is created or touched.
     cfg = check_config(config)
@@ -804,8 +805,7 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
 
     with strategy.scope():
         model = build_stage_model(cfg, encoder_weights=weights)
-        optimizer = keras.optimizers.AdamW(learning_rate=make_learning_rate(cfg, train_ds, args.steps_per_epoch),
-                                           weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)
+        optimizer = make_optimizer(cfg, make_learning_rate(cfg, train_ds, args.steps_per_epoch))
         model.compile(optimizer=optimizer, **compile_args(cfg))
 
     monitor = "val_" + dice_key(cfg.image_head_weight)
