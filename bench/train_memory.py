@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    help="keywords of covidseg_tf.data.make_pipeline (ints), e.g. shuffle_buffer=256")
     p.add_argument("--remat-encoder", type=int, default=None, metavar="THRESHOLD",
                    help="keras RematScope(mode='larger_than', output_size_threshold=THRESHOLD) on the encoder's "
-                        "layers (elements per output, batch excluded)")
+                        "layers but its BatchNorms (elements per output, batch excluded)")
     p.add_argument("--jit", choices=["off", "on"], default="off")
     p.add_argument("--steps-per-execution", type=int, default=1, help="(--input pipeline) model.compile's")
     p.add_argument("--optimizer", choices=["keras", "fused"], default="keras",
@@ -151,21 +151,28 @@ def worker(args, stage: str) -> dict:
         return dict(rec, rss_phases_mib=phases, peak_rss_mib=phases["data"]["hwm"], tf=tfinfo)
 
     keras.mixed_precision.set_global_policy({"fp32": "float32", "bf16": "mixed_bfloat16"}[args.precision])
-    if args.remat_encoder is not None:
-        with keras.RematScope(mode="larger_than", output_size_threshold=args.remat_encoder):
+    model = build_stage_model(cfg, encoder_weights=None)
+    if args.remat_encoder is not None:  # set after the build: build_unet clones the model (fused BatchNorm)
+        import math
+
+        from covidseg_tf.models import ENCODER_PREFIXES
+
+        # RematScope(mode="larger_than") itself fails in a TF graph ("'SymbolicTensor' object has no attribute
+        # 'sparse'": it sizes the output with compute_output_spec on graph tensors), so its choice is made here
+        # and given as mode="list_of_layers"; not the layers taking `training` (BatchNorm, Dropout): in a graph
+        # tf.recompute_grad (tf.custom_gradient) takes no keyword arguments
+        names = [layer.name for layer in model.layers if layer.name.startswith(ENCODER_PREFIXES)
+                 and not getattr(layer, "_call_has_training_arg", True)
+                 and not isinstance(layer, keras.layers.InputLayer)
+                 and math.prod(d or 1 for d in layer.output.shape[1:]) > args.remat_encoder]
+        with keras.RematScope(mode="list_of_layers", layer_names=names):
             from keras.src.backend.common.remat import get_current_remat_mode
 
             mode = get_current_remat_mode()
-    model = build_stage_model(cfg, encoder_weights=None)
-    if args.remat_encoder is not None:  # set after the build: build_unet clones the model (fused BatchNorm)
-        from covidseg_tf.models import ENCODER_PREFIXES
-
-        n = 0
         for layer in model.layers:
-            if layer.name.startswith(ENCODER_PREFIXES):
+            if layer.name in names:
                 layer._remat_mode = mode
-                n += 1
-        rec["remat_layers"] = n
+        rec["remat_layers"] = len(names)
     optimizer = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                        clipnorm=cfg.clipnorm) if args.optimizer == "keras" else make_optimizer(cfg)
     kw = train.compile_args(cfg)
