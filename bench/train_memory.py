@@ -9,7 +9,8 @@
   model       the stage model built (random init) and compiled as covidseg_tf.train compiles it (its optimizer,
               the stage's loss and Dice/IoU metrics)
   first_step  the first (tracing) training step
-  steady      after --warmup more steps and --steps timed ones (median step time reported)
+  steady      after --warmup more steps and --steps timed ones (median step time, and the process's CPU seconds
+              per timed step: less disturbed by other processes than the wall time)
   trimmed     then gc.collect() and glibc malloc_trim(0): the RSS still live (not a peak; steady's VmRSS minus
               this is free memory the allocators held)
 
@@ -192,17 +193,22 @@ def worker(args, stage: str) -> dict:
         x, y = tf.constant(x), tf.constant(y)
         model.train_on_batch(x, y)
         phases["first_step"] = rss_mib()
-        tm = common.time_steps(lambda: model.train_on_batch(x, y), args.steps, args.warmup, args.clean_stall,
-                               0, args.max_time)
+        cpu = []
+        tm = common.time_steps(lambda: (model.train_on_batch(x, y), cpu.append(common._self_cpu_s())), args.steps,
+                               args.warmup, args.clean_stall, 0, args.max_time)
         times = tm.times
+        rec["cpu_s_per_step"] = round((cpu[-1] - cpu[args.warmup - 1 if args.warmup else 0]) /
+                                      max(1, len(cpu) - max(args.warmup, 1)), 3)
         rec.update(foreign_cpu_frac=tm.foreign_cpu_frac, psi_stall_frac=tm.psi_stall_frac)
     else:
         spe = args.steps_per_execution
         marks: list[float] = []
+        cpu: list[float] = []
 
         class Timer(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
                 marks.append(time.perf_counter())
+                cpu.append(common._self_cpu_s())
                 if len(marks) == 1:
                     phases["first_step"] = rss_mib()
 
@@ -210,6 +216,7 @@ def worker(args, stage: str) -> dict:
         busy0, cpu0 = common._proc_stat_busy(), common._self_cpu_s()
         model.fit(train_ds, epochs=1, steps_per_epoch=calls * spe, callbacks=[Timer()], verbose=0)
         times = [(b - a) / spe for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:])]
+        rec["cpu_s_per_step"] = round((cpu[-1] - cpu[args.warmup]) / (len(cpu) - 1 - args.warmup) / spe, 3)
         busy1, cpu1 = common._proc_stat_busy(), common._self_cpu_s()
         if busy0 and busy1 and busy1[1] > busy0[1]:
             total = busy1[1] - busy0[1]
