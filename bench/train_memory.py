@@ -69,8 +69,9 @@ def parse_args(argv=None):
                         "layers but its BatchNorms (elements per output, batch excluded)")
     p.add_argument("--jit", choices=["off", "on"], default="off")
     p.add_argument("--steps-per-execution", type=int, default=1, help="(--input pipeline) model.compile's")
-    p.add_argument("--optimizer", choices=["keras", "fused"], default="keras",
-                   help="keras.optimizers.AdamW (before issue 26) or covidseg_tf.optimizers.FusedAdamW")
+    p.add_argument("--optimizer", choices=["keras", "fused"], default="fused",
+                   help="covidseg_tf.optimizers.FusedAdamW (train's, default) or keras.optimizers.AdamW (before "
+                        "issue 26)")
     p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
     p.add_argument("--grappler", nargs="*", default=[], metavar="OPTION=0|1",
                    help="tf.config.optimizer.set_experimental_options, e.g. disable_meta_optimizer=1")

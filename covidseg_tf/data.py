@@ -170,7 +170,7 @@ def make_pipeline(examples: tf.data.Dataset, cfg: StageConfig, *, training: bool
     `to_model_inputs`). Training adds shuffle + augmentation; validation only resizes.
 
     `examples` holds decoded images or, from `load_split(decode=False)`, their PNG bytes: then the cache and the
-    shuffle buffer hold those (a sixth of the decoded bytes: ~0.13 instead of ~0.73 GB for COVID-QU-Ex's 3,728
+    shuffle buffer hold those (a sixth of the decoded bytes: ~0.11 instead of ~0.70 GiB for COVID-QU-Ex's 3,728
     training examples with their masks) and each example is decoded when drawn."""
     size, stage = cfg.image_size, cfg.stage
     if stage == "infection" and "infection_mask" not in examples.element_spec:

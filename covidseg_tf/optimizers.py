@@ -1,10 +1,10 @@
 """The training optimizer: Keras' AdamW with its TensorFlow update fused into one op per variable.
 
 Keras 3 writes AdamW's update in backend-neutral ops, per variable: the bias corrections, both moments, the step
-and the decoupled weight decay come to ~50 graph ops for each trainable variable (~65 with the per-variable
+and the decoupled weight decay come to ~44 graph ops for each trainable variable (~61 with the per-variable
 clipnorm of Stage 2), recomputing the same scalars (learning rate, beta powers) for every one. For our U-Nets
-(240 trainable variables in Stage 2, ~400 in Stage 1) that is two thirds of the traced train step's ~22,000 /
-27,000 ops, and a traced op costs memory for as long as the train function lives (its Python graph, the
+(367 trainable variables in Stage 1, 240 in Stage 2) that is 60 % / 67 % of the traced train step's 27,136 /
+22,030 ops, and a traced op costs memory for as long as the train function lives (its Python graph, the
 function's definition and the executor's kernels): bench/RESULTS.md, "Training memory (issue 26)".
 
 `FusedAdamW` computes those scalars once per step and updates each variable with TensorFlow's ResourceApplyAdam
