@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Training throughput per stage: the full Keras train step (forward, the stage's loss, backward, AdamW with
-the stage's weight decay / clipnorm, the Dice/IoU metrics) on synthetic in-memory tensors, via
-model.train_on_batch (the same compiled train_function model.fit runs). The first call (tracing) and --warmup
-calls are excluded; the median of --steps timed calls gives images/s.
+"""Training throughput per stage: the full Keras train step (forward, the stage's loss, backward, train's
+optimizer (covidseg_tf.optimizers.make_optimizer: AdamW fused per variable) with the stage's weight decay /
+clipnorm, the Dice/IoU metrics) on synthetic in-memory tensors, via model.train_on_batch (the same compiled
+train_function model.fit runs). The first call (tracing) and --warmup calls are excluded; the median of --steps
+timed calls gives images/s.
 
 Every (stage, precision, batch) runs in its own subprocess, so peak RSS (resource.getrusage ru_maxrss) belongs
 to that configuration alone, and a watchdog kills a child whose RSS passes the memory limit. `rss_phases_mib` says
@@ -83,6 +84,7 @@ def worker(args, conf: dict) -> dict:
     from covidseg_tf.batchnorm import with_batch_norm
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
+    from covidseg_tf.optimizers import make_optimizer
 
     rss_phases = {"runtime": common.peak_rss_mib()}  # peak RSS so far after each phase: where the memory goes
 
@@ -91,8 +93,7 @@ def worker(args, conf: dict) -> dict:
     t = time.perf_counter()
     model = mu.build_stage(stage, S, prec, seed=args.seed, layout=cfg.unet_layout)
     model = with_batch_norm(model, conf.get("batch_norm") or cfg.batch_norm)  # keeps each layer's dtype policy
-    opt = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                 clipnorm=cfg.clipnorm)
+    opt = make_optimizer(cfg)  # train's: FusedAdamW with the stage's weight decay and clipnorm
     if prec == "fp16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     model.compile(optimizer=opt, loss=make_loss(cfg), metrics=None if args.no_metrics else

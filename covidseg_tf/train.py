@@ -738,6 +738,7 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
 
     from covidseg_tf import data
     from covidseg_tf.models import build_stage_model
+    from covidseg_tf.optimizers import make_optimizer
 
     # Everything is checked before the run folder is created or touched.
     cfg = check_config(config)
@@ -796,14 +797,15 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
         names, pngs = stage1_lung_masks(lung_model, lung_model_path, builder, ("train", "validation"),
                                         out / "stage1_masks", cfg.threshold, cfg.image_size)
         table = data.masks_lookup(names, pngs)
-    train_ds = data.make_pipeline(data.load_split(builder, "train"), cfg, training=True, seed=args.seed,
-                                  stage1_masks=table, repeat=args.steps_per_epoch is not None)
-    val_ds = data.make_pipeline(data.load_split(builder, "validation"), cfg, training=False, stage1_masks=table)
+    # PNG bytes in the pipelines' caches, decoded when drawn (data.make_pipeline; bench/RESULTS.md, "Training memory")
+    train_ds = data.make_pipeline(data.load_split(builder, "train", decode=False), cfg, training=True,
+                                  seed=args.seed, stage1_masks=table, repeat=args.steps_per_epoch is not None)
+    val_ds = data.make_pipeline(data.load_split(builder, "validation", decode=False), cfg, training=False,
+                                stage1_masks=table)
 
     with strategy.scope():
         model = build_stage_model(cfg, encoder_weights=weights)
-        optimizer = keras.optimizers.AdamW(learning_rate=make_learning_rate(cfg, train_ds, args.steps_per_epoch),
-                                           weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)
+        optimizer = make_optimizer(cfg, make_learning_rate(cfg, train_ds, args.steps_per_epoch))
         model.compile(optimizer=optimizer, **compile_args(cfg))
 
     monitor = "val_" + dice_key(cfg.image_head_weight)

@@ -108,3 +108,25 @@ def test_lung_part_cannot_train_the_infection_stage():
     ds = _examples().map(lambda ex: {k: v for k, v in ex.items() if k != "infection_mask"})
     with pytest.raises(data.DatasetError, match="infection masks"):
         data.make_pipeline(ds, INFECTION.replace(image_size=64), training=False)
+
+
+def _encoded(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """The examples with their images as PNG bytes, as `data.load_split(decode=False)` gives them."""
+    return ds.map(lambda ex: {k: tf.io.encode_png(v) if k in data.IMAGE_FEATURES else v for k, v in ex.items()})
+
+
+def test_pipeline_from_png_bytes_gives_the_same_batches():
+    """train's pipelines cache the PNG bytes and decode them when drawn (issue 26): the same seeded training batches
+    (shuffle order, augmentation, Stage-1 lung channel) as from decoded examples."""
+    cfg = INFECTION.replace(image_size=64, batch_size=4)
+    assert _encoded(_examples()).element_spec["image"].dtype == tf.string
+    table = data.masks_lookup([f"case_{i}.png" for i in range(6)],
+                              [tf.io.encode_png(np.ones((NATIVE, NATIVE, 1), np.uint8)).numpy()] * 6)
+    for kw in ({"training": True, "seed": 3}, {"training": False, "stage1_masks": table}):
+        want = _batches(data.make_pipeline(_examples(), cfg, **kw))
+        got = _batches(data.make_pipeline(_encoded(_examples()), cfg, **kw))
+        assert len(got) == len(want) == 2
+        for (xa, ya), (xb, yb) in zip(want, got):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Where the peak RSS of training goes (issue 26): per stage, in a fresh subprocess each, the RSS high-water mark
+(/proc/self/status VmHWM) and the current RSS (VmRSS) after each phase:
+
+  runtime     TensorFlow, Keras and the package's training modules imported (covidseg_tf.train, .data, .models, ...)
+  pipeline    (--input data|pipeline) the TFDS builder opened, the Stage-1 mask table made (infection stage,
+              --lung-model), the training pipeline built as covidseg_tf.train builds it
+  data        (--input data) --data-batches batches drawn through that pipeline, no model: the tf.data share
+  model       the stage model built (random init) and compiled as covidseg_tf.train compiles it (its optimizer,
+              the stage's loss and Dice/IoU metrics)
+  first_step  the first (tracing) training step
+  steady      after --warmup more steps and --steps timed ones (median step time, and the process's CPU seconds
+              per timed step: less disturbed by other processes than the wall time)
+  trimmed     then gc.collect() and glibc malloc_trim(0): the RSS still live (not a peak; steady's VmRSS minus
+              this is free memory the allocators held)
+
+--input synthetic: model.train_on_batch on one fixed in-memory batch (as bench/train_step.py, the figure
+bench/compare_peer.py compares with the peer's); --input pipeline: model.fit over the real training pipeline
+(covidseg_tf.data.make_pipeline on the TFDS data, augmentation, shuffle, prefetch), the step time from a callback;
+--input data: the pipeline alone. A lever is one change from the defaults: --env KEY=VALUE (e.g. MALLOC_ARENA_MAX=2,
+LD_PRELOAD=..., TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1), --remat-encoder, --jit, --steps-per-execution, --no-metrics,
+--pipeline KEY=VALUE (keywords of make_pipeline, e.g. shuffle_buffer=256). Step times share the box with whatever
+else runs (foreign_cpu_frac says how much): compare them only within one alternating run.
+
+Prints ONE JSON line; --json-out appends it to a file (bench/results/train_memory.jsonl).
+
+Examples:
+  python bench/train_memory.py --size 256 --batch 16 --lever baseline --json-out bench/results/train_memory.jsonl
+  python bench/train_memory.py --lever malloc_arena_2 --env MALLOC_ARENA_MAX=2
+  python bench/train_memory.py --input data --data-batches 240 --stages infection \\
+      --lung-model runs/lung/model.keras --lever data_only
+  python bench/train_memory.py --size 64 --batch 2 --steps 1 --warmup 0          # quick smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+log = logging.getLogger("bench.train_memory")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--stages", nargs="+", choices=["lung", "infection"], default=["lung", "infection"])
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--input", choices=["synthetic", "pipeline", "data"], default="synthetic")
+    p.add_argument("--lever", default="baseline", help="name of the change measured (copied into the JSON)")
+    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of the worker")
+    p.add_argument("--pipeline", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="keywords of covidseg_tf.data.make_pipeline (ints), e.g. shuffle_buffer=256")
+    p.add_argument("--remat-encoder", type=int, default=None, metavar="THRESHOLD",
+                   help="keras RematScope(mode='larger_than', output_size_threshold=THRESHOLD) on the encoder's "
+                        "layers but its BatchNorms (elements per output, batch excluded)")
+    p.add_argument("--jit", choices=["off", "on"], default="off")
+    p.add_argument("--steps-per-execution", type=int, default=1, help="(--input pipeline) model.compile's")
+    p.add_argument("--optimizer", choices=["keras", "fused"], default="fused",
+                   help="covidseg_tf.optimizers.FusedAdamW (train's, default) or keras.optimizers.AdamW (before "
+                        "issue 26)")
+    p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
+    p.add_argument("--grappler", nargs="*", default=[], metavar="OPTION=0|1",
+                   help="tf.config.optimizer.set_experimental_options, e.g. disable_meta_optimizer=1")
+    p.add_argument("--decoded-cache", action="store_true",
+                   help="(--input data|pipeline) cache decoded examples (load_split(decode=True), before issue 26) "
+                        "instead of their PNG bytes (as covidseg_tf.train does)")
+    p.add_argument("--data-batches", type=int, default=240, help="(--input data) batches drawn")
+    p.add_argument("--dataset", default="covid_qu_ex/infection")
+    p.add_argument("--data-dir", default="/work/tfds")
+    p.add_argument("--manual-dir", default=str(REPO.parent / "shared" / "covidqu"))
+    p.add_argument("--lung-model", default=None,
+                   help="(infection stage, --input data|pipeline) Stage-1 model.keras: the lung channel, as "
+                        "train --lung-model (else the ground-truth lung masks)")
+    p.add_argument("--stage1-cache", default="/tmp/train_memory/stage1_masks",
+                   help="folder of the Stage-1 mask cache (train's <output>/stage1_masks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    common.add_common_args(p)
+    p.set_defaults(steps=4, warmup=2)
+    return p.parse_args(argv)
+
+
+def rss_mib() -> dict[str, float]:
+    """{"hwm": VmHWM, "rss": VmRSS} of this process, MiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out[line[2:5].lower()] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+def _kv(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
+
+
+# ----------------------------------------------------------------------------------------------- worker
+def worker(args, stage: str) -> dict:
+    phases: dict[str, dict[str, float]] = {}
+    tfinfo = common.configure_tf(args.threads, args.inter_threads)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from covidseg_tf import data, train
+    from covidseg_tf.config import default_config
+    from covidseg_tf.models import build_stage_model
+    from covidseg_tf.optimizers import make_optimizer
+
+    if args.grappler:
+        tf.config.optimizer.set_experimental_options({k: bool(int(v)) for k, v in _kv(args.grappler).items()})
+    phases["runtime"] = rss_mib()
+    cfg = default_config(stage).replace(image_size=args.size, batch_size=args.batch, encoder_weights="none",
+                                        dataset=args.dataset)
+    keras.utils.set_random_seed(args.seed)
+    rec: dict = {"stage": stage}
+    train_ds = None
+    if args.input in ("data", "pipeline"):
+        builder = data.load_builder(cfg.dataset, args.data_dir, args.manual_dir)
+        table = None
+        if stage == "infection" and args.lung_model:
+            lung = train._load_lung_model(Path(args.lung_model), cfg.image_size)  # kept alive, as train_stage does
+            names, pngs = train.stage1_lung_masks(lung, Path(args.lung_model), builder, ("train", "validation"),
+                                                  Path(args.stage1_cache), cfg.threshold, cfg.image_size)
+            table = data.masks_lookup(names, pngs)
+            rec["stage1_masks"] = {"n": len(pngs), "png_mib": round(sum(map(len, pngs)) / 2**20, 1)}
+        examples = data.load_split(builder, "train", decode=args.decoded_cache)
+        train_ds = data.make_pipeline(examples, cfg, training=True, seed=args.seed, stage1_masks=table, repeat=True,
+                                      **{k: int(v) for k, v in _kv(args.pipeline).items()})
+        phases["pipeline"] = rss_mib()
+    if args.input == "data":
+        t = time.perf_counter()
+        n = 0
+        for n, _ in enumerate(train_ds.take(args.data_batches), 1):
+            if n == 1:
+                phases["first_batch"] = rss_mib()
+        rec["data_batches"], rec["data_s"] = n, round(time.perf_counter() - t, 1)
+        phases["data"] = rss_mib()
+        return dict(rec, rss_phases_mib=phases, peak_rss_mib=phases["data"]["hwm"], tf=tfinfo)
+
+    keras.mixed_precision.set_global_policy({"fp32": "float32", "bf16": "mixed_bfloat16"}[args.precision])
+    model = build_stage_model(cfg, encoder_weights=None)
+    if args.remat_encoder is not None:  # set after the build: build_unet clones the model (fused BatchNorm)
+        import math
+
+        from covidseg_tf.models import ENCODER_PREFIXES
+
+        # RematScope(mode="larger_than") itself fails in a TF graph ("'SymbolicTensor' object has no attribute
+        # 'sparse'": it sizes the output with compute_output_spec on graph tensors), so its choice is made here
+        # and given as mode="list_of_layers"; not the layers taking `training` (BatchNorm, Dropout): in a graph
+        # tf.recompute_grad (tf.custom_gradient) takes no keyword arguments
+        names = [layer.name for layer in model.layers if layer.name.startswith(ENCODER_PREFIXES)
+                 and not getattr(layer, "_call_has_training_arg", True)
+                 and not isinstance(layer, keras.layers.InputLayer)
+                 and math.prod(d or 1 for d in layer.output.shape[1:]) > args.remat_encoder]
+        with keras.RematScope(mode="list_of_layers", layer_names=names):
+            from keras.src.backend.common.remat import get_current_remat_mode
+
+            mode = get_current_remat_mode()
+        for layer in model.layers:
+            if layer.name in names:
+                layer._remat_mode = mode
+        rec["remat_layers"] = len(names)
+    optimizer = keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                       clipnorm=cfg.clipnorm) if args.optimizer == "keras" else make_optimizer(cfg)
+    kw = train.compile_args(cfg)
+    if args.no_metrics:
+        kw.pop("metrics")
+    model.compile(optimizer=optimizer, jit_compile=args.jit == "on", steps_per_execution=args.steps_per_execution,
+                  **kw)
+    phases["model"] = rss_mib()
+
+    times: list[float] = []
+    if args.input == "synthetic":
+        rng = np.random.default_rng(args.seed)
+        x = rng.uniform(0, 255, (args.batch, args.size, args.size, cfg.in_channels)).astype("float32")
+        if cfg.in_channels == 4:
+            x[..., 3] = rng.random((args.batch, args.size, args.size)) > 0.5
+        y = (rng.random((args.batch, args.size, args.size, 1)) > 0.7).astype("float32")
+        x, y = tf.constant(x), tf.constant(y)
+        model.train_on_batch(x, y)
+        phases["first_step"] = rss_mib()
+        cpu = []
+        tm = common.time_steps(lambda: (model.train_on_batch(x, y), cpu.append(common._self_cpu_s())), args.steps,
+                               args.warmup, args.clean_stall, 0, args.max_time)
+        times = tm.times
+        rec["cpu_s_per_step"] = round((cpu[-1] - cpu[args.warmup - 1 if args.warmup else 0]) /
+                                      max(1, len(cpu) - max(args.warmup, 1)), 3)
+        rec.update(foreign_cpu_frac=tm.foreign_cpu_frac, psi_stall_frac=tm.psi_stall_frac)
+    else:
+        spe = args.steps_per_execution
+        marks: list[float] = []
+        cpu: list[float] = []
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                marks.append(time.perf_counter())
+                cpu.append(common._self_cpu_s())
+                if len(marks) == 1:
+                    phases["first_step"] = rss_mib()
+
+        calls = 1 + args.warmup + args.steps  # executions of the train function
+        busy0, cpu0 = common._proc_stat_busy(), common._self_cpu_s()
+        model.fit(train_ds, epochs=1, steps_per_epoch=calls * spe, callbacks=[Timer()], verbose=0)
+        times = [(b - a) / spe for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:])]
+        rec["cpu_s_per_step"] = round((cpu[-1] - cpu[args.warmup]) / (len(cpu) - 1 - args.warmup) / spe, 3)
+        busy1, cpu1 = common._proc_stat_busy(), common._self_cpu_s()
+        if busy0 and busy1 and busy1[1] > busy0[1]:
+            total = busy1[1] - busy0[1]
+            own = (cpu1 - cpu0) * os.sysconf("SC_CLK_TCK") / total
+            rec["foreign_cpu_frac"] = round(max(0.0, (busy1[0] - busy0[0]) / total - own), 3)
+    phases["steady"] = rss_mib()
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    phases["trimmed"] = rss_mib()  # what is left once Python's garbage and glibc's free pages are returned
+    rec.update(median_step_s=round(statistics.median(times), 4), times_s=[round(t, 3) for t in times],
+               peak_rss_mib=phases["steady"]["hwm"], rss_phases_mib=phases, params=model.count_params(),
+               tf=tfinfo)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- parent
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args, args.worker), default=str), flush=True)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    env = dict(os.environ, **_kv(args.env))
+    result = {"script": "train_memory", "lever": args.lever, "label": args.label, "size": args.size,
+              "batch": args.batch, "precision": args.precision, "input": args.input, "env": _kv(args.env),
+              "pipeline": _kv(args.pipeline), "decoded_cache": args.decoded_cache,
+              "remat_encoder": args.remat_encoder, "jit": args.jit,
+              "steps_per_execution": args.steps_per_execution, "metrics": not args.no_metrics,
+              "optimizer": args.optimizer, "grappler": _kv(args.grappler),
+              "steps": args.steps, "warmup": args.warmup, "results": []}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for stage in args.stages:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", stage]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            rec = json.loads(lines[-1])
+        else:
+            tail = proc.stderr.strip().splitlines()[-3:]
+            rec = {"stage": stage, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        rec["wall_s"] = round(time.perf_counter() - t, 1)
+        log.info("%s %s: peak %s MiB, step %s s", args.lever, stage, rec.get("peak_rss_mib"),
+                 rec.get("median_step_s"))
+        result["results"].append(rec)
+    result["machine"] = common.machine_info()
+    common.emit(result, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
