@@ -48,7 +48,8 @@ def test_fused_adamw_traces_a_few_ops_per_variable():
         opt = cls(learning_rate=1e-3, weight_decay=1e-4)
         opt.build(model.trainable_variables)
         grads = [tf.zeros_like(v) for v in model.trainable_variables]
-        graph = tf.function(lambda: opt.apply(grads, model.trainable_variables)).get_concrete_function().graph
+        graph = tf.function(lambda opt=opt, grads=grads: opt.apply(grads, model.trainable_variables)) \
+            .get_concrete_function().graph
         ops = [op.type for op in graph.get_operations()]
         counts[cls.__name__] = len(ops)
         if cls is FusedAdamW:

@@ -292,8 +292,8 @@ def test_one_augment_flag_per_field_and_the_config_reflects_them():
 
 def test_new_flags_show_the_config_defaults_in_help():
     helps = {a.option_strings[0]: a.help for a in train.build_parser()._actions if a.option_strings}
-    assert helps["--loss-weights"] == ("loss = sum of weight x term over dice, image_dice, bce, focal; unnamed terms get 0 "
-                                       "(default: dice=0.7,bce=0.3 / dice=0.5,bce=0.3,focal=0.2)")
+    assert helps["--loss-weights"] == ("loss = sum of weight x term over dice, image_dice, bce, focal; unnamed "
+                                       "terms get 0 (default: dice=0.7,bce=0.3 / dice=0.5,bce=0.3,focal=0.2)")
     assert helps["--aug-hflip-p"] == "probability of HorizontalFlip; default: 0.5"
     assert helps["--aug-rotate-deg"] == "Affine rotation limit in degrees (+-); default: 15"
     # the seed's GaussNoise var_limit (10, 50) on 0-255 pixels, as a std range over 255
@@ -303,7 +303,8 @@ def test_new_flags_show_the_config_defaults_in_help():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss-weights", "dce=1"], "argument --loss-weights: unknown loss term 'dce'; known terms: dice, image_dice, bce, focal"),
+    (["--loss-weights", "dce=1"],
+     "argument --loss-weights: unknown loss term 'dce'; known terms: dice, image_dice, bce, focal"),
     (["--loss-weights", "dice=0.5,bce=-0.1"],
      "argument --loss-weights: weight of 'bce' must be zero or more, got -0.1"),
     (["--loss-weights", "dice=0,bce=0"],
