@@ -89,6 +89,22 @@ def conv_stage(size: int, channels: int, kernel: list[float], bias: float, name:
     return model
 
 
+def normalized_conv_stage(size: int, channels: int, name: str):
+    """(model, head, mean, variance): a stage model with the encoder's input preprocessing (Rescaling 1/255, then
+    Normalization with `models.input_normalization_stats`, which int8 export keeps in float32) and a sigmoid 1x1
+    convolution `head` whose weights the caller sets (mean and variance are the Normalization's statistics)."""
+    import keras
+
+    from covidseg_tf.models import input_normalization_stats
+
+    inp = keras.Input((size, size, channels))
+    x = keras.layers.Rescaling(1 / 255.0, name="rescaling")(inp)
+    mean, variance = input_normalization_stats(channels)
+    x = keras.layers.Normalization(mean=mean, variance=variance, name="normalization")(x)
+    head = keras.layers.Conv2D(1, 1, activation="sigmoid", name="head")
+    return keras.Model(inp, head(x), name=name), head, mean, variance
+
+
 def conv_cascade(size: int = 64):
     """(lung, infection) `conv_stage`s: grey < 100 is lung; inside the lung, grey > 60 is infection."""
     return (conv_stage(size, 3, [-0.1 / 3] * 3, 10.0, "lung_conv"),

@@ -12,13 +12,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import conv_cascade, phantom
+from helpers import conv_cascade, normalized_conv_stage, phantom
 from PIL import Image
 
 from covidseg_tf import export, predict
 from covidseg_tf.inference import ExportManifest, Predictor, load_stage
 from covidseg_tf.inference.stages import EXPORT_INFO, TFLITE_FILE, TFLiteExport, TFLiteStage
-from covidseg_tf.models import input_normalization_stats
 
 SIZE = 64
 CALIBRATION = 4  # of the 9 phantoms in the calibration folder: every 2nd
@@ -28,12 +27,7 @@ def normalized_lung_stage() -> keras.Model:
     """A Stage-1 model with the encoder's input preprocessing (Rescaling 1/255, then Normalization), which int8
     keeps in float32, and a 1x1 convolution computing `conv_cascade`'s lung rule: grey < 100 is lung
     (sigmoid(-0.1 (grey - 100)))."""
-    inp = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255.0, name="rescaling")(inp)
-    mean, variance = input_normalization_stats(3)
-    x = keras.layers.Normalization(mean=mean, variance=variance, name="normalization")(x)
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="head")
-    model = keras.Model(inp, conv(x), name="lung_norm")
+    model, conv, mean, variance = normalized_conv_stage(SIZE, 3, "lung_norm")
     std = np.sqrt(variance)
     conv.set_weights([(-0.1 / 3 * 255 * std).astype(np.float32).reshape(1, 1, 3, 1),
                       np.array([10.0 - 0.1 / 3 * 255 * mean.sum()], np.float32)])

@@ -8,11 +8,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from helpers import conv_cascade, phantom
+from helpers import conv_cascade, normalized_conv_stage, phantom
 
 from covidseg_tf import optimize
 from covidseg_tf.inference.stages import TFLiteStage, load_stage
-from covidseg_tf.models import input_normalization_stats
 from covidseg_tf.optimize import calibration_pixels, float_preprocessing_nodes, tflite_model
 
 SIZE = 64
@@ -32,12 +31,7 @@ def infection_stage() -> keras.Model:
 
     Real stage models normalize their input like this; `conv_cascade`'s infection stage does not (its raw 0/1 mask
     shares the int8 input step of the 0..255 grey, about 0.76, so it is not used here)."""
-    inp = keras.Input((SIZE, SIZE, 4))
-    x = keras.layers.Rescaling(1 / 255.0, name="rescaling")(inp)
-    mean, variance = input_normalization_stats(4)
-    x = keras.layers.Normalization(mean=mean, variance=variance, name="normalization")(x)
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="head")
-    model = keras.Model(inp, conv(x), name="infection_norm")
+    model, conv, mean, variance = normalized_conv_stage(SIZE, 4, "infection_norm")
     grey60 = (60 / 255.0 - mean[0]) / np.sqrt(variance[0])
     conv.set_weights([np.array([4 / 3] * 3 + [6.0], np.float32).reshape(1, 1, 4, 1),
                       np.array([-4 * grey60 - 6], np.float32)])
