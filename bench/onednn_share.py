@@ -5,8 +5,8 @@ by the number of steps the run made, against the median step time. The rest of t
 kernels (element-wise ops, reductions, the optimizer) and overhead.
 
 Sides: `ours` is one `train_step.py` worker (train_on_batch: tracing call + --warmup + --steps calls); `peer` is
-the PyTorch peer's smp_bench.py training run (--warmup + --steps calls) in its fp32 + channels_last layout, the
-same as compare_peer.py runs it. Both link oneDNN, so the breakdowns show whether the two sides run the same
+the PyTorch peer's smp_bench.py training run (--warmup + --steps calls) in channels_last, fp32 or (--precision
+bf16) bf16 autocast, the same as compare_peer.py runs it. Both link oneDNN, so the breakdowns show whether the two sides run the same
 convolution primitives and where the time outside them goes. The first call also creates the primitives, so the
 shares are slight overestimates. Set TF_ENABLE_ONEDNN_OPTS=0 to see TensorFlow without its oneDNN kernels (the
 package turns them on; TF alone does so only on CPUs with AVX-512 VNNI / BF16 or AMX). Prints ONE JSON line.
@@ -72,10 +72,9 @@ def run_side(side: str, args) -> dict:
         cmd = train_step.worker_cmd(conf, args.size, args.threads, 1, args.steps, args.warmup)
         calls = 1 + args.warmup + args.steps
     else:
-        if args.precision != "fp32":
-            raise SystemExit("onednn_share: the peer side is timed in fp32 (its best layout on CPUs without bf16)")
-        conf = {"stage": args.stage, "layout": "fp32-cl", "batch": args.batch}
-        cmd = compare_peer.peer_train_cmd(args, args.stage, "fp32-cl", args.size, args.batch, args.steps,
+        layout = f"{args.precision}-cl"  # channels_last, fp32 or bf16 autocast: as compare_peer.py runs it
+        conf = {"stage": args.stage, "layout": layout, "batch": args.batch}
+        cmd = compare_peer.peer_train_cmd(args, args.stage, layout, args.size, args.batch, args.steps,
                                           args.warmup, "onednn_share")
         calls = args.warmup + args.steps
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ONEDNN_VERBOSE": "1"})

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 FUSED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: tf.compat.v1.nn.fused_batch_norm raises a smaller epsilon to this; such layers run Keras' call instead.
 MIN_FUSED_EPSILON = 1.001e-5
+#: oneDNN runs bfloat16 NHWC batch norm with its AVX-512 kernel only when the channels are a multiple of this; other
+#: layers fall to its generic loop (``nspc_bnorm:any`` in ONEDNN_VERBOSE output), several times slower than the
+#: float32 kernel, so `FusedBatchNormalization` hands such layers' bfloat16 input to the kernel as float32.
+BF16_KERNEL_CHANNELS = 16
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
@@ -41,7 +45,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Dtypes: the input goes to the kernel in the layer's compute dtype (float32, or bfloat16/float16 under a
     mixed-precision policy; the kernel accumulates in float32), gamma, beta and the statistics stay float32, the
-    output is the compute dtype, as Keras' layer returns.
+    output is the compute dtype, as Keras' layer returns. A bfloat16 input whose channels are not a multiple of
+    `BF16_KERNEL_CHANNELS` goes to the kernel as float32 (`kernel_dtype`): the same statistics, an output rounded
+    once to bfloat16, and the speed of oneDNN's vectorised kernel instead of its generic loop.
 
     Variance: the output is normalized with the biased batch variance (divided by N = batch x height x width), as
     Keras does. In training the kernel's ``batch_variance`` output is the unbiased one (divided by N - 1), which
@@ -65,6 +71,18 @@ class FusedBatchNormalization(layers.BatchNormalization):
             and keras.backend.standardize_dtype(inputs.dtype) in FUSED_DTYPES
         )
 
+    def kernel_dtype(self, inputs) -> str:
+        """The dtype the fused kernel gets `inputs` in: theirs, but float32 for a bfloat16 input whose channels
+        oneDNN's bfloat16 kernel does not vectorise (see `BF16_KERNEL_CHANNELS`).
+
+        >>> FusedBatchNormalization(dtype="mixed_bfloat16").kernel_dtype(keras.ops.zeros((1, 4, 4, 24), "bfloat16"))
+        'float32'
+        """
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if dtype == "bfloat16" and inputs.shape[-1] % BF16_KERNEL_CHANNELS:
+            return "float32"
+        return dtype
+
     def call(self, inputs, training=None, mask=None):
         if not self.fuses(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
@@ -74,7 +92,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
         gamma = ops.cast(self.gamma, "float32") if self.scale else tf.ones((channels,), "float32")
         beta = ops.cast(self.beta, "float32") if self.center else tf.zeros((channels,), "float32")
         y, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+            ops.cast(inputs, self.kernel_dtype(inputs)), gamma, beta, epsilon=self.epsilon, data_format="NHWC",
+            is_training=True,
         )
         shape = tf.shape(inputs)
         n = tf.cast(tf.maximum(shape[0] * shape[1] * shape[2], 1), "float32")

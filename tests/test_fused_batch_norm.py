@@ -18,7 +18,12 @@ import pytest
 import tensorflow as tf
 from helpers import randomize_batchnorms
 
-from covidseg_tf.batchnorm import MIN_FUSED_EPSILON, FusedBatchNormalization, with_batch_norm
+from covidseg_tf.batchnorm import (
+    BF16_KERNEL_CHANNELS,
+    MIN_FUSED_EPSILON,
+    FusedBatchNormalization,
+    with_batch_norm,
+)
 from covidseg_tf.config import default_config
 from covidseg_tf.models import build_stage_model
 from covidseg_tf.optimize import FoldedBatchNorm, fold_batchnorm, foldable_pairs, frozen_stage
@@ -37,14 +42,14 @@ def assert_close(got, ref, rel: float = REL, what: str = "") -> None:
     assert err <= rel * scale, f"{what}: max |diff| {err:.3g} > {rel:g} x max |ref| {scale:.3g}"
 
 
-def make_pair(momentum: float = 0.9, dtype: str = "float32", **kwargs):
-    """A Keras and a fused BN layer built on SHAPE with the same non-trivial gamma/beta."""
+def make_pair(momentum: float = 0.9, dtype: str = "float32", shape: tuple[int, ...] = SHAPE, **kwargs):
+    """A Keras and a fused BN layer built on `shape` with the same non-trivial gamma/beta."""
     rng = np.random.default_rng(7)
     keras_bn = keras.layers.BatchNormalization(momentum=momentum, dtype=dtype, **kwargs)
     fused_bn = FusedBatchNormalization(momentum=momentum, dtype=dtype, **kwargs)
-    gamma, beta = rng.uniform(0.5, 1.5, SHAPE[-1]), rng.normal(0, 0.3, SHAPE[-1])
+    gamma, beta = rng.uniform(0.5, 1.5, shape[-1]), rng.normal(0, 0.3, shape[-1])
     for layer in (keras_bn, fused_bn):
-        layer.build(SHAPE)
+        layer.build(shape)
         if layer.scale:
             layer.gamma.assign(gamma.astype("float32"))
         if layer.center:
@@ -52,10 +57,10 @@ def make_pair(momentum: float = 0.9, dtype: str = "float32", **kwargs):
     return keras_bn, fused_bn
 
 
-def batch(seed: int, dtype: str = "float32") -> tf.Tensor:
+def batch(seed: int, dtype: str = "float32", shape: tuple[int, ...] = SHAPE) -> tf.Tensor:
     """Channels with distinct offsets and scales (far from already normalized)."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(0, 1, SHAPE) * rng.uniform(0.5, 4, SHAPE[-1]) + rng.uniform(-3, 3, SHAPE[-1])
+    x = rng.normal(0, 1, shape) * rng.uniform(0.5, 4, shape[-1]) + rng.uniform(-3, 3, shape[-1])
     return tf.constant(x.astype(dtype))
 
 
@@ -160,13 +165,21 @@ def test_2d_input_falls_back_to_keras():
     np.testing.assert_array_equal(fused_bn(x, training=True).numpy(), keras_bn(x, training=True).numpy())
 
 
+@pytest.mark.parametrize("channels", [6, 16])
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_matches_keras(policy):
-    """The kernel takes the half-precision input as it is (no casts) and keeps gamma/beta/statistics float32."""
-    keras_bn, fused_bn = make_pair(dtype=policy)
+def test_mixed_precision_matches_keras(policy, channels):
+    """The kernel takes the half-precision input as it is, but a bfloat16 input with channels oneDNN's bfloat16
+    kernel does not vectorise (6, not a multiple of BF16_KERNEL_CHANNELS) as float32; gamma/beta/statistics stay
+    float32 and the layer returns the policy's dtype either way."""
+    shape = (*SHAPE[:-1], channels)
+    keras_bn, fused_bn = make_pair(dtype=policy, shape=shape)
     half = tf.bfloat16 if policy == "mixed_bfloat16" else tf.float16
-    x = tf.cast(batch(6), half)
-    upstream = tf.constant(np.random.default_rng(1).normal(size=SHAPE).astype("float32"))
+    x = tf.cast(batch(6, shape=shape), half)
+    upstream = tf.constant(np.random.default_rng(1).normal(size=shape).astype("float32"))
+    graph = tf.function(train_step).get_concrete_function(fused_bn, x, upstream).graph
+    (kernel,) = [op for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+    as_float32 = policy == "mixed_bfloat16" and channels % BF16_KERNEL_CHANNELS != 0
+    assert kernel.get_attr("T") == (tf.float32 if as_float32 else half)
     y_ref, grads_ref = train_step(keras_bn, x, upstream)
     y, grads = train_step(fused_bn, x, upstream)
     assert y.dtype == half and y_ref.dtype == half
