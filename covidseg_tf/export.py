@@ -17,6 +17,9 @@ The served graphs are inference copies (covidseg_tf.optimize): BatchNorm folded 
 frozen into graph constants, in float32 or (`--precision bf16`) bfloat16 with float32 input/output. Freezing also
 stores each weight once, where Keras' own `ExportArchive` writes every variable twice (keras-team/keras#23553).
 
+`--from DIR` re-exports bf16 servables (e.g. the shipped ones) in float32 from their SavedModels alone, for CPUs
+without bfloat16 units (`reexport_fp32`, covidseg_tf.upcast): no .keras file is needed.
+
 `--tflite` adds the second export target: each stage version folder also holds `stage.tflite` (float32, batch 1,
 `covidseg_tf.optimize.tflite_model`), which `inference.load_stage` / `Predictor.load` and so every CLI's
 --lung-model / --infection-model accept, run on TFLite's XNNPACK CPU kernels. TF Serving ignores the file.
@@ -45,7 +48,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from covidseg_tf import exitcodes, serving
+from covidseg_tf import exitcodes, serving, upcast
 from covidseg_tf.cli import add_decision_flags, decision_overrides
 from covidseg_tf.config import default_config
 from covidseg_tf.files import integer_versions, unwritable_reason
@@ -182,7 +185,7 @@ def _write_savedmodel(
         manifest = manifest.replace(tflite=dataclasses.replace(entry, file=TFLITE_FILE, bytes=len(content)))
     manifest.replace(signatures=sorted(signatures), tensorflow=tf.__version__, keras=keras.__version__,
                      exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     max_side=serving.MAX_SIDE).write(path)
+                     max_side=manifest.max_side or serving.MAX_SIDE).write(path)
 
 
 def export_stage(
@@ -254,6 +257,15 @@ def export_cascade(
                          lambda tmp: _write_savedmodel(tmp, signatures, records, manifest))
 
 
+def reexport_fp32(version_dir: Path | str, base_dir: Path | str, warmup: bool = True) -> Path:
+    """The bf16 servable at `version_dir` re-exported in float32 from its SavedModel alone (covidseg_tf.upcast) as
+    `<base_dir>/<servable>/<N>`; returns that folder. ValueError naming the folder when it is not a bf16 export."""
+    signatures, manifest, tflite = upcast.float32_servable(version_dir)
+    records = serving.warmup_requests(manifest.servable, manifest.image_size, manifest.channels) if warmup else None
+    return write_version(Path(base_dir) / manifest.servable,
+                         lambda tmp: _write_savedmodel(tmp, signatures, records, manifest, tflite))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -267,6 +279,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite\n"
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite int8 \\\n"
         "      --calibration-dir train_pngs/   # Stage 1 int8, Stage 2 float32 stage.tflite\n"
+        "  python -m covidseg_tf.export --from saved_models --out saved_models_fp32   # shipped bf16 -> fp32\n"
         "  python -m covidseg_tf.predict --lung-model saved_models/lung/5/stage.tflite \\\n"
         "      --infection-model saved_models/infection/5/stage.tflite xray.png\n"
         "then serve them:\n"
@@ -276,8 +289,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "be written, a bad --decision file, a --calibration-dir that is missing, holds no image or an unreadable "
         "one\n" + exitcodes.EPILOG,
     )
-    p.add_argument("--lung-model", required=True, type=Path, help="Stage 1 .keras file")
-    p.add_argument("--infection-model", required=True, type=Path, help="Stage 2 .keras file")
+    p.add_argument("--lung-model", type=Path, help="Stage 1 .keras file")
+    p.add_argument("--infection-model", type=Path, help="Stage 2 .keras file")
+    p.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
+                   help="instead of the .keras models: re-export bf16 servables in fp32 from their SavedModels (the "
+                   "same weights, exactly upcast, computed in float32: faster on CPUs without AVX512_BF16/AMX); DIR "
+                   "is a base folder (the newest version of each --only servable in it) or one version folder")
     p.add_argument("--out", type=Path, default=Path("saved_models"),
                    help="base folder of the servables (default: %(default)s)")
     p.add_argument("--decision", type=Path, default=None,
@@ -314,6 +331,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra warm-up requests")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    if args.from_dir is not None:
+        _check_from(p, args)
+    elif args.lung_model is None or args.infection_model is None:
+        p.error("--lung-model and --infection-model are required (or --from DIR to re-export bf16 servables in fp32)")
     int8 = args.tflite == "int8"
     for flag in ("--int8-stages", "--calibration-dir", "--calibration-images"):
         if getattr(args, flag[2:].replace("-", "_")) is not None and not int8:
@@ -327,6 +348,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--tflite int8: --only {' '.join(args.only)} writes none of the --int8-stages "
                 f"({' '.join(args.int8_stages)})")
     return args
+
+
+def _check_from(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--from takes only --out, --only, --precision fp32, --no-warmup and -v: the rest describes .keras exports."""
+    given = [flag for flag, value in (("--lung-model", args.lung_model), ("--infection-model", args.infection_model),
+                                      ("--decision", args.decision), ("--image-size", args.image_size),
+                                      ("--tflite", args.tflite), ("--int8-stages", args.int8_stages),
+                                      ("--calibration-dir", args.calibration_dir),
+                                      ("--calibration-images", args.calibration_images)) if value is not None]
+    given += [f"--{name.replace('_', '-')}" for name in decision_overrides(args)]
+    if given:
+        p.error(f"--from re-exports servables as they are: {' '.join(given)} cannot be combined with it")
+    if args.precision != "fp32":
+        p.error("--from re-exports bf16 servables in fp32: --precision bf16 cannot be combined with it")
 
 
 def _positive_int(text: str) -> int:
@@ -343,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"{PROG}: error: --out {args.out}: {reason}", file=sys.stderr)
         return exitcodes.USAGE
+    if args.from_dir is not None:
+        return _main_from(args)
     try:  # also before the models load
         files = calibration_files(args.calibration_dir, args.calibration_images) if args.int8_stages else []
     except ValueError as exc:
@@ -398,6 +435,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             image_size=args.image_size, precision=args.precision)
     for name, path in written.items():
         log.info("%-9s -> %s", name, path)
+    return exitcodes.OK
+
+
+def _main_from(args: argparse.Namespace) -> int:
+    """`--from`: every source is checked (a bf16 export) before anything is written."""
+    try:
+        sources = upcast.servable_versions(args.from_dir, args.only)
+        for source in sources:
+            upcast.check_bf16(source)
+    except ValueError as exc:
+        log.error("--from: %s", exc)
+        return exitcodes.USAGE
+    for source in sources:
+        log.info("%s (bf16) -> %s", source, reexport_fp32(source, args.out, warmup=not args.no_warmup))
     return exitcodes.OK
 
 
