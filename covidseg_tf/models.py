@@ -310,6 +310,24 @@ def keep_preprocessing_float32(model: keras.Model) -> None:
             layer.dtype_policy = "float32"
 
 
+#: Depthwise kernel sizes oneDNN trains fast in bfloat16: its bfloat16 depthwise weight-gradient kernel covers 3x3;
+#: EfficientNet's 5x5 ones fall to its generic grouped-convolution kernel, several times slower than float32.
+BF16_DEPTHWISE_KERNELS: tuple[tuple[int, int], ...] = ((3, 3),)
+
+
+def keep_slow_bf16_depthwise_float32(model: keras.Model) -> None:
+    """Under ``mixed_bfloat16``, run the depthwise convolutions oneDNN trains slowly in bfloat16 (kernel sizes not in
+    `BF16_DEPTHWISE_KERNELS`) in float32: their input is cast up and their output back down by the next layer.
+
+    Training only in effect: exports choose every layer's precision afresh (`optimize.fold_batchnorm`), and in
+    inference oneDNN runs a 5x5 depthwise convolution fast in bfloat16.
+    """
+    for layer in model.layers:
+        if (isinstance(layer, layers.DepthwiseConv2D) and layer.compute_dtype == "bfloat16"
+                and tuple(layer.kernel_size) not in BF16_DEPTHWISE_KERNELS):
+            layer.dtype_policy = "float32"
+
+
 def set_input_normalization(model: keras.Model) -> None:
     """Give the encoder's Normalization layer the statistics of `input_normalization_stats`."""
     norm = input_normalization_layer(model)
@@ -513,6 +531,7 @@ def build_unet(
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
     model = with_batch_norm(model, batch_norm)  # a clone with the same initial weights, or `model` for "keras"
     keep_preprocessing_float32(model)
+    keep_slow_bf16_depthwise_float32(model)
     if bn_momentum is not None:
         if not 0.0 <= bn_momentum < 1.0:
             raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum}")

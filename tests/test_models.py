@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from covidseg_tf import models
 from covidseg_tf.config import IMAGENET_MEAN, IMAGENET_STD, INFECTION
+from covidseg_tf.optimize import fold_batchnorm
 
 pytestmark = pytest.mark.filterwarnings("ignore:This model usually expects:UserWarning")  # sm, 4 channels
 
@@ -261,6 +262,29 @@ def test_mixed_precision_bf16_keeps_float32_output():
         np.testing.assert_allclose(stem_input.numpy()[..., 3], x[..., 3], atol=1e-6)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_bf16_trains_only_the_slow_depthwise_kernels_in_float32():
+    """Under mixed_bfloat16 EfficientNet's 5x5 depthwise convolutions compute in float32 (oneDNN trains them slowly
+    in bfloat16), its 3x3 ones in bfloat16; under float32 nothing changes, and a bf16 export computes all in bf16."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build_unet("efficientnetb0", (SIZE, SIZE, 3))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    depthwise = [layer for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+    by_kernel = {(k, layer.compute_dtype) for layer in depthwise for k in [tuple(layer.kernel_size)]}
+    assert by_kernel == {((3, 3), "bfloat16"), ((5, 5), "float32")}
+    assert all(layer.variable_dtype == "float32" for layer in depthwise)
+    out = model(_pixels(), training=True)
+    assert out.dtype == "float32" and np.isfinite(out.numpy()).all()
+    folded = fold_batchnorm(model, "bf16")
+    assert {layer.compute_dtype for layer in folded.layers if isinstance(layer, keras.layers.DepthwiseConv2D)} == {
+        "bfloat16"}
+    plain = models.build_unet("efficientnetb0", (SIZE, SIZE, 3))
+    assert {layer.compute_dtype for layer in plain.layers if isinstance(layer, keras.layers.DepthwiseConv2D)} == {
+        "float32"}
 
 
 def test_build_stage_model_reads_config(monkeypatch, caplog):
