@@ -24,6 +24,9 @@ them (`optimize.tflite_model`, float32, run by `inference.stages.TFLiteStage` on
 only), the cascade's glue still in TensorFlow. Same outputs up to round-off (measured, see agreement).
 tflite-int8 = Stage 1 as int8 TFLite (`optimize.tflite_model(mode="int8")`, calibrated on --calibration real X-rays
 from --images, else noise), Stage 2 float32 TFLite: the mix that passes bench/int8_gate.py's accuracy gate.
+tflite-int8-bf16 = that int8 Stage 1 with Stage 2 as the bf16 frozen graph `export --precision bf16` serves
+(`optimize.frozen_stage`), listed under precision bf16: what `predict --lung-model <lung>/stage.tflite
+--infection-model <bf16 infection version>` runs.
 
 Prints ONE JSON line; --json-out appends it to a file.
 
@@ -66,12 +69,13 @@ def parse_args(argv=None):
                    help="tf.function jit_compile (XLA) for the Keras functions")
     p.add_argument("--targets", nargs="*", choices=["lung", "infection", "cascade"],
                    default=["lung", "infection", "cascade"], help="Keras functions to time")
-    p.add_argument("--variants", nargs="+", choices=["plain", "fast", "tflite", "tflite-int8"],
+    p.add_argument("--variants", nargs="+", choices=["plain", "fast", "tflite", "tflite-int8", "tflite-int8-bf16"],
                    default=["plain", "fast"],
                    help="plain: tf.function(model) as built; fast: BatchNorm folded into the convs "
                         "(covidseg_tf.optimize.fold_batchnorm) and the concrete function frozen (variables -> "
                         "constants); tflite: float32 TFLite stages (fp32 only); tflite-int8: Stage 1 int8 TFLite, "
-                        "Stage 2 float32 TFLite (fp32 only)")
+                        "Stage 2 float32 TFLite (fp32 only); tflite-int8-bf16: Stage 1 int8 TFLite, Stage 2 the "
+                        "bf16 frozen graph (bf16 only)")
     p.add_argument("--calibration", type=int, default=32,
                    help="X-rays from --images that calibrate the tflite-int8 variant's Stage 1")
     p.add_argument("--no-savedmodel", action="store_true", help="skip the SavedModel export + timing")
@@ -259,17 +263,20 @@ def main(argv=None):
         t = time.perf_counter()
         tflite["fp32"] = tuple(TFLiteStage(tflite_model(m), threads=args.threads) for m in models["fp32"])
         result["tflite_convert_s"] = round(time.perf_counter() - t, 1)
-    int8 = {}
-    if "tflite-int8" in args.variants and "fp32" in models:
+    int8, mixed = {}, {}
+    if {"tflite-int8", "tflite-int8-bf16"} & set(args.variants) and "fp32" in models:
         from covidseg_tf.inference.stages import TFLiteStage
-        from covidseg_tf.optimize import tflite_model
+        from covidseg_tf.optimize import frozen_stage, tflite_model
 
         t = time.perf_counter()
         lung_fp32, inf_fp32 = models["fp32"]
         calibration, result["int8_calibration"] = _sample_pixels(args.images, args.calibration, S, args.seed + 1)
-        int8["fp32"] = (TFLiteStage(tflite_model(lung_fp32, "int8", calibration), threads=args.threads),
-                        tflite["fp32"][1] if "fp32" in tflite
-                        else TFLiteStage(tflite_model(inf_fp32), threads=args.threads))
+        lung_int8 = TFLiteStage(tflite_model(lung_fp32, "int8", calibration), threads=args.threads)
+        if "tflite-int8" in args.variants:
+            int8["fp32"] = (lung_int8, tflite["fp32"][1] if "fp32" in tflite
+                            else TFLiteStage(tflite_model(inf_fp32), threads=args.threads))
+        if "tflite-int8-bf16" in args.variants and "bf16" in models:
+            mixed["bf16"] = (lung_int8, frozen_stage(inf_fp32, "bf16", S))
         result["tflite_int8_convert_s"] = round(time.perf_counter() - t, 1)
 
     for prec, (lung, inf) in models.items():
@@ -278,10 +285,11 @@ def main(argv=None):
             px4 = tf.concat([px, tf.cast(tf.random.uniform((B, S, S, 1), seed=1) > 0.5, tf.float32)], -1)
             s3, s4 = tf.TensorSpec([B, S, S, 3], tf.float32), tf.TensorSpec([B, S, S, 4], tf.float32)
             for variant in args.variants:
-                if variant.startswith("tflite") and prec not in (tflite if variant == "tflite" else int8):
+                stages = {"plain": (lung, inf), "fast": fast.get(prec), "tflite": tflite.get(prec),
+                          "tflite-int8": int8.get(prec), "tflite-int8-bf16": mixed.get(prec)}[variant]
+                if stages is None:  # a TFLite variant at a precision it does not have
                     continue
-                a, b = {"plain": (lung, inf), "fast": fast.get(prec), "tflite": tflite.get(prec),
-                        "tflite-int8": int8.get(prec)}[variant]
+                a, b = stages
                 for jit in args.jit:
                     jc, fz = jit == "on" and not variant.startswith("tflite"), variant == "fast"
                     if jc and fz:  # freezing rebuilds the graph without the XLA attribute: not a jit run
@@ -348,6 +356,7 @@ def main(argv=None):
         others.update({f"{p}/fast": m for p, m in fast.items()})
         others.update({f"{p}/tflite": m for p, m in tflite.items()})
         others.update({f"{p}/tflite-int8": m for p, m in int8.items()})
+        others.update({f"{p}/tflite-int8-bf16": m for p, m in mixed.items()})
         if others:
             pixels, src = _sample_pixels(args.images, 4, S, args.seed)
             result["agreement_vs_fp32"] = agreement(models["fp32"], others, pixels, args.threshold)

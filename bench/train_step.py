@@ -118,8 +118,12 @@ def worker(args, conf: dict) -> dict:
     rss_phases["first_step"] = common.peak_rss_mib()
     if args.wait_quiet > 0:
         common.wait_quiet(args.wait_quiet)
+    if conf.get("trace_dir"):  # bench/op_profile.py: the timed calls under TensorFlow's profiler
+        tf.profiler.experimental.start(conf["trace_dir"])
     tm = common.time_steps(step, conf.get("steps", args.steps), args.warmup, args.clean_stall,
                            args.clean_target, args.max_time)
+    if conf.get("trace_dir"):
+        tf.profiler.experimental.stop()
     rec = dict(conf, jit=args.jit, metrics=not args.no_metrics, build_s=round(build_s, 2),
                trace_s=round(trace_s, 2), **tm.summary(B))
     rec["loss_first"], rec["loss_last"] = losses[0], losses[-1]
