@@ -4,12 +4,13 @@ per side, its primitive execution times summed per kind and per (kind, propagati
 by the number of steps the run made, against the median step time. The rest of the step is the framework's own
 kernels (element-wise ops, reductions, the optimizer) and overhead.
 
-Sides: `ours` is one `train_step.py` worker (train_on_batch: tracing call + --warmup + --steps calls); `peer` is
-the PyTorch peer's smp_bench.py training run (--warmup + --steps calls) in channels_last, fp32 or (--precision
-bf16) bf16 autocast, the same as compare_peer.py runs it. Both link oneDNN, so the breakdowns show whether the two sides run the same
-convolution primitives and where the time outside them goes. The first call also creates the primitives, so the
-shares are slight overestimates. Set TF_ENABLE_ONEDNN_OPTS=0 to see TensorFlow without its oneDNN kernels (the
-package turns them on; TF alone does so only on CPUs with AVX-512 VNNI / BF16 or AMX). Prints ONE JSON line.
+Sides: `ours` is one `train_step.py` worker (train_on_batch: tracing call + --warmup + --steps calls); `peer` is the
+PyTorch peer's smp_bench.py training run (--warmup + --steps calls) in channels_last, fp32 or (--precision bf16)
+bf16 autocast, the same as compare_peer.py runs it. Both link oneDNN, so the breakdowns show whether the two sides
+run the same convolution primitives and where the time outside them goes. The first call also creates the
+primitives, so the shares are slight overestimates. Set TF_ENABLE_ONEDNN_OPTS=0 to see TensorFlow without its oneDNN
+kernels (the package turns them on; TF alone does so only on CPUs with AVX-512 VNNI / BF16 or AMX). Prints ONE JSON
+line.
 
   python bench/onednn_share.py --stage infection --size 256 --batch 8 --batch-norm fused
   python bench/onednn_share.py --stage infection --size 256 --batch 8 --side ours peer
