@@ -281,13 +281,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "      --calibration-dir train_pngs/   # Stage 1 int8, Stage 2 float32 stage.tflite\n"
         "  python -m covidseg_tf.export --from saved_models --out saved_models_fp32   # shipped bf16 -> fp32\n"
         "  python -m covidseg_tf.predict --lung-model saved_models/lung/5/stage.tflite \\\n"
-        "      --infection-model saved_models/infection/5/stage.tflite xray.png\n"
+        "      --infection-model saved_models/infection/5 xray.png   # int8 Stage 1, bf16 Stage 2\n"
         "then serve them:\n"
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config\n"
         "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot "
         "be written, a bad --decision file, a --calibration-dir that is missing, holds no image or an unreadable "
-        "one\n" + exitcodes.EPILOG,
+        "one, a --from folder that holds no servable or one that is not bf16\n" + exitcodes.EPILOG,
     )
     p.add_argument("--lung-model", type=Path, help="Stage 1 .keras file")
     p.add_argument("--infection-model", type=Path, help="Stage 2 .keras file")

@@ -204,13 +204,15 @@ def test_help_keeps_example_lines_and_states_each_default_once(capsys):
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite   # + stage.tflite",
         "  python -m covidseg_tf.export --lung-model L.keras --infection-model I.keras --tflite int8 \\",
         "      --calibration-dir train_pngs/   # Stage 1 int8, Stage 2 float32 stage.tflite",
+        "  python -m covidseg_tf.export --from saved_models --out saved_models_fp32   # shipped bf16 -> fp32",
         "  python -m covidseg_tf.predict --lung-model saved_models/lung/5/stage.tflite \\",
-        "      --infection-model saved_models/infection/5/stage.tflite xray.png",
+        "      --infection-model saved_models/infection/5 xray.png   # int8 Stage 1, bf16 Stage 2",
         "then serve them:",
         "  docker run -p 8501:8501 -v $PWD/saved_models:/models tensorflow/serving "
         "--model_config_file=/models/models.config",
         "refused (exit 2, nothing written): a model that is not a .keras file, an --out that is a file or cannot be "
-        "written, a bad --decision file, a --calibration-dir that is missing, holds no image or an unreadable one",
+        "written, a bad --decision file, a --calibration-dir that is missing, holds no image or an unreadable one, a "
+        "--from folder that holds no servable or one that is not bf16",
         exitcodes.EPILOG,
     ]
     flat = " ".join(text.split())
