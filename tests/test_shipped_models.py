@@ -15,6 +15,7 @@ import pytest
 from covidseg_tf.config import DEFAULT_INFECTION_MODEL, DEFAULT_LUNG_MODEL
 from covidseg_tf.imageio import read_xray
 from covidseg_tf.inference import Decision
+from covidseg_tf.inference.stages import TFLITE_FILE
 
 VAL = Path("Infection Segmentation Data") / "Infection Segmentation Data" / "Val"
 PER_CLASS = {"COVID-19": 16, "Non-COVID": 8, "Normal": 8}
@@ -38,13 +39,13 @@ def _dice(t: np.ndarray, p: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((t & p).sum()) / float(total)
 
 
-@pytest.fixture(scope="module")
-def predictions(shared_covidqu: Path) -> list[dict]:
+def _predict(shared_covidqu: Path, lung_model: Path) -> list[dict]:
+    """The sample's truths and the cascade of `lung_model` with the shipped infection stage."""
     if not (DEFAULT_LUNG_MODEL.is_dir() and DEFAULT_INFECTION_MODEL.is_dir()):
         pytest.fail(f"the shipped models are missing: {DEFAULT_LUNG_MODEL}, {DEFAULT_INFECTION_MODEL}")
     from covidseg_tf.inference import Predictor
 
-    predictor = Predictor.load(DEFAULT_LUNG_MODEL, DEFAULT_INFECTION_MODEL)
+    predictor = Predictor.load(lung_model, DEFAULT_INFECTION_MODEL)
     rows = []
     for cls, n in PER_CLASS.items():
         folder = shared_covidqu / VAL / cls
@@ -59,6 +60,17 @@ def predictions(shared_covidqu: Path) -> list[dict]:
             })
     assert len(rows) == sum(PER_CLASS.values())
     return rows
+
+
+@pytest.fixture(scope="module")
+def predictions(shared_covidqu: Path) -> list[dict]:
+    return _predict(shared_covidqu, DEFAULT_LUNG_MODEL)
+
+
+@pytest.fixture(scope="module")
+def int8_predictions(shared_covidqu: Path) -> list[dict]:
+    """The same with the shipped int8 TFLite copy of Stage 1 (`saved_models/lung/5/stage.tflite`)."""
+    return _predict(shared_covidqu, DEFAULT_LUNG_MODEL / TFLITE_FILE)
 
 
 def test_shipped_models_are_what_predict_uses_by_default():
@@ -148,3 +160,27 @@ def test_predict_evaluate_and_cascade_servable_agree_exactly(shared_covidqu: Pat
         assert (float(served["severity_left"][i]), float(served["severity_right"][i])) == pytest.approx(
             (rec["severity"]["left"], rec["severity"]["right"]), abs=0.01)
     assert infected >= 2  # the sample exercises the infection masks, not only empty ones
+
+
+def test_shipped_int8_lung_stage_keeps_the_cascade(predictions, int8_predictions):
+    """Stage 1 as the shipped int8 TFLite file (the fastest cascade on CPUs with VNNI) beside the bf16 SavedModel:
+    its lung masks agree with the SavedModel's and the cascade stays above the same floors."""
+    from covidseg_tf.inference import load_stage
+
+    stage = load_stage(DEFAULT_LUNG_MODEL / TFLITE_FILE, stage="lung")
+    assert stage.format == "tflite" and stage.manifest.tflite.precision == "int8"
+    assert stage.input_shape[1] == IMAGE_SIZE
+    lung = np.concatenate([r["lung"].ravel() for r in predictions])
+    lung_int8 = np.concatenate([r["lung"].ravel() for r in int8_predictions])
+    assert _dice(lung, lung_int8) >= 0.98
+    truth = np.concatenate([r["lung_true"].ravel() for r in int8_predictions])
+    assert _dice(truth, lung_int8) >= FLOOR_LUNG_DICE_POOLED
+    infection_true = np.concatenate([r["infection_true"].ravel() for r in int8_predictions])
+    infection = np.concatenate([r["infection"].ravel() for r in int8_predictions])
+    assert _dice(infection_true, infection) >= FLOOR_INFECTION_DICE_POOLED
+
+    def percent(r: dict) -> float:
+        return 100.0 * r["infection"].sum() / max(r["lung"].sum(), 1)
+
+    shifts = [abs(percent(a) - percent(b)) for a, b in zip(predictions, int8_predictions)]
+    assert np.mean(shifts) <= 0.5
