@@ -114,8 +114,9 @@ def test_cli_writes_a_float32_copy_of_each_servable(exported):
         assert (old.precision, new.precision) == ("bf16", "fp32")
         assert new.extra["converted_from"] == {"path": str(source), "precision": "bf16",
                                                "exported_at": old.exported_at}
-        assert (new.servable, new.image_size, new.channels, new.threshold, new.decision, new.signatures) == (
-            old.servable, old.image_size, old.channels, old.threshold, old.decision, old.signatures)
+        assert (new.servable, new.image_size, new.channels, new.threshold, new.decision, new.signatures,
+                new.max_side) == (old.servable, old.image_size, old.channels, old.threshold, old.decision,
+                                  old.signatures, old.max_side)
         assert bf16_values(source) > 0 and bf16_values(copy) == 0
         assert (copy / "assets.extra" / "tf_serving_warmup_requests").is_file()
 
