@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Where one of our training steps spends its time, per TensorFlow op type: `train_step.py`'s step
-(train_on_batch: forward, loss, backward, optimizer, metrics) with its timed calls traced by TensorFlow's
-profiler, the kernel events of the trace summed per op type (and per layer for the top ones) and divided by the
-traced calls. With 1 inter-op thread the kernels run one after another, so the per-type seconds add up to about
-the step; the profiler's own overhead makes the step slower than an untraced one, so read shares, not times.
-Complements bench/onednn_share.py (which oneDNN primitives run, ours and the peer's). Prints ONE JSON line.
+"""Where one of our training steps spends its time, per TensorFlow op type: `train_step.py`'s step (train_on_batch:
+forward, loss, backward, optimizer, metrics) with its timed calls traced by TensorFlow's profiler, the kernel events
+of the trace summed per op type (and per layer for the top ones) and divided by the traced calls. `--mode infer`
+traces batch-1 inference of the frozen stage `export` serves instead. Kernels of the two intra-op threads overlap,
+so the sum can exceed the step, and the profiler slows the step: read shares, not times. Complements
+bench/onednn_share.py (which oneDNN primitives run, ours and the peer's). Prints ONE JSON line.
 
   python bench/op_profile.py --stage infection --size 256 --batch 8 --precision bf16
   python bench/op_profile.py --stage lung --size 256 --batch 8 --precision fp32 bf16 \
       --json-out bench/results/op_profile.jsonl
+  python bench/op_profile.py --mode infer --stage infection --size 256 --precision fp32 bf16 --steps 20
   python bench/op_profile.py --from-trace /tmp/trace --calls 3     # summarize a saved trace folder
 """
 
@@ -114,6 +115,38 @@ def run(args, precision: str) -> dict:
             "foreign_cpu_frac": rec.get("foreign_cpu_frac"), "tf": rec.get("tf")}
 
 
+def run_infer(args, precision: str) -> dict:
+    """Inference at batch 1 of the stage as `export` serves it (`optimize.frozen_stage`: BatchNorm folded, frozen,
+    in `precision`), its --steps timed calls traced in this process; step time and kernel breakdown."""
+    import time
+
+    import models_util as mu
+    import numpy as np
+    import tensorflow as tf
+
+    from covidseg_tf.optimize import frozen_stage
+
+    model = mu.build_stage(args.stage, args.size, "fp32", layout=args.layout)
+    stage = frozen_stage(model, precision, args.size)
+    channels = int(model.inputs[0].shape[-1])
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, channels)).astype("float32"))
+    for _ in range(args.warmup + 1):
+        stage(x)[0].numpy()
+    times = []
+    with tempfile.TemporaryDirectory(prefix="op_profile_") as tmp:
+        tf.profiler.experimental.start(tmp)
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            stage(x)[0].numpy()
+            times.append(time.perf_counter() - t)
+        tf.profiler.experimental.stop()
+        out = summary(Path(tmp), args.steps, args.top)
+    median = sorted(times)[len(times) // 2]
+    return {"stage": args.stage, "mode": "infer", "precision": precision, "batch": 1,
+            "traced_median_step_s": round(median, 4), **out,
+            "kernel_share": round(out["kernel_s_per_step"] / median, 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["bf16"])
     p.add_argument("--batch-norm", choices=["keras", "fused"], default="fused")
     p.add_argument("--layout", default="segmentation_models_pytorch")
+    p.add_argument("--mode", choices=["train", "infer"], default="train",
+                   help="train: train_step.py's training step (a subprocess); infer: batch-1 inference of the frozen "
+                   "stage export serves, in this process")
     p.add_argument("--steps", type=int, default=3, help="traced calls")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -135,8 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"script": "op_profile", "trace": str(args.from_trace), **summary(args.from_trace, args.calls,
                                                                                     args.top)}
     else:
-        result = {"script": "op_profile", "size": args.size, "threads": args.threads,
-                  "runs": [run(args, precision) for precision in args.precision]}
+        if args.mode == "infer":
+            import common
+
+            common.configure_tf(args.threads, 1)
+        result = {"script": "op_profile", "mode": args.mode, "size": args.size, "threads": args.threads,
+                  "runs": [(run_infer if args.mode == "infer" else run)(args, precision)
+                           for precision in args.precision]}
     line = json.dumps(result)
     print(line)
     if args.json_out:

@@ -53,3 +53,14 @@ def test_a_trace_without_kernels_is_an_error(tmp_path: Path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "op_profile.py"), "--from-trace", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no kernel events" in proc.stderr
+
+
+def test_infer_mode_traces_the_frozen_stage():
+    """--mode infer on a small Stage 2: the trace holds its convolutions."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "op_profile.py"), "--mode", "infer", "--stage",
+                           "infection", "--size", "64", "--precision", "fp32", "--steps", "2", "--warmup", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
+    assert (run["mode"], run["precision"], run["batch"]) == ("infer", "fp32", 1)
+    assert run["per_group_s_per_step"]["convolution"] > 0 and run["kernel_s_per_step"] > 0
