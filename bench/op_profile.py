@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import infer  # noqa: E402
 import train_step  # noqa: E402
 
 # A kernel event of the host trace is named "<op name>:<op type>", e.g. "model/dec1_conv/Conv2D:Conv2D".
@@ -127,6 +128,9 @@ def run_infer(args, precision: str) -> dict:
     from covidseg_tf.optimize import frozen_stage
 
     model = mu.build_stage(args.stage, args.size, "fp32", layout=args.layout)
+    # trained-like BatchNorm statistics (as bench/infer.py): folded into zero biases, the identity statistics of
+    # random init let grappler drop every BiasAdd, and with it the fusion of each activation into its convolution
+    infer.randomize_bn_statistics([model], args.seed)
     stage = frozen_stage(model, precision, args.size)
     channels = int(model.inputs[0].shape[-1])
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, channels)).astype("float32"))
@@ -142,7 +146,7 @@ def run_infer(args, precision: str) -> dict:
         tf.profiler.experimental.stop()
         out = summary(Path(tmp), args.steps, args.top)
     median = sorted(times)[len(times) // 2]
-    return {"stage": args.stage, "mode": "infer", "precision": precision, "batch": 1,
+    return {"stage": args.stage, "mode": "infer", "precision": precision, "batch": 1, "bn_statistics": "random",
             "traced_median_step_s": round(median, 4), **out,
             "kernel_share": round(out["kernel_s_per_step"] / median, 3)}
 
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="traced calls")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="--mode infer: the BatchNorm statistics' seed")
     p.add_argument("--top", type=int, default=25, help="how many op types and (type, layer) rows to keep")
     p.add_argument("--json-out", type=Path, default=None, help="append the JSON line to this file")
     p.add_argument("--from-trace", type=Path, default=None, help="summarize this saved trace folder instead")

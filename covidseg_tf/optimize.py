@@ -14,7 +14,10 @@
    and computed in bfloat16) except the input preprocessing (Rescaling, Normalization) and the output sigmoid,
    which stay float32 - the same split as Keras' `mixed_bfloat16`, but the weights themselves are bfloat16, so
    they take half the bytes. Speed and tolerance: bench/RESULTS.md.
-3. Freezing. The traced forward function's variables become graph constants
+3. Swish. Every swish activation (a layer's `activation` "swish"/"silu") becomes `fusible_swish`, the same
+   x * sigmoid(x) without Keras' custom gradient, which TensorFlow's oneDNN remapper then fuses into the
+   convolution before it (Keras' own swish runs as a separate pass over the activations).
+4. Freezing. The traced forward function's variables become graph constants
    (`convert_variables_to_constants_v2`), so a SavedModel stores each weight once and grappler can fold
    constant casts at load time.
 
@@ -56,6 +59,24 @@ _FLOAT32_NAMES = ("sigmoid", MASK_OUTPUT, IMAGE_CLASS_OUTPUT)
 _FLOAT32_PARTS = ("resize_input", "resize_mask")
 
 
+#: Activation names (a layer's config) that the inference copy computes as `fusible_swish`.
+_SWISH_NAMES = ("swish", "silu")
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+def fusible_swish(x: Any) -> Any:
+    """x * sigmoid(x) as two plain ops: Keras' swish without the custom gradient it carries (inference copies only).
+
+    The custom gradient's IdentityN keeps TensorFlow's oneDNN remapper from fusing Keras' swish into the preceding
+    convolution (it runs as a pass of its own, ``_MklSwish``); these two ops fuse into it (``_MklNativeFusedConv2D``
+    with the bias and the swish), the same arithmetic.
+
+    >>> float(fusible_swish(keras.ops.convert_to_tensor(2.0)))  # 2 * sigmoid(2)
+    1.7615941762924194
+    """
+    return x * keras.ops.sigmoid(x)
+
+
 class FoldedBatchNorm(layers.Layer):
     """Identity standing in for a BatchNormalization folded into the preceding conv (same name)."""
 
@@ -93,7 +114,8 @@ def _keeps_float32(layer: layers.Layer) -> bool:
 
 
 def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:
-    """An inference copy of `model` with the Conv -> BN pairs folded (see the module docstring).
+    """An inference copy of `model` with the Conv -> BN pairs folded and the swish activations made fusible (see the
+    module docstring).
 
     precision: "fp32" or "bf16" sets every layer's dtype policy as described there; None keeps each layer's own.
     """
@@ -116,6 +138,8 @@ def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:
             cfg["dtype"] = dtype_of(layer)
         if layer.name in pairs:
             cfg["use_bias"] = True
+        if cfg.get("activation") in _SWISH_NAMES:
+            cfg["activation"] = fusible_swish
         return layer.__class__.from_config(cfg)
 
     folded = keras.models.clone_model(model, clone_function=clone)
