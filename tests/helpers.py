@@ -265,3 +265,16 @@ def check_decode_outcomes(outcomes: dict[str, tuple[str, Any, float]]) -> None:
             assert dtype == "uint8" and 1 <= h <= limits.MAX_SIDE and 1 <= w <= limits.MAX_SIDE, (name, detail)
         else:
             assert detail.startswith(name) and "\n" not in detail and "BytesIO" not in detail, (name, detail)
+
+
+def skip_if_sigint_ignored() -> None:
+    """Skip a test that sends SIGINT to a child process when this process ignores SIGINT: its children inherit that,
+    and Python then installs no Ctrl-C handler (a test run started in the background by a non-interactive shell,
+    `pytest ... &`, ignores SIGINT)."""
+    import signal
+
+    import pytest
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        pytest.skip("SIGINT is ignored in this process (started in the background?); its children would ignore it too")
+

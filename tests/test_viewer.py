@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, phantom, write_dicom
+from helpers import REPO, phantom, skip_if_sigint_ignored, write_dicom
 from PIL import Image
 
 from covidseg_tf import predict, viewer
@@ -390,6 +390,8 @@ def test_a_model_that_cannot_be_loaded_is_a_usage_error(tmp_path):
 def test_the_command_serves_the_page_and_stops_on_a_signal(tree, stop):
     """`python -m covidseg_tf.viewer --folder DIR --port 0`: logs its address, serves the page and the folder,
     exits 0 on Ctrl-C (SIGINT) or SIGTERM."""
+    if stop == signal.SIGINT:
+        skip_if_sigint_ignored()
     proc = subprocess.Popen([sys.executable, "-m", "covidseg_tf.viewer", "--folder", str(tree["root"]), "--port",
                              "0"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
