@@ -638,8 +638,9 @@ def test_predict_sigint_in_a_real_process_exits_130_without_a_traceback(tmp_path
     d = tmp_path / "in"
     d.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(400):
-        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(d / f"x{i:03d}.png")
+    n = 2000  # the gate refuses these fast: in a loaded suite the test itself may poll late, the signal must land
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(d / f"x{i:04d}.png")
     out = tmp_path / "o"
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-m", "covidseg_tf.predict", str(d), "--out", str(out), "--lung-model",
@@ -656,7 +657,7 @@ def test_predict_sigint_in_a_real_process_exits_130_without_a_traceback(tmp_path
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert "python -m covidseg_tf.predict: interrupted (Ctrl-C);" in err
     done = sorted(out.rglob("*.json"))
-    assert 3 <= len(done) < 400
+    assert 3 <= len(done) < n
     for j in done:
         check_outputs(j.with_suffix(""), d / (j.stem + ".png"), (64, 64))
     assert not list(out.rglob("*.tmp-*"))
