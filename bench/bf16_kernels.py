@@ -14,7 +14,6 @@ Shapes: `bn:C:H` (FusedBatchNorm over batch x H x H x C) and `dw:C:H:K:S` (K x K
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                             for mode in MODES}} for spec in args.ops]
     result = {"script": "bf16_kernels", "batch": args.batch, "threads": args.threads, "rows": rows,
               "machine": common.machine_info()}
-    line = json.dumps(result)
-    print(line)
-    if args.json_out:
-        with args.json_out.open("a") as f:
-            f.write(line + "\n")
+    common.emit(result, args.json_out)
     return result
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
 import compare_peer  # noqa: E402
 import train_step  # noqa: E402
 
@@ -119,11 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         result = {"script": "onednn_share", "size": args.size, "threads": args.threads,
                   "sides": {side: run_side(side, args) for side in args.side}}
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "a") as f:
-            f.write(line + "\n")
+    common.emit(result, args.json_out)
     return result
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402
 import infer  # noqa: E402
 import train_step  # noqa: E402
 
@@ -177,17 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                     args.top)}
     else:
         if args.mode == "infer":
-            import common
-
             common.configure_tf(args.threads, 1)
         result = {"script": "op_profile", "mode": args.mode, "size": args.size, "threads": args.threads,
                   "runs": [(run_infer if args.mode == "infer" else run)(args, precision)
                            for precision in args.precision]}
-    line = json.dumps(result)
-    print(line)
-    if args.json_out:
-        with args.json_out.open("a") as f:
-            f.write(line + "\n")
+    common.emit(result, args.json_out)
     return result
 
 

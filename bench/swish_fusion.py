@@ -12,7 +12,6 @@ stage and precision the median call time of both and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -76,11 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "ratio": round(med["fusible_swish"] / med["keras_swish"], 3), "max_abs_diff": diff})
     result = {"script": "swish_fusion", "size": args.size, "threads": args.threads, "rows": rows,
               "tf": tfinfo, "machine": common.machine_info()}
-    line = json.dumps(result)
-    print(line)
-    if args.json_out:
-        with args.json_out.open("a") as f:
-            f.write(line + "\n")
+    common.emit(result, args.json_out)
     return result
 
 
