@@ -80,6 +80,12 @@ def pixels() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
+def expected(models, pixels) -> dict[str, np.ndarray]:
+    """Each stage's probabilities on `pixels` from `bf16_weights_in_fp32`: what its float32 copy must give."""
+    return {s: bf16_weights_in_fp32(models[s])(pixels[s], training=False).numpy() for s in ("lung", "infection")}
+
+
+@pytest.fixture(scope="module")
 def exported(models, tmp_path_factory) -> dict[str, Any]:
     """bf16 servables under `bf16/`, their float32 copies by `export --from bf16 --out fp32`, and one fp32 export."""
     root = tmp_path_factory.mktemp("upcast")
@@ -133,27 +139,25 @@ def test_signatures_keep_their_names_inputs_and_outputs(exported):
 
 
 @pytest.mark.parametrize("servable", ["lung", "infection"])
-def test_stage_computes_the_bf16_weights_in_float32(served, models, pixels, servable):
-    expected = bf16_weights_in_fp32(models[servable])(pixels[servable], training=False).numpy()
+def test_stage_computes_the_bf16_weights_in_float32(served, expected, servable):
+    want = expected[servable]
     got, bf16 = served[f"fp32/{servable}"][f"{servable}_prob"], served[f"bf16/{servable}"][f"{servable}_prob"]
-    assert got.dtype == np.float32 and got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=FP32_TOL, rtol=0)
-    assert np.abs(bf16 - expected).max() > 10 * FP32_TOL  # bf16 activations: the comparison tells them apart
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=FP32_TOL, rtol=0)
+    assert np.abs(bf16 - want).max() > 10 * FP32_TOL  # bf16 activations: the comparison tells them apart
 
 
-def test_cascade_copy_matches_its_stages(served, models, pixels):
-    lung = bf16_weights_in_fp32(models["lung"])(pixels["lung"], training=False).numpy()
-    np.testing.assert_allclose(served["fp32/cascade"]["lung_prob"], lung, atol=FP32_TOL, rtol=0)
+def test_cascade_copy_matches_its_stages(served, expected):
+    np.testing.assert_allclose(served["fp32/cascade"]["lung_prob"], expected["lung"], atol=FP32_TOL, rtol=0)
     assert sorted(served["fp32/cascade"]) == sorted(served["bf16/cascade"])
     np.testing.assert_allclose(served["fp32/cascade"]["infection_prob"], served["bf16/cascade"]["infection_prob"],
                                atol=0.05, rtol=0)
 
 
-def test_predictor_loads_the_copies(exported, models, pixels):
+def test_predictor_loads_the_copies(exported, expected, pixels):
     predictor = Predictor.load(exported["fp32"] / "lung" / "1", exported["fp32"] / "infection" / "1")
     out = predictor.predict_pixels(tf.constant(pixels["lung"]))
-    expected = bf16_weights_in_fp32(models["lung"])(pixels["lung"], training=False).numpy()
-    np.testing.assert_allclose(out["lung_prob"].numpy(), expected, atol=FP32_TOL, rtol=0)
+    np.testing.assert_allclose(out["lung_prob"].numpy(), expected["lung"], atol=FP32_TOL, rtol=0)
     assert predictor.lung_model.manifest.precision == "fp32"
 
 
