@@ -42,21 +42,19 @@ def main(argv: list[str] | None = None) -> dict:
     import tensorflow as tf
 
     from covidseg_tf import optimize
+    from covidseg_tf.activations import KERAS_SWISH, use_swish
 
     rows = []
     for stage in args.stages:
         model = mu.build_stage(stage, args.size, "fp32", seed=args.seed)
+        use_swish(model, KERAS_SWISH)  # built models train with xla_swish; this compares Keras' own
         infer.randomize_bn_statistics([model], args.seed)
         channels = int(model.inputs[0].shape[-1])
         x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, channels))
                         .astype("float32"))
         for precision in args.precision:
-            names, optimize._SWISH_NAMES = optimize._SWISH_NAMES, ()
-            try:
-                variants = {"keras_swish": optimize.frozen_stage(model, precision, args.size)}
-            finally:
-                optimize._SWISH_NAMES = names
-            variants["fusible_swish"] = optimize.frozen_stage(model, precision, args.size)
+            variants = {"keras_swish": optimize.frozen_stage(model, precision, args.size, fuse_swish=False),
+                        "fusible_swish": optimize.frozen_stage(model, precision, args.size)}
             times: dict[str, list[float]] = {k: [] for k in variants}
             for fn in variants.values():
                 for _ in range(3):

@@ -24,8 +24,8 @@ The graph is FLAT: each member's layers are cloned into it under the prefix ``m<
 ``m1_decoder_stage0a_bn``, ...) with their weights, so `optimize.fold_batchnorm`, which walks `model.layers`, folds
 every member's Conv -> BN pair (a nested sub-model would hide them), and `export` / `optimize.tflite_model` see
 one ordinary functional model. Only built-in Keras layers are added (EinsumDense, Average, Rescaling, Add): the
-file loads with plain `keras.models.load_model` (members built with FusedBatchNormalization still need
-`covidseg_tf.batchnorm` imported, as `inference.load_stage` does).
+file loads with plain `keras.models.load_model` (members built by `covidseg_tf.models` still need
+`covidseg_tf.batchnorm` and `covidseg_tf.activations` imported, as `inference.load_stage` does).
 
 Resizing is linear and separable, so each resize is two fixed (non-trainable) `EinsumDense` matrix products, rows
 then columns, one (new size x old size) matrix per channel, computed by `tf.image.resize` itself on unit

@@ -14,9 +14,9 @@
    and computed in bfloat16) except the input preprocessing (Rescaling, Normalization) and the output sigmoid,
    which stay float32 - the same split as Keras' `mixed_bfloat16`, but the weights themselves are bfloat16, so
    they take half the bytes. Speed and tolerance: bench/RESULTS.md.
-3. Swish. Every swish activation (a layer's `activation` "swish"/"silu") becomes `fusible_swish`, the same
-   x * sigmoid(x) without Keras' custom gradient, which TensorFlow's oneDNN remapper then fuses into the
-   convolution before it (Keras' own swish runs as a separate pass over the activations).
+3. Swish. Every swish activation (Keras' "swish"/"silu", or the training models' `activations.xla_swish`) becomes
+   `fusible_swish`, the same x * sigmoid(x) without the custom gradient those carry, which TensorFlow's oneDNN
+   remapper then fuses into the convolution before it (a swish with a custom gradient runs as a separate pass).
 4. Freezing. The traced forward function's variables become graph constants
    (`convert_variables_to_constants_v2`), so a SavedModel stores each weight once and grappler can fold
    constant casts at load time.
@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from covidseg_tf.activations import is_swish
 from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
 from covidseg_tf.inference.stages import FrozenStage, keras_model, model_input_size, quiet_absl
 
@@ -59,17 +60,14 @@ _FLOAT32_NAMES = ("sigmoid", MASK_OUTPUT, IMAGE_CLASS_OUTPUT)
 _FLOAT32_PARTS = ("resize_input", "resize_mask")
 
 
-#: Activation names (a layer's config) that the inference copy computes as `fusible_swish`.
-_SWISH_NAMES = ("swish", "silu")
-
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
 def fusible_swish(x: Any) -> Any:
-    """x * sigmoid(x) as two plain ops: Keras' swish without the custom gradient it carries (inference copies only).
+    """x * sigmoid(x) as two plain ops: swish without a custom gradient (inference copies only).
 
-    The custom gradient's IdentityN keeps TensorFlow's oneDNN remapper from fusing Keras' swish into the preceding
-    convolution (it runs as a pass of its own, ``_MklSwish``); these two ops fuse into it (``_MklNativeFusedConv2D``
-    with the bias and the swish), the same arithmetic.
+    A custom gradient's IdentityN (Keras' swish and `activations.xla_swish` carry one) keeps TensorFlow's oneDNN
+    remapper from fusing the swish into the preceding convolution (it runs as a pass of its own, ``_MklSwish``);
+    these two ops fuse into it (``_MklNativeFusedConv2D`` with the bias and the swish), the same arithmetic.
 
     >>> float(fusible_swish(keras.ops.convert_to_tensor(2.0)))  # 2 * sigmoid(2)
     1.7615941762924194
@@ -113,11 +111,12 @@ def _keeps_float32(layer: layers.Layer) -> bool:
             or any(part in name for part in _FLOAT32_PARTS))
 
 
-def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:
+def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = True) -> keras.Model:
     """An inference copy of `model` with the Conv -> BN pairs folded and the swish activations made fusible (see the
     module docstring).
 
     precision: "fp32" or "bf16" sets every layer's dtype policy as described there; None keeps each layer's own.
+    fuse_swish: False keeps each layer's own swish (bench/swish_fusion.py times the difference).
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -138,7 +137,7 @@ def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:
             cfg["dtype"] = dtype_of(layer)
         if layer.name in pairs:
             cfg["use_bias"] = True
-        if cfg.get("activation") in _SWISH_NAMES:
+        if fuse_swish and is_swish(getattr(layer, "activation", None)):
             cfg["activation"] = fusible_swish
         return layer.__class__.from_config(cfg)
 
@@ -170,13 +169,15 @@ def fold_batchnorm(model: Any, precision: str | None = None) -> keras.Model:
     return folded
 
 
-def frozen_stage(model: Any, precision: str = "fp32", image_size: int | None = None) -> FrozenStage:
-    """`model` folded, in `precision` and frozen (see the module docstring), as a Stage of format "frozen"."""
+def frozen_stage(model: Any, precision: str = "fp32", image_size: int | None = None,
+                 fuse_swish: bool = True) -> FrozenStage:
+    """`model` folded, in `precision` and frozen (see the module docstring), as a Stage of format "frozen";
+    `fuse_swish` as `fold_batchnorm`'s."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     model = keras_model(model)
     size, channels = model_input_size(model, image_size)
-    fast = fold_batchnorm(model, precision)
+    fast = fold_batchnorm(model, precision, fuse_swish)
     input_shape = (None, size, size, channels)
 
     def outputs(x):  # the mask, then the image class probabilities of a model with an image head

@@ -63,16 +63,16 @@ def test_bf16_copy_is_within_tolerance_and_keeps_io_float32(infection_model, pix
 
 
 def test_swish_becomes_the_fusible_form_with_the_same_output(infection_model, pixels):
-    """Every swish of the copy is `fusible_swish` (the model's are Keras' silu, with its custom gradient), and the
+    """Every swish of the copy is `fusible_swish` (the model's are `xla_swish`, with a custom gradient), and the
     frozen graph has no IdentityN left from that custom gradient, which kept grappler from fusing swish into the
     convolutions; the fp32 copy still equals the model (test_fp32_copy_equals_the_model)."""
     def swishes(model):
         return [layer for layer in model.layers if getattr(layer, "activation", None) is not None
-                and getattr(layer.activation, "__name__", "") in ("silu", "swish", "fusible_swish")]
+                and getattr(layer.activation, "__name__", "") in ("silu", "xla_swish", "fusible_swish")]
 
     original, folded = swishes(infection_model), swishes(fold_batchnorm(infection_model, "fp32"))
     assert len(original) == len(folded) > 30  # EfficientNet-B0: activations and squeeze-excitation convs
-    assert {layer.activation.__name__ for layer in original} == {"silu"}
+    assert {layer.activation.__name__ for layer in original} == {"xla_swish"}
     assert {layer.activation.__name__ for layer in folded} == {"fusible_swish"}
     graph = frozen_stage(infection_model, "fp32").function.graph
     types = [op.type for op in graph.get_operations()]
