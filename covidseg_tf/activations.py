@@ -1,9 +1,9 @@
 """Swish with its gradient compiled by XLA into one loop (`xla_swish`), and the model-wide swap to it (`use_swish`).
 
-TensorFlow's CPU kernels run Keras' swish forward as one pass (oneDNN's ``_MklSwish``), but its gradient as five
-element-wise ops (Sigmoid, Sub, Mul, AddV2, Mul), each a pass over the activations; in bfloat16 each also converts
-every element to float32 and back (Eigen has no vectorised bfloat16 arithmetic). EfficientNet has a swish after
-nearly every convolution, so in a bfloat16 training step these passes cost as much as the convolutions.
+TensorFlow's CPU kernels run Keras' swish forward as one pass (oneDNN's ``_MklSwish``), but its gradient as seven
+element-wise ops (after grappler: a Sigmoid, a Sub, an AddV2 and four Muls), each a pass over the activations; in
+bfloat16 each also converts every element to float32 and back (Eigen has no vectorised bfloat16 arithmetic).
+EfficientNet has a swish after nearly every convolution, so these passes are a large part of a training step.
 `xla_swish` is the same function, x * sigmoid(x), with a custom gradient whose arithmetic is one
 ``tf.function(jit_compile=True)``: XLA fuses it into a single loop that reads x and the incoming gradient once,
 computes in float32 and rounds once.
