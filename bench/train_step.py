@@ -16,7 +16,8 @@ right now (minus --mem-margin-gib: the box is shared), and report the largest ba
 extrapolated largest batch for --mem-limit-gib.
 
 --batch-norm: the BatchNorm implementation(s) of the models (StageConfig.batch_norm: keras, fused); given several,
-each is run in turn for every stage and precision, and every record says which it used.
+each is run in turn for every stage and precision, and every record says which it used. --swish the same for the
+encoder's swish (xla: `covidseg_tf.activations.xla_swish`, what models are built with; keras: Keras' own).
 
 Prints ONE JSON line; --json-out appends it to a file.
 
@@ -25,6 +26,7 @@ Examples:
   python bench/train_step.py --size 448 --batch 4 --precision bf16 --max-batch --max-batch-steps 2
   python bench/train_step.py --size 128 --batch 2 --steps 2 --warmup 1            # quick smoke test
   python bench/train_step.py --size 256 --batch 16 --precision fp32 bf16 --batch-norm keras fused
+  python bench/train_step.py --size 256 --batch 8 --precision bf16 fp32 --swish keras xla
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import common  # noqa: E402
 import models_util as mu  # noqa: E402
 
 from covidseg_tf.config import BATCH_NORMS  # noqa: E402
+
+SWISHES = ("xla", "keras")  # --swish: covidseg_tf.activations.xla_swish or Keras' own
 
 log = logging.getLogger("bench.train_step")
 GIB = 2**30
@@ -67,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-norm", nargs="+", choices=BATCH_NORMS, default=None,
                    help="BatchNorm implementation(s) (StageConfig.batch_norm); several are run in turn "
                         "(default: the stage config's)")
+    p.add_argument("--swish", nargs="+", choices=SWISHES, default=None,
+                   help="the encoder's swish: xla (covidseg_tf.activations.xla_swish, what build_unet gives) or "
+                        "keras (Keras' own); several are run in turn for every stage and precision (default: xla)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON config of one run
     common.add_common_args(p)
     p.set_defaults(steps=5, warmup=2)
@@ -81,6 +88,7 @@ def worker(args, conf: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from covidseg_tf.activations import KERAS_SWISH, use_swish, xla_swish
     from covidseg_tf.batchnorm import with_batch_norm
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
@@ -93,6 +101,9 @@ def worker(args, conf: dict) -> dict:
     t = time.perf_counter()
     model = mu.build_stage(stage, S, prec, seed=args.seed, layout=cfg.unet_layout)
     model = with_batch_norm(model, conf.get("batch_norm") or cfg.batch_norm)  # keeps each layer's dtype policy
+    if conf.get("swish") == "keras":
+        use_swish(model, KERAS_SWISH)
+    xla_swishes = sum(getattr(layer, "activation", None) is xla_swish for layer in model.layers)
     opt = make_optimizer(cfg)  # train's: FusedAdamW with the stage's weight decay and clipnorm
     if prec == "fp16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -131,6 +142,7 @@ def worker(args, conf: dict) -> dict:
     rec["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
     rec["rss_phases_mib"] = {k: round(v, 1) for k, v in rss_phases.items()}
     rec["params"] = mu.param_count(model)
+    rec["xla_swish_layers"] = xla_swishes
     rec["tf"] = tfinfo
     return rec
 
@@ -201,16 +213,16 @@ def main(argv=None):
     result = {"script": "train_step", "label": args.label, "size": args.size, "jit": args.jit,
               "metrics": not args.no_metrics, "results": [], "max_batch": {}}
     result["layouts"], result["batch_norms"] = {}, {}
-    runs = [(stage, prec, bn) for stage in args.stages for prec in args.precision
-            for bn in args.batch_norm or [mu.stage_cfg(stage, args.size).batch_norm]]
-    for stage, prec, batch_norm in runs:
+    runs = [(stage, prec, bn, swish) for stage in args.stages for prec in args.precision
+            for bn in args.batch_norm or [mu.stage_cfg(stage, args.size).batch_norm] for swish in args.swish or ["xla"]]
+    for stage, prec, batch_norm, swish in runs:
         layout = result["layouts"][stage] = mu.stage_cfg(stage, args.size, args.layout).unet_layout
         result["batch_norms"][stage] = list(dict.fromkeys([*result["batch_norms"].get(stage, []), batch_norm]))
-        label = f"{stage} {prec}" + (f" {batch_norm}" if args.batch_norm else "")
+        label = f"{stage} {prec}" + (f" {batch_norm}" if args.batch_norm else "") + (f" {swish}" if args.swish else "")
         points = []
         for B in args.batch:
             rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout,
-                                  "batch_norm": batch_norm}, limit)
+                                  "batch_norm": batch_norm, "swish": swish}, limit)
             result["results"].append(rec)
             if "peak_rss_mib" in rec:
                 points.append((B, rec["peak_rss_mib"]))
@@ -235,7 +247,7 @@ def main(argv=None):
                         f"(limit {args.mem_limit_gib} GiB, available now {avail / GIB:.1f} GiB after margin)")
                 break
             rec = run_child(args, {"stage": stage, "precision": prec, "batch": B, "layout": layout,
-                               "batch_norm": batch_norm, "steps": args.max_batch_steps}, int(budget))
+                               "batch_norm": batch_norm, "swish": swish, "steps": args.max_batch_steps}, int(budget))
             rec["max_batch_search"] = True
             result["results"].append(rec)
             log.info("%s b%d: %s img/s, peak RSS %s MiB", label, B, rec.get("images_per_s"),
@@ -250,7 +262,8 @@ def main(argv=None):
             a, k = fit_line(points)
             if k > 0:
                 est = int((args.mem_limit_gib * 1024 - a) / k)
-        result["max_batch"][f"{stage}/{prec}" + (f"/{batch_norm}" if args.batch_norm else "")] = {
+        key = f"{stage}/{prec}" + (f"/{batch_norm}" if args.batch_norm else "") + (f"/{swish}" if args.swish else "")
+        result["max_batch"][key] = {
             "largest_run": largest_ok, "stopped": stop,
             "rss_fit_mib": {"intercept": round(fit_line(points)[0], 1), "per_image": round(fit_line(points)[1], 1)}
             if len(points) >= 2 else None,

@@ -13,7 +13,15 @@ from helpers import randomize_batchnorms
 from covidseg_tf.config import default_config
 from covidseg_tf.export import export_stage
 from covidseg_tf.models import build_stage_model
-from covidseg_tf.optimize import FoldedBatchNorm, fold_batchnorm, foldable_pairs, frozen_stage
+from covidseg_tf.optimize import (
+    FoldedBatchNorm,
+    MatMulConv2D,
+    NearestUpSampling2D,
+    WindowAveragePooling2D,
+    fold_batchnorm,
+    foldable_pairs,
+    frozen_stage,
+)
 
 SIZE = 64
 
@@ -48,6 +56,25 @@ def test_fp32_copy_equals_the_model(infection_model, pixels):
     got = frozen_stage(infection_model, "fp32")(pixels).numpy()
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_upsampling_squeeze_and_se_convs_become_single_ops(infection_model):
+    """The decoder's upsamplings are one ResizeNearestNeighbor each (no Tile), every squeeze one AvgPool (no Mean,
+    and in bf16 no cast of the map), every squeeze-excitation conv a MatMul; the other convs stay convs. Their
+    values: test_fp32_copy_equals_the_model (and the bf16 tolerance below) hold with them."""
+    kinds = {cls: [layer.name for layer in infection_model.layers if type(layer) is base]
+             for cls, base in ((NearestUpSampling2D, keras.layers.UpSampling2D),
+                               (WindowAveragePooling2D, keras.layers.GlobalAveragePooling2D))}
+    se_convs = [layer.name for layer in infection_model.layers if layer.name.endswith(("se_reduce", "se_expand"))]
+    assert len(kinds[NearestUpSampling2D]) == 5 and len(kinds[WindowAveragePooling2D]) == len(se_convs) // 2 > 10
+    folded = fold_batchnorm(infection_model, "bf16")
+    for cls, names in kinds.items():
+        assert all(type(folded.get_layer(name)) is cls for name in names)
+    assert {name for name in se_convs} == {layer.name for layer in folded.layers if type(layer) is MatMulConv2D}
+    types = [op.type for op in frozen_stage(infection_model, "bf16").function.graph.get_operations()]
+    assert "Tile" not in types and "Mean" not in types
+    assert types.count("ResizeNearestNeighbor") == 5 and types.count("AvgPool") == len(se_convs) // 2
+    assert types.count("MatMul") == len(se_convs)
 
 
 def test_bf16_copy_is_within_tolerance_and_keeps_io_float32(infection_model, pixels):
