@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Keras' swish against `optimize.fusible_swish` in the inference copy, one alternating run in one process: each
-stage (random init, trained-like BatchNorm statistics as bench/infer.py gives them) folded and frozen twice, once
-with Keras' swish kept (its custom gradient's IdentityN blocks oneDNN's conv + bias + swish fusion) and once as
-`export` now builds it, then --rounds rounds of --calls batch-1 calls of each in turn. Prints ONE JSON line: per
-stage and precision the median call time of both and their ratio.
+"""Keras' swish against `optimize.fusible_swish` in the inference copy, and then the faster layers (optimize's
+`NearestUpSampling2D`, `WindowAveragePooling2D`, `MatMulConv2D`), one alternating run in one process: each stage
+(random init, trained-like BatchNorm statistics as bench/infer.py gives them) folded and frozen three times: with
+Keras' swish kept (its custom gradient's IdentityN blocks oneDNN's conv + bias + swish fusion), with the fusible
+swish, and as `export` now builds it (fusible swish and the faster layers); then --rounds rounds of --calls batch-1
+calls of each in turn. Prints ONE JSON line: per stage and precision the median call time of each, the ratios
+fusible / Keras' swish (`ratio`) and export / fusible swish (`faster_layers_ratio`), and the largest output
+differences.
 
   python bench/swish_fusion.py --size 256 --precision bf16 fp32
   python bench/swish_fusion.py --size 448 --stages infection --json-out bench/results/swish_fusion.jsonl
@@ -53,8 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, channels))
                         .astype("float32"))
         for precision in args.precision:
-            variants = {"keras_swish": optimize.frozen_stage(model, precision, args.size, fuse_swish=False),
-                        "fusible_swish": optimize.frozen_stage(model, precision, args.size)}
+            variants = {"keras_swish": optimize.frozen_stage(model, precision, args.size, fuse_swish=False,
+                                                             faster_layers=False),
+                        "fusible_swish": optimize.frozen_stage(model, precision, args.size, faster_layers=False),
+                        "faster_layers": optimize.frozen_stage(model, precision, args.size)}
             times: dict[str, list[float]] = {k: [] for k in variants}
             for fn in variants.values():
                 for _ in range(3):
@@ -67,10 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
                         times[name].append(time.perf_counter() - t)
             med = {k: float(np.median(v)) for k, v in times.items()}
             outputs = [fn(x)[0].numpy() for fn in variants.values()]
-            diff = float(np.abs(outputs[0] - outputs[1]).max())
             rows.append({"stage": stage, "precision": precision,
                          **{f"{k}_ms": round(1e3 * v, 2) for k, v in med.items()},
-                         "ratio": round(med["fusible_swish"] / med["keras_swish"], 3), "max_abs_diff": diff})
+                         "ratio": round(med["fusible_swish"] / med["keras_swish"], 3),
+                         "faster_layers_ratio": round(med["faster_layers"] / med["fusible_swish"], 3),
+                         "max_abs_diff": float(np.abs(outputs[0] - outputs[1]).max()),
+                         "max_abs_diff_faster_layers": float(np.abs(outputs[1] - outputs[2]).max())})
     result = {"script": "swish_fusion", "size": args.size, "threads": args.threads, "rows": rows,
               "tf": tfinfo, "machine": common.machine_info()}
     common.emit(result, args.json_out)

@@ -184,12 +184,13 @@ def _keeps_float32(layer: layers.Layer) -> bool:
             or any(part in name for part in _FLOAT32_PARTS))
 
 
-def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = True) -> keras.Model:
+def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = True,
+                   faster_layers: bool = True) -> keras.Model:
     """An inference copy of `model` with the Conv -> BN pairs folded, the swish activations made fusible and the
     layers of item 4 replaced (see the module docstring).
 
     precision: "fp32" or "bf16" sets every layer's dtype policy as described there; None keeps each layer's own.
-    fuse_swish: False keeps each layer's own swish (bench/swish_fusion.py times the difference).
+    fuse_swish, faster_layers: False keeps each layer's own swish, or class (bench/swish_fusion.py times both).
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -212,7 +213,7 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
             cfg["use_bias"] = True
         if fuse_swish and is_swish(getattr(layer, "activation", None)):
             cfg["activation"] = fusible_swish
-        return _faster_class(layer).from_config(cfg)
+        return (_faster_class(layer) if faster_layers else layer.__class__).from_config(cfg)
 
     folded = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
@@ -243,14 +244,14 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
 
 
 def frozen_stage(model: Any, precision: str = "fp32", image_size: int | None = None,
-                 fuse_swish: bool = True) -> FrozenStage:
+                 fuse_swish: bool = True, faster_layers: bool = True) -> FrozenStage:
     """`model` folded, in `precision` and frozen (see the module docstring), as a Stage of format "frozen";
-    `fuse_swish` as `fold_batchnorm`'s."""
+    `fuse_swish` and `faster_layers` as `fold_batchnorm`'s."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     model = keras_model(model)
     size, channels = model_input_size(model, image_size)
-    fast = fold_batchnorm(model, precision, fuse_swish)
+    fast = fold_batchnorm(model, precision, fuse_swish, faster_layers)
     input_shape = (None, size, size, channels)
 
     def outputs(x):  # the mask, then the image class probabilities of a model with an image head
