@@ -65,7 +65,6 @@ _FLOAT32_NAMES = ("sigmoid", MASK_OUTPUT, IMAGE_CLASS_OUTPUT)
 _FLOAT32_PARTS = ("resize_input", "resize_mask")
 
 
-
 @keras.saving.register_keras_serializable(package="covidseg_tf")
 def fusible_swish(x: Any) -> Any:
     """x * sigmoid(x) as two plain ops: swish without a custom gradient (inference copies only).
