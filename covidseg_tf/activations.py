@@ -8,7 +8,7 @@ EfficientNet has a swish after nearly every convolution, so these passes are a l
 ``tf.function(jit_compile=True)``: XLA fuses it into a single loop that reads x and the incoming gradient once,
 computes in float32 and rounds once.
 
-    model = build_unet(...)           # build_unet already calls this
+    model = build_unet(...)           # build_unet already calls use_swish(model, training_swish())
     use_swish(model)                  # -> the number of layers changed; use_swish(model, KERAS_SWISH) undoes it
 
 Only the training arithmetic changes: the forward values are Keras' (to the last bit in float32), the gradient
@@ -61,6 +61,15 @@ def xla_swish(x: Any) -> Any:
 def is_swish(activation: Any) -> bool:
     """Whether a layer's `activation` is a swish: Keras' (`KERAS_SWISH`) or `xla_swish`."""
     return activation is KERAS_SWISH or activation is xla_swish
+
+
+def training_swish() -> Any:
+    """The swish `models.build_unet` gives its models: `xla_swish`, or Keras' own where TensorFlow was built without
+    XLA (`tf.test.is_built_with_xla()`), which `xla_swish`'s gradient needs."""
+    if tf.test.is_built_with_xla():
+        return xla_swish
+    log.warning("TensorFlow was built without XLA: training with Keras' swish (its gradient in seven ops)")
+    return KERAS_SWISH
 
 
 def use_swish(model: keras.Model, activation: Any = xla_swish) -> int:

@@ -73,7 +73,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from covidseg_tf.activations import use_swish
+from covidseg_tf.activations import training_swish, use_swish
 from covidseg_tf.batchnorm import with_batch_norm
 from covidseg_tf.config import (
     BATCH_NORMS,
@@ -533,7 +533,7 @@ def build_unet(
     model = with_batch_norm(model, batch_norm)  # a clone with the same initial weights, or `model` for "keras"
     keep_preprocessing_float32(model)
     keep_slow_bf16_depthwise_float32(model)
-    use_swish(model)  # the same swish, its gradient one XLA loop (covidseg_tf.activations)
+    use_swish(model, training_swish())  # the same swish, its gradient one XLA loop (covidseg_tf.activations)
     if bn_momentum is not None:
         if not 0.0 <= bn_momentum < 1.0:
             raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum}")

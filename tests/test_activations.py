@@ -91,3 +91,15 @@ def test_built_unets_train_with_xla_swish_and_load_back(tmp_path):
     assert "covidseg_tf>xla_swish" in json.dumps(json.loads(zipfile.ZipFile(path).read("config.json")))
     loaded = load_stage(path)
     np.testing.assert_allclose(np.asarray(loaded(x[:1])), np.asarray(model(x[:1])), atol=1e-6)
+
+
+def test_without_xla_built_unets_keep_keras_swish(monkeypatch, caplog):
+    """A TensorFlow built without XLA could not run xla_swish's gradient: the models keep Keras' swish, and say so."""
+    from covidseg_tf.models import build_unet
+
+    monkeypatch.setattr(tf.test, "is_built_with_xla", lambda: False)
+    with caplog.at_level("WARNING", logger="covidseg_tf.activations"):
+        model = build_unet("efficientnetb0", (64, 64, 3))
+    swishes = [layer for layer in model.layers if is_swish(getattr(layer, "activation", None))]
+    assert len(swishes) > 30 and all(layer.activation is KERAS_SWISH for layer in swishes)
+    assert "built without XLA" in caplog.text
