@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-warmup", type=int, default=2)
     p.add_argument("--our-precision", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--our-train-inter-threads", type=int, default=1,
+                   help="TensorFlow inter-op threads of our training and memory runs (1, as every run before; "
+                        "`train` runs with TensorFlow's default, the number of cores)")
     p.add_argument("--our-train-precision", nargs="+", default=None, help="default: --our-precision")
     p.add_argument("--our-variants", nargs="+", default=["plain", "fast", "tflite"], help="bench/infer.py --variants")
     p.add_argument("--our-batch-norm", nargs="+", default=None, metavar="BN",
@@ -107,7 +110,7 @@ def our_train_cmd(args, size: int, batch: int, steps: int, warmup: int, label: s
     """bench/train_step.py on both stages with our training precisions, layout and BatchNorm."""
     cmd = [sys.executable, str(HERE / "train_step.py"), "--size", str(size), "--batch", str(batch), "--precision",
            *(args.our_train_precision or args.our_precision), "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", str(args.threads), "--inter-threads", "1", "--label", label]
+           "--threads", str(args.threads), "--inter-threads", str(args.our_train_inter_threads), "--label", label]
     cmd += ["--layout", args.our_layout] if args.our_layout else []
     return cmd + (["--batch-norm", *args.our_batch_norm] if args.our_batch_norm else [])
 
@@ -201,7 +204,8 @@ def main(argv=None):
         return {"value": v[0], "foreign_cpu_frac": v[1], **v[2]}
 
     summary = {"script": "compare_peer", "label": args.label, "size": args.size, "threads": args.threads,
-               "rounds": args.rounds, "our_layout": args.our_layout or "config", "peer_layouts": args.peer_layouts,
+               "our_train_inter_threads": args.our_train_inter_threads, "rounds": args.rounds,
+               "our_layout": args.our_layout or "config", "peer_layouts": args.peer_layouts,
                "targets": {}}
     if ours_cascade and all(peer_inf.values()):
         o = best(ours_cascade)
