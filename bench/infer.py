@@ -135,6 +135,20 @@ def randomize_bn_statistics(pair, seed: int, which=(True, True)) -> None:
                 layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
 
 
+def trained_like_stage(stage: str, size: int, seed: int = 0, layout: str | None = None):
+    """(model, pixels): the stage at `size` px, random init with trained-like BatchNorm statistics
+    (`randomize_bn_statistics`: identity statistics fold into zero biases, which grappler drops, and every fusion of
+    an activation into its convolution with them), and one (1, S, S, C) float32 noise image to time it on."""
+    import numpy as np
+    import tensorflow as tf
+
+    model = mu.build_stage(stage, size, "fp32", seed=seed, layout=layout)
+    randomize_bn_statistics([model], seed)
+    channels = int(model.inputs[0].shape[-1])
+    pixels = np.random.default_rng(0).uniform(0, 255, (1, size, size, channels)).astype("float32")
+    return model, tf.constant(pixels)
+
+
 def _dice(a, b) -> float:
     s = float(a.sum() + b.sum())
     return 1.0 if s == 0 else float(2.0 * (a * b).sum() / s)

@@ -122,19 +122,12 @@ def run_infer(args, precision: str) -> dict:
     in `precision`), its --steps timed calls traced in this process; step time and kernel breakdown."""
     import time
 
-    import models_util as mu
-    import numpy as np
     import tensorflow as tf
 
     from covidseg_tf.optimize import frozen_stage
 
-    model = mu.build_stage(args.stage, args.size, "fp32", layout=args.layout)
-    # trained-like BatchNorm statistics (as bench/infer.py): folded into zero biases, the identity statistics of
-    # random init let grappler drop every BiasAdd, and with it the fusion of each activation into its convolution
-    infer.randomize_bn_statistics([model], args.seed)
+    model, x = infer.trained_like_stage(args.stage, args.size, args.seed, args.layout)
     stage = frozen_stage(model, precision, args.size)
-    channels = int(model.inputs[0].shape[-1])
-    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, channels)).astype("float32"))
     for _ in range(args.warmup + 1):
         stage(x)[0].numpy()
     times = []
@@ -167,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="traced calls")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0, help="--mode infer: the BatchNorm statistics' seed")
+    p.add_argument("--seed", type=int, default=0, help="--mode infer: the seed of the weights and BatchNorm statistics")
     p.add_argument("--top", type=int, default=25, help="how many op types and (type, layer) rows to keep")
     p.add_argument("--json-out", type=Path, default=None, help="append the JSON line to this file")
     p.add_argument("--from-trace", type=Path, default=None, help="summarize this saved trace folder instead")

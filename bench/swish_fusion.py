@@ -40,21 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     tfinfo = common.configure_tf(args.threads, 1)
     import infer
-    import models_util as mu
     import numpy as np
-    import tensorflow as tf
 
     from covidseg_tf import optimize
     from covidseg_tf.activations import KERAS_SWISH, use_swish
 
     rows = []
     for stage in args.stages:
-        model = mu.build_stage(stage, args.size, "fp32", seed=args.seed)
+        model, x = infer.trained_like_stage(stage, args.size, args.seed)
         use_swish(model, KERAS_SWISH)  # built models train with xla_swish; this compares Keras' own
-        infer.randomize_bn_statistics([model], args.seed)
-        channels = int(model.inputs[0].shape[-1])
-        x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, args.size, args.size, channels))
-                        .astype("float32"))
         for precision in args.precision:
             variants = {"keras_swish": optimize.frozen_stage(model, precision, args.size, fuse_swish=False,
                                                              faster_layers=False),

@@ -3,6 +3,9 @@ function, built U-Nets train with it, and saved models load and export with it."
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -85,9 +88,6 @@ def test_built_unets_train_with_xla_swish_and_load_back(tmp_path):
     assert np.isfinite(history.history["loss"][0])
     path = tmp_path / "lung.keras"
     model.save(path)
-    import json
-    import zipfile
-
     assert "covidseg_tf>xla_swish" in json.dumps(json.loads(zipfile.ZipFile(path).read("config.json")))
     loaded = load_stage(path)
     np.testing.assert_allclose(np.asarray(loaded(x[:1])), np.asarray(model(x[:1])), atol=1e-6)

@@ -70,7 +70,7 @@ def test_upsampling_squeeze_and_se_convs_become_single_ops(infection_model):
     folded = fold_batchnorm(infection_model, "bf16")
     for cls, names in kinds.items():
         assert all(type(folded.get_layer(name)) is cls for name in names)
-    assert {name for name in se_convs} == {layer.name for layer in folded.layers if type(layer) is MatMulConv2D}
+    assert set(se_convs) == {layer.name for layer in folded.layers if type(layer) is MatMulConv2D}
     types = [op.type for op in frozen_stage(infection_model, "bf16").function.graph.get_operations()]
     assert "Tile" not in types and "Mean" not in types
     assert types.count("ResizeNearestNeighbor") == 5 and types.count("AvgPool") == len(se_convs) // 2
