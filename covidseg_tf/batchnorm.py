@@ -17,12 +17,10 @@ class name, so it loads only into a model with the same BatchNorm class.
 
 from __future__ import annotations
 
-import logging
-
 import keras
 from keras import layers, ops
 
-log = logging.getLogger(__name__)
+from covidseg_tf.fast_layers import with_layer_classes
 
 #: Input dtypes the fused kernel takes (TF 2.21 CPU registers FusedBatchNormV3 and FusedBatchNormGradV3 for them
 #: with float32 scale/offset/statistics, eagerly and in graphs); others (float64) run Keras' call.
@@ -122,22 +120,5 @@ def with_batch_norm(model: keras.Model, batch_norm: str) -> keras.Model:
         target = BATCH_NORM_CLASSES[batch_norm]
     except KeyError:
         raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {list(BATCH_NORM_CLASSES)}") from None
-    swap = {
-        layer.name
-        for layer in model.layers
-        if type(layer) in BATCH_NORM_CLASSES.values() and type(layer) is not target
-    }
-    if not swap:
-        return model
-
-    def clone(layer: layers.Layer) -> layers.Layer:
-        cls = target if layer.name in swap else layer.__class__
-        return cls.from_config(layer.get_config())
-
-    swapped = keras.models.clone_model(model, clone_function=clone)
-    swapped.set_weights(model.get_weights())
-    for layer in swapped.layers:
-        if isinstance(layer, layers.Normalization):
-            layer.finalize_state()  # it caches mean/variance tensors: refresh them
-    log.debug("%s: %d BatchNormalization layers now %s", model.name, len(swap), target.__name__)
-    return swapped
+    kinds = tuple(BATCH_NORM_CLASSES.values())
+    return with_layer_classes(model, lambda layer: target if type(layer) in kinds else type(layer))

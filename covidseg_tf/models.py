@@ -27,7 +27,9 @@ A saved ``.keras`` model carries its layout in its graph: loading never needs th
 BatchNorm (``build_unet(batch_norm=...)``, ``StageConfig.batch_norm``): ``"keras"`` builds every BN layer of
 encoder and decoder as keras.layers.BatchNormalization; ``"fused"`` swaps them all
 for covidseg_tf.batchnorm.FusedBatchNormalization, a subclass with the same names, configs and weights whose
-training step is one fused op. A ``.keras`` file records the class of each layer.
+training step is one fused op. The decoder's upsamplings and the encoder's squeeze-excitation layers are built as
+covidseg_tf.fast_layers' subclasses (the same values in fewer ops). A ``.keras`` file records the class of each
+layer.
 
 Input contract: one float32 tensor (B, H, W, C) of RAW pixels 0..255 in the three RGB channels (grayscale
 repeated 3x); channels beyond the third (Stage 2: the lung mask) hold 0/1 values. Preprocessing happens inside
@@ -85,6 +87,7 @@ from covidseg_tf.config import (
     UNET_LAYOUTS,
     StageConfig,
 )
+from covidseg_tf.fast_layers import with_fast_layers
 
 log = logging.getLogger(__name__)
 
@@ -531,6 +534,7 @@ def build_unet(
         outputs = {MASK_OUTPUT: outputs, IMAGE_CLASS_OUTPUT: image_class_head(bottleneck, image_classes, dropout)}
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
     model = with_batch_norm(model, batch_norm)  # a clone with the same initial weights, or `model` for "keras"
+    model = with_fast_layers(model)  # the same values in fewer ops: decoder upsamplings, squeeze-excitation
     keep_preprocessing_float32(model)
     keep_slow_bf16_depthwise_float32(model)
     use_swish(model, training_swish())  # the same swish, its gradient one XLA loop (covidseg_tf.activations)

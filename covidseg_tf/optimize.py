@@ -17,11 +17,10 @@
 3. Swish. Every swish activation (Keras' "swish"/"silu", or the training models' `activations.xla_swish`) becomes
    `fusible_swish`, the same x * sigmoid(x) without the custom gradient those carry, which TensorFlow's oneDNN
    remapper then fuses into the convolution before it (a swish with a custom gradient runs as a separate pass).
-4. Fewer, faster ops, each computing the same values: a nearest-neighbour UpSampling2D becomes one resize
-   (`NearestUpSampling2D`; Keras repeats rows, then columns), a GlobalAveragePooling2D one average pool over the
-   whole map (`WindowAveragePooling2D`; oneDNN's pooling in the input's dtype, where Keras first casts a bfloat16
-   map to float32), and a 1x1 Conv2D on 1x1 maps, the squeeze-excitation convolutions, a matrix product
-   (`MatMulConv2D`). Each is a subclass of the layer it replaces, with its weights and config.
+4. Fewer, faster ops, each computing the same values (`covidseg_tf.fast_layers`, which `models.build_unet` uses
+   for training too; this gives them to models saved before it did): a nearest-neighbour UpSampling2D becomes one
+   resize, a GlobalAveragePooling2D one average pool over the whole map, a 1x1 Conv2D on 1x1 maps (the
+   squeeze-excitation convolutions) a matrix product. TFLite conversion keeps Keras' classes (`plain_class`).
 5. Freezing. The traced forward function's variables become graph constants
    (`convert_variables_to_constants_v2`), so a SavedModel stores each weight once and grappler can fold
    constant casts at load time.
@@ -52,6 +51,7 @@ from keras import layers
 
 from covidseg_tf.activations import is_swish
 from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
+from covidseg_tf.fast_layers import faster_class, plain_class, with_layer_classes
 from covidseg_tf.inference.stages import FrozenStage, keras_model, model_input_size, quiet_absl
 
 log = logging.getLogger(__name__)
@@ -77,74 +77,6 @@ def fusible_swish(x: Any) -> Any:
     1.7615941762924194
     """
     return x * keras.ops.sigmoid(x)
-
-
-class NearestUpSampling2D(layers.UpSampling2D):
-    """A nearest-neighbour UpSampling2D (channels last, static size) as one ``ResizeNearestNeighbor`` op: for an
-    integer factor k it reads pixel (i // k, j // k), as Keras' two repeats do (inference copies only).
-
-    >>> x = keras.ops.reshape(keras.ops.arange(4.0), (1, 2, 2, 1))
-    >>> keras.ops.convert_to_numpy(NearestUpSampling2D()(x))[0, :, :, 0].tolist()[1]
-    [0.0, 0.0, 1.0, 1.0]
-    """
-
-    def call(self, inputs):
-        h, w = inputs.shape[1], inputs.shape[2]
-        if self.interpolation != "nearest" or self.data_format != "channels_last" or h is None or w is None:
-            return super().call(inputs)
-        return tf.image.resize(inputs, (h * self.size[0], w * self.size[1]), method="nearest")
-
-
-class WindowAveragePooling2D(layers.GlobalAveragePooling2D):
-    """GlobalAveragePooling2D (channels last, static size) as one average pool over the whole map, run by oneDNN in
-    the input's dtype (inference copies only).
-
-    >>> x = keras.ops.reshape(keras.ops.arange(8.0), (1, 2, 2, 2))
-    >>> keras.ops.convert_to_numpy(WindowAveragePooling2D()(x)).tolist()
-    [[3.0, 4.0]]
-    """
-
-    def call(self, inputs):
-        h, w = inputs.shape[1], inputs.shape[2]
-        if self.data_format != "channels_last" or h is None or w is None:
-            return super().call(inputs)
-        pooled = tf.nn.avg_pool2d(inputs, (h, w), 1, "VALID")
-        return pooled if self.keepdims else tf.reshape(pooled, (-1, inputs.shape[3]))
-
-
-class MatMulConv2D(layers.Conv2D):
-    """A 1x1 Conv2D applied to 1x1 maps (squeeze-excitation) as a matrix product with its bias and activation
-    (inference copies only; any other input runs Conv2D's call).
-
-    >>> conv = MatMulConv2D(2, 1, kernel_initializer="ones", bias_initializer="ones")
-    >>> keras.ops.convert_to_numpy(conv(keras.ops.ones((1, 1, 1, 3)))).tolist()
-    [[[[4.0, 4.0]]]]
-    """
-
-    def call(self, inputs):
-        if (tuple(inputs.shape[1:3]) != (1, 1) or tuple(self.kernel_size) != (1, 1) or self.groups != 1
-                or self.data_format != "channels_last"):
-            return super().call(inputs)
-        kernel = keras.ops.cast(self.kernel[0, 0], inputs.dtype)
-        y = tf.matmul(tf.reshape(inputs, (-1, inputs.shape[3])), kernel)
-        if self.use_bias:
-            y = tf.nn.bias_add(y, keras.ops.cast(self.bias, y.dtype))
-        if self.activation is not None:
-            y = self.activation(y)
-        return tf.reshape(y, (-1, 1, 1, self.filters))
-
-
-def _faster_class(layer: layers.Layer) -> type[layers.Layer]:
-    """The class an inference copy builds `layer` as: one of the subclasses above where it computes the same faster,
-    else the layer's own."""
-    kind = type(layer)
-    if kind is layers.UpSampling2D:
-        return NearestUpSampling2D
-    if kind is layers.GlobalAveragePooling2D:
-        return WindowAveragePooling2D
-    if kind is layers.Conv2D and len(layer._inbound_nodes) == 1 and tuple(layer.input.shape[1:3]) == (1, 1):
-        return MatMulConv2D
-    return kind
 
 
 class FoldedBatchNorm(layers.Layer):
@@ -212,7 +144,7 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
             cfg["use_bias"] = True
         if fuse_swish and is_swish(getattr(layer, "activation", None)):
             cfg["activation"] = fusible_swish
-        return (_faster_class(layer) if faster_layers else layer.__class__).from_config(cfg)
+        return (faster_class(layer) if faster_layers else plain_class(layer)).from_config(cfg)
 
     folded = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
@@ -304,7 +236,7 @@ def tflite_model(model: Any, mode: str = "fp32", representative: Iterable[Any] |
     Stage-1 masks: `calibration_pixels`); "dynamic" (int8 weights, activations quantized on the fly; bench/ only).
     `float_layers`: names of more Keras layers of `model` that "int8" keeps in float32.
     """
-    model = keras_model(model)
+    model = with_layer_classes(keras_model(model), plain_class)  # the ops XNNPACK was measured with
     if mode not in TFLITE_MODES:
         raise ValueError(f"TFLite mode must be one of {TFLITE_MODES}, got {mode!r}")
     if mode == "int8" and representative is None:

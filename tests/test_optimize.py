@@ -12,12 +12,16 @@ from helpers import randomize_batchnorms
 
 from covidseg_tf.config import default_config
 from covidseg_tf.export import export_stage
-from covidseg_tf.models import build_stage_model
-from covidseg_tf.optimize import (
-    FoldedBatchNorm,
+from covidseg_tf.fast_layers import (
     MatMulConv2D,
     NearestUpSampling2D,
     WindowAveragePooling2D,
+    plain_class,
+    with_layer_classes,
+)
+from covidseg_tf.models import build_stage_model
+from covidseg_tf.optimize import (
+    FoldedBatchNorm,
     fold_batchnorm,
     foldable_pairs,
     frozen_stage,
@@ -59,19 +63,23 @@ def test_fp32_copy_equals_the_model(infection_model, pixels):
 
 
 def test_upsampling_squeeze_and_se_convs_become_single_ops(infection_model):
-    """The decoder's upsamplings are one ResizeNearestNeighbor each (no Tile), every squeeze one AvgPool (no Mean,
-    and in bf16 no cast of the map), every squeeze-excitation conv a MatMul; the other convs stay convs. Their
-    values: test_fp32_copy_equals_the_model (and the bf16 tolerance below) hold with them."""
-    kinds = {cls: [layer.name for layer in infection_model.layers if type(layer) is base]
+    """A model saved with Keras' classes (before fast_layers) gets them in its copy: the decoder's upsamplings are one
+    ResizeNearestNeighbor each (no Tile), every squeeze one AvgPool (no Mean, and in bf16 no cast of the map), every
+    squeeze-excitation conv a MatMul; the other convs stay convs. Their values: test_fp32_copy_equals_the_model
+    (and the bf16 tolerance below) hold with them. faster_layers=False builds Keras' classes."""
+    plain = with_layer_classes(infection_model, plain_class)
+    kinds = {cls: [layer.name for layer in plain.layers if type(layer) is base]
              for cls, base in ((NearestUpSampling2D, keras.layers.UpSampling2D),
                                (WindowAveragePooling2D, keras.layers.GlobalAveragePooling2D))}
-    se_convs = [layer.name for layer in infection_model.layers if layer.name.endswith(("se_reduce", "se_expand"))]
+    se_convs = [layer.name for layer in plain.layers if layer.name.endswith(("se_reduce", "se_expand"))]
     assert len(kinds[NearestUpSampling2D]) == 5 and len(kinds[WindowAveragePooling2D]) == len(se_convs) // 2 > 10
-    folded = fold_batchnorm(infection_model, "bf16")
+    folded = fold_batchnorm(plain, "bf16")
     for cls, names in kinds.items():
         assert all(type(folded.get_layer(name)) is cls for name in names)
     assert set(se_convs) == {layer.name for layer in folded.layers if type(layer) is MatMulConv2D}
-    types = [op.type for op in frozen_stage(infection_model, "bf16").function.graph.get_operations()]
+    assert not any(type(layer) is MatMulConv2D for layer in fold_batchnorm(infection_model, "bf16",
+                                                                          faster_layers=False).layers)
+    types = [op.type for op in frozen_stage(plain, "bf16").function.graph.get_operations()]
     assert "Tile" not in types and "Mean" not in types
     assert types.count("ResizeNearestNeighbor") == 5 and types.count("AvgPool") == len(se_convs) // 2
     assert types.count("MatMul") == len(se_convs)

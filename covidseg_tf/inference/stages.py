@@ -511,7 +511,8 @@ def _load_keras(p: Path) -> KerasStage:
     import keras
 
     import covidseg_tf.activations  # noqa: F401  (registers xla_swish, the training models' swish)
-    import covidseg_tf.batchnorm  # noqa: F401  (registers FusedBatchNormalization, the one custom layer)
+    import covidseg_tf.batchnorm  # noqa: F401  (registers FusedBatchNormalization)
+    import covidseg_tf.fast_layers  # noqa: F401  (registers NearestUpSampling2D, WindowAveragePooling2D, MatMulConv2D)
 
     # Keras says "File not found" for a file that exists but is no zip, and a KeyError for a zip without a model
     if not zipfile.is_zipfile(p):

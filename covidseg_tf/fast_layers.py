@@ -1,0 +1,142 @@
+"""Keras layers computing the same values as the stock ones our U-Nets use, with fewer or faster TensorFlow ops,
+and the model-wide swap to them.
+
+    model = with_fast_layers(model)   # a clone, same names, configs and weights; `model` if nothing changes
+
+- `NearestUpSampling2D`: a nearest-neighbour UpSampling2D as one ``ResizeNearestNeighbor`` (Keras repeats rows, then
+  columns, two Tile passes; its gradient, one ``ResizeNearestNeighborGrad``).
+- `WindowAveragePooling2D`: a GlobalAveragePooling2D as one average pool over the whole map, run by oneDNN in the
+  input's dtype (Keras first casts a bfloat16 map to float32, then takes a Mean).
+- `MatMulConv2D`: a 1x1 Conv2D applied to 1x1 maps (the squeeze-excitation convolutions of EfficientNet) as a
+  matrix product with its bias and activation, not a convolution with its fixed cost per call.
+
+Each is a registered subclass of the layer it stands for (``covidseg_tf>...`` in a saved model's config), takes the
+same weights, and falls back to the parent's ``call`` for inputs it does not cover (dynamic sizes, other layouts).
+`models.build_unet` builds its models with them (training and inference); `optimize.fold_batchnorm` gives them to
+models saved before they existed. `plain_class` maps back to Keras' classes (TFLite conversion keeps those).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+log = logging.getLogger(__name__)
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class NearestUpSampling2D(layers.UpSampling2D):
+    """A nearest-neighbour UpSampling2D (channels last, static size) as one ``ResizeNearestNeighbor`` op: for an
+    integer factor k it reads pixel (i // k, j // k), as Keras' two repeats do.
+
+    >>> x = keras.ops.reshape(keras.ops.arange(4.0), (1, 2, 2, 1))
+    >>> keras.ops.convert_to_numpy(NearestUpSampling2D()(x))[0, :, :, 0].tolist()[1]
+    [0.0, 0.0, 1.0, 1.0]
+    """
+
+    def call(self, inputs):
+        h, w = inputs.shape[1], inputs.shape[2]
+        if self.interpolation != "nearest" or self.data_format != "channels_last" or h is None or w is None:
+            return super().call(inputs)
+        return tf.image.resize(inputs, (h * self.size[0], w * self.size[1]), method="nearest")
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class WindowAveragePooling2D(layers.GlobalAveragePooling2D):
+    """GlobalAveragePooling2D (channels last, static size) as one average pool over the whole map, run by oneDNN in
+    the input's dtype.
+
+    >>> x = keras.ops.reshape(keras.ops.arange(8.0), (1, 2, 2, 2))
+    >>> keras.ops.convert_to_numpy(WindowAveragePooling2D()(x)).tolist()
+    [[3.0, 4.0]]
+    """
+
+    def call(self, inputs):
+        h, w = inputs.shape[1], inputs.shape[2]
+        if self.data_format != "channels_last" or h is None or w is None:
+            return super().call(inputs)
+        pooled = tf.nn.avg_pool2d(inputs, (h, w), 1, "VALID")
+        return pooled if self.keepdims else tf.reshape(pooled, (-1, inputs.shape[3]))
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class MatMulConv2D(layers.Conv2D):
+    """A 1x1 Conv2D applied to 1x1 maps (squeeze-excitation) as a matrix product with its bias and activation (any
+    other input runs Conv2D's call).
+
+    >>> conv = MatMulConv2D(2, 1, kernel_initializer="ones", bias_initializer="ones")
+    >>> keras.ops.convert_to_numpy(conv(keras.ops.ones((1, 1, 1, 3)))).tolist()
+    [[[[4.0, 4.0]]]]
+    """
+
+    def call(self, inputs):
+        if (tuple(inputs.shape[1:3]) != (1, 1) or tuple(self.kernel_size) != (1, 1) or self.groups != 1
+                or self.data_format != "channels_last"):
+            return super().call(inputs)
+        kernel = keras.ops.cast(self.kernel[0, 0], inputs.dtype)
+        y = tf.matmul(tf.reshape(inputs, (-1, inputs.shape[3])), kernel)
+        if self.use_bias:
+            y = tf.nn.bias_add(y, keras.ops.cast(self.bias, y.dtype))
+        if self.activation is not None:
+            y = self.activation(y)
+        return tf.reshape(y, (-1, 1, 1, self.filters))
+
+
+_PLAIN = {NearestUpSampling2D: layers.UpSampling2D, WindowAveragePooling2D: layers.GlobalAveragePooling2D,
+          MatMulConv2D: layers.Conv2D}
+
+
+def faster_class(layer: layers.Layer) -> type[layers.Layer]:
+    """The class `with_fast_layers` builds `layer` as: one of the subclasses above where it computes the same
+    faster, else the layer's own.
+
+    >>> faster_class(layers.UpSampling2D()).__name__, faster_class(layers.ReLU()).__name__
+    ('NearestUpSampling2D', 'ReLU')
+    """
+    kind = type(layer)
+    if kind is layers.UpSampling2D:
+        return NearestUpSampling2D
+    if kind is layers.GlobalAveragePooling2D:
+        return WindowAveragePooling2D
+    if (kind is layers.Conv2D and len(layer._inbound_nodes) == 1
+            and tuple(layer.input.shape[1:3]) == (1, 1)):
+        return MatMulConv2D
+    return kind
+
+
+def plain_class(layer: layers.Layer) -> type[layers.Layer]:
+    """Keras' own class for a layer of this module, else the layer's own class.
+
+    >>> plain_class(NearestUpSampling2D()).__name__
+    'UpSampling2D'
+    """
+    return _PLAIN.get(type(layer), type(layer))
+
+
+def with_layer_classes(model: keras.Model, class_of: Callable[[layers.Layer], type[layers.Layer]]) -> keras.Model:
+    """A clone of `model` (``keras.models.clone_model``) in which each layer is built as ``class_of(layer)`` from its
+    own config, with the same names and weights; `model` itself when `class_of` changes no layer's class."""
+    swap = {layer.name: class_of(layer) for layer in model.layers if class_of(layer) is not type(layer)}
+    if not swap:
+        return model
+
+    def clone(layer: layers.Layer) -> layers.Layer:
+        return swap.get(layer.name, layer.__class__).from_config(layer.get_config())
+
+    swapped = keras.models.clone_model(model, clone_function=clone)
+    swapped.set_weights(model.get_weights())
+    for layer in swapped.layers:
+        if isinstance(layer, layers.Normalization):
+            layer.finalize_state()  # it caches mean/variance tensors: refresh them
+    log.debug("%s: %d layers swapped (%s)", model.name, len(swap),
+              ", ".join(sorted({cls.__name__ for cls in swap.values()})))
+    return swapped
+
+
+def with_fast_layers(model: keras.Model) -> keras.Model:
+    """`model` with every layer `faster_class` covers built as its faster subclass (`with_layer_classes`)."""
+    return with_layer_classes(model, faster_class)
