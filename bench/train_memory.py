@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Where the peak RSS of training goes (issue 26): per stage, in a fresh subprocess each, the RSS high-water mark
-(/proc/self/status VmHWM) and the current RSS (VmRSS) after each phase:
+(/proc/self/status VmHWM) and the current RSS (VmRSS) after each phase, and from the runtime phase on the MiB of
+tensors TensorFlow's CPU allocator holds, now and at most so far ("tensors", "tensors_peak"):
 
   runtime     TensorFlow, Keras and the package's training modules imported (covidseg_tf.train, .data, .models, ...)
   pipeline    (--input data|pipeline) the TFDS builder opened, the Stage-1 mask table made (infection stage,
@@ -95,12 +96,18 @@ def parse_args(argv=None):
 
 
 def rss_mib() -> dict[str, float]:
-    """{"hwm": VmHWM, "rss": VmRSS} of this process, MiB."""
+    """{"hwm": VmHWM, "rss": VmRSS} of this process, MiB; once TensorFlow is imported also "tensors" and
+    "tensors_peak": the bytes TensorFlow's CPU allocator has handed out now and at most so far
+    (`tf.config.experimental.get_memory_info`): live tensors, without what the allocators keep free, the runtime,
+    the graphs and the kernels."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(("VmHWM:", "VmRSS:")):
                 out[line[2:5].lower()] = round(int(line.split()[1]) / 1024, 1)
+    if "tensorflow" in sys.modules:
+        info = sys.modules["tensorflow"].config.experimental.get_memory_info("CPU:0")
+        out.update(tensors=round(info["current"] / 2**20, 1), tensors_peak=round(info["peak"] / 2**20, 1))
     return out
 
 

@@ -4,7 +4,7 @@ and the model-wide swap to them.
     model = with_fast_layers(model)   # a clone, same names, configs and weights; `model` if nothing changes
 
 - `NearestUpSampling2D`: a nearest-neighbour UpSampling2D as one ``ResizeNearestNeighbor`` (Keras repeats rows, then
-  columns, two Tile passes; its gradient, one ``ResizeNearestNeighborGrad``).
+  columns, two Tile passes); in training, its gradient one average pool.
 - `WindowAveragePooling2D`: a GlobalAveragePooling2D as one average pool over the whole map, run by oneDNN in the
   input's dtype (Keras first casts a bfloat16 map to float32, then takes a Mean).
 - `MatMulConv2D`: a 1x1 Conv2D applied to 1x1 maps (the squeeze-excitation convolutions of EfficientNet) as a
@@ -28,6 +28,21 @@ from keras import layers
 log = logging.getLogger(__name__)
 
 
+def _upsample_nearest(x: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """x repeated `size` times along height and width as one ``ResizeNearestNeighbor``; its gradient, the sum of each
+    output block, as one oneDNN average pool times the block's area (TensorFlow's own, ``ResizeNearestNeighborGrad``,
+    is a slower generic loop)."""
+
+    @tf.custom_gradient
+    def upsample(x):
+        def grad(dy):
+            return tf.nn.avg_pool2d(dy, size, size, "VALID") * tf.cast(size[0] * size[1], dy.dtype)
+
+        return tf.image.resize(x, (x.shape[1] * size[0], x.shape[2] * size[1]), method="nearest"), grad
+
+    return upsample(x)
+
+
 @keras.saving.register_keras_serializable(package="covidseg_tf")
 class NearestUpSampling2D(layers.UpSampling2D):
     """A nearest-neighbour UpSampling2D (channels last, static size) as one ``ResizeNearestNeighbor`` op: for an
@@ -38,10 +53,12 @@ class NearestUpSampling2D(layers.UpSampling2D):
     [0.0, 0.0, 1.0, 1.0]
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         h, w = inputs.shape[1], inputs.shape[2]
         if self.interpolation != "nearest" or self.data_format != "channels_last" or h is None or w is None:
             return super().call(inputs)
+        if training:  # the custom gradient's IdentityN would stay in an inference graph
+            return _upsample_nearest(inputs, tuple(self.size))
         return tf.image.resize(inputs, (h * self.size[0], w * self.size[1]), method="nearest")
 
 

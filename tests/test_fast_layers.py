@@ -78,6 +78,29 @@ def test_plain_copy_has_keras_classes_and_the_same_outputs_and_gradients(model, 
     np.testing.assert_allclose(model(x, training=False)["mask"], plain(x, training=False)["mask"], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_upsampling_gradient_in_training_is_keras_gradient(dtype):
+    """In training the upsampling's gradient is an average pool times the block area: Keras' gradient (the sum of
+    each 2x3 block), within float32 round-off, and within bfloat16 rounding of the sum in bfloat16."""
+    x = tf.cast(tf.random.stateless_normal((2, 5, 4, 3), (1, 2)), dtype)
+    dy = tf.cast(tf.random.stateless_normal((2, 10, 12, 3), (3, 4)), dtype)
+
+    def grad(layer, training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+        assert y.dtype == x.dtype
+        return tf.cast(tape.gradient(y, x, output_gradients=dy), "float32").numpy()
+
+    keras_grad = grad(keras.layers.UpSampling2D((2, 3), dtype=dtype), True)
+    tol = 1e-6 if dtype == "float32" else 2e-2  # float32: the mean times 6 rounds differently from the sum
+    np.testing.assert_allclose(grad(NearestUpSampling2D((2, 3), dtype=dtype), True), keras_grad, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grad(NearestUpSampling2D((2, 3), dtype=dtype), False), keras_grad, rtol=tol, atol=tol)
+    graph = tf.function(lambda t: NearestUpSampling2D()(t, training=True)).get_concrete_function(
+        tf.TensorSpec((1, 4, 4, 2))).graph
+    assert "IdentityN" in {op.type for op in graph.get_operations()}  # the custom gradient is in the training graph
+
+
 def test_fallbacks_keep_the_parents_call():
     """Inputs a fast layer does not cover run the parent's call: dynamic sizes, maps larger than 1x1."""
     x = keras.Input((None, None, 3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from covidseg_tf import losses, metrics
 from covidseg_tf.config import INFECTION, LUNG
@@ -170,6 +171,27 @@ def test_keras_metrics_empty_masks():
     dice.update_state(empty, noisy)
     iou.update_state(empty, noisy)
     assert float(dice.result()) == 0.0 and float(iou.result()) == 0.0
+
+
+def test_keras_metrics_matrix_equals_binary_ious_without_its_scatter():
+    """The unweighted update counts the same 2x2 matrix as keras.metrics.BinaryIoU (true negatives too) without its
+    per-pixel ScatterNd; weighted pixels still go through BinaryIoU's own update."""
+    rng = np.random.default_rng(4)
+    y_true = (rng.random((3, 16, 16, 1)) > 0.6).astype("float32")
+    y_pred = rng.random((3, 16, 16, 1)).astype("float32")
+    dice, reference = metrics.PooledDice(threshold=0.4), keras.metrics.BinaryIoU(threshold=0.4, dtype="float64")
+    for i in range(3):
+        dice.update_state(y_true[i:i + 1], y_pred[i:i + 1])
+        reference.update_state(y_true[i:i + 1], y_pred[i:i + 1])
+    np.testing.assert_array_equal(dice.total_cm.numpy(), reference.total_cm.numpy())
+    ops_types = {op.type for op in tf.function(dice.update_state).get_concrete_function(
+        tf.TensorSpec((2, 8, 8, 1)), tf.TensorSpec((2, 8, 8, 1))).graph.get_operations()}
+    assert "ScatterNd" not in ops_types and "UnsortedSegmentSum" not in ops_types
+    weights = rng.random((3, 16, 16, 1)).astype("float32")
+    weighted, weighted_ref = metrics.PooledIoU(), keras.metrics.BinaryIoU(dtype="float64")
+    weighted.update_state(y_true, y_pred, sample_weight=weights)
+    weighted_ref.update_state(y_true, y_pred, sample_weight=weights)
+    np.testing.assert_allclose(weighted.total_cm.numpy(), weighted_ref.total_cm.numpy(), rtol=1e-6)
 
 
 def test_keras_metrics_in_compiled_model_and_config(tmp_path):
