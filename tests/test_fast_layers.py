@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import randomize_batchnorms
+from helpers import randomize_batchnorms, stage2_pixels
 
 from covidseg_tf.config import default_config
 from covidseg_tf.fast_layers import (
@@ -36,9 +36,7 @@ def model() -> keras.Model:
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
-    x = np.random.default_rng(5).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
-    x[..., 3] = x[..., 3] > 100
-    return x
+    return stage2_pixels(2, SIZE, seed=5)
 
 
 def _count(model: keras.Model) -> dict[type, int]:

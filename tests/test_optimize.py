@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import randomize_batchnorms
+from helpers import randomize_batchnorms, stage2_pixels
 
 from covidseg_tf.config import default_config
 from covidseg_tf.export import export_stage
@@ -41,9 +41,7 @@ def infection_model() -> keras.Model:
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
-    x = np.random.default_rng(1).uniform(0, 255, (2, SIZE, SIZE, 4)).astype("float32")
-    x[..., 3] = x[..., 3] > 100
-    return x
+    return stage2_pixels(2, SIZE, seed=1)
 
 
 def test_every_conv_bn_pair_is_folded(infection_model):
