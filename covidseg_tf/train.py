@@ -42,6 +42,9 @@ is written, naming each such flag (old -> new); start a new run with another ``-
 * ``--mixed-precision`` to or from ``fp16``: fp16 wraps the optimizer in a LossScaleOptimizer, with the same effect
   (``off`` <-> ``bf16`` restores fine).
 
+A run started before `models.build_unet` used covidseg_tf.fast_layers resumes with Keras' own layer classes, which its
+backup addresses (the log says so).
+
 Any other flag may change; the change is logged and recorded in ``reruns.jsonl`` and applies from the resumed
 epoch: ``--epochs`` extends (or shortens) the run, ``--learning-rate`` replaces the rate the backup restores
 (with ``--lr-schedule cosine`` the decay is recomputed over the new ``--epochs``), and dropout, BatchNorm momentum,
@@ -653,6 +656,20 @@ def check_rerun(out: Path, cfg: StageConfig, args: RunArgs | argparse.Namespace)
     return changes
 
 
+def _predates_fast_layers(model_path: Path) -> bool:
+    """Whether a run's `model.keras` was built with Keras' UpSampling2D, before `models.build_unet` used
+    covidseg_tf.fast_layers: the run's backup addresses each layer by its class (Keras' weights files do), so the
+    resumed run must keep Keras' classes. False when there is no readable model."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model_path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return any(layer.get("class_name") == "UpSampling2D" for layer in config.get("config", {}).get("layers", []))
+
+
 def _backup_epochs(backup: Path) -> int | None:
     """Finished epochs saved by BackupAndRestore in `backup` (None when there is none to resume from)."""
     try:
@@ -805,6 +822,12 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
 
     with strategy.scope():
         model = build_stage_model(cfg, encoder_weights=weights)
+        if resumed is not None and _predates_fast_layers(out / "model.keras"):
+            from covidseg_tf.fast_layers import plain_class, with_layer_classes
+
+            log.info("%s was started before covidseg_tf.fast_layers: resuming it with Keras' layer classes, which "
+                     "its backup addresses", out)
+            model = with_layer_classes(model, plain_class)
         optimizer = make_optimizer(cfg, make_learning_rate(cfg, train_ds, args.steps_per_epoch))
         model.compile(optimizer=optimizer, **compile_args(cfg))
 

@@ -268,3 +268,39 @@ def test_kill_at_other_points_resumes_without_a_lost_or_doubled_epoch(synthetic_
     assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0", "1", "2"]  # none lost, none twice
     assert (out / "DONE").exists() and not (out / "backup").exists()
     assert zipfile.is_zipfile(out / "model.keras")
+
+
+@pytest.mark.slow  # two tiny trainings
+def test_run_started_before_the_fast_layers_resumes_with_keras_classes(synthetic_data_dir: Path, tmp_path: Path,
+                                                                       caplog):
+    """A run started when build_unet built Keras' own UpSampling2D / GlobalAveragePooling2D / 1x1 Conv2D (before
+    covidseg_tf.fast_layers) resumes: its backup addresses layers by class, so the resumed model keeps those."""
+    import logging
+
+    from covidseg_tf import models
+
+    out = tmp_path / "run"
+    real = train.make_overlay_callback
+
+    def crashing(*args, **kwargs):  # killed after its first epoch, as in the test above
+        callback = real(*args, **kwargs)
+
+        def on_epoch_end(epoch, logs=None):
+            raise _Crash(epoch)
+
+        callback.on_epoch_end = on_epoch_end
+        return callback
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "make_overlay_callback", crashing)
+        mp.setattr(models, "with_fast_layers", lambda model: model)  # the build before fast_layers
+        with pytest.raises(_Crash):
+            train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
+    assert train._predates_fast_layers(out / "model.keras") and (out / "backup").is_dir()
+
+    caplog.set_level(logging.INFO, logger="covidseg_tf.train")
+    train.main(_train_cmd(synthetic_data_dir, out, 2)[3:])
+    assert "started before covidseg_tf.fast_layers" in caplog.text
+    assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0", "1"]
+    assert (out / "DONE").exists() and train._predates_fast_layers(out / "model.keras")
+    assert not train._predates_fast_layers(tmp_path / "missing.keras")
