@@ -69,6 +69,22 @@ class _Crash(Exception):
     """Stands for a crash or kill (raised by a patched callback or pipeline)."""
 
 
+def _crashing(make_overlay_callback):
+    """`train.make_overlay_callback` whose callback (the last one) raises _Crash at the end of each epoch: the run is
+    killed after its epoch, before it ends."""
+
+    def make(*args, **kwargs):
+        callback = make_overlay_callback(*args, **kwargs)
+
+        def on_epoch_end(epoch, logs=None):
+            raise _Crash(epoch)
+
+        callback.on_epoch_end = on_epoch_end
+        return callback
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def started_run(synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A lung run of --epochs 1 that crashed when its input pipeline was made, right after the run folder and its
@@ -126,19 +142,8 @@ def test_rerun_with_other_training_flags_resumes_and_records_them(synthetic_data
     import logging
 
     out = tmp_path / "run"
-    real = train.make_overlay_callback
-
-    def crashing(*args, **kwargs):  # the last callback: the run is killed after its epoch, before it ends
-        callback = real(*args, **kwargs)
-
-        def on_epoch_end(epoch, logs=None):
-            raise _Crash(epoch)
-
-        callback.on_epoch_end = on_epoch_end
-        return callback
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "make_overlay_callback", crashing)
+        mp.setattr(train, "make_overlay_callback", _crashing(train.make_overlay_callback))
         with pytest.raises(_Crash):
             train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
     assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0"]
@@ -280,19 +285,8 @@ def test_run_started_before_the_fast_layers_resumes_with_keras_classes(synthetic
     from covidseg_tf import models
 
     out = tmp_path / "run"
-    real = train.make_overlay_callback
-
-    def crashing(*args, **kwargs):  # killed after its first epoch, as in the test above
-        callback = real(*args, **kwargs)
-
-        def on_epoch_end(epoch, logs=None):
-            raise _Crash(epoch)
-
-        callback.on_epoch_end = on_epoch_end
-        return callback
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "make_overlay_callback", crashing)
+        mp.setattr(train, "make_overlay_callback", _crashing(train.make_overlay_callback))
         mp.setattr(models, "with_fast_layers", lambda model: model)  # the build before fast_layers
         with pytest.raises(_Crash):
             train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
