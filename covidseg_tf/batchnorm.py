@@ -17,6 +17,8 @@ class name, so it loads only into a model with the same BatchNorm class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 from keras import layers, ops
 
@@ -110,15 +112,27 @@ BATCH_NORM_CLASSES: dict[str, type[layers.BatchNormalization]] = {
 """The BatchNormalization class of each value of StageConfig.batch_norm (config.BATCH_NORMS)."""
 
 
-def with_batch_norm(model: keras.Model, batch_norm: str) -> keras.Model:
-    """`model` with every BatchNormalization of the other implementation replaced by `batch_norm`'s class.
+def batch_norm_class(batch_norm: str) -> Callable[[layers.Layer], type[layers.Layer]]:
+    """The class a layer takes under StageConfig.batch_norm value `batch_norm` (a `class_of` for
+    `fast_layers.with_layer_classes`): `batch_norm`'s BatchNormalization class for a BatchNorm of either
+    implementation, the layer's own class for any other layer.
 
-    A clone (``keras.models.clone_model``) with the same layer names, configs and weights when some layer is
-    swapped; `model` itself when none is (e.g. "keras" for a model built with Keras' layers).
+    >>> fused = batch_norm_class("fused")
+    >>> fused(layers.BatchNormalization()).__name__, fused(layers.ReLU()).__name__
+    ('FusedBatchNormalization', 'ReLU')
     """
     try:
         target = BATCH_NORM_CLASSES[batch_norm]
     except KeyError:
         raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {list(BATCH_NORM_CLASSES)}") from None
     kinds = tuple(BATCH_NORM_CLASSES.values())
-    return with_layer_classes(model, lambda layer: target if type(layer) in kinds else type(layer))
+    return lambda layer: target if type(layer) in kinds else type(layer)
+
+
+def with_batch_norm(model: keras.Model, batch_norm: str) -> keras.Model:
+    """`model` with every BatchNormalization of the other implementation replaced by `batch_norm`'s class.
+
+    A clone (``keras.models.clone_model``) with the same layer names, configs and weights when some layer is
+    swapped; `model` itself when none is (e.g. "keras" for a model built with Keras' layers).
+    """
+    return with_layer_classes(model, batch_norm_class(batch_norm))

@@ -1,7 +1,8 @@
 """Keras layers computing the same values as the stock ones our U-Nets use, with fewer or faster TensorFlow ops,
 and the model-wide swap to them.
 
-    model = with_fast_layers(model)   # a clone, same names, configs and weights; `model` if nothing changes
+    model = with_layer_classes(model, faster_class)   # a clone, same names, configs and weights; `model` if
+                                                      # nothing changes; plain_class maps back
 
 - `NearestUpSampling2D`: a nearest-neighbour UpSampling2D as one ``ResizeNearestNeighbor`` (Keras repeats rows, then
   columns, two Tile passes); in training, its gradient one average pool.
@@ -12,8 +13,9 @@ and the model-wide swap to them.
 
 Each is a registered subclass of the layer it stands for (``covidseg_tf>...`` in a saved model's config), takes the
 same weights, and falls back to the parent's ``call`` for inputs it does not cover (dynamic sizes, other layouts).
-`models.build_unet` builds its models with them (training and inference); `optimize.fold_batchnorm` gives them to
-models saved before they existed. `plain_class` maps back to Keras' classes (TFLite conversion keeps those).
+`models.build_unet` builds its models with them (training and inference), in the clone that also sets the BatchNorm
+class; `optimize.fold_batchnorm` gives them to models saved before they existed. `plain_class` maps back to Keras'
+classes (TFLite conversion keeps those).
 """
 
 from __future__ import annotations
@@ -108,8 +110,8 @@ _PLAIN = {NearestUpSampling2D: layers.UpSampling2D, WindowAveragePooling2D: laye
 
 
 def faster_class(layer: layers.Layer) -> type[layers.Layer]:
-    """The class `with_fast_layers` builds `layer` as: one of the subclasses above where it computes the same
-    faster, else the layer's own.
+    """The class a fast copy builds `layer` as (`with_layer_classes(model, faster_class)`): one of the subclasses
+    above where it computes the same faster, else the layer's own.
 
     >>> faster_class(layers.UpSampling2D()).__name__, faster_class(layers.ReLU()).__name__
     ('NearestUpSampling2D', 'ReLU')
@@ -137,7 +139,7 @@ def plain_class(layer: layers.Layer) -> type[layers.Layer]:
 def with_layer_classes(model: keras.Model, class_of: Callable[[layers.Layer], type[layers.Layer]]) -> keras.Model:
     """A clone of `model` (``keras.models.clone_model``) in which each layer is built as ``class_of(layer)`` from its
     own config, with the same names and weights; `model` itself when `class_of` changes no layer's class."""
-    swap = {layer.name: class_of(layer) for layer in model.layers if class_of(layer) is not type(layer)}
+    swap = {layer.name: cls for layer in model.layers if (cls := class_of(layer)) is not type(layer)}
     if not swap:
         return model
 
@@ -153,7 +155,3 @@ def with_layer_classes(model: keras.Model, class_of: Callable[[layers.Layer], ty
               ", ".join(sorted({cls.__name__ for cls in swap.values()})))
     return swapped
 
-
-def with_fast_layers(model: keras.Model) -> keras.Model:
-    """`model` with every layer `faster_class` covers built as its faster subclass (`with_layer_classes`)."""
-    return with_layer_classes(model, faster_class)

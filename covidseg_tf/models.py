@@ -76,7 +76,7 @@ import numpy as np
 from keras import layers
 
 from covidseg_tf.activations import training_swish, use_swish
-from covidseg_tf.batchnorm import with_batch_norm
+from covidseg_tf.batchnorm import batch_norm_class
 from covidseg_tf.config import (
     BATCH_NORMS,
     IMAGE_CLASS_OUTPUT,
@@ -87,7 +87,7 @@ from covidseg_tf.config import (
     UNET_LAYOUTS,
     StageConfig,
 )
-from covidseg_tf.fast_layers import with_fast_layers
+from covidseg_tf.fast_layers import faster_class, with_layer_classes
 
 log = logging.getLogger(__name__)
 
@@ -533,8 +533,11 @@ def build_unet(
     if image_classes:
         outputs = {MASK_OUTPUT: outputs, IMAGE_CLASS_OUTPUT: image_class_head(bottleneck, image_classes, dropout)}
     model = keras.Model(inputs, outputs, name=name or f"unet_{key}")
-    model = with_batch_norm(model, batch_norm)  # a clone with the same initial weights, or `model` for "keras"
-    model = with_fast_layers(model)  # the same values in fewer ops: decoder upsamplings, squeeze-excitation
+    # one clone with the same initial weights: every BatchNorm as `batch_norm`'s class, the decoder's upsamplings and
+    # the squeeze-excitation layers as covidseg_tf.fast_layers' (the same values in fewer ops)
+    bn_class = batch_norm_class(batch_norm)
+    model = with_layer_classes(model, lambda layer: bn_class(layer) if isinstance(layer, layers.BatchNormalization)
+                               else faster_class(layer))
     keep_preprocessing_float32(model)
     keep_slow_bf16_depthwise_float32(model)
     use_swish(model, training_swish())  # the same swish, its gradient one XLA loop (covidseg_tf.activations)

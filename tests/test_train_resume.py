@@ -287,7 +287,7 @@ def test_run_started_before_the_fast_layers_resumes_with_keras_classes(synthetic
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "make_overlay_callback", _crashing(train.make_overlay_callback))
-        mp.setattr(models, "with_fast_layers", lambda model: model)  # the build before fast_layers
+        mp.setattr(models, "faster_class", lambda layer: type(layer))  # the build before fast_layers
         with pytest.raises(_Crash):
             train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
     assert train._predates_fast_layers(out / "model.keras") and (out / "backup").is_dir()
