@@ -16,6 +16,14 @@ equals Keras' up to float32 round-off, and inference copies (`optimize.fold_batc
 `optimize.fusible_swish` as they do Keras' swish. Models saved with it name it "covidseg_tf>xla_swish" in their
 config, so loading one needs this module imported (`covidseg_tf.inference.load_stage` and `covidseg_tf.models`
 import it). Speed: bench/RESULTS.md ("Swish's gradient in one XLA loop").
+
+A swish right after a training BatchNorm (EfficientNet's stem, expand and depthwise convolutions) also keeps less.
+The BatchNorm's output would be held from the forward pass to the backward one only for this gradient, while the
+BatchNorm's own gradient holds its input anyway. `batchnorm.FusedBatchNormalization` marks its training output with
+what made it (`link_batch_norm`: the kernel's input, the batch statistics, gamma, beta), and `xla_swish` on a marked
+tensor recomputes it from those inside its gradient loop (`_bn_swish_grad`: one multiply-add more per element, the
+same bytes read), so the BatchNorm's output is freed after the forward pass. Memory and speed: bench/RESULTS.md
+("The BatchNorm's output recomputed in the swish's gradient").
 """
 
 from __future__ import annotations
@@ -48,6 +56,42 @@ def _swish(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
     return x * tf.sigmoid(x), grad
 
 
+#: The attribute `link_batch_norm` sets on a BatchNorm's training output.
+_BN_LINK = "_covidseg_batch_norm_inputs"
+
+
+def link_batch_norm(y: tf.Tensor, x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor, gamma: tf.Tensor,
+                    beta: tf.Tensor, epsilon: float) -> tf.Tensor:
+    """Mark `y` = gamma * (x - mean) / sqrt(variance + epsilon) + beta (per channel, the last axis; statistics,
+    gamma and beta float32) as recomputable, so that `xla_swish(y)` keeps `x` for its gradient instead of `y`.
+    Returns `y`. The caller's backward pass must hold `x` anyway (a BatchNorm's gradient does), or nothing is saved."""
+    setattr(y, _BN_LINK, (x, mean, variance, gamma, beta, float(epsilon)))
+    return y
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _bn_swish_grad(x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
+                   epsilon: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+    """`_swish_grad` at y = BatchNorm(x), y recomputed in float32 in the same XLA loop; returned in dy's dtype."""
+    scale = gamma * tf.math.rsqrt(variance + epsilon)
+    y = tf.cast(x, tf.float32) * scale + (beta - mean * scale)
+    s = tf.sigmoid(y)
+    return tf.cast(tf.cast(dy, tf.float32) * s * (1.0 + y * (1.0 - s)), dy.dtype)
+
+
+def _bn_swish(y: tf.Tensor, link: tuple) -> tf.Tensor:
+    x, mean, variance, gamma, beta, epsilon = link
+
+    @tf.custom_gradient
+    def swish(y):
+        def grad(dy: tf.Tensor) -> tf.Tensor:  # y is not referenced here: only the forward pass holds it
+            return _bn_swish_grad(x, mean, variance, gamma, beta, tf.constant(epsilon, tf.float32), dy)
+
+        return y * tf.sigmoid(y), grad
+
+    return swish(y)
+
+
 @keras.saving.register_keras_serializable(package="covidseg_tf")
 def xla_swish(x: Any) -> Any:
     """x * sigmoid(x), whose gradient runs as one XLA-compiled loop (see the module docstring).
@@ -55,7 +99,9 @@ def xla_swish(x: Any) -> Any:
     >>> float(xla_swish(tf.constant(2.0)))  # 2 * sigmoid(2), as keras.activations.silu
     1.7615941762924194
     """
-    return _swish(tf.convert_to_tensor(x))
+    x = tf.convert_to_tensor(x)
+    link = getattr(x, _BN_LINK, None)
+    return _swish(x) if link is None else _bn_swish(x, link)
 
 
 def is_swish(activation: Any) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import keras
 from keras import layers, ops
 
+from covidseg_tf.activations import link_batch_norm
 from covidseg_tf.fast_layers import with_layer_classes
 
 #: Input dtypes the fused kernel takes (TF 2.21 CPU registers FusedBatchNormV3 and FusedBatchNormGradV3 for them
@@ -54,6 +55,10 @@ class FusedBatchNormalization(layers.BatchNormalization):
     TensorFlow's own moving average would use; this layer multiplies it by (N - 1) / N and updates the moving
     statistics itself the way Keras does (``moving = moving * momentum + batch * (1 - momentum)``), so the
     moving variance matches Keras' up to float32 round-off rather than differing by the factor N / (N - 1).
+
+    Memory: the training output is marked with the kernel's input and the batch statistics
+    (`activations.link_batch_norm`), so an `activations.xla_swish` after the layer recomputes the output in its
+    gradient instead of holding it until the backward pass.
     """
 
     def fuses(self, inputs, training: bool | None = None, mask=None) -> bool:
@@ -91,9 +96,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
         channels = self.moving_mean.shape[0]
         gamma = ops.cast(self.gamma, "float32") if self.scale else tf.ones((channels,), "float32")
         beta = ops.cast(self.beta, "float32") if self.center else tf.zeros((channels,), "float32")
+        x = ops.cast(inputs, self.kernel_dtype(inputs))
         y, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
-            ops.cast(inputs, self.kernel_dtype(inputs)), gamma, beta, epsilon=self.epsilon, data_format="NHWC",
-            is_training=True,
+            x, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True,
         )
         shape = tf.shape(inputs)
         n = tf.cast(tf.maximum(shape[0] * shape[1] * shape[2], 1), "float32")
@@ -102,7 +107,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
         moving_variance = ops.cast(self.moving_variance, "float32")
         self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        return ops.cast(y, self.compute_dtype)
+        # a swish taking the output recomputes it from x, which the kernel's gradient holds (activations module)
+        return link_batch_norm(ops.cast(y, self.compute_dtype), x, mean, variance, gamma, beta, self.epsilon)
 
 
 BATCH_NORM_CLASSES: dict[str, type[layers.BatchNormalization]] = {

@@ -103,3 +103,66 @@ def test_without_xla_built_unets_keep_keras_swish(monkeypatch, caplog):
     swishes = [layer for layer in model.layers if is_swish(getattr(layer, "activation", None))]
     assert len(swishes) > 30 and all(layer.activation is KERAS_SWISH for layer in swishes)
     assert "built without XLA" in caplog.text
+
+
+def _bn_swish_model(dtype: str, channels: int) -> keras.Model:
+    from covidseg_tf.batchnorm import FusedBatchNormalization
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((32, 32, 8))
+    h = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False, dtype=dtype)(x)
+    h = FusedBatchNormalization(dtype=dtype, name="bn")(h)
+    h = keras.layers.Activation(xla_swish, dtype=dtype)(h)
+    return keras.Model(x, keras.layers.Conv2D(1, 3, padding="same", dtype=dtype)(h))
+
+
+def _train_gradients(model: keras.Model, x: tf.Tensor, link: bool, monkeypatch) -> tuple[list[np.ndarray], int]:
+    """The weights' gradients of one training step, and the allocator's peak bytes during it; `link=False` runs the
+    BatchNorm without marking its output (the swish then keeps that output for its gradient)."""
+    from covidseg_tf import batchnorm
+
+    with monkeypatch.context() as m:
+        if not link:
+            m.setattr(batchnorm, "link_batch_norm", lambda y, *args: y)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32) ** 2)
+            return tape.gradient(loss, model.trainable_variables)
+
+        step.get_concrete_function(x)  # trace outside the measurement
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        grads = step(x)
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return [g.numpy().astype(np.float32) for g in grads], peak
+
+
+@pytest.mark.parametrize("dtype, channels, rel", [("float32", 32, 1e-5), ("mixed_bfloat16", 32, 2.0**-7),
+                                                  ("mixed_bfloat16", 24, 2.0**-7)])
+def test_swish_after_batch_norm_recomputes_its_input(dtype, channels, rel, monkeypatch):
+    """After a training FusedBatchNormalization the swish's gradient recomputes the BatchNorm's output from the
+    BatchNorm's input: the same weight gradients (bfloat16: within one rounding of the recomputed value; 24
+    channels is the BatchNorm's float32-kernel case) with the BatchNorm's output no longer held for the backward
+    pass (float32: the step's peak drops by about its size)."""
+    x = tf.constant(np.random.default_rng(0).normal(size=(16, 32, 32, 8)), tf.float32)
+    model = _bn_swish_model(dtype, channels)
+    ref, peak_ref = _train_gradients(model, x, False, monkeypatch)
+    got, peak = _train_gradients(model, x, True, monkeypatch)
+    for g, r in zip(got, ref):
+        assert np.abs(r).max() > 0
+        np.testing.assert_allclose(g, r, atol=rel * np.abs(r).max())
+    if dtype == "float32":
+        bn_output = 16 * 32 * 32 * channels * 4
+        assert peak_ref - peak >= 0.75 * bn_output, (peak_ref, peak)
+
+
+def test_swish_without_batch_norm_link_is_unchanged():
+    """A swish on a tensor no BatchNorm marked (and a BatchNorm at inference) takes the plain path."""
+    from covidseg_tf.activations import _BN_LINK
+
+    model = _bn_swish_model("float32", 8)
+    x = tf.ones((2, 32, 32, 8))
+    bn = model.get_layer("bn")
+    assert not hasattr(bn(model.layers[1](x), training=False), _BN_LINK)
+    assert hasattr(bn(model.layers[1](x), training=True), _BN_LINK)
