@@ -21,6 +21,10 @@
    for training too; this gives them to models saved before it did): a nearest-neighbour UpSampling2D becomes one
    resize, a GlobalAveragePooling2D one average pool over the whole map, a 1x1 Conv2D on 1x1 maps (the
    squeeze-excitation convolutions) a matrix product. TFLite conversion keeps Keras' classes (`plain_class`).
+   A ZeroPadding2D whose only consumer is a "valid" convolution and whose padding is what TensorFlow's "same"
+   padding adds for that input size (EfficientNet's pads before its stride-2 convolutions, at even sizes) becomes
+   an identity and the convolution "same": oneDNN pads inside the convolution instead of a Pad op copying the map
+   (`same_padding_pairs`).
 5. Freezing. The traced forward function's variables become graph constants
    (`convert_variables_to_constants_v2`), so a SavedModel stores each weight once and grappler can fold
    constant casts at load time.
@@ -105,6 +109,38 @@ def foldable_pairs(model: keras.Model) -> dict[str, str]:
     return pairs
 
 
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """The zeros TensorFlow's "same" padding adds before and after a dimension of `size` (dilation 1).
+
+    >>> _same_padding(64, 3, 2), _same_padding(64, 5, 2), _same_padding(65, 3, 2)
+    ((0, 1), (1, 2), (1, 1))
+    """
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def same_padding_pairs(model: keras.Model) -> dict[str, str]:
+    """{ZeroPadding2D name: convolution name} of the pads `fold_batchnorm` drops (module docstring, item 4): the pad's
+    only consumer is a "valid" Conv2D / DepthwiseConv2D (channels last, no dilation) and, for the pad's static input
+    size, its padding is exactly what "same" would add."""
+    pairs = {}
+    for layer in model.layers:
+        if not isinstance(layer, layers.ZeroPadding2D) or len(layer._outbound_nodes) != 1:
+            continue
+        conv = layer._outbound_nodes[0].operation
+        if (not isinstance(conv, (layers.Conv2D, layers.DepthwiseConv2D)) or conv.padding != "valid"
+                or tuple(conv.dilation_rate) != (1, 1) or conv.data_format != "channels_last"
+                or layer.data_format != "channels_last"):
+            continue
+        size = layer.input.shape[1:3]
+        if None in size:
+            continue
+        if all(tuple(pad) == _same_padding(n, k, s)
+               for pad, n, k, s in zip(layer.padding, size, conv.kernel_size, conv.strides)):
+            pairs[layer.name] = conv.name
+    return pairs
+
+
 def _keeps_float32(layer: layers.Layer) -> bool:
     """Layers that stay float32 in a bf16 copy: input preprocessing, the outputs (`_FLOAT32_NAMES`) and an
     ensemble's resizes."""
@@ -121,13 +157,15 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
     layers of item 4 replaced (see the module docstring).
 
     precision: "fp32" or "bf16" sets every layer's dtype policy as described there; None keeps each layer's own.
-    fuse_swish, faster_layers: False keeps each layer's own swish, or class (bench/swish_fusion.py times both).
+    fuse_swish, faster_layers: False keeps each layer's own swish, or class and pads (bench/swish_fusion.py times both).
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model = keras_model(model)
     pairs = foldable_pairs(model)
     bns = set(pairs.values())
+    pads = same_padding_pairs(model) if faster_layers else {}
+    same = set(pads.values())
 
     def dtype_of(layer: layers.Layer) -> Any:
         if precision is None:
@@ -137,7 +175,11 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
     def clone(layer: layers.Layer) -> layers.Layer:
         if layer.name in bns:
             return FoldedBatchNorm(name=layer.name, dtype=dtype_of(layer))
+        if layer.name in pads:
+            return layers.Identity(name=layer.name, dtype=dtype_of(layer))
         cfg = layer.get_config()
+        if layer.name in same:
+            cfg["padding"] = "same"
         if precision is not None:
             cfg["dtype"] = dtype_of(layer)
         if layer.name in pairs:
@@ -170,7 +212,8 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
             new_kernel = kernel * s
         new_bias = (bias - np.asarray(bn.moving_mean, np.float64)) * s + beta
         target.set_weights([new_kernel.astype(np.float32), np.broadcast_to(new_bias, s.shape).astype(np.float32)])
-    log.debug("folded %d BatchNorm layers of %s (precision %s)", len(pairs), model.name, precision or "as built")
+    log.debug("folded %d BatchNorm layers of %s (precision %s), dropped %d pads", len(pairs), model.name,
+              precision or "as built", len(pads))
     return folded
 
 

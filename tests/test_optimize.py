@@ -25,6 +25,7 @@ from covidseg_tf.optimize import (
     fold_batchnorm,
     foldable_pairs,
     frozen_stage,
+    same_padding_pairs,
 )
 
 SIZE = 64
@@ -81,6 +82,29 @@ def test_upsampling_squeeze_and_se_convs_become_single_ops(infection_model):
     assert "Tile" not in types and "Mean" not in types
     assert types.count("ResizeNearestNeighbor") == 5 and types.count("AvgPool") == len(se_convs) // 2
     assert types.count("MatMul") == len(se_convs)
+
+
+def test_pads_equal_to_same_padding_move_into_the_convolution(infection_model, pixels):
+    """EfficientNet's ZeroPadding2D before each stride-2 convolution adds what "same" padding would: the copy makes
+    it an identity and the convolution "same" (no Pad op left in the graph), with the same values; a pad that
+    differs from "same" stays, and faster_layers=False keeps every pad."""
+    pads = same_padding_pairs(infection_model)
+    assert sorted(pads) == ["block2a_dwconv_pad", "block3a_dwconv_pad", "block4a_dwconv_pad", "block6a_dwconv_pad",
+                            "stem_conv_pad"]  # B0's stride-2 convolutions
+    folded = fold_batchnorm(infection_model, "fp32")
+    assert all(type(folded.get_layer(pad)) is keras.layers.Identity for pad in pads)
+    assert all(folded.get_layer(conv).padding == "same" for conv in pads.values())
+    kept = fold_batchnorm(infection_model, "fp32", faster_layers=False)
+    assert all(type(kept.get_layer(pad)) is keras.layers.ZeroPadding2D for pad in pads)
+    np.testing.assert_allclose(folded(pixels, training=False), kept(pixels, training=False), atol=1e-5)
+    types = [op.type for op in frozen_stage(infection_model, "bf16").function.graph.get_operations()]
+    assert not {"Pad", "PadV2", "MirrorPad"} & set(types)
+
+    x = keras.Input((9, 9, 2), name="pixels")
+    h = keras.layers.ZeroPadding2D(((0, 2), (1, 1)), name="uneven")(x)  # "same" would add (1, 1) rows
+    model = keras.Model(x, keras.layers.Conv2D(1, 3, name="conv")(h))
+    assert same_padding_pairs(model) == {}
+    assert type(fold_batchnorm(model, "fp32").get_layer("uneven")) is keras.layers.ZeroPadding2D
 
 
 def test_bf16_copy_is_within_tolerance_and_keeps_io_float32(infection_model, pixels):
