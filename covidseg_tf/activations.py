@@ -40,12 +40,16 @@ log = logging.getLogger(__name__)
 KERAS_SWISH = keras.activations.silu
 
 
+def _swish_derivative_times(y: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+    """d(y * sigmoid(y))/dy * dy in float32 (y float32), the arithmetic both XLA gradients below trace."""
+    s = tf.sigmoid(y)
+    return tf.cast(dy, tf.float32) * s * (1.0 + y * (1.0 - s))
+
+
 @tf.function(jit_compile=True, autograph=False)
 def _swish_grad(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
     """d(x * sigmoid(x))/dx * dy in float32, as one XLA loop; returned in x's dtype."""
-    xf, dyf = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
-    s = tf.sigmoid(xf)
-    return tf.cast(dyf * s * (1.0 + xf * (1.0 - s)), x.dtype)
+    return tf.cast(_swish_derivative_times(tf.cast(x, tf.float32), dy), x.dtype)
 
 
 @tf.custom_gradient
@@ -75,8 +79,7 @@ def _bn_swish_grad(x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor, gamma: tf
     """`_swish_grad` at y = BatchNorm(x), y recomputed in float32 in the same XLA loop; returned in dy's dtype."""
     scale = gamma * tf.math.rsqrt(variance + epsilon)
     y = tf.cast(x, tf.float32) * scale + (beta - mean * scale)
-    s = tf.sigmoid(y)
-    return tf.cast(tf.cast(dy, tf.float32) * s * (1.0 + y * (1.0 - s)), dy.dtype)
+    return tf.cast(_swish_derivative_times(y, dy), dy.dtype)
 
 
 def _bn_swish(y: tf.Tensor, link: tuple) -> tf.Tensor:
