@@ -279,7 +279,6 @@ def skip_if_sigint_ignored() -> None:
         pytest.skip("SIGINT is ignored in this process (started in the background?); its children would ignore it too")
 
 
-
 def stage2_pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
     """(n, size, size, 4) float32 Stage-2 input: uniform RGB pixels 0..255 and a 0/1 mask channel."""
     x = np.random.default_rng(seed).uniform(0, 255, (n, size, size, 4)).astype("float32")
