@@ -42,8 +42,8 @@ is written, naming each such flag (old -> new); start a new run with another ``-
 * ``--mixed-precision`` to or from ``fp16``: fp16 wraps the optimizer in a LossScaleOptimizer, with the same effect
   (``off`` <-> ``bf16`` restores fine).
 
-A run started before `models.build_unet` used covidseg_tf.fast_layers resumes with Keras' own layer classes, which its
-backup addresses (the log says so).
+A resumed run keeps the layer classes its ``model.keras`` names, which its backup addresses (the log says how many
+layers keep theirs): e.g. Keras' UpSampling2D in a run started before `models.build_unet` used covidseg_tf.fast_layers.
 
 Any other flag may change; the change is logged and recorded in ``reruns.jsonl`` and applies from the resumed
 epoch: ``--epochs`` extends (or shortens) the run, ``--learning-rate`` replaces the rate the backup restores
@@ -66,7 +66,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covidseg_tf import exitcodes
 from covidseg_tf.cli import add_dataset_flags
@@ -82,6 +82,9 @@ from covidseg_tf.config import (
     default_config,
     split_outputs,
 )
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger("covidseg_tf.train")
 
@@ -656,18 +659,68 @@ def check_rerun(out: Path, cfg: StageConfig, args: RunArgs | argparse.Namespace)
     return changes
 
 
-def _predates_fast_layers(model_path: Path) -> bool:
-    """Whether a run's `model.keras` was built with Keras' UpSampling2D, before `models.build_unet` used
-    covidseg_tf.fast_layers: the run's backup addresses each layer by its class (Keras' weights files do), so the
-    resumed run must keep Keras' classes. False when there is no readable model."""
+def _saved_layer_classes(model_path: Path) -> dict[str, type[keras.layers.Layer]]:
+    """The class of each layer of a saved ``.keras`` model by layer name, as `_saved_class` resolves it (a layer
+    whose class does not resolve is left out, logged); {} when the file cannot be read."""
     import zipfile
 
     try:
         with zipfile.ZipFile(model_path) as z:
-            config = json.loads(z.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return False
-    return any(layer.get("class_name") == "UpSampling2D" for layer in config.get("config", {}).get("layers", []))
+            entries = json.loads(z.read("config.json"))["config"]["layers"]
+        named = [(entry.get("name") or entry["config"]["name"], entry) for entry in entries]
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, zipfile.BadZipFile) as e:
+        log.debug("%s: no layer classes read (%s: %s)", model_path, type(e).__name__, e)
+        return {}
+    classes = {}
+    for name, entry in named:
+        if cls := _saved_class(entry):
+            classes[name] = cls
+        else:
+            log.info("%s: layer %s's class %s (%s) does not resolve; it is built as the code builds it", model_path,
+                     name, entry.get("registered_name") or entry.get("class_name"), entry.get("module"))
+    return classes
+
+
+def _saved_class(entry: dict[str, Any]) -> type[keras.layers.Layer] | None:
+    """The class of one layer entry of a ``.keras`` file's config.json, found as Keras' loader finds it: a registered
+    class (``covidseg_tf>...``) by its ``registered_name``, else a built-in one by its ``module`` (Keras' own only)
+    and ``class_name``; None if that gives no Layer class."""
+    import importlib
+
+    import keras
+
+    cls = keras.saving.get_registered_object(entry.get("registered_name"))
+    module = entry.get("module") or ""
+    if cls is None and (module == "keras" or module.startswith("keras.")):
+        try:
+            cls = getattr(importlib.import_module(module), entry.get("class_name", ""), None)
+        except ImportError:
+            cls = None
+    return cls if isinstance(cls, type) and issubclass(cls, keras.layers.Layer) else None
+
+
+def _with_saved_layer_classes(model: keras.Model, model_path: Path) -> keras.Model:
+    """`model` with each layer rebuilt as the class a run's `model_path` saved under its name, where that differs
+    (`fast_layers.with_layer_classes`: same configs and weights; `model` itself when none does). A run's backup
+    addresses each layer by its class (Keras' weights files do), so a resumed run keeps the classes it started with."""
+    from collections import Counter
+
+    from covidseg_tf.fast_layers import with_layer_classes
+
+    saved = _saved_layer_classes(model_path)
+    if not saved:
+        return model
+    names = {layer.name for layer in model.layers}
+    if names != saved.keys():
+        log.debug("%s: layers without a saved class, built as the code builds them: %s; saved layers the model does "
+                  "not have: %s", model_path, sorted(names - saved.keys()), sorted(saved.keys() - names))
+    kept = {layer.name: saved[layer.name] for layer in model.layers
+            if saved.get(layer.name, type(layer)) is not type(layer)}
+    if kept:
+        counts = Counter(cls.__name__ for cls in kept.values())
+        log.info("%d layer(s) keep the classes the run was started with, which its backup addresses (%s names "
+                 "them): %s", len(kept), model_path, ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
+    return with_layer_classes(model, lambda layer: kept.get(layer.name, type(layer)))
 
 
 def _backup_epochs(backup: Path) -> int | None:
@@ -822,12 +875,8 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
 
     with strategy.scope():
         model = build_stage_model(cfg, encoder_weights=weights)
-        if resumed is not None and _predates_fast_layers(out / "model.keras"):
-            from covidseg_tf.fast_layers import plain_class, with_layer_classes
-
-            log.info("%s was started before covidseg_tf.fast_layers: resuming it with Keras' layer classes, which "
-                     "its backup addresses", out)
-            model = with_layer_classes(model, plain_class)
+        if resumed is not None:
+            model = _with_saved_layer_classes(model, out / "model.keras")
         optimizer = make_optimizer(cfg, make_learning_rate(cfg, train_ds, args.steps_per_epoch))
         model.compile(optimizer=optimizer, **compile_args(cfg))
 

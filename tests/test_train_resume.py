@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 from test_train import REPO, TINY, _rows
 
@@ -290,11 +293,88 @@ def test_run_started_before_the_fast_layers_resumes_with_keras_classes(synthetic
         mp.setattr(models, "faster_class", lambda layer: type(layer))  # the build before fast_layers
         with pytest.raises(_Crash):
             train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
-    assert train._predates_fast_layers(out / "model.keras") and (out / "backup").is_dir()
+    started = train._saved_layer_classes(out / "model.keras")
+    assert keras.layers.UpSampling2D in started.values() and (out / "backup").is_dir()
 
     caplog.set_level(logging.INFO, logger="covidseg_tf.train")
     train.main(_train_cmd(synthetic_data_dir, out, 2)[3:])
-    assert "started before covidseg_tf.fast_layers" in caplog.text
+    assert "keep the classes the run was started with" in caplog.text and " UpSampling2D" in caplog.text
     assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0", "1"]
-    assert (out / "DONE").exists() and train._predates_fast_layers(out / "model.keras")
-    assert not train._predates_fast_layers(tmp_path / "missing.keras")
+    # the same classes; names may not be (Keras numbers unnamed layers per process: "rescaling_1" when rebuilt)
+    resumed = train._saved_layer_classes(out / "model.keras")
+    assert (out / "DONE").exists() and Counter(resumed.values()) == Counter(started.values())
+
+
+def _classes(model: keras.Model) -> dict[str, type]:
+    return {layer.name: type(layer) for layer in model.layers}
+
+
+def test_a_resumed_model_is_rebuilt_with_the_layer_classes_its_run_saved(tmp_path: Path):
+    """Each layer whose class differs from the one the run's model.keras names is rebuilt as that class (Keras'
+    built-in ones and covidseg_tf's registered ones, per layer: half the BatchNorms are Keras'), with the built
+    model's weights; a model saved with the classes it has is kept as it is."""
+    from covidseg_tf.batchnorm import FusedBatchNormalization
+    from covidseg_tf.fast_layers import plain_class, with_layer_classes
+    from covidseg_tf.models import build_stage_model
+
+    model = build_stage_model(default_config("infection").replace(image_size=32, encoder_weights="none"))
+    keras_bns = [layer.name for layer in model.layers if isinstance(layer, FusedBatchNormalization)][::2]
+    older = with_layer_classes(model, lambda layer: keras.layers.BatchNormalization if layer.name in keras_bns
+                               else plain_class(layer))  # as if started before fast_layers, half with keras' BN
+    swapped = {cls.__name__ for name, cls in _classes(older).items() if cls is not type(model.get_layer(name))}
+    assert swapped == {"UpSampling2D", "GlobalAveragePooling2D", "Conv2D", "BatchNormalization"}
+    assert FusedBatchNormalization in _classes(older).values()
+    older.save(tmp_path / "older.keras")
+    model.save(tmp_path / "model.keras")
+    assert train._saved_layer_classes(tmp_path / "older.keras") == _classes(older)
+
+    for built, saved, path in ((model, older, "older.keras"), (older, model, "model.keras")):
+        rebuilt = train._with_saved_layer_classes(built, tmp_path / path)
+        assert _classes(rebuilt) == _classes(saved) != _classes(built)
+        weights = built.get_weights()
+        assert len(rebuilt.get_weights()) == len(weights)
+        assert all(np.array_equal(a, b) for a, b in zip(rebuilt.get_weights(), weights))
+    assert train._with_saved_layer_classes(model, tmp_path / "model.keras") is model
+
+
+def _keras_file(path: Path, files: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_layers_without_a_resolvable_saved_class_stay_as_built(tmp_path: Path):
+    """A missing or unreadable model.keras names no classes; a saved class that does not resolve (unregistered,
+    absent from Keras, outside Keras, not a layer) and a layer in only one of the two models leave it as built."""
+    from covidseg_tf.fast_layers import NearestUpSampling2D
+
+    (tmp_path / "corrupt.keras").write_bytes(b"not a zip")
+    for path in (tmp_path / "missing.keras", tmp_path / "corrupt.keras",
+                 _keras_file(tmp_path / "no_config.keras", {"metadata.json": "{}"}),
+                 _keras_file(tmp_path / "bad_json.keras", {"config.json": "{"}),
+                 _keras_file(tmp_path / "no_layers.keras", {"config.json": "[]"})):
+        assert train._saved_layer_classes(path) == {}, path.name
+
+    def entry(name: str, module: str, class_name: str, registered_name: str | None = None) -> dict:
+        return {"module": module, "class_name": class_name, "registered_name": registered_name, "name": name,
+                "config": {"name": name}}
+
+    layers = [entry("up", "keras.layers", "UpSampling2D"),
+              {**entry("fast", "covidseg_tf.fast_layers", "NearestUpSampling2D", "covidseg_tf>NearestUpSampling2D"),
+               "name": None},  # its name only in its config
+              entry("gone", "covidseg_tf.gone", "Gone", "covidseg_tf>Gone"),
+              entry("absent", "keras.layers", "NoSuchLayer"),
+              entry("outside", "os", "PathLike"),
+              entry("function", "keras.layers", "add"),
+              entry("saved_only", "keras.layers", "ReLU")]
+    path = _keras_file(tmp_path / "model.keras", {"config.json": json.dumps({"config": {"layers": layers}})})
+    assert train._saved_layer_classes(path) == {"up": keras.layers.UpSampling2D, "fast": NearestUpSampling2D,
+                                                "saved_only": keras.layers.ReLU}
+
+    x = inputs = keras.Input((2, 2, 1), name="pixels")
+    for name in ("up", "gone", "absent", "outside", "function"):
+        x = NearestUpSampling2D(name=name)(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, name="built_only")(x))
+    rebuilt = train._with_saved_layer_classes(model, path)
+    assert _classes(rebuilt) == {**_classes(model), "up": keras.layers.UpSampling2D}
