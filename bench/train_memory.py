@@ -9,7 +9,10 @@ tensors TensorFlow's CPU allocator holds, now and at most so far ("tensors", "te
   data        (--input data) --data-batches batches drawn through that pipeline, no model: the tf.data share
   model       the stage model built (random init) and compiled as covidseg_tf.train compiles it (its optimizer,
               the stage's loss and Dice/IoU metrics)
-  first_step  the first (tracing) training step
+  traced      (--trace-apart) the training step traced as a tf.function over model.train_step (what
+              train_on_batch runs) but not yet run: the graph as Python and TensorFlow hold it; the record's
+              graph_ops counts its ops by name scope
+  first_step  the first training step (tracing included, but with --trace-apart)
   steady      after --warmup more steps and --steps timed ones (median step time, and the process's CPU seconds
               per timed step: less disturbed by other processes than the wall time)
   trimmed     then gc.collect() and glibc malloc_trim(0): the RSS still live (not a peak; steady's VmRSS minus
@@ -30,6 +33,7 @@ Examples:
   python bench/train_memory.py --lever malloc_arena_2 --env MALLOC_ARENA_MAX=2
   python bench/train_memory.py --input data --data-batches 240 --stages infection \\
       --lung-model runs/lung/model.keras --lever data_only
+  python bench/train_memory.py --size 64 --batch 1 --trace-apart   # the graph's share: tensors are small here
   python bench/train_memory.py --size 64 --batch 2 --steps 1 --warmup 0          # quick smoke test
 """
 
@@ -74,6 +78,9 @@ def parse_args(argv=None):
                    help="covidseg_tf.optimizers.FusedAdamW (train's, default) or keras.optimizers.AdamW (before "
                         "issue 26)")
     p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
+    p.add_argument("--trace-apart", action="store_true",
+                   help="(--input synthetic) trace the training step before it first runs: phase 'traced' and "
+                        "graph_ops (see above)")
     p.add_argument("--grappler", nargs="*", default=[], metavar="OPTION=0|1",
                    help="tf.config.optimizer.set_experimental_options, e.g. disable_meta_optimizer=1")
     p.add_argument("--decoded-cache", action="store_true",
@@ -109,6 +116,30 @@ def rss_mib() -> dict[str, float]:
         info = sys.modules["tensorflow"].config.experimental.get_memory_info("CPU:0")
         out.update(tensors=round(info["current"] / 2**20, 1), tensors_peak=round(info["peak"] / 2**20, 1))
     return out
+
+
+def traced_step(model, data: tuple, phases: dict, rec: dict):
+    """`model.train_step` on `data` as a tf.function (what train_on_batch runs), traced and not yet run: adds the
+    phase "traced" and rec["graph_ops"], the traced graph's ops by name scope (model: the forward pass, gradient,
+    optimizer, other: loss, metrics). Returns the step to call."""
+    import collections
+
+    import tensorflow as tf
+
+    model._maybe_symbolic_build(data_batch=data)  # builds the optimizer and metrics, as train_on_batch does first
+    fn = tf.function(model.train_step, reduce_retracing=True)
+    graph = fn.get_concrete_function(data).graph
+    phases["traced"] = rss_mib()
+    scopes = ((model.name, "model"), ("gradient_tape", "gradient"), (model.optimizer.name, "optimizer"))
+
+    def part(op_name: str) -> str:
+        top = op_name.split("/")[0]  # a scope that is used again gets a suffix: lung_unet_1
+        return next((p for scope, p in scopes if top == scope or top.startswith(scope + "_")), "other")
+
+    ops = collections.Counter(part(op.name) for op in graph.get_operations())
+    rec["graph_ops"] = dict(total=sum(ops.values()), **{k: ops[k] for k in ("model", "gradient", "optimizer",
+                                                                            "other")})
+    return lambda: fn(data)
 
 
 def _kv(items: list[str]) -> dict[str, str]:
@@ -199,10 +230,15 @@ def worker(args, stage: str) -> dict:
             x[..., 3] = rng.random((args.batch, args.size, args.size)) > 0.5
         y = (rng.random((args.batch, args.size, args.size, 1)) > 0.7).astype("float32")
         x, y = tf.constant(x), tf.constant(y)
-        model.train_on_batch(x, y)
+        if args.trace_apart:
+            step = traced_step(model, (x, y, None), phases, rec)
+        else:
+            def step():
+                return model.train_on_batch(x, y)
+        step()
         phases["first_step"] = rss_mib()
         cpu = []
-        tm = common.time_steps(lambda: (model.train_on_batch(x, y), cpu.append(common._self_cpu_s())), args.steps,
+        tm = common.time_steps(lambda: (step(), cpu.append(common._self_cpu_s())), args.steps,
                                args.warmup, args.clean_stall, 0, args.max_time)
         times = tm.times
         rec["cpu_s_per_step"] = round((cpu[-1] - cpu[args.warmup - 1 if args.warmup else 0]) /
@@ -256,7 +292,7 @@ def main(argv=None):
               "pipeline": _kv(args.pipeline), "decoded_cache": args.decoded_cache,
               "remat_encoder": args.remat_encoder, "jit": args.jit,
               "steps_per_execution": args.steps_per_execution, "metrics": not args.no_metrics,
-              "optimizer": args.optimizer, "grappler": _kv(args.grappler),
+              "optimizer": args.optimizer, "grappler": _kv(args.grappler), "trace_apart": args.trace_apart,
               "steps": args.steps, "warmup": args.warmup, "results": []}
     argv = sys.argv[1:] if argv is None else list(argv)
     for stage in args.stages:

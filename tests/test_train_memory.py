@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 
 import train_memory  # noqa: E402
 
@@ -21,3 +24,19 @@ def test_phase_record_has_the_rss_and_the_tensors_tensorflow_holds():
     # go at any moment
     assert after["tensors"] >= 256 and after["tensors_peak"] >= after["tensors"], after
     del held
+
+
+def test_trace_apart_measures_the_traced_graph_before_its_first_run():
+    cmd = [sys.executable, str(BENCH / "train_memory.py"), "--size", "32", "--batch", "1", "--stages", "infection",
+           "--precision", "bf16", "--steps", "1", "--warmup", "0", "--trace-apart"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (rec,) = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert "error" not in rec, rec
+    phases = rec["rss_phases_mib"]
+    assert list(phases)[:4] == ["runtime", "model", "traced", "first_step"], list(phases)
+    assert phases["traced"]["rss"] > phases["model"]["rss"]  # the traced graph is held before anything ran
+    ops = rec["graph_ops"]
+    assert ops["total"] == ops["model"] + ops["gradient"] + ops["optimizer"] + ops["other"], ops
+    # the forward pass, its gradient and the optimizer's updates each have their own scope, found by name
+    assert min(ops["model"], ops["gradient"], ops["optimizer"]) > 100, ops
