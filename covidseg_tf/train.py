@@ -963,4 +963,7 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
+    from covidseg_tf.malloc import reexec_for_training
+
+    reexec_for_training()  # with tcmalloc (or jemalloc) preloaded when installed, before TensorFlow loads
     cli()

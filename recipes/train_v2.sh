@@ -16,7 +16,6 @@ M=${2:-../shared/covidqu}
 D=${3:-$HOME/tensorflow_datasets}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
-source recipes/jemalloc.sh  # jemalloc for the Python processes when installed: lower peak memory
 COMMON=(--encoder efficientnetb0 --batch-size 16 --lr-schedule cosine --seed 1 --no-export
         --unet-layout segmentation_models_pytorch --batch-norm keras --manual-dir "$M" --data-dir "$D")
 

@@ -28,7 +28,6 @@ THREADS=${THREADS:-2}
 PRECISION=${PRECISION:-off}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
-source recipes/jemalloc.sh  # jemalloc for the Python processes when installed: lower peak memory
 COMMON=(--encoder efficientnetb0 --batch-size 16 --lr-schedule cosine --seed 1 --no-export --image-size 128
         --mixed-precision "$PRECISION" --manual-dir "$M" --data-dir "$D")
 

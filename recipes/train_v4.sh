@@ -19,7 +19,6 @@ THREADS=${THREADS:-2}
 PRECISION=${PRECISION:-off}
 mkdir -p "$R" "$V3"
 export TF_CPP_MIN_LOG_LEVEL=2
-source recipes/jemalloc.sh  # jemalloc for the Python processes when installed: lower peak memory
 [[ -f $V3/infection128/DONE ]] || bash recipes/train_v3.sh "$V3" "$M" "$D" >> "$V3/recipe.log" 2>&1
 
 train() {  # train FOLDER NAME ARGS...: run folder FOLDER/NAME, log FOLDER/NAME.log

@@ -16,7 +16,6 @@ D=${4:-$HOME/tensorflow_datasets}
 THREADS=${THREADS:-2}
 mkdir -p "$R"
 export TF_CPP_MIN_LOG_LEVEL=2
-source recipes/jemalloc.sh  # jemalloc for the Python processes when installed: lower peak memory
 [[ -f $V4/infection256/DONE ]] || { echo "run recipes/train_v4.sh $V4 first" >&2; exit 2; }
 LUNG=$V4/lung256/model.keras
 NAME=infection256_idice
