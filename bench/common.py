@@ -240,6 +240,11 @@ def compiled(fn: Callable[[Any], Any], spec: Any, freeze: bool = False, jit_comp
     return convert_variables_to_constants_v2(f.get_concrete_function())
 
 
+def key_values(items: list[str]) -> dict[str, str]:
+    """{"KEY": "VALUE"} from command-line items "KEY=VALUE" (split at the first "=")."""
+    return dict(item.split("=", 1) for item in items)
+
+
 # ----------------------------------------------------------------------------------------------- output
 def emit(result: dict[str, Any], json_out: str | None) -> None:
     """Print the result as ONE JSON line; append it to json_out when given."""

@@ -37,11 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
@@ -70,6 +72,11 @@ def parse_args(argv=None):
                    help="TensorFlow inter-op threads of our training and memory runs (1, as every run before; "
                         "`train` runs with TensorFlow's default, the number of cores)")
     p.add_argument("--our-train-precision", nargs="+", default=None, help="default: --our-precision")
+    p.add_argument("--our-train-env", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="variables added to the environment of our training and memory runs only (the peer's is "
+                        "left as it is); default: those `python -m covidseg_tf.train` runs with "
+                        "(covidseg_tf.malloc.training_env: tcmalloc preloaded when installed); give the option "
+                        "alone for none (glibc's malloc)")
     p.add_argument("--our-variants", nargs="+", default=["plain", "fast", "tflite"], help="bench/infer.py --variants")
     p.add_argument("--our-batch-norm", nargs="+", default=None, metavar="BN",
                    help="bench/train_step.py --batch-norm (keras, fused; default: the config's)")
@@ -89,9 +96,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(cmd: list[str], raw_out: str | None, tag: dict) -> dict:
+def run(cmd: list[str], raw_out: str | None, tag: dict, env: dict[str, str] | None = None) -> dict:
+    """`cmd`'s last JSON line, tagged with `tag`, the command and its wall time (appended to `raw_out`); `env` is
+    added to this process's environment for it."""
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env} if env else None)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -126,6 +135,12 @@ def peer_train_cmd(args, stage: str, layout: str, size: int, batch: int, steps: 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.our_train_env is None:
+        from covidseg_tf.malloc import training_env
+
+        our_env = training_env()
+    else:
+        our_env = common.key_values(args.our_train_env)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for what, path, hint in (("--peer-script", args.peer_script, f"expected the peer benchmark in {PEER_DIR}"),
                              ("--peer-python", args.peer_python,
@@ -164,7 +179,7 @@ def main(argv=None):
         if "train" not in args.skip:
             cmd = our_train_cmd(args, args.size, args.train_batch, args.train_steps, args.train_warmup,
                                 f"compare r{r}")
-            res = run(cmd, args.raw_out, {"side": "ours", "what": "train", "round": r})
+            res = run(cmd, args.raw_out, {"side": "ours", "what": "train", "round": r}, our_env)
             for rec in res.get("results", []):
                 if "images_per_s" in rec:
                     ours_train.append((rec["images_per_s"], rec["foreign_cpu_frac"],
@@ -184,7 +199,7 @@ def main(argv=None):
     ours_mem, peer_mem = [], {s: [] for s in PEER}  # (peak RSS MiB, contention, meta)
     if "memory" not in args.skip:
         cmd = our_train_cmd(args, args.memory_size, args.memory_batch, 1, 0, "compare memory")
-        res = run(cmd, args.raw_out, {"side": "ours", "what": "memory"})
+        res = run(cmd, args.raw_out, {"side": "ours", "what": "memory"}, our_env)
         for rec in res.get("results", []):
             if "peak_rss_mib" in rec:
                 ours_mem.append((rec["peak_rss_mib"], rec.get("foreign_cpu_frac"),
@@ -204,7 +219,8 @@ def main(argv=None):
         return {"value": v[0], "foreign_cpu_frac": v[1], **v[2]}
 
     summary = {"script": "compare_peer", "label": args.label, "size": args.size, "threads": args.threads,
-               "our_train_inter_threads": args.our_train_inter_threads, "rounds": args.rounds,
+               "our_train_inter_threads": args.our_train_inter_threads, "our_train_env": our_env,
+               "rounds": args.rounds,
                "our_layout": args.our_layout or "config", "peer_layouts": args.peer_layouts,
                "targets": {}}
     if ours_cascade and all(peer_inf.values()):

@@ -142,10 +142,6 @@ def traced_step(model, data: tuple, phases: dict, rec: dict):
     return lambda: fn(data)
 
 
-def _kv(items: list[str]) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in items)
-
-
 # ----------------------------------------------------------------------------------------------- worker
 def worker(args, stage: str) -> dict:
     phases: dict[str, dict[str, float]] = {}
@@ -160,7 +156,8 @@ def worker(args, stage: str) -> dict:
     from covidseg_tf.optimizers import make_optimizer
 
     if args.grappler:
-        tf.config.optimizer.set_experimental_options({k: bool(int(v)) for k, v in _kv(args.grappler).items()})
+        options = common.key_values(args.grappler)
+        tf.config.optimizer.set_experimental_options({k: bool(int(v)) for k, v in options.items()})
     phases["runtime"] = rss_mib()
     cfg = default_config(stage).replace(image_size=args.size, batch_size=args.batch, encoder_weights="none",
                                         dataset=args.dataset)
@@ -178,7 +175,7 @@ def worker(args, stage: str) -> dict:
             rec["stage1_masks"] = {"n": len(pngs), "png_mib": round(sum(map(len, pngs)) / 2**20, 1)}
         examples = data.load_split(builder, "train", decode=args.decoded_cache)
         train_ds = data.make_pipeline(examples, cfg, training=True, seed=args.seed, stage1_masks=table, repeat=True,
-                                      **{k: int(v) for k, v in _kv(args.pipeline).items()})
+                                      **{k: int(v) for k, v in common.key_values(args.pipeline).items()})
         phases["pipeline"] = rss_mib()
     if args.input == "data":
         t = time.perf_counter()
@@ -286,13 +283,14 @@ def main(argv=None):
         print(json.dumps(worker(args, args.worker), default=str), flush=True)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    env = dict(os.environ, **_kv(args.env))
+    env = dict(os.environ, **common.key_values(args.env))
     result = {"script": "train_memory", "lever": args.lever, "label": args.label, "size": args.size,
-              "batch": args.batch, "precision": args.precision, "input": args.input, "env": _kv(args.env),
-              "pipeline": _kv(args.pipeline), "decoded_cache": args.decoded_cache,
+              "batch": args.batch, "precision": args.precision, "input": args.input, "env": common.key_values(args.env),
+              "pipeline": common.key_values(args.pipeline), "decoded_cache": args.decoded_cache,
               "remat_encoder": args.remat_encoder, "jit": args.jit,
               "steps_per_execution": args.steps_per_execution, "metrics": not args.no_metrics,
-              "optimizer": args.optimizer, "grappler": _kv(args.grappler), "trace_apart": args.trace_apart,
+              "optimizer": args.optimizer, "grappler": common.key_values(args.grappler),
+              "trace_apart": args.trace_apart,
               "steps": args.steps, "warmup": args.warmup, "results": []}
     argv = sys.argv[1:] if argv is None else list(argv)
     for stage in args.stages:
