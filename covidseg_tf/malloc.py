@@ -2,12 +2,13 @@
 
 TensorFlow's CPU runtime allocates through the C library's malloc, and oneDNN's tensors through TensorFlow's own
 pool unless ``TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1``. Which pair is best was measured (bench/RESULTS.md, "Issue 26,
-sixth run"): tcmalloc with the tensors taken from it has the lowest training peak and the fastest step; jemalloc
-is second; glibc's malloc, the default of any Python process, peaks highest. The arithmetic is the same with each.
+sixth run"): tcmalloc with the tensors taken from it has the lowest training peak, and its step is no slower than
+with glibc's malloc, the default of any Python process, which peaks highest; jemalloc is in between. The arithmetic
+is the same with each.
 
 A library must be loaded before the program starts (``LD_PRELOAD``), so the training CLIs re-execute themselves
-once with it (`reexec_for_training`, first thing in their ``__main__``); a process started with the variables set
-(by hand, a launcher, or a previous re-execution) is left as it is. ``COVIDSEG_MALLOC`` chooses: ``auto`` (the
+once with it (`reexec_for_training`, first thing in their ``__main__``); a process started with ``LD_PRELOAD`` set
+(by hand, a launcher, or that re-execution) is left as it is. ``COVIDSEG_MALLOC`` chooses: ``auto`` (the
 default: tcmalloc, else jemalloc, else nothing), ``none`` (glibc's malloc), or the path of a library to preload.
 
     >>> training_env({"COVIDSEG_MALLOC": "none"})
