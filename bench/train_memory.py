@@ -99,7 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     common.add_common_args(p)
     p.set_defaults(steps=4, warmup=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.trace_apart and args.input != "synthetic":
+        p.error(f"--trace-apart traces train_on_batch's step; --input {args.input} runs model.fit (use synthetic)")
+    return args
 
 
 def rss_mib() -> dict[str, float]:

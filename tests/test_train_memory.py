@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -40,3 +42,10 @@ def test_trace_apart_measures_the_traced_graph_before_its_first_run():
     assert ops["total"] == ops["model"] + ops["gradient"] + ops["optimizer"] + ops["other"], ops
     # the forward pass, its gradient and the optimizer's updates each have their own scope, found by name
     assert min(ops["model"], ops["gradient"], ops["optimizer"]) > 100, ops
+
+
+def test_trace_apart_is_refused_where_fit_runs_the_step(capsys):
+    with pytest.raises(SystemExit):
+        train_memory.parse_args(["--trace-apart", "--input", "pipeline"])
+    assert "--trace-apart traces train_on_batch's step; --input pipeline" in capsys.readouterr().err
+    assert train_memory.parse_args(["--trace-apart"]).trace_apart
