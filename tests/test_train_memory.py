@@ -28,6 +28,7 @@ def test_phase_record_has_the_rss_and_the_tensors_tensorflow_holds():
     del held
 
 
+@pytest.mark.slow  # a minute: a subprocess traces and runs a stage's training step
 def test_trace_apart_measures_the_traced_graph_before_its_first_run():
     cmd = [sys.executable, str(BENCH / "train_memory.py"), "--size", "32", "--batch", "1", "--stages", "infection",
            "--precision", "bf16", "--steps", "1", "--warmup", "0", "--trace-apart"]
