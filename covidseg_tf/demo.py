@@ -175,8 +175,14 @@ def cli() -> None:
     sys.exit(summary["predict_exit_code"])
 
 
-if __name__ == "__main__":
+def launch() -> None:
+    """`python -m covidseg_tf.demo` and the `covidseg-demo` script: `cli` in a process restarted once with the
+    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads."""
     from covidseg_tf.malloc import reexec_for_training
 
-    reexec_for_training()  # with tcmalloc (or jemalloc) preloaded when installed, before TensorFlow loads
+    reexec_for_training()
     cli()
+
+
+if __name__ == "__main__":
+    launch()

@@ -962,8 +962,14 @@ def cli() -> None:
         raise
 
 
-if __name__ == "__main__":
+def launch() -> None:
+    """`python -m covidseg_tf.train` and the `covidseg-train` script: `cli` in a process restarted once with the
+    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads."""
     from covidseg_tf.malloc import reexec_for_training
 
-    reexec_for_training()  # with tcmalloc (or jemalloc) preloaded when installed, before TensorFlow loads
+    reexec_for_training()
     cli()
+
+
+if __name__ == "__main__":
+    launch()

@@ -38,8 +38,16 @@ def test_training_env_prefers_tcmalloc_and_takes_tensorflows_tensors_from_it_onl
 def test_a_named_library_that_does_not_exist_is_an_error_naming_it(tmp_path: Path):
     with pytest.raises(ValueError, match=f"COVIDSEG_MALLOC={tmp_path}/missing.so: no such file"):
         malloc.training_env({"COVIDSEG_MALLOC": str(tmp_path / "missing.so")})
-    # the training CLI re-executes before anything else: it stops with that one line
-    proc = _run(["-m", "covidseg_tf.train", "--help"], COVIDSEG_MALLOC=str(tmp_path / "missing.so"))
+
+
+@pytest.mark.parametrize("command", [["-m", "covidseg_tf.train", "--help"], ["-m", "covidseg_tf.demo", "--help"],
+                                     ["-c", "from covidseg_tf.train import launch; launch()", "--help"],
+                                     ["-c", "from covidseg_tf.demo import launch; launch()", "--help"]],
+                         ids=["train", "demo", "covidseg-train", "covidseg-demo"])
+def test_the_training_commands_restart_before_anything_else(tmp_path: Path, command: list[str]):
+    """`python -m` and the console scripts (which call `launch`) go through the re-execution first: a missing
+    library stops them with one line before argparse or TensorFlow."""
+    proc = _run(command, COVIDSEG_MALLOC=str(tmp_path / "missing.so"))
     assert proc.returncode == 1 and proc.stderr.strip().endswith("missing.so: no such file (give auto, none or the "
                                                                  "path of a malloc library)"), proc.stderr[-500:]
 
