@@ -78,6 +78,9 @@ def parse_args(argv=None):
                    help="covidseg_tf.optimizers.FusedAdamW (train's, default) or keras.optimizers.AdamW (before "
                         "issue 26)")
     p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
+    p.add_argument("--keras-steps", action="store_true",
+                   help="Keras' own train function, which keeps its traced graph (default: train's, "
+                        "covidseg_tf.steps.release_traced_steps)")
     p.add_argument("--trace-apart", action="store_true",
                    help="(--input synthetic) trace the training step before it first runs: phase 'traced' and "
                         "graph_ops (see above)")
@@ -157,6 +160,7 @@ def worker(args, stage: str) -> dict:
     from covidseg_tf.config import default_config
     from covidseg_tf.models import build_stage_model
     from covidseg_tf.optimizers import make_optimizer
+    from covidseg_tf.steps import release_traced_steps
 
     if args.grappler:
         options = common.key_values(args.grappler)
@@ -220,6 +224,8 @@ def worker(args, stage: str) -> dict:
         kw.pop("metrics")
     model.compile(optimizer=optimizer, jit_compile=args.jit == "on", steps_per_execution=args.steps_per_execution,
                   **kw)
+    if not args.keras_steps:
+        release_traced_steps(model)  # as train does (--trace-apart traces a tf.function of its own)
     phases["model"] = rss_mib()
 
     times: list[float] = []
@@ -293,7 +299,7 @@ def main(argv=None):
               "remat_encoder": args.remat_encoder, "jit": args.jit,
               "steps_per_execution": args.steps_per_execution, "metrics": not args.no_metrics,
               "optimizer": args.optimizer, "grappler": common.key_values(args.grappler),
-              "trace_apart": args.trace_apart,
+              "trace_apart": args.trace_apart, "keras_steps": args.keras_steps,
               "steps": args.steps, "warmup": args.warmup, "results": []}
     argv = sys.argv[1:] if argv is None else list(argv)
     for stage in args.stages:

@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
     p.add_argument("--jit", choices=["off", "on"], default="off", help="model.compile(jit_compile=...)")
     p.add_argument("--no-metrics", action="store_true", help="compile without the Dice/IoU metrics")
+    p.add_argument("--keras-steps", action="store_true",
+                   help="Keras' own train function, which keeps its traced graph (default: train's, "
+                        "covidseg_tf.steps.release_traced_steps)")
     p.add_argument("--max-batch", action="store_true", help="find the largest batch by doubling (see above)")
     p.add_argument("--max-batch-steps", type=int, default=2, help="timed steps of the doubling runs")
     p.add_argument("--mem-limit-gib", type=float, default=24.0)
@@ -93,6 +96,7 @@ def worker(args, conf: dict) -> dict:
     from covidseg_tf.losses import make_loss
     from covidseg_tf.metrics import make_metrics
     from covidseg_tf.optimizers import make_optimizer
+    from covidseg_tf.steps import release_traced_steps
 
     rss_phases = {"runtime": common.peak_rss_mib()}  # peak RSS so far after each phase: where the memory goes
 
@@ -109,6 +113,8 @@ def worker(args, conf: dict) -> dict:
         opt = keras.optimizers.LossScaleOptimizer(opt)
     model.compile(optimizer=opt, loss=make_loss(cfg), metrics=None if args.no_metrics else
                   make_metrics(cfg.threshold), jit_compile=args.jit == "on")
+    if not args.keras_steps:
+        release_traced_steps(model)  # as train does
     build_s = time.perf_counter() - t
     rss_phases["model"] = common.peak_rss_mib()
     rng = np.random.default_rng(args.seed)
@@ -135,7 +141,7 @@ def worker(args, conf: dict) -> dict:
                            args.clean_target, args.max_time)
     if conf.get("trace_dir"):
         tf.profiler.experimental.stop()
-    rec = dict(conf, jit=args.jit, metrics=not args.no_metrics, build_s=round(build_s, 2),
+    rec = dict(conf, jit=args.jit, metrics=not args.no_metrics, keras_steps=args.keras_steps, build_s=round(build_s, 2),
                trace_s=round(trace_s, 2), **tm.summary(B))
     rec["loss_first"], rec["loss_last"] = losses[0], losses[-1]
     rec["nan_or_inf"] = any(v != v or abs(v) == float("inf") for v in losses)
@@ -171,7 +177,8 @@ def run_child(args, conf: dict, limit_bytes: int) -> dict:
     cmd = worker_cmd(conf, args.size, args.threads, args.inter_threads, args.steps, args.warmup,
                      "--clean-stall", str(args.clean_stall), "--clean-target", str(args.clean_target),
                      "--max-time", str(args.max_time), "--wait-quiet", str(args.wait_quiet), "--jit", args.jit,
-                     "--seed", str(args.seed), *(["--no-metrics"] if args.no_metrics else []))
+                     "--seed", str(args.seed), *(["--no-metrics"] if args.no_metrics else []),
+                     *(["--keras-steps"] if args.keras_steps else []))
     log.info("run %s", conf)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
@@ -211,7 +218,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     limit = int(args.mem_limit_gib * GIB)
     result = {"script": "train_step", "label": args.label, "size": args.size, "jit": args.jit,
-              "metrics": not args.no_metrics, "results": [], "max_batch": {}}
+              "metrics": not args.no_metrics, "keras_steps": args.keras_steps, "results": [], "max_batch": {}}
     result["layouts"], result["batch_norms"] = {}, {}
     runs = [(stage, prec, bn, swish) for stage in args.stages for prec in args.precision
             for bn in args.batch_norm or [mu.stage_cfg(stage, args.size).batch_norm] for swish in args.swish or ["xla"]]

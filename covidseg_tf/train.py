@@ -809,6 +809,7 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
     from covidseg_tf import data
     from covidseg_tf.models import build_stage_model
     from covidseg_tf.optimizers import make_optimizer
+    from covidseg_tf.steps import release_traced_steps
 
     # Everything is checked before the run folder is created or touched.
     cfg = check_config(config)
@@ -879,6 +880,7 @@ def train_stage(config: StageConfig, *, output: str | os.PathLike, lung_model: s
             model = _with_saved_layer_classes(model, out / "model.keras")
         optimizer = make_optimizer(cfg, make_learning_rate(cfg, train_ds, args.steps_per_epoch))
         model.compile(optimizer=optimizer, **compile_args(cfg))
+    release_traced_steps(model)  # the traced steps' graphs freed before the activations take their memory
 
     monitor = "val_" + dice_key(cfg.image_head_weight)
     dropped = drop_unfinished_rows(out / "history.csv", resumed or 0)
