@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def test_a_trace_without_kernels_is_an_error(tmp_path: Path):
     assert proc.returncode != 0 and "no kernel events" in proc.stderr
 
 
+@pytest.mark.slow  # a bench script's own check (~20-30 s); CI's budget (pytest -m slow runs it)
 def test_infer_mode_traces_the_frozen_stage():
     """--mode infer on a small Stage 2: the trace holds its convolutions."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "op_profile.py"), "--mode", "infer", "--stage",

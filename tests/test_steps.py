@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import keras
 import numpy as np
@@ -21,7 +22,8 @@ def _model(release: bool) -> keras.Model:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
                               FusedBatchNormalization(), keras.layers.Activation(xla_swish),
-                              keras.layers.Conv2D(1, 1, activation="sigmoid")])
+                              keras.layers.Conv2D(1, 1, activation="sigmoid")],
+                             name="released" if release else "kerass")
     model.compile(optimizer=FusedAdamW(learning_rate=1e-2, weight_decay=1e-3), loss="binary_crossentropy",
                   metrics=[keras.metrics.BinaryAccuracy()])
     if release:
@@ -39,8 +41,9 @@ def _data(n: int = 5):
 def _graphs_of(model: keras.Model) -> list[str]:
     """The live graphs holding ops of `model`'s layers (its traced steps)."""
     gc.collect()
+    scope = re.compile(rf"{model.name}(_\d+)?/")  # released/conv2d/..., released_1/... where a scope is reused
     return [g.name for g in gc.get_objects() if isinstance(g, func_graph.FuncGraph)
-            and any(op.name.startswith(model.name) for op in g.get_operations())]  # sequential_1/conv2d/...
+            and any(scope.match(op.name) for op in g.get_operations())]
 
 
 def test_fit_and_evaluate_give_keras_results_and_keep_no_graph():

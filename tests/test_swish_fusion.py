@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a bench script's own check (~20-30 s); CI's budget (pytest -m slow runs it)
 def test_all_three_forms_are_timed_and_equal_in_float32():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "swish_fusion.py"), "--size", "64", "--stages",
                            "infection", "--precision", "fp32", "--rounds", "1", "--calls", "1"],

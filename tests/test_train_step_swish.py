@@ -21,3 +21,4 @@ def test_swish_variants_run_in_turn_and_say_which(tmp_path: Path):
     assert [r["swish"] for r in records] == ["keras", "xla"]
     assert records[0]["xla_swish_layers"] == 0 and records[1]["xla_swish_layers"] > 30  # EfficientNet-B0's swishes
     assert all(r["images_per_s"] > 0 and not r["nan_or_inf"] for r in records)
+    assert not any(r["keras_steps"] for r in records)  # train's step functions (covidseg_tf.steps) by default
