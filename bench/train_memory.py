@@ -8,7 +8,8 @@ tensors TensorFlow's CPU allocator holds, now and at most so far ("tensors", "te
               --lung-model), the training pipeline built as covidseg_tf.train builds it
   data        (--input data) --data-batches batches drawn through that pipeline, no model: the tf.data share
   model       the stage model built (random init) and compiled as covidseg_tf.train compiles it (its optimizer,
-              the stage's loss and Dice/IoU metrics)
+              the stage's loss and Dice/IoU metrics, the step functions of covidseg_tf.steps, which drop the graph
+              they were traced in; --keras-steps: Keras' own, which keep it)
   traced      (--trace-apart) the training step traced as a tf.function over model.train_step (what
               train_on_batch runs) but not yet run: the graph as Python and TensorFlow hold it; the record's
               graph_ops counts its ops by name scope
@@ -22,15 +23,16 @@ tensors TensorFlow's CPU allocator holds, now and at most so far ("tensors", "te
 bench/compare_peer.py compares with the peer's); --input pipeline: model.fit over the real training pipeline
 (covidseg_tf.data.make_pipeline on the TFDS data, augmentation, shuffle, prefetch), the step time from a callback;
 --input data: the pipeline alone. A lever is one change from the defaults: --env KEY=VALUE (e.g. MALLOC_ARENA_MAX=2,
-LD_PRELOAD=..., TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1), --remat-encoder, --jit, --steps-per-execution, --no-metrics,
---pipeline KEY=VALUE (keywords of make_pipeline, e.g. shuffle_buffer=256). Step times share the box with whatever
-else runs (foreign_cpu_frac says how much): compare them only within one alternating run.
+LD_PRELOAD=..., TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1), --keras-steps, --remat-encoder, --jit, --steps-per-execution,
+--no-metrics, --pipeline KEY=VALUE (keywords of make_pipeline, e.g. shuffle_buffer=256). Step times share the box
+with whatever else runs (foreign_cpu_frac says how much): compare them only within one alternating run.
 
 Prints ONE JSON line; --json-out appends it to a file (bench/results/train_memory.jsonl).
 
 Examples:
   python bench/train_memory.py --size 256 --batch 16 --lever baseline --json-out bench/results/train_memory.jsonl
   python bench/train_memory.py --lever malloc_arena_2 --env MALLOC_ARENA_MAX=2
+  python bench/train_memory.py --size 256 --batch 16 --precision bf16 --lever keras_steps --keras-steps
   python bench/train_memory.py --input data --data-batches 240 --stages infection \\
       --lung-model runs/lung/model.keras --lever data_only
   python bench/train_memory.py --size 64 --batch 1 --trace-apart   # the graph's share: tensors are small here

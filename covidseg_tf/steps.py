@@ -3,11 +3,12 @@
 A `tf.function` keeps the graph it traced (TensorFlow's Python ops and their C++ graph) for as long as the function
 lives. In a graph, every `tf.custom_gradient` call (the fused BatchNorm's, the swish's and the fast layers'
 gradients) also registers its gradient in TensorFlow's process-wide gradient registry, which is never emptied and
-whose entries hold the graph's tensors, so the graph outlives even the function. Running a traced step needs neither:
-TensorFlow runs the function it built from the graph. `release_traced_steps(model)` gives a compiled model train and
-test functions that trace Keras' own `train_step` / `test_step` on their first call, unregister the gradients that
-trace registered, drop the graph, and then run it; `fit()`, `evaluate()`, `train_on_batch()` and `test_on_batch()`
-call them as they call Keras' functions. The graph's memory is free again before the step's activations take theirs.
+whose entries hold the graph's tensors, so the graph outlives even the function (tensorflow/tensorflow#27492,
+#97697). Running a traced step needs neither: TensorFlow runs the function it built from the graph.
+`release_traced_steps(model)` gives a compiled model train and test functions that trace Keras' own `train_step` /
+`test_step` on their first call, unregister the gradients that trace registered, drop the graph, and then run it;
+`fit()`, `evaluate()`, `train_on_batch()` and `test_on_batch()` call them as they call Keras' functions. The graph's
+memory is free again before the step's activations take theirs.
 
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     release_traced_steps(model)  # after compile(), which resets the step functions
@@ -21,6 +22,7 @@ tests/test_steps.py fails if a TensorFlow release moves them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -62,6 +64,10 @@ class _TracedStep:
         self._function = concrete._inference_function  # holds the function's registration in TensorFlow's runtime
         for atomic in _with_children(self._function):
             atomic._cached_graph = None
+        del fn, concrete
+        # the graph is a reference cycle (ops <-> graph): collected now, not during the step, which runs in C++ and
+        # gives Python's collector no reason to run until its activations have taken the memory
+        gc.collect()
         log.info("traced the %s in %.1f s; its graph released", name, time.perf_counter() - t)
 
     def inputs(self, data) -> list:

@@ -38,9 +38,11 @@ def _data(n: int = 5):
     return x, y
 
 
-def _graphs_of(model: keras.Model) -> list[str]:
-    """The live graphs holding ops of `model`'s layers (its traced steps)."""
-    gc.collect()
+def _graphs_of(model: keras.Model, collect: bool = True) -> list[str]:
+    """The graphs holding ops of `model`'s layers (its traced steps), after a garbage collection or (collect=False)
+    including garbage not yet collected."""
+    if collect:
+        gc.collect()
     scope = re.compile(rf"{model.name}(_\d+)?/")  # released/conv2d/..., released_1/... where a scope is reused
     return [g.name for g in gc.get_objects() if isinstance(g, func_graph.FuncGraph)
             and any(scope.match(op.name) for op in g.get_operations())]
@@ -73,6 +75,20 @@ def test_fit_and_evaluate_give_keras_results_and_keep_no_graph():
         np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-5)
     for a, b in zip(w0, w1):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_graph_is_collected_before_the_step_runs():
+    """The released graph is a reference cycle: collected right after the trace, not whenever Python's collector
+    next runs (during a long step it has no reason to)."""
+    x, y = _data(4)
+    gc.collect()
+    gc.disable()
+    try:
+        model = _model(release=True)
+        model.train_on_batch(x, y)
+        assert _graphs_of(model, collect=False) == []
+    finally:
+        gc.enable()
 
 
 def test_a_batch_that_fits_no_trace_is_traced_again_with_relaxed_shapes():
