@@ -56,9 +56,11 @@ class _TracedStep:
         t = time.perf_counter()
         # a tf.function of its own, dropped after the trace: its cache would hold the graph
         fn = tf.function(tf.autograph.experimental.do_not_convert(step), jit_compile=jit_compile)
-        concrete = fn.get_concrete_function(signature)
-        for key in [k for k in registry if k not in before and k.startswith(_CUSTOM_GRADIENT)]:
-            del registry[key]
+        try:
+            concrete = fn.get_concrete_function(signature)
+        finally:  # also when the trace fails
+            for key in [k for k in registry if k not in before and k.startswith(_CUSTOM_GRADIENT)]:
+                del registry[key]
         self.function_type = concrete.function_type
         self._captures = list(concrete._captured_inputs)  # variable handles (or callables giving them)
         self._function = concrete._inference_function  # holds the function's registration in TensorFlow's runtime

@@ -91,6 +91,17 @@ def test_the_graph_is_collected_before_the_step_runs():
         gc.enable()
 
 
+def test_a_failed_trace_raises_and_leaves_no_gradient_registered():
+    model = _model(release=True)
+    x, y = _data(4)
+    registered = len(ops.gradient_registry._registry)
+    with pytest.raises(ValueError):  # targets of 2 channels for a 1-channel output: the loss fails in the trace
+        model.train_on_batch(x, np.concatenate([y, y], -1))
+    assert len(ops.gradient_registry._registry) == registered
+    assert model.train_function.traces == 0
+    assert np.isfinite(model.train_on_batch(x, y, return_dict=True)["loss"])
+
+
 def test_a_batch_that_fits_no_trace_is_traced_again_with_relaxed_shapes():
     """train_on_batch traces for the batch's exact shape; another batch size traces once more, relaxed to the
     shapes both share, and every later size fits that trace."""
