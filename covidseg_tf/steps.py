@@ -29,16 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.eager.polymorphic_function import function_type_utils
+from tensorflow.python.framework import ops
 
 log = logging.getLogger(__name__)
 
 _CUSTOM_GRADIENT = "CustomGradient-"  # the names tf.custom_gradient registers its gradients under in a graph
-
-
-def _gradient_registry() -> dict:
-    from tensorflow.python.framework import ops
-
-    return ops.gradient_registry._registry
 
 
 def _without_optionals(data):
@@ -51,7 +47,7 @@ class _TracedStep:
     """One trace of a step for one input signature: the function TensorFlow runs, without its graph."""
 
     def __init__(self, step: Callable, signature: Any, name: str, jit_compile: bool):
-        registry = _gradient_registry()
+        registry = ops.gradient_registry._registry
         before = set(registry)
         t = time.perf_counter()
         # a tf.function of its own, dropped after the trace: its cache would hold the graph
@@ -74,8 +70,6 @@ class _TracedStep:
 
     def inputs(self, data) -> list:
         """The function's flat inputs for `data`; TypeError or ValueError if `data` does not fit the trace."""
-        from tensorflow.python.eager.polymorphic_function import function_type_utils
-
         bound = function_type_utils.canonicalize_function_inputs((data,), {}, self.function_type)
         return list(self.function_type.unpack_inputs(bound))
 
