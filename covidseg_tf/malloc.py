@@ -7,9 +7,10 @@ with glibc's malloc, the default of any Python process, which peaks highest; jem
 is the same with each.
 
 A library must be loaded before the program starts (``LD_PRELOAD``), so the training CLIs re-execute themselves
-once with it (`reexec_for_training`, first thing in their ``__main__``); a process started with ``LD_PRELOAD`` set
-(by hand, a launcher, or that re-execution) is left as it is. ``COVIDSEG_MALLOC`` chooses: ``auto`` (the
-default: tcmalloc, else jemalloc, else nothing), ``none`` (glibc's malloc), or the path of a library to preload.
+once with it (`reexec_for_training`, first thing in their `launch()`, which ``python -m`` and the console scripts
+call); a process started with ``LD_PRELOAD`` set (by hand, a launcher, or that re-execution) is left as it is.
+``COVIDSEG_MALLOC`` chooses: ``auto`` (the default: tcmalloc, else jemalloc, else nothing), ``none`` (glibc's
+malloc), or the path of a library to preload.
 
     >>> training_env({"COVIDSEG_MALLOC": "none"})
     {}
@@ -56,7 +57,7 @@ def training_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 def reexec_for_training() -> None:
     """Replace this process by the same command with `training_env` added (``os.execve`` of ``sys.orig_argv``),
     once: a process started with LD_PRELOAD set is left alone (a launcher or the user chose), as is one where "none"
-    is chosen. Call it first in a training CLI's ``if __name__ == "__main__":``, before TensorFlow is imported."""
+    is chosen. Call it first in a training CLI's `launch()`, before TensorFlow is imported."""
     if os.environ.get("LD_PRELOAD"):
         return
     try:
