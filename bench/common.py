@@ -184,16 +184,24 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, clean_stall: fl
 
 
 # ----------------------------------------------------------------------------------------------- TF setup
-def configure_tf(threads: int | None, inter_threads: int | None) -> dict[str, Any]:
-    """Quiet TF and set its thread pools (must run before TF executes anything). Returns the settings."""
+def configure_tf(threads: int | None, inter_threads: int | None, training: bool = False) -> dict[str, Any]:
+    """Quiet TF and set its thread pools (must run before TF executes anything). Returns the settings. `training`:
+    TensorFlow imported as the training CLIs import it (`covidseg_tf.optional_imports.import_tensorflow`: without
+    Keras' optional pandas / IPython unless COVIDSEG_OPTIONAL_IMPORTS=keep); the settings then name what it left
+    out ("left_out")."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    left_out = None
+    if training:
+        from covidseg_tf.optional_imports import import_tensorflow
+
+        left_out = import_tensorflow()
     import tensorflow as tf
 
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     if inter_threads:
         tf.config.threading.set_inter_op_parallelism_threads(inter_threads)
-    return tf_info()
+    return tf_info() if left_out is None else {**tf_info(), "left_out": left_out}
 
 
 def tf_info() -> dict[str, Any]:

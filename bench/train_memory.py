@@ -3,7 +3,9 @@
 (/proc/self/status VmHWM) and the current RSS (VmRSS) after each phase, and from the runtime phase on the MiB of
 tensors TensorFlow's CPU allocator holds, now and at most so far ("tensors", "tensors_peak"):
 
-  runtime     TensorFlow, Keras and the package's training modules imported (covidseg_tf.train, .data, .models, ...)
+  runtime     TensorFlow, Keras and the package's training modules imported (covidseg_tf.train, .data, .models, ...),
+              TensorFlow as train imports it (without Keras' optional pandas / IPython; --env
+              COVIDSEG_OPTIONAL_IMPORTS=keep: with them)
   pipeline    (--input data|pipeline) the TFDS builder opened, the Stage-1 mask table made (infection stage,
               --lung-model), the training pipeline built as covidseg_tf.train builds it
   data        (--input data) --data-batches batches drawn through that pipeline, no model: the tf.data share
@@ -23,9 +25,10 @@ tensors TensorFlow's CPU allocator holds, now and at most so far ("tensors", "te
 bench/compare_peer.py compares with the peer's); --input pipeline: model.fit over the real training pipeline
 (covidseg_tf.data.make_pipeline on the TFDS data, augmentation, shuffle, prefetch), the step time from a callback;
 --input data: the pipeline alone. A lever is one change from the defaults: --env KEY=VALUE (e.g. MALLOC_ARENA_MAX=2,
-LD_PRELOAD=..., TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1), --keras-steps, --remat-encoder, --jit, --steps-per-execution,
---no-metrics, --pipeline KEY=VALUE (keywords of make_pipeline, e.g. shuffle_buffer=256). Step times share the box
-with whatever else runs (foreign_cpu_frac says how much): compare them only within one alternating run.
+LD_PRELOAD=..., TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1, COVIDSEG_OPTIONAL_IMPORTS=keep), --keras-steps, --remat-encoder,
+--jit, --steps-per-execution, --no-metrics, --pipeline KEY=VALUE (keywords of make_pipeline, e.g.
+shuffle_buffer=256). Step times share the box with whatever else runs (foreign_cpu_frac says how much): compare them
+only within one alternating run.
 
 Prints ONE JSON line; --json-out appends it to a file (bench/results/train_memory.jsonl).
 
@@ -153,7 +156,7 @@ def traced_step(model, data: tuple, phases: dict, rec: dict):
 # ----------------------------------------------------------------------------------------------- worker
 def worker(args, stage: str) -> dict:
     phases: dict[str, dict[str, float]] = {}
-    tfinfo = common.configure_tf(args.threads, args.inter_threads)
+    tfinfo = common.configure_tf(args.threads, args.inter_threads, training=True)  # imported as train does
     import keras
     import numpy as np
     import tensorflow as tf

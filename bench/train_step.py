@@ -86,7 +86,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------- worker
 def worker(args, conf: dict) -> dict:
     """One (stage, precision, batch) run in this process."""
-    tfinfo = common.configure_tf(args.threads, args.inter_threads)
+    tfinfo = common.configure_tf(args.threads, args.inter_threads, training=True)  # imported as train does
     import keras
     import numpy as np
     import tensorflow as tf
