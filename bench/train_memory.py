@@ -117,7 +117,7 @@ def rss_mib() -> dict[str, float]:
     """{"hwm": VmHWM, "rss": VmRSS} of this process, MiB; once TensorFlow is imported also "tensors" and
     "tensors_peak": the bytes TensorFlow's CPU allocator has handed out now and at most so far
     (`tf.config.experimental.get_memory_info`): live tensors, without what the allocators keep free, the runtime,
-    the graphs and the kernels."""
+    the graphs and the kernels; under tcmalloc also `tcmalloc_mib`."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -126,6 +126,24 @@ def rss_mib() -> dict[str, float]:
     if "tensorflow" in sys.modules:
         info = sys.modules["tensorflow"].config.experimental.get_memory_info("CPU:0")
         out.update(tensors=round(info["current"] / 2**20, 1), tensors_peak=round(info["peak"] / 2**20, 1))
+    out.update(tcmalloc_mib())
+    return out
+
+
+def tcmalloc_mib() -> dict[str, float]:
+    """Under a preloaded tcmalloc (which gives TensorFlow's tensors with TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1, when
+    get_memory_info sees none): {"malloc_in_use": bytes handed out now, "malloc_heap": its heap, which it keeps
+    (the peak of what was in use, plus its free lists)}; {} under another malloc."""
+    import ctypes
+
+    get = getattr(ctypes.CDLL(None), "MallocExtension_GetNumericProperty", None)
+    if get is None:
+        return {}
+    out = {}
+    for key, prop in (("malloc_in_use", b"generic.current_allocated_bytes"), ("malloc_heap", b"generic.heap_size")):
+        value = ctypes.c_size_t()
+        if get(prop, ctypes.byref(value)):
+            out[key] = round(value.value / 2**20, 1)
     return out
 
 

@@ -10,12 +10,17 @@ and the model-wide swap to them.
   input's dtype (Keras first casts a bfloat16 map to float32, then takes a Mean).
 - `MatMulConv2D`: a 1x1 Conv2D applied to 1x1 maps (the squeeze-excitation convolutions of EfficientNet) as a
   matrix product with its bias and activation, not a convolution with its fixed cost per call.
+- `UpsamplingConv2D`: a U-Net decoder stage's UpSampling2D, Concatenate and first Conv2D as one layer, whose
+  training gradient builds the concatenation again instead of holding it through the forward pass (less memory
+  at the step's peak). It changes the graph, not only a class: `models.build_unet` builds the decoder with it;
+  models saved before it keep their three layers (and get `NearestUpSampling2D` by the swap).
 
 Each is a registered subclass of the layer it stands for (``covidseg_tf>...`` in a saved model's config), takes the
 same weights, and falls back to the parent's ``call`` for inputs it does not cover (dynamic sizes, other layouts).
 `models.build_unet` builds its models with them (training and inference), in the clone that also sets the BatchNorm
 class; `optimize.fold_batchnorm` gives them to models saved before they existed. `plain_class` maps back to Keras'
-classes (TFLite conversion keeps those).
+classes (TFLite conversion keeps those; `UpsamplingConv2D` has none and converts as its inference ops: a resize, a
+concatenation and a convolution).
 """
 
 from __future__ import annotations
@@ -30,19 +35,62 @@ from keras import layers
 log = logging.getLogger(__name__)
 
 
+def _resize_nearest(x: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """x (channels last) repeated `size` times along height and width, as one ``ResizeNearestNeighbor``."""
+    h, w = x.shape[1], x.shape[2]
+    new = (h * size[0], w * size[1]) if h is not None and w is not None else tf.shape(x)[1:3] * size
+    return tf.image.resize(x, new, method="nearest")
+
+
+def _block_sums(dy: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """The gradient of `_resize_nearest`: the sum of each `size` block of `dy`, as one oneDNN average pool times the
+    block's area (TensorFlow's own, ``ResizeNearestNeighborGrad``, is a slower generic loop)."""
+    return tf.nn.avg_pool2d(dy, size, size, "VALID") * tf.cast(size[0] * size[1], dy.dtype)
+
+
 def _upsample_nearest(x: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    """x repeated `size` times along height and width as one ``ResizeNearestNeighbor``; its gradient, the sum of each
-    output block, as one oneDNN average pool times the block's area (TensorFlow's own, ``ResizeNearestNeighborGrad``,
-    is a slower generic loop)."""
+    """`_resize_nearest` with `_block_sums` as its gradient."""
 
     @tf.custom_gradient
     def upsample(x):
-        def grad(dy):
-            return tf.nn.avg_pool2d(dy, size, size, "VALID") * tf.cast(size[0] * size[1], dy.dtype)
-
-        return tf.image.resize(x, (x.shape[1] * size[0], x.shape[2] * size[1]), method="nearest"), grad
+        return _resize_nearest(x, size), lambda dy: _block_sums(dy, size)
 
     return upsample(x)
+
+
+def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, size: tuple[int, int],
+                       padding: str) -> tf.Tensor:
+    """conv2d(concat([_resize_nearest(x, size), *skips]), kernel) (stride 1, channels last), whose gradient builds
+    that concatenation again from x and the skips instead of keeping it from the forward pass (x and the skips are
+    kept anyway: by the layers that made them)."""
+
+    def assemble(x, skips):
+        up = _resize_nearest(x, size)
+        return tf.concat([up, *skips], axis=-1) if skips else up
+
+    strides = [1, 1, 1, 1]
+
+    @tf.custom_gradient
+    def conv(x, *rest):
+        *skips, kernel = rest
+
+        def grad(dy):
+            shape = tf.concat([tf.shape(dy)[:3], [sum(t.shape[-1] for t in (x, *skips))]], 0)
+            dinp = tf.raw_ops.Conv2DBackpropInput(input_sizes=shape, filter=kernel, out_backprop=dy, strides=strides,
+                                                  padding=padding)
+            parts = tf.split(dinp, [x.shape[-1], *(s.shape[-1] for s in skips)], axis=-1) if skips else [dinp]
+            dinputs = [_block_sums(parts[0], size), *parts[1:]]
+            # the input again, once the input gradients are made (their buffers freed first): new ops after the
+            # forward pass, which grappler does not merge with the forward's
+            with tf.control_dependencies(dinputs):
+                inp = assemble(tf.identity(x), skips)
+            dkernel = tf.raw_ops.Conv2DBackpropFilter(input=inp, filter_sizes=tf.shape(kernel), out_backprop=dy,
+                                                      strides=strides, padding=padding)
+            return (*dinputs, dkernel)
+
+        return tf.nn.conv2d(assemble(x, skips), kernel, strides, padding), grad
+
+    return conv(x, *skips, kernel)
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
@@ -62,6 +110,58 @@ class NearestUpSampling2D(layers.UpSampling2D):
         if training:  # the custom gradient's IdentityN would stay in an inference graph
             return _upsample_nearest(inputs, tuple(self.size))
         return tf.image.resize(inputs, (h * self.size[0], w * self.size[1]), method="nearest")
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class UpsamplingConv2D(layers.Conv2D):
+    """A Conv2D (stride 1, channels last) applied to its first input upsampled `upsampling` times (nearest
+    neighbour) and concatenated with the others along channels: a U-Net decoder stage's UpSampling2D, Concatenate
+    and first convolution as one layer, called on ``[x, skip]`` or ``[x]``. Its weights are those of the Conv2D.
+    In training its gradient builds the concatenation again (two copies: cheap) instead of keeping it from the
+    forward pass to the backward pass, where it is the largest tensor of the stage.
+
+    >>> conv = UpsamplingConv2D(1, 1, use_bias=False, kernel_initializer="ones")
+    >>> x, skip = keras.ops.reshape(keras.ops.arange(2.0), (1, 1, 2, 1)), keras.ops.ones((1, 2, 4, 1))
+    >>> keras.ops.convert_to_numpy(conv([x, skip]))[0, :, :, 0].tolist()
+    [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+    """
+
+    def __init__(self, *args, upsampling: int | tuple[int, int] = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        if (tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1) or self.groups != 1
+                or self.data_format != "channels_last"):
+            raise ValueError(f"{type(self).__name__} {self.name}: strides 1, dilation 1, groups 1 and channels "
+                             f"last only")
+        self.upsampling = (upsampling, upsampling) if isinstance(upsampling, int) else tuple(upsampling)
+        self.input_spec = None  # a list of inputs
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "upsampling": list(self.upsampling)}
+
+    def _conv_input_shape(self, input_shape) -> tuple:
+        """The shape of the upsampled and concatenated input the convolution sees."""
+        shapes = input_shape if isinstance(input_shape[0], (list, tuple)) else [input_shape]
+        b, h, w, _ = shapes[0]
+        return (b, None if h is None else h * self.upsampling[0], None if w is None else w * self.upsampling[1],
+                sum(shape[-1] for shape in shapes))
+
+    def build(self, input_shape):
+        super().build(self._conv_input_shape(input_shape))
+        self.input_spec = None
+
+    def compute_output_shape(self, input_shape):
+        return super().compute_output_shape(self._conv_input_shape(input_shape))
+
+    def call(self, inputs, training=None):
+        x, *skips = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if not training:
+            up = _resize_nearest(x, self.upsampling)
+            return super().call(tf.concat([up, *skips], axis=-1) if skips else up)
+        kernel = keras.ops.cast(self.kernel, x.dtype)
+        y = _conv_of_upsampled(x, skips, kernel, self.upsampling, self.padding.upper())
+        if self.use_bias:
+            y = tf.nn.bias_add(y, keras.ops.cast(self.bias, y.dtype))
+        return y if self.activation is None else self.activation(y)
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")

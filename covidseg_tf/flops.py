@@ -29,9 +29,8 @@ def conv_flops_per_image(model: Any) -> dict[str, int]:
             dw += 2 * kh * kw * h * w * c
         elif isinstance(layer, layers.Conv2D):
             _, h, w, cout = layer.output.shape
-            cin = layer.input.shape[-1]
-            kh, kw = layer.kernel_size
-            conv += 2 * kh * kw * (cin // layer.groups) * cout * h * w
+            kh, kw, cin_per_group, _ = layer.kernel.shape  # also for a conv of several inputs (UpsamplingConv2D)
+            conv += 2 * kh * kw * cin_per_group * cout * h * w
         elif isinstance(layer, layers.Dense):
             dense += 2 * layer.input.shape[-1] * layer.units
     return {"conv": int(conv), "depthwise": int(dw), "dense": int(dense), "total": int(conv + dw + dense)}

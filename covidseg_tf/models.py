@@ -1,11 +1,14 @@
 """U-Net with a keras.applications EfficientNet encoder, for both stages of the cascade.
 
-The decoder follows segmentation_models' ``Unet`` (qubvel, Keras) layer for layer: decoder stages of
+The decoder follows segmentation_models' ``Unet`` (qubvel, Keras): decoder stages of
 UpSampling2D + concat + 2 x (Conv3x3 without bias, BatchNorm, ReLU) with 256/128/64/32/16 filters, a 3x3
-``final_conv`` and a sigmoid (kept in float32 under a mixed-precision policy). Layer names are the same as
-segmentation_models' (``decoder_stage0_upsampling``, ``decoder_stage0_concat``, ``decoder_stage0a_conv``,
-``decoder_stage0a_bn``, ``decoder_stage0a_relu``, ..., ``final_conv``, ``sigmoid``), encoder layers keep
-their keras.applications names (``stem_conv``, ``block1a_dwconv``, ..., ``top_activation``).
+``final_conv`` and a sigmoid (kept in float32 under a mixed-precision policy). Each stage's upsampling, concat and
+first convolution are one layer, covidseg_tf.fast_layers.UpsamplingConv2D (the same values and weights; in training
+it does not keep the concatenation for the backward pass). Layer names are segmentation_models'
+(``decoder_stage0a_conv`` (that layer), ``decoder_stage0a_bn``, ``decoder_stage0a_relu``, ``decoder_stage0b_conv``,
+..., ``final_conv``, ``sigmoid``); models saved before it have separate ``decoder_stage0_upsampling`` and
+``decoder_stage0_concat`` layers and load as they were. Encoder layers keep their keras.applications names
+(``stem_conv``, ``block1a_dwconv``, ..., ``top_activation``).
 
 Where the decoder taps the encoder is the *layout* (``build_unet(layout=...)``, ``StageConfig.unet_layout``):
 
@@ -87,7 +90,7 @@ from covidseg_tf.config import (
     UNET_LAYOUTS,
     StageConfig,
 )
-from covidseg_tf.fast_layers import faster_class, with_layer_classes
+from covidseg_tf.fast_layers import UpsamplingConv2D, faster_class, with_layer_classes
 
 log = logging.getLogger(__name__)
 
@@ -346,24 +349,29 @@ def set_input_normalization(model: keras.Model) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def bn_relu(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
+    """BatchNorm -> ReLU, layers named f"{name}_bn/_relu"."""
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
 def conv3x3_bn_relu(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
     """Conv3x3 (no bias, he_uniform) -> BatchNorm -> ReLU, layers named f"{name}_conv/_bn/_relu"."""
     x = layers.Conv2D(
         filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform", name=f"{name}_conv"
     )(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
-    return layers.Activation("relu", name=f"{name}_relu")(x)
+    return bn_relu(x, name)
 
 
 def decoder_block(
     x: keras.KerasTensor, skip: keras.KerasTensor | None, filters: int, stage: int
 ) -> keras.KerasTensor:
-    """One decoder stage: UpSampling2D x2, concat with the skip (if any), two conv3x3_bn_relu."""
-    x = layers.UpSampling2D(size=2, name=f"decoder_stage{stage}_upsampling")(x)
-    if skip is not None:
-        x = layers.Concatenate(axis=-1, name=f"decoder_stage{stage}_concat")([x, skip])
-    x = conv3x3_bn_relu(x, filters, name=f"decoder_stage{stage}a")
-    return conv3x3_bn_relu(x, filters, name=f"decoder_stage{stage}b")
+    """One decoder stage: UpSampling2D x2, concat with the skip (if any) and the first conv3x3 as one
+    `UpsamplingConv2D` (``decoder_stage{stage}a_conv``), its BatchNorm and ReLU, then a second conv3x3_bn_relu."""
+    name = f"decoder_stage{stage}a"
+    x = UpsamplingConv2D(filters, 3, upsampling=2, padding="same", use_bias=False, kernel_initializer="he_uniform",
+                         name=f"{name}_conv")([x] if skip is None else [x, skip])
+    return conv3x3_bn_relu(bn_relu(x, name), filters, name=f"decoder_stage{stage}b")
 
 
 def segmentation_head(x: keras.KerasTensor, dropout: float = 0.0, classes: int = 1) -> keras.KerasTensor:

@@ -13,6 +13,7 @@ from covidseg_tf.config import default_config
 from covidseg_tf.fast_layers import (
     MatMulConv2D,
     NearestUpSampling2D,
+    UpsamplingConv2D,
     WindowAveragePooling2D,
     faster_class,
     plain_class,
@@ -45,7 +46,10 @@ def _count(model: keras.Model) -> dict[type, int]:
 def test_the_unet_is_built_with_the_fast_layers(model):
     counts = _count(model)
     se_convs = [layer for layer in model.layers if layer.name.endswith(("se_reduce", "se_expand"))]
-    assert counts[NearestUpSampling2D] == 5  # one per decoder stage
+    decoder = [layer for layer in model.layers if isinstance(layer, UpsamplingConv2D)]
+    assert [layer.name for layer in decoder] == [f"decoder_stage{i}a_conv" for i in range(5)]
+    assert [len(layer._inbound_nodes[0].input_tensors) for layer in decoder] == [2, 2, 2, 2, 1]  # full size: no skip
+    assert counts[NearestUpSampling2D] == 0  # in the decoder's UpsamplingConv2D layers
     assert counts[WindowAveragePooling2D] == len(se_convs) // 2 + 1  # every squeeze and the image head's pool
     assert counts[MatMulConv2D] == len(se_convs) > 20
     assert all(type(layer) is MatMulConv2D for layer in se_convs)
@@ -114,6 +118,7 @@ def test_fallbacks_keep_the_parents_call():
     np.testing.assert_allclose(on_map, ref_z @ kernel[0, 0] + bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(on_big, ref_y @ kernel[0, 0] + bias, rtol=1e-5, atol=1e-6)
     assert faster_class(keras.layers.Conv2D(2, 1)).__name__ == "Conv2D"  # never called: no 1x1 input known
+    assert faster_class(keras.layers.UpSampling2D()) is NearestUpSampling2D  # models saved before UpsamplingConv2D
 
 
 def test_saved_model_loads_with_the_fast_layers(model, pixels, tmp_path):
@@ -123,3 +128,98 @@ def test_saved_model_loads_with_the_fast_layers(model, pixels, tmp_path):
     assert _count(loaded.model) == _count(model)
     np.testing.assert_allclose(loaded.model(pixels, training=False)["mask"],
                                model(pixels, training=False)["mask"], atol=1e-6)
+
+
+def _keras_twin(layer: UpsamplingConv2D, n_inputs: int) -> keras.Model:
+    """Keras' UpSampling2D (+ Concatenate) + Conv2D with `layer`'s weights: what UpsamplingConv2D stands for."""
+    shapes = [tuple(t.shape[1:]) for t in layer._inbound_nodes[0].input_tensors][:n_inputs]
+    inputs = [keras.Input(shape) for shape in shapes]
+    up = keras.layers.UpSampling2D(layer.upsampling, dtype=layer.dtype_policy)(inputs[0])
+    cat = keras.layers.Concatenate(dtype=layer.dtype_policy)([up, *inputs[1:]]) if n_inputs > 1 else up
+    conv = keras.layers.Conv2D.from_config({k: v for k, v in layer.get_config().items() if k != "upsampling"})
+    twin = keras.Model(inputs, conv(cat))
+    conv.set_weights(layer.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize("dtype,n_inputs", [("float32", 2), ("float32", 1), ("mixed_bfloat16", 2)])
+def test_upsampling_conv_is_upsampling_concat_and_conv(dtype, n_inputs):
+    """Same outputs and gradients (inputs, kernel, bias) as Keras' three layers, in training (the recomputing
+    gradient) and inference, eager and in a tf.function."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, 3, 4, 5)).astype("float32"))
+    skip = tf.constant(rng.normal(size=(2, 6, 8, 3)).astype("float32"))
+    inputs = [x, skip][:n_inputs]
+    layer = UpsamplingConv2D(4, 3, padding="same", use_bias=True, bias_initializer="glorot_uniform", dtype=dtype)
+    symbolic = [keras.Input(t.shape[1:]) for t in inputs]
+    keras.Model(symbolic, layer(symbolic))
+    twin = _keras_twin(layer, n_inputs)
+    tol = 1e-5 if dtype == "float32" else 3e-2
+
+    def run(fn, training):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = tf.cast(fn(inputs, training=training), "float32")
+            loss = tf.reduce_sum(y * tf.cos(y))
+        variables = [v.value for v in (layer.trainable_weights if fn is layer else twin.trainable_weights)]
+        return [y, *tape.gradient(loss, [*inputs, *variables])]
+
+    for training in (True, False):
+        want = run(twin, training)
+        for got in (run(layer, training), tf.function(lambda t=training: run(layer, t))()):
+            for a, b in zip(got, want):
+                scale = float(tf.reduce_max(tf.abs(b))) + 1e-12
+                assert float(tf.reduce_max(tf.abs(a - b))) <= tol * scale, (training, a.shape)
+    graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(inputs).graph
+    assert "IdentityN" in {op.type for op in graph.get_operations()}  # the custom gradient is in the training graph
+
+
+def test_upsampling_conv_config_round_trip_and_checks():
+    layer = UpsamplingConv2D(4, 3, upsampling=(2, 3), padding="same", name="up")
+    again = UpsamplingConv2D.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config() and again.upsampling == (2, 3)
+    x = keras.Input((5, None, 2))
+    assert again([x, keras.Input((10, None, 1))]).shape == (None, 10, None, 4)
+    with pytest.raises(ValueError, match="strides 1"):
+        UpsamplingConv2D(4, 3, strides=2, name="strided")
+
+
+def _concat_readers(layer, inputs: list[tf.Tensor]) -> tuple[list[str], list[list[str]]]:
+    """The op types that read the forward pass's concatenation, and those reading every other 4-D ConcatV2, in the
+    graph of one training step through `layer` (gradients of the inputs and weights)."""
+
+    @tf.function
+    def step(*inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = layer(list(inputs), training=True)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [*inputs, *layer.trainable_weights])
+
+    graph = step.get_concrete_function(*inputs).graph
+    concats = [op for op in graph.get_operations() if op.type == "ConcatV2" and op.outputs[0].shape.rank == 4]
+    readers = [sorted(c.type for c in op.outputs[0].consumers()) for op in concats]
+    forward = [r for r in readers if "Conv2D" in r]
+    assert len(forward) == 1
+    return forward[0], [r for r in readers if "Conv2D" not in r]
+
+
+def test_upsampling_conv_gradient_builds_the_concatenation_again():
+    """The backward pass does not read the forward pass's concatenation (so it is freed after the convolution): it
+    builds its own, after the input gradients, for the kernel's gradient. Keras' layers keep theirs for it."""
+    x, skip = tf.zeros((1, 4, 4, 3)), tf.zeros((1, 8, 8, 2))
+    layer = UpsamplingConv2D(4, 3, padding="same", use_bias=False)
+    forward, others = _concat_readers(layer, [x, skip])
+    assert forward == ["Conv2D"] and others == [["Conv2DBackpropFilter"]]
+
+    class Twin(keras.layers.Layer):  # Keras' three layers, called the same way
+        def __init__(self):
+            super().__init__()
+            self.up, self.cat = keras.layers.UpSampling2D(), keras.layers.Concatenate()
+            self.conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+
+        def call(self, inputs, training=None):
+            return self.conv(self.cat([self.up(inputs[0]), inputs[1]]))
+
+    forward, others = _concat_readers(Twin(), [x, skip])
+    assert "Conv2DBackpropFilter" in forward and others == []

@@ -91,16 +91,18 @@ def test_layer_names_say_where_they_are():
     model = models.build_unet("efficientnetb0", (SIZE, SIZE, 4), dropout=0.3)
     names = {layer.name for layer in model.layers}
     for stage in range(5):
-        for suffix in ("_upsampling", "a_conv", "a_bn", "a_relu", "b_conv", "b_bn", "b_relu"):
+        for suffix in ("a_conv", "a_bn", "a_relu", "b_conv", "b_bn", "b_relu"):
             assert f"decoder_stage{stage}{suffix}" in names
-    assert {f"decoder_stage{s}_concat" for s in range(4)} <= names
-    assert "decoder_stage4_concat" not in names  # the last stage has no skip (full resolution)
+    # each stage's upsampling and concat are in its first conv (fast_layers.UpsamplingConv2D)
+    assert not any(name.endswith(("_upsampling", "_concat")) for name in names)
+    inputs = {s: len(model.get_layer(f"decoder_stage{s}a_conv")._inbound_nodes[0].input_tensors) for s in range(5)}
+    assert inputs == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1}  # the last stage has no skip (full resolution)
     assert {"pixels", "stem_conv", "top_activation", "head_dropout", "final_conv", "sigmoid"} <= names
     assert model.output.shape == (None, SIZE, SIZE, 1)
     assert model.get_layer("head_dropout").rate == pytest.approx(0.3)
-    # the concat of stage i joins the upsampled features with skip SKIP_LAYERS[i]
-    concat = model.get_layer("decoder_stage0_concat")
-    assert concat.input[1].shape[-1] == model.get_layer(models.SKIP_LAYERS[0]).output.shape[-1]
+    # stage i joins the upsampled features with skip SKIP_LAYERS[i]
+    first = model.get_layer("decoder_stage0a_conv")
+    assert first.input[1].shape[-1] == model.get_layer(models.SKIP_LAYERS[0]).output.shape[-1]
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +399,7 @@ def test_smp_layout_keras_save_load_round_trip(tmp_path):
     loaded = keras.models.load_model(path)  # nothing but the file: the layout is in the saved graph
     np.testing.assert_array_equal(before, loaded(x, training=False).numpy())
     assert loaded.count_params() == model.count_params()
-    assert loaded.get_layer("decoder_stage0_concat").input[1].shape[-1] == 112  # block5c_add, not block6a
+    assert loaded.get_layer("decoder_stage0a_conv").input[1].shape[-1] == 112  # block5c_add, not block6a
     assert "top_conv" not in {layer.name for layer in loaded.layers}
 
 
@@ -427,7 +429,7 @@ def test_build_stage_model_honours_unet_layout():
     assert "top_conv" in {layer.name for layer in old.layers}
     assert "top_conv" not in {layer.name for layer in new.layers}
     assert new.count_params() < old.count_params()
-    assert new.get_layer("decoder_stage3_concat").input[1].shape[-1] == 32  # stem_activation
+    assert new.get_layer("decoder_stage3a_conv").input[1].shape[-1] == 32  # stem_activation
     with pytest.raises(ValueError, match="unknown U-Net layout 'smp'"):
         models.build_stage_model(cfg.replace(unet_layout="smp"))
 

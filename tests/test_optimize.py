@@ -14,7 +14,7 @@ from covidseg_tf.config import default_config
 from covidseg_tf.export import export_stage
 from covidseg_tf.fast_layers import (
     MatMulConv2D,
-    NearestUpSampling2D,
+    UpsamplingConv2D,
     WindowAveragePooling2D,
     plain_class,
     with_layer_classes,
@@ -62,19 +62,22 @@ def test_fp32_copy_equals_the_model(infection_model, pixels):
 
 
 def test_upsampling_squeeze_and_se_convs_become_single_ops(infection_model):
-    """A model saved with Keras' classes (before fast_layers) gets them in its copy: the decoder's upsamplings are one
-    ResizeNearestNeighbor each (no Tile), every squeeze one AvgPool (no Mean, and in bf16 no cast of the map), every
-    squeeze-excitation conv a MatMul; the other convs stay convs. Their values: test_fp32_copy_equals_the_model
-    (and the bf16 tolerance below) hold with them. faster_layers=False builds Keras' classes."""
+    """A model saved with Keras' classes (before fast_layers) gets them in its copy: every squeeze one AvgPool (no
+    Mean, and in bf16 no cast of the map), every squeeze-excitation conv a MatMul; the other convs stay convs; the
+    decoder's upsamplings, inside its UpsamplingConv2D layers (which keep their class and take their BatchNorm),
+    are one ResizeNearestNeighbor each (no Tile). Their values: test_fp32_copy_equals_the_model (and the bf16
+    tolerance below) hold with them. faster_layers=False builds Keras' classes."""
     plain = with_layer_classes(infection_model, plain_class)
-    kinds = {cls: [layer.name for layer in plain.layers if type(layer) is base]
-             for cls, base in ((NearestUpSampling2D, keras.layers.UpSampling2D),
-                               (WindowAveragePooling2D, keras.layers.GlobalAveragePooling2D))}
+    kinds = {WindowAveragePooling2D: [layer.name for layer in plain.layers
+                                      if type(layer) is keras.layers.GlobalAveragePooling2D]}
+    decoder = [layer.name for layer in plain.layers if type(layer) is UpsamplingConv2D]
     se_convs = [layer.name for layer in plain.layers if layer.name.endswith(("se_reduce", "se_expand"))]
-    assert len(kinds[NearestUpSampling2D]) == 5 and len(kinds[WindowAveragePooling2D]) == len(se_convs) // 2 > 10
+    assert len(decoder) == 5 and len(kinds[WindowAveragePooling2D]) == len(se_convs) // 2 > 10
     folded = fold_batchnorm(plain, "bf16")
     for cls, names in kinds.items():
         assert all(type(folded.get_layer(name)) is cls for name in names)
+    assert all(type(folded.get_layer(name)) is UpsamplingConv2D and folded.get_layer(name).use_bias
+               for name in decoder)
     assert set(se_convs) == {layer.name for layer in folded.layers if type(layer) is MatMulConv2D}
     assert not any(type(layer) is MatMulConv2D for layer in fold_batchnorm(infection_model, "bf16",
                                                                           faster_layers=False).layers)
