@@ -62,6 +62,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -702,14 +703,22 @@ def _saved_class(entry: dict[str, Any]) -> type[keras.layers.Layer] | None:
 def _with_saved_layer_classes(model: keras.Model, model_path: Path) -> keras.Model:
     """`model` with each layer rebuilt as the class a run's `model_path` saved under its name, where that differs
     (`fast_layers.with_layer_classes`: same configs and weights; `model` itself when none does). A run's backup
-    addresses each layer by its class (Keras' weights files do), so a resumed run keeps the classes it started with."""
+    addresses each layer by its class (Keras' weights files do), so a resumed run keeps the classes it started with.
+    A run started before the decoder's `fast_layers.UpsamplingConv2D` (its model.keras has separate
+    ``decoder_stage*_upsampling`` layers) keeps its graph: the model is `model_path` loaded."""
     from collections import Counter
+
+    import keras
 
     from covidseg_tf.fast_layers import with_layer_classes
 
     saved = _saved_layer_classes(model_path)
     if not saved:
         return model
+    if any(re.fullmatch(r"decoder_stage\d+_upsampling", name) for name in saved):
+        log.info("%s has the decoder's separate upsampling and concat layers (a run started before "
+                 "fast_layers.UpsamplingConv2D): the resumed run keeps that graph", model_path)
+        return keras.models.load_model(model_path, compile=False)
     names = {layer.name for layer in model.layers}
     if names != saved.keys():
         log.debug("%s: layers without a saved class, built as the code builds them: %s; saved layers the model does "

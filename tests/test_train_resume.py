@@ -378,3 +378,20 @@ def test_layers_without_a_resolvable_saved_class_stay_as_built(tmp_path: Path):
     model = keras.Model(inputs, keras.layers.Conv2D(1, 1, name="built_only")(x))
     rebuilt = train._with_saved_layer_classes(model, path)
     assert _classes(rebuilt) == {**_classes(model), "up": keras.layers.UpSampling2D}
+
+
+def test_a_run_started_before_the_decoders_upsampling_conv_keeps_its_graph(tmp_path: Path):
+    """Its model.keras has separate decoder_stage*_upsampling / _concat layers, which the code no longer builds and
+    its backup addresses: the resumed run trains that graph, loaded, not the one the code builds."""
+    x = inputs = keras.Input((4, 4, 2), name="pixels")
+    skip = keras.layers.Conv2D(3, 1, name="skip")(x)
+    up = keras.layers.UpSampling2D(name="decoder_stage0_upsampling")(keras.layers.MaxPooling2D(name="down")(skip))
+    cat = keras.layers.Concatenate(name="decoder_stage0_concat")([up, skip])
+    old = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding="same", name="decoder_stage0a_conv")(cat))
+    old.save(tmp_path / "model.keras")
+    built = keras.Model(inputs, keras.layers.Conv2D(1, 1, name="decoder_stage0a_conv")(x))
+    resumed = train._with_saved_layer_classes(built, tmp_path / "model.keras")
+    assert [layer.name for layer in resumed.layers] == [layer.name for layer in old.layers]
+    assert resumed is not built
+    np.testing.assert_allclose(resumed.get_layer("decoder_stage0a_conv").kernel,
+                               old.get_layer("decoder_stage0a_conv").kernel)
