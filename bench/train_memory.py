@@ -39,6 +39,8 @@ Examples:
   python bench/train_memory.py --input data --data-batches 240 --stages infection \\
       --lung-model runs/lung/model.keras --lever data_only
   python bench/train_memory.py --size 64 --batch 1 --trace-apart   # the graph's share: tensors are small here
+  python bench/train_memory.py --size 256 --batch 16 --precision bf16 --stages infection --inter-threads 1 \\
+      --timeline --env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1
   python bench/train_memory.py --size 64 --batch 2 --steps 1 --warmup 0          # quick smoke test
 """
 
@@ -86,6 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--keras-steps", action="store_true",
                    help="Keras' own train function, which keeps its traced graph (default: train's, "
                         "covidseg_tf.steps.release_traced_steps)")
+    p.add_argument("--timeline", action="store_true",
+                   help="(--input synthetic, under tcmalloc) one more step with tcmalloc's bytes in use sampled every "
+                        "0.5 ms and its kernels traced: when the step peaks and which layer runs then (record "
+                        "'timeline')")
     p.add_argument("--trace-apart", action="store_true",
                    help="(--input synthetic) trace the training step before it first runs: phase 'traced' and "
                         "graph_ops (see above)")
@@ -108,6 +114,8 @@ def parse_args(argv=None):
     common.add_common_args(p)
     p.set_defaults(steps=4, warmup=2)
     args = p.parse_args(argv)
+    if args.timeline and args.input != "synthetic":
+        p.error(f"--timeline times train_on_batch's step; --input {args.input} runs model.fit (use synthetic)")
     if args.trace_apart and args.input != "synthetic":
         p.error(f"--trace-apart traces train_on_batch's step; --input {args.input} runs model.fit (use synthetic)")
     return args
@@ -145,6 +153,65 @@ def tcmalloc_mib() -> dict[str, float]:
         if get(prop, ctypes.byref(value)):
             out[key] = round(value.value / 2**20, 1)
     return out
+
+
+def step_timeline(step, points: int = 20) -> dict:
+    """One call of `step` with tcmalloc's bytes in use sampled every 0.5 ms by a thread and its kernels traced by
+    TensorFlow's profiler (bench/op_profile.py reads the trace): "before" (MiB in use before the step), "peak_mib"
+    and "peak_at" (its fraction of the step), "peak_layer" (the layer whose kernel started last before the peak),
+    and "curve": [fraction, MiB in use, layer] at `points` + 1 even steps through the step. The profiler's clock is
+    aligned on the step's first kernel, so a layer is where the step was to within a kernel or so."""
+    import bisect
+    import tempfile
+    import threading
+
+    import op_profile
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    if "malloc_in_use" not in tcmalloc_mib():
+        return {"error": "not under tcmalloc (LD_PRELOAD it, and TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1)"}
+    samples: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            samples.append((time.time_ns(), tcmalloc_mib()["malloc_in_use"]))
+            time.sleep(0.0005)
+
+    with tempfile.TemporaryDirectory(prefix="timeline_") as tmp:
+        tf.profiler.experimental.start(tmp)
+        thread = threading.Thread(target=sample)
+        thread.start()
+        t0 = time.time_ns()
+        step()
+        t1 = time.time_ns()
+        done.set()
+        thread.join()
+        tf.profiler.experimental.stop()
+        kernels = []
+        for path in op_profile.trace_files(Path(tmp)):
+            for plane in xplane_pb2.XSpace.FromString(path.read_bytes()).planes:
+                if plane.name.startswith("/host:"):
+                    names = {i: m.name for i, m in plane.event_metadata.items()}
+                    kernels += [(line.timestamp_ns + e.offset_ps // 1000, m["name"]) for line in plane.lines
+                                for e in line.events if (m := op_profile._KERNEL.match(names.get(e.metadata_id, "")))]
+    kernels.sort()
+    shift = t0 - kernels[0][0] if kernels else 0
+    starts = [t + shift for t, _ in kernels]
+
+    def layer_at(t: int) -> str:
+        i = bisect.bisect_right(starts, t) - 1
+        return "/".join(kernels[i][1].split("/")[:2]) if i >= 0 else ""
+
+    def at(fraction: float) -> tuple[int, float]:
+        t = t0 + (t1 - t0) * fraction
+        return min(samples, key=lambda s: abs(s[0] - t))
+
+    peak = max(samples, key=lambda s: s[1])
+    return {"before": samples[0][1], "peak_mib": peak[1], "peak_at": round((peak[0] - t0) / (t1 - t0), 3),
+            "peak_layer": layer_at(peak[0]), "step_s": round((t1 - t0) / 1e9, 3), "samples": len(samples),
+            "curve": [[i / points, at(i / points)[1], layer_at(at(i / points)[0])] for i in range(points + 1)]}
 
 
 def traced_step(model, data: tuple, phases: dict, rec: dict):
@@ -296,6 +363,8 @@ def worker(args, stage: str) -> dict:
             own = (cpu1 - cpu0) * os.sysconf("SC_CLK_TCK") / total
             rec["foreign_cpu_frac"] = round(max(0.0, (busy1[0] - busy0[0]) / total - own), 3)
     phases["steady"] = rss_mib()
+    if args.timeline:  # after the peak was read: the profiler's buffers are not the step's
+        rec["timeline"] = step_timeline(step)
     import ctypes
     import gc
 
@@ -322,7 +391,7 @@ def main(argv=None):
               "remat_encoder": args.remat_encoder, "jit": args.jit,
               "steps_per_execution": args.steps_per_execution, "metrics": not args.no_metrics,
               "optimizer": args.optimizer, "grappler": common.key_values(args.grappler),
-              "trace_apart": args.trace_apart, "keras_steps": args.keras_steps,
+              "trace_apart": args.trace_apart, "keras_steps": args.keras_steps, "timeline": args.timeline,
               "steps": args.steps, "warmup": args.warmup, "results": []}
     argv = sys.argv[1:] if argv is None else list(argv)
     for stage in args.stages:
