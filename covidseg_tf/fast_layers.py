@@ -75,7 +75,7 @@ def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, 
         *skips, kernel = rest
 
         def grad(dy):
-            shape = tf.concat([tf.shape(dy)[:3], [sum(t.shape[-1] for t in (x, *skips))]], 0)
+            shape = tf.concat([tf.shape(x)[:1], tf.shape(x)[1:3] * size, [sum(t.shape[-1] for t in (x, *skips))]], 0)
             dinp = tf.raw_ops.Conv2DBackpropInput(input_sizes=shape, filter=kernel, out_backprop=dy, strides=strides,
                                                   padding=padding)
             parts = tf.split(dinp, [x.shape[-1], *(s.shape[-1] for s in skips)], axis=-1) if skips else [dinp]

@@ -142,15 +142,16 @@ def _keras_twin(layer: UpsamplingConv2D, n_inputs: int) -> keras.Model:
     return twin
 
 
-@pytest.mark.parametrize("dtype,n_inputs", [("float32", 2), ("float32", 1), ("mixed_bfloat16", 2)])
-def test_upsampling_conv_is_upsampling_concat_and_conv(dtype, n_inputs):
+@pytest.mark.parametrize("dtype,n_inputs,padding", [("float32", 2, "same"), ("float32", 1, "valid"),
+                                                    ("mixed_bfloat16", 2, "same")])
+def test_upsampling_conv_is_upsampling_concat_and_conv(dtype, n_inputs, padding):
     """Same outputs and gradients (inputs, kernel, bias) as Keras' three layers, in training (the recomputing
     gradient) and inference, eager and in a tf.function."""
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(2, 3, 4, 5)).astype("float32"))
     skip = tf.constant(rng.normal(size=(2, 6, 8, 3)).astype("float32"))
     inputs = [x, skip][:n_inputs]
-    layer = UpsamplingConv2D(4, 3, padding="same", use_bias=True, bias_initializer="glorot_uniform", dtype=dtype)
+    layer = UpsamplingConv2D(4, 3, padding=padding, use_bias=True, bias_initializer="glorot_uniform", dtype=dtype)
     symbolic = [keras.Input(t.shape[1:]) for t in inputs]
     keras.Model(symbolic, layer(symbolic))
     twin = _keras_twin(layer, n_inputs)
