@@ -282,15 +282,24 @@ def test_kill_at_other_points_resumes_without_a_lost_or_doubled_epoch(synthetic_
 def test_run_started_before_the_fast_layers_resumes_with_keras_classes(synthetic_data_dir: Path, tmp_path: Path,
                                                                        caplog):
     """A run started when build_unet built Keras' own UpSampling2D / GlobalAveragePooling2D / 1x1 Conv2D (before
-    covidseg_tf.fast_layers) resumes: its backup addresses layers by class, so the resumed model keeps those."""
+    covidseg_tf.fast_layers) and a decoder of separate upsampling, concat and conv layers (before UpsamplingConv2D)
+    resumes: its backup addresses layers by class and position, so the resumed model is the graph it saved."""
     import logging
 
     from covidseg_tf import models
+
+    def old_decoder_block(x, skip, filters, stage):  # build_unet's decoder stage before UpsamplingConv2D
+        x = keras.layers.UpSampling2D(size=2, name=f"decoder_stage{stage}_upsampling")(x)
+        if skip is not None:
+            x = keras.layers.Concatenate(axis=-1, name=f"decoder_stage{stage}_concat")([x, skip])
+        x = models.conv3x3_bn_relu(x, filters, name=f"decoder_stage{stage}a")
+        return models.conv3x3_bn_relu(x, filters, name=f"decoder_stage{stage}b")
 
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "make_overlay_callback", _crashing(train.make_overlay_callback))
         mp.setattr(models, "faster_class", lambda layer: type(layer))  # the build before fast_layers
+        mp.setattr(models, "decoder_block", old_decoder_block)
         with pytest.raises(_Crash):
             train.main(_train_cmd(synthetic_data_dir, out, 1)[3:])
     started = train._saved_layer_classes(out / "model.keras")
@@ -298,7 +307,7 @@ def test_run_started_before_the_fast_layers_resumes_with_keras_classes(synthetic
 
     caplog.set_level(logging.INFO, logger="covidseg_tf.train")
     train.main(_train_cmd(synthetic_data_dir, out, 2)[3:])
-    assert "keep the classes the run was started with" in caplog.text and " UpSampling2D" in caplog.text
+    assert "the resumed run keeps that graph" in caplog.text
     assert [r["epoch"] for r in _rows(out / "history.csv")] == ["0", "1"]
     # the same classes; names may not be (Keras numbers unnamed layers per process: "rescaling_1" when rebuilt)
     resumed = train._saved_layer_classes(out / "model.keras")
