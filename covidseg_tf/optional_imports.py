@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def hidden(names: Iterable[str]) -> Iterator[list[str]]:
                 del sys.modules[name]
 
 
-def import_tensorflow(environ: dict[str, str] | os._Environ = os.environ) -> list[str]:
+def import_tensorflow(environ: Mapping[str, str] = os.environ) -> list[str]:
     """Import TensorFlow (and with it Keras) with `KERAS_OPTIONAL` hidden; return the names left out ([] when
     TensorFlow was already imported, or with ``COVIDSEG_OPTIONAL_IMPORTS=keep``: then it imports them as usual).
 
