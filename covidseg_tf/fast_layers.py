@@ -42,6 +42,12 @@ def _resize_nearest(x: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     return tf.image.resize(x, new, method="nearest")
 
 
+def _upsampled_concat(x: tf.Tensor, skips: list[tf.Tensor], size: tuple[int, int]) -> tf.Tensor:
+    """`_resize_nearest(x, size)` concatenated with `skips` along channels (alone without skips)."""
+    up = _resize_nearest(x, size)
+    return tf.concat([up, *skips], axis=-1) if skips else up
+
+
 def _block_sums(dy: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     """The gradient of `_resize_nearest`: the sum of each `size` block of `dy`, as one oneDNN average pool times the
     block's area (TensorFlow's own, ``ResizeNearestNeighborGrad``, is a slower generic loop)."""
@@ -64,10 +70,6 @@ def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, 
     that concatenation again from x and the skips instead of keeping it from the forward pass (x and the skips are
     kept anyway: by the layers that made them)."""
 
-    def assemble(x, skips):
-        up = _resize_nearest(x, size)
-        return tf.concat([up, *skips], axis=-1) if skips else up
-
     strides = [1, 1, 1, 1]
 
     @tf.custom_gradient
@@ -83,12 +85,12 @@ def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, 
             # the input again, once the input gradients are made (their buffers freed first): new ops after the
             # forward pass, which grappler does not merge with the forward's
             with tf.control_dependencies(dinputs):
-                inp = assemble(tf.identity(x), skips)
+                inp = _upsampled_concat(tf.identity(x), skips, size)
             dkernel = tf.raw_ops.Conv2DBackpropFilter(input=inp, filter_sizes=tf.shape(kernel), out_backprop=dy,
                                                       strides=strides, padding=padding)
             return (*dinputs, dkernel)
 
-        return tf.nn.conv2d(assemble(x, skips), kernel, strides, padding), grad
+        return tf.nn.conv2d(_upsampled_concat(x, skips, size), kernel, strides, padding), grad
 
     return conv(x, *skips, kernel)
 
@@ -155,8 +157,7 @@ class UpsamplingConv2D(layers.Conv2D):
     def call(self, inputs, training=None):
         x, *skips = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         if not training:
-            up = _resize_nearest(x, self.upsampling)
-            return super().call(tf.concat([up, *skips], axis=-1) if skips else up)
+            return super().call(_upsampled_concat(x, skips, self.upsampling))
         kernel = keras.ops.cast(self.kernel, x.dtype)
         y = _conv_of_upsampled(x, skips, kernel, self.upsampling, self.padding.upper())
         if self.use_bias:
