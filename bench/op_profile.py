@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,28 +58,30 @@ def trace_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).rglob("*.xplane.pb"))
 
 
-def kernel_seconds(folder: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Seconds per op type and per (op type, layer) over the kernel events of the host planes of every
-    `*.xplane.pb` under `folder`."""
+def kernel_events(folder: Path) -> Iterator[tuple[int, float, str, str]]:
+    """(start in ns on the profiler's clock, seconds, op type, layer) of every kernel event of the host planes of
+    every `*.xplane.pb` under `folder`; the layer is the op name's first two scopes."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    per_type: dict[str, float] = collections.defaultdict(float)
-    per_layer: dict[str, float] = collections.defaultdict(float)
     for path in trace_files(folder):
-        space = xplane_pb2.XSpace.FromString(path.read_bytes())
-        for plane in space.planes:
+        for plane in xplane_pb2.XSpace.FromString(path.read_bytes()).planes:
             if not plane.name.startswith("/host:"):
                 continue
             names = {i: m.name for i, m in plane.event_metadata.items()}
             for line in plane.lines:
                 for event in line.events:
-                    m = _KERNEL.match(names.get(event.metadata_id, ""))
-                    if not m:
-                        continue
-                    seconds = event.duration_ps / 1e12
-                    per_type[m["type"]] += seconds
-                    layer = "/".join(m["name"].split("/")[:2])
-                    per_layer[f"{m['type']} @ {layer}"] += seconds
+                    if m := _KERNEL.match(names.get(event.metadata_id, "")):
+                        yield (line.timestamp_ns + event.offset_ps // 1000, event.duration_ps / 1e12, m["type"],
+                               "/".join(m["name"].split("/")[:2]))
+
+
+def kernel_seconds(folder: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per op type and per (op type, layer) over `kernel_events`."""
+    per_type: dict[str, float] = collections.defaultdict(float)
+    per_layer: dict[str, float] = collections.defaultdict(float)
+    for _, seconds, op_type, layer in kernel_events(folder):
+        per_type[op_type] += seconds
+        per_layer[f"{op_type} @ {layer}"] += seconds
     return per_type, per_layer
 
 

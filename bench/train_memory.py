@@ -47,6 +47,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 log = logging.getLogger("bench.train_memory")
+_IN_USE = b"generic.current_allocated_bytes"  # tcmalloc's bytes handed out now
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -138,21 +141,28 @@ def rss_mib() -> dict[str, float]:
     return out
 
 
+@functools.cache
+def _tcmalloc_property() -> Callable | None:
+    """tcmalloc's MallocExtension_GetNumericProperty when it is preloaded, else None (looked up once)."""
+    import ctypes
+
+    return getattr(ctypes.CDLL(None), "MallocExtension_GetNumericProperty", None)
+
+
+def _tcmalloc_value_mib(prop: bytes) -> float | None:
+    """tcmalloc's numeric property `prop` in MiB; None without tcmalloc or when it does not know `prop`."""
+    import ctypes
+
+    get, value = _tcmalloc_property(), ctypes.c_size_t()
+    return round(value.value / 2**20, 1) if get is not None and get(prop, ctypes.byref(value)) else None
+
+
 def tcmalloc_mib() -> dict[str, float]:
     """Under a preloaded tcmalloc (which gives TensorFlow's tensors with TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1, when
     get_memory_info sees none): {"malloc_in_use": bytes handed out now, "malloc_heap": its heap, which it keeps
     (the peak of what was in use, plus its free lists)}; {} under another malloc."""
-    import ctypes
-
-    get = getattr(ctypes.CDLL(None), "MallocExtension_GetNumericProperty", None)
-    if get is None:
-        return {}
-    out = {}
-    for key, prop in (("malloc_in_use", b"generic.current_allocated_bytes"), ("malloc_heap", b"generic.heap_size")):
-        value = ctypes.c_size_t()
-        if get(prop, ctypes.byref(value)):
-            out[key] = round(value.value / 2**20, 1)
-    return out
+    values = {"malloc_in_use": _tcmalloc_value_mib(_IN_USE), "malloc_heap": _tcmalloc_value_mib(b"generic.heap_size")}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def step_timeline(step, points: int = 20) -> dict:
@@ -167,16 +177,15 @@ def step_timeline(step, points: int = 20) -> dict:
 
     import op_profile
     import tensorflow as tf
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    if "malloc_in_use" not in tcmalloc_mib():
+    if _tcmalloc_value_mib(_IN_USE) is None:
         return {"error": "not under tcmalloc (LD_PRELOAD it, and TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1)"}
     samples: list[tuple[int, float]] = []
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            samples.append((time.time_ns(), tcmalloc_mib()["malloc_in_use"]))
+            samples.append((time.time_ns(), _tcmalloc_value_mib(_IN_USE)))
             time.sleep(0.0005)
 
     with tempfile.TemporaryDirectory(prefix="timeline_") as tmp:
@@ -189,20 +198,13 @@ def step_timeline(step, points: int = 20) -> dict:
         done.set()
         thread.join()
         tf.profiler.experimental.stop()
-        kernels = []
-        for path in op_profile.trace_files(Path(tmp)):
-            for plane in xplane_pb2.XSpace.FromString(path.read_bytes()).planes:
-                if plane.name.startswith("/host:"):
-                    names = {i: m.name for i, m in plane.event_metadata.items()}
-                    kernels += [(line.timestamp_ns + e.offset_ps // 1000, m["name"]) for line in plane.lines
-                                for e in line.events if (m := op_profile._KERNEL.match(names.get(e.metadata_id, "")))]
-    kernels.sort()
+        kernels = sorted((start, layer) for start, _, _, layer in op_profile.kernel_events(Path(tmp)))
     shift = t0 - kernels[0][0] if kernels else 0
     starts = [t + shift for t, _ in kernels]
 
     def layer_at(t: int) -> str:
         i = bisect.bisect_right(starts, t) - 1
-        return "/".join(kernels[i][1].split("/")[:2]) if i >= 0 else ""
+        return kernels[i][1] if i >= 0 else ""
 
     def at(fraction: float) -> tuple[int, float]:
         t = t0 + (t1 - t0) * fraction
