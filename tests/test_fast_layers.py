@@ -130,12 +130,12 @@ def test_saved_model_loads_with_the_fast_layers(model, pixels, tmp_path):
                                model(pixels, training=False)["mask"], atol=1e-6)
 
 
-def _keras_twin(layer: UpsamplingConv2D, n_inputs: int) -> keras.Model:
-    """Keras' UpSampling2D (+ Concatenate) + Conv2D with `layer`'s weights: what UpsamplingConv2D stands for."""
-    shapes = [tuple(t.shape[1:]) for t in layer._inbound_nodes[0].input_tensors][:n_inputs]
-    inputs = [keras.Input(shape) for shape in shapes]
+def _keras_twin(layer: UpsamplingConv2D, inputs: list[tf.Tensor]) -> keras.Model:
+    """Keras' UpSampling2D (+ Concatenate) + Conv2D with `layer`'s weights, for inputs shaped as `inputs`: what
+    UpsamplingConv2D stands for."""
+    inputs = [keras.Input(tuple(t.shape[1:])) for t in inputs]
     up = keras.layers.UpSampling2D(layer.upsampling, dtype=layer.dtype_policy)(inputs[0])
-    cat = keras.layers.Concatenate(dtype=layer.dtype_policy)([up, *inputs[1:]]) if n_inputs > 1 else up
+    cat = keras.layers.Concatenate(dtype=layer.dtype_policy)([up, *inputs[1:]]) if len(inputs) > 1 else up
     conv = keras.layers.Conv2D.from_config({k: v for k, v in layer.get_config().items() if k != "upsampling"})
     twin = keras.Model(inputs, conv(cat))
     conv.set_weights(layer.get_weights())
@@ -154,7 +154,7 @@ def test_upsampling_conv_is_upsampling_concat_and_conv(dtype, n_inputs, padding)
     layer = UpsamplingConv2D(4, 3, padding=padding, use_bias=True, bias_initializer="glorot_uniform", dtype=dtype)
     symbolic = [keras.Input(t.shape[1:]) for t in inputs]
     keras.Model(symbolic, layer(symbolic))
-    twin = _keras_twin(layer, n_inputs)
+    twin = _keras_twin(layer, inputs)
     tol = 1e-5 if dtype == "float32" else 3e-2
 
     def run(fn, training):
@@ -213,14 +213,5 @@ def test_upsampling_conv_gradient_builds_the_concatenation_again():
     forward, others = _concat_readers(layer, [x, skip])
     assert forward == ["Conv2D"] and others == [["Conv2DBackpropFilter"]]
 
-    class Twin(keras.layers.Layer):  # Keras' three layers, called the same way
-        def __init__(self):
-            super().__init__()
-            self.up, self.cat = keras.layers.UpSampling2D(), keras.layers.Concatenate()
-            self.conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
-
-        def call(self, inputs, training=None):
-            return self.conv(self.cat([self.up(inputs[0]), inputs[1]]))
-
-    forward, others = _concat_readers(Twin(), [x, skip])
+    forward, others = _concat_readers(_keras_twin(layer, [x, skip]), [x, skip])
     assert "Conv2DBackpropFilter" in forward and others == []
