@@ -11,7 +11,6 @@ Importing this module loads neither TensorFlow nor Keras, so `--help` stays fast
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +78,3 @@ def decision_overrides(args: Any) -> dict[str, Any]:
     from covidseg_tf.inference.postprocess import Decision  # here: the flags themselves need no TensorFlow
 
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(Decision) if getattr(args, f.name) is not None}
-
-
-def launch_training(cli: Callable[[], None]) -> None:
-    """Run a training CLI's `cli` as the training CLIs' ``launch()`` do: in a process restarted once with the
-    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads, TensorFlow then imported
-    without Keras' unused optional libraries (covidseg_tf.optional_imports)."""
-    from covidseg_tf import malloc, optional_imports
-
-    malloc.reexec_for_training()
-    optional_imports.import_tensorflow()
-    cli()

@@ -975,10 +975,13 @@ def cli() -> None:
 
 def launch() -> None:
     """`python -m covidseg_tf.train` and the `covidseg-train` script: `cli` in a process restarted once with the
-    training malloc, TensorFlow imported without Keras' unused optional libraries (`cli.launch_training`)."""
-    from covidseg_tf.cli import launch_training
+    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads, which is then imported
+    without Keras' unused optional libraries (covidseg_tf.optional_imports)."""
+    from covidseg_tf import malloc, optional_imports
 
-    launch_training(cli)
+    malloc.reexec_for_training()
+    optional_imports.import_tensorflow()
+    cli()
 
 
 if __name__ == "__main__":
