@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidseg_tf import exitcodes
+from covidseg_tf import exitcodes, optional_imports
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def write_samples(builder, n: int, folder: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    optional_imports.import_tensorflow()  # without Keras' unused pandas / IPython; after parsing: `--help` stays light
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from covidseg_tf import evaluate, predict
     from covidseg_tf.data import load_builder
@@ -177,12 +178,10 @@ def cli() -> None:
 
 def launch() -> None:
     """`python -m covidseg_tf.demo` and the `covidseg-demo` script: `cli` in a process restarted once with the
-    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads, which is then imported
-    without Keras' unused optional libraries (covidseg_tf.optional_imports)."""
-    from covidseg_tf import malloc, optional_imports
+    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads."""
+    from covidseg_tf.malloc import reexec_for_training
 
-    malloc.reexec_for_training()
-    optional_imports.import_tensorflow()
+    reexec_for_training()
     cli()
 
 

@@ -69,7 +69,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from covidseg_tf import exitcodes
+from covidseg_tf import exitcodes, optional_imports
 from covidseg_tf.cli import add_dataset_flags
 from covidseg_tf.config import (
     BATCH_NORMS,
@@ -942,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ``error:`` line and exit code 2 (SystemExit). The console script and `python -m` run `cli`."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    optional_imports.import_tensorflow()  # without Keras' unused pandas / IPython; after parsing: `--help` stays light
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -975,12 +976,10 @@ def cli() -> None:
 
 def launch() -> None:
     """`python -m covidseg_tf.train` and the `covidseg-train` script: `cli` in a process restarted once with the
-    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads, which is then imported
-    without Keras' unused optional libraries (covidseg_tf.optional_imports)."""
-    from covidseg_tf import malloc, optional_imports
+    training malloc (tcmalloc when installed; covidseg_tf.malloc) before TensorFlow loads."""
+    from covidseg_tf.malloc import reexec_for_training
 
-    malloc.reexec_for_training()
-    optional_imports.import_tensorflow()
+    reexec_for_training()
     cli()
 
 

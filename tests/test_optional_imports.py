@@ -102,14 +102,32 @@ def test_docstring_examples():
     assert doctest.testmod(optional_imports).failed == 0
 
 
-def test_training_clis_import_tensorflow_lean_after_the_malloc_restart(monkeypatch):
-    from covidseg_tf import demo, malloc, train
+@pytest.mark.parametrize("cli", ["train", "demo"])
+def test_training_clis_import_tensorflow_lean_after_parsing_their_flags(cli):
+    """`--help` imports no TensorFlow; a command imports it without pandas right after parsing its flags (a fresh
+    process: this one has TensorFlow; the command stops there)."""
+    probe = textwrap.dedent(f"""
+        import json, sys
+        from covidseg_tf import optional_imports, {cli}
+        try:
+            {cli}.main(["--help"])
+        except SystemExit:
+            pass
+        helped = "tensorflow" in sys.modules
+        lean = optional_imports.import_tensorflow
 
-    calls: list[str] = []
-    monkeypatch.setattr(malloc, "reexec_for_training", lambda: calls.append("malloc"))
-    monkeypatch.setattr(optional_imports, "import_tensorflow", lambda: calls.append("imports"))
-    for module in (train, demo):
-        calls.clear()
-        monkeypatch.setattr(module, "cli", lambda: calls.append("cli"))
-        module.launch()
-        assert calls == ["malloc", "imports", "cli"], module.__name__
+        def then_stop():
+            lean()
+            raise SystemExit(0)
+
+        optional_imports.import_tensorflow = then_stop
+        try:
+            {cli}.main(["--stage", "lung"] if "{cli}" == "train" else [])
+        except SystemExit:
+            pass
+        print(json.dumps({{"help": helped, "tf": "tensorflow" in sys.modules, "pandas": "pandas" in sys.modules}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"help": False, "tf": True, "pandas": False}
