@@ -7,7 +7,7 @@ them resident for its whole run (bench/RESULTS.md, "Issue 26, eighth run"). `imp
 with them hidden, so Keras takes the path it takes when they are not installed, then makes them importable again::
 
     from covidseg_tf.optional_imports import import_tensorflow
-    import_tensorflow()          # first thing in a CLI's launch(), before anything imports TensorFlow
+    import_tensorflow()          # in a CLI's main(), once its flags are parsed, before anything imports TensorFlow
 
 Afterwards ``import pandas`` works as usual; only Keras' own DataFrame input and notebook display stay off in that
 process. ``COVIDSEG_OPTIONAL_IMPORTS=keep`` imports TensorFlow as it comes. `hidden` is the mechanism:
