@@ -20,10 +20,11 @@ import it). Speed: bench/RESULTS.md ("Swish's gradient in one XLA loop").
 A swish right after a training BatchNorm (EfficientNet's stem, expand and depthwise convolutions) also keeps less.
 The BatchNorm's output would be held from the forward pass to the backward one only for this gradient, while the
 BatchNorm's own gradient holds its input anyway. `batchnorm.FusedBatchNormalization` marks its training output with
-what made it (`link_batch_norm`: the kernel's input, the batch statistics, gamma, beta), and `xla_swish` on a marked
-tensor recomputes it from those inside its gradient loop (`_bn_swish_grad`: one multiply-add more per element, the
-same bytes read), so the BatchNorm's output is freed after the forward pass. Memory and speed: bench/RESULTS.md
-("The BatchNorm's output recomputed in the swish's gradient").
+its recipe (`covidseg_tf.recompute`: the kernel's input, the batch statistics, gamma, beta), and `xla_swish` on a
+marked tensor makes it again inside its gradient loop (`_recipe_swish_grad`: one multiply-add more per element, the
+same bytes read), so the BatchNorm's output is freed after the forward pass; the swish's output carries the recipe
+on, for the layers after it (`fast_layers`' Recomputing* layers). Memory and speed: bench/RESULTS.md ("The
+BatchNorm's output recomputed in the swish's gradient", "... the encoder's activations made again").
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+
+from covidseg_tf import recompute
 
 log = logging.getLogger(__name__)
 
@@ -60,39 +63,21 @@ def _swish(x: tf.Tensor) -> tuple[tf.Tensor, Any]:
     return x * tf.sigmoid(x), grad
 
 
-#: The attribute `link_batch_norm` sets on a BatchNorm's training output.
-_BN_LINK = "_covidseg_batch_norm_inputs"
-
-
-def link_batch_norm(y: tf.Tensor, x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor, gamma: tf.Tensor,
-                    beta: tf.Tensor, epsilon: float) -> tf.Tensor:
-    """Mark `y` = gamma * (x - mean) / sqrt(variance + epsilon) + beta (per channel, the last axis; statistics,
-    gamma and beta float32) as recomputable, so that `xla_swish(y)` keeps `x` for its gradient instead of `y`.
-    Returns `y`. The caller's backward pass must hold `x` anyway (a BatchNorm's gradient does), or nothing is saved."""
-    setattr(y, _BN_LINK, (x, mean, variance, gamma, beta, float(epsilon)))
-    return y
-
-
 @tf.function(jit_compile=True, autograph=False)
-def _bn_swish_grad(x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
-                   epsilon: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-    """`_swish_grad` at y = BatchNorm(x), y recomputed in float32 in the same XLA loop; returned in dy's dtype."""
-    scale = gamma * tf.math.rsqrt(variance + epsilon)
-    y = tf.cast(x, tf.float32) * scale + (beta - mean * scale)
-    return tf.cast(_swish_derivative_times(y, dy), dy.dtype)
+def _recipe_swish_grad(steps: tuple, dy: tf.Tensor, *args: tf.Tensor) -> tf.Tensor:
+    """`_swish_grad` at y made again from its recipe (`recompute`) in the same XLA loop; returned in dy's dtype."""
+    return tf.cast(_swish_derivative_times(recompute.value(steps, args), dy), dy.dtype)
 
 
-def _bn_swish(y: tf.Tensor, link: tuple) -> tf.Tensor:
-    x, mean, variance, gamma, beta, epsilon = link
-
+def _recipe_swish(y: tf.Tensor, recipe: recompute.Recipe) -> tf.Tensor:
     @tf.custom_gradient
     def swish(y):
         def grad(dy: tf.Tensor) -> tf.Tensor:  # y is not referenced here: only the forward pass holds it
-            return _bn_swish_grad(x, mean, variance, gamma, beta, tf.constant(epsilon, tf.float32), dy)
+            return _recipe_swish_grad(recipe.steps, dy, *recipe.args)
 
         return y * tf.sigmoid(y), grad
 
-    return swish(y)
+    return recompute.then(y, swish(y), ("swish",))
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
@@ -103,8 +88,8 @@ def xla_swish(x: Any) -> Any:
     1.7615941762924194
     """
     x = tf.convert_to_tensor(x)
-    link = getattr(x, _BN_LINK, None)
-    return _swish(x) if link is None else _bn_swish(x, link)
+    recipe = recompute.recipe_of(x)
+    return _swish(x) if recipe is None else _recipe_swish(x, recipe)
 
 
 def is_swish(activation: Any) -> bool:

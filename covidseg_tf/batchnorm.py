@@ -22,7 +22,7 @@ from collections.abc import Callable
 import keras
 from keras import layers, ops
 
-from covidseg_tf.activations import link_batch_norm
+from covidseg_tf import recompute
 from covidseg_tf.fast_layers import with_layer_classes
 
 #: Input dtypes the fused kernel takes (TF 2.21 CPU registers FusedBatchNormV3 and FusedBatchNormGradV3 for them
@@ -56,9 +56,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
     statistics itself the way Keras does (``moving = moving * momentum + batch * (1 - momentum)``), so the
     moving variance matches Keras' up to float32 round-off rather than differing by the factor N / (N - 1).
 
-    Memory: the training output is marked with the kernel's input and the batch statistics
-    (`activations.link_batch_norm`), so an `activations.xla_swish` after the layer recomputes the output in its
-    gradient instead of holding it until the backward pass.
+    Memory: the training output is marked with its recipe (`covidseg_tf.recompute`: the kernel's input and the
+    batch statistics), so an `activations.xla_swish` after the layer recomputes the output in its gradient instead
+    of holding it until the backward pass.
     """
 
     def fuses(self, inputs, training: bool | None = None, mask=None) -> bool:
@@ -107,8 +107,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
         moving_variance = ops.cast(self.moving_variance, "float32")
         self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        # a swish taking the output recomputes it from x, which the kernel's gradient holds (activations module)
-        return link_batch_norm(ops.cast(y, self.compute_dtype), x, mean, variance, gamma, beta, self.epsilon)
+        # a swish taking the output recomputes it from x, which the kernel's gradient holds (recompute module)
+        return recompute.mark(ops.cast(y, self.compute_dtype), (("batch_norm", float(self.epsilon)),), x, mean,
+                              variance, gamma, beta)
 
 
 BATCH_NORM_CLASSES: dict[str, type[layers.BatchNormalization]] = {

@@ -123,7 +123,7 @@ def _train_gradients(model: keras.Model, x: tf.Tensor, link: bool, monkeypatch) 
 
     with monkeypatch.context() as m:
         if not link:
-            m.setattr(batchnorm, "link_batch_norm", lambda y, *args: y)
+            m.setattr(batchnorm.recompute, "mark", lambda y, *args: y)
 
         @tf.function
         def step(x):
@@ -159,10 +159,10 @@ def test_swish_after_batch_norm_recomputes_its_input(dtype, channels, rel, monke
 
 def test_swish_without_batch_norm_link_is_unchanged():
     """A swish on a tensor no BatchNorm marked (and a BatchNorm at inference) takes the plain path."""
-    from covidseg_tf.activations import _BN_LINK
+    from covidseg_tf.recompute import recipe_of
 
     model = _bn_swish_model("float32", 8)
     x = tf.ones((2, 32, 32, 8))
     bn = model.get_layer("bn")
-    assert not hasattr(bn(model.layers[1](x), training=False), _BN_LINK)
-    assert hasattr(bn(model.layers[1](x), training=True), _BN_LINK)
+    assert recipe_of(bn(model.layers[1](x), training=False)) is None
+    assert recipe_of(bn(model.layers[1](x), training=True)) is not None
