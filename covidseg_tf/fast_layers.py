@@ -14,6 +14,10 @@ and the model-wide swap to them.
   training gradient builds the concatenation again instead of holding it through the forward pass (less memory
   at the step's peak). It changes the graph, not only a class: `models.build_unet` builds the decoder with it;
   models saved before it keep their three layers (and get `NearestUpSampling2D` by the swap).
+- `RecomputingDepthwiseConv2D`, `RecomputingMultiply`, `RecomputingZeroPadding2D`: in training, the encoder's
+  swish outputs are not held for the backward pass either: the depthwise convolution's kernel gradient and the
+  squeeze-excitation product's gradient make them again from their recipe (`covidseg_tf.recompute`; the padding
+  passes the recipe on), as UpsamplingConv2D does its skip.
 
 Each is a registered subclass of the layer it stands for (``covidseg_tf>...`` in a saved model's config), takes the
 same weights, and falls back to the parent's ``call`` for inputs it does not cover (dynamic sizes, other layouts).
@@ -31,6 +35,8 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 from keras import layers
+
+from covidseg_tf import recompute
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, 
                        padding: str) -> tf.Tensor:
     """conv2d(concat([_resize_nearest(x, size), *skips]), kernel) (stride 1, channels last), whose gradient builds
     that concatenation again from x and the skips instead of keeping it from the forward pass (x and the skips are
-    kept anyway: by the layers that made them)."""
+    kept anyway: by the layers that made them; a skip with a recipe is made again, `covidseg_tf.recompute`)."""
 
     strides = [1, 1, 1, 1]
 
@@ -83,9 +89,9 @@ def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, 
             parts = tf.split(dinp, [x.shape[-1], *(s.shape[-1] for s in skips)], axis=-1) if skips else [dinp]
             dinputs = [_block_sums(parts[0], size), *parts[1:]]
             # the input again, once the input gradients are made (their buffers freed first): new ops after the
-            # forward pass, which grappler does not merge with the forward's
+            # forward pass, which grappler does not merge with the forward's; a skip with a recipe made again too
             with tf.control_dependencies(dinputs):
-                inp = _upsampled_concat(tf.identity(x), skips, size)
+                inp = _upsampled_concat(tf.identity(x), [recompute.again(skip, dinputs) for skip in skips], size)
             dkernel = tf.raw_ops.Conv2DBackpropFilter(input=inp, filter_sizes=tf.shape(kernel), out_backprop=dy,
                                                       strides=strides, padding=padding)
             return (*dinputs, dkernel)
@@ -93,6 +99,52 @@ def _conv_of_upsampled(x: tf.Tensor, skips: list[tf.Tensor], kernel: tf.Tensor, 
         return tf.nn.conv2d(_upsampled_concat(x, skips, size), kernel, strides, padding), grad
 
     return conv(x, *skips, kernel)
+
+
+def _depthwise_conv_made_again(x: tf.Tensor, kernel: tf.Tensor, strides: list[int], padding: str) -> tf.Tensor:
+    """depthwise_conv2d(x, kernel), whose gradient makes x again from its recipe (`recompute.again`, after x's own
+    gradient) for the kernel's gradient instead of keeping it from the forward pass."""
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(dy):
+            dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                                               strides=strides, padding=padding)
+            dkernel = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+                input=recompute.again(x, [dx]), filter_sizes=tf.shape(kernel), out_backprop=dy, strides=strides,
+                padding=padding)
+            return dx, dkernel
+
+        return tf.nn.depthwise_conv2d(x, kernel, strides, padding), grad
+
+    return conv(x, kernel)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _scale_grad(steps: tuple, dy: tf.Tensor, s: tf.Tensor, *args: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The gradients of z * s (s broadcast over height and width) with z made again from its recipe, in one XLA
+    function: dy * s, and the sum of dy * z over height and width (float32 arithmetic, each rounded once)."""
+    dy32 = tf.cast(dy, tf.float32)
+    dz = tf.cast(dy32 * tf.cast(s, tf.float32), dy.dtype)
+    ds = tf.reduce_sum(dy32 * recompute.value(steps, args), axis=(1, 2), keepdims=True)
+    return dz, tf.cast(ds, s.dtype)
+
+
+def _scaled(z: tf.Tensor, s: tf.Tensor, recipe: recompute.Recipe) -> tf.Tensor:
+    """z * s whose gradient makes z again from `recipe` (`_scale_grad`) instead of keeping it."""
+
+    @tf.custom_gradient
+    def f(z, s):
+        return z * s, lambda dy: _scale_grad(recipe.steps, dy, s, *recipe.args)
+
+    return f(z, s)
+
+
+def _bias_and_activation(layer: layers.Layer, y: tf.Tensor) -> tf.Tensor:
+    """`layer`'s bias added to `y` and its activation applied, as a Keras convolution does after its kernel."""
+    if layer.use_bias:
+        y = tf.nn.bias_add(y, keras.ops.cast(layer.bias, y.dtype))
+    return y if layer.activation is None else layer.activation(y)
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
@@ -159,10 +211,7 @@ class UpsamplingConv2D(layers.Conv2D):
         if not training:
             return super().call(_upsampled_concat(x, skips, self.upsampling))
         kernel = keras.ops.cast(self.kernel, x.dtype)
-        y = _conv_of_upsampled(x, skips, kernel, self.upsampling, self.padding.upper())
-        if self.use_bias:
-            y = tf.nn.bias_add(y, keras.ops.cast(self.bias, y.dtype))
-        return y if self.activation is None else self.activation(y)
+        return _bias_and_activation(self, _conv_of_upsampled(x, skips, kernel, self.upsampling, self.padding.upper()))
 
 
 @keras.saving.register_keras_serializable(package="covidseg_tf")
@@ -198,21 +247,77 @@ class MatMulConv2D(layers.Conv2D):
                 or self.data_format != "channels_last"):
             return super().call(inputs)
         kernel = keras.ops.cast(self.kernel[0, 0], inputs.dtype)
-        y = tf.matmul(tf.reshape(inputs, (-1, inputs.shape[3])), kernel)
-        if self.use_bias:
-            y = tf.nn.bias_add(y, keras.ops.cast(self.bias, y.dtype))
-        if self.activation is not None:
-            y = self.activation(y)
+        y = _bias_and_activation(self, tf.matmul(tf.reshape(inputs, (-1, inputs.shape[3])), kernel))
         return tf.reshape(y, (-1, 1, 1, self.filters))
 
 
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class RecomputingDepthwiseConv2D(layers.DepthwiseConv2D):
+    """A DepthwiseConv2D whose training gradient makes its input again from the input's recipe (in EfficientNet:
+    the swish of the expand convolution's BatchNorm output, zero-padded before a stride 2) instead of keeping it;
+    an input without a recipe runs DepthwiseConv2D's call.
+
+    >>> conv = RecomputingDepthwiseConv2D(1, use_bias=False, depthwise_initializer="ones")
+    >>> keras.ops.convert_to_numpy(conv(keras.ops.ones((1, 1, 1, 2)), training=True)).tolist()
+    [[[[1.0, 1.0]]]]
+    """
+
+    def call(self, inputs, training=None):
+        if not (training and recompute.recipe_of(inputs) is not None and self.data_format == "channels_last"
+                and tuple(self.dilation_rate) == (1, 1)):
+            return super().call(inputs)
+        kernel = keras.ops.cast(self.kernel, inputs.dtype)
+        y = _depthwise_conv_made_again(inputs, kernel, [1, *self.strides, 1], self.padding.upper())
+        return _bias_and_activation(self, y)
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class RecomputingMultiply(layers.Multiply):
+    """A Multiply of a tensor with a recipe by a per-channel scale of shape (N, 1, 1, C), as a squeeze-excitation
+    applies its scale: in training its gradient makes the tensor again inside one XLA function (which also computes
+    both gradients, faster than TensorFlow's bfloat16 element-wise ops) instead of keeping it. Other inputs run
+    Multiply's call.
+
+    >>> keras.ops.convert_to_numpy(RecomputingMultiply()([keras.ops.ones((1, 2, 2, 1)), keras.ops.ones((1, 1, 1, 1))
+    ...                                                   * 3])).tolist()
+    [[[[3.0], [3.0]], [[3.0], [3.0]]]]
+    """
+
+    def call(self, inputs, training=None):
+        z, *scales = inputs
+        recipe = recompute.recipe_of(z)
+        if not (training and recipe is not None and len(scales) == 1 and len(z.shape) == 4
+                and tuple(scales[0].shape[1:3]) == (1, 1) and scales[0].dtype == z.dtype):
+            return super().call(inputs)
+        return _scaled(z, scales[0], recipe)
+
+
+@keras.saving.register_keras_serializable(package="covidseg_tf")
+class RecomputingZeroPadding2D(layers.ZeroPadding2D):
+    """A ZeroPadding2D whose training output carries its input's recipe on (padded), so that the convolution after
+    it can make it again (EfficientNet pads before each stride-2 depthwise convolution).
+
+    >>> keras.ops.convert_to_numpy(RecomputingZeroPadding2D(((0, 1), (0, 0)))(keras.ops.ones((1, 1, 1, 1)))).tolist()
+    [[[[1.0]], [[0.0]]]]
+    """
+
+    def call(self, inputs, training=None):
+        padded = super().call(inputs)
+        if not training or self.data_format != "channels_last":
+            return padded
+        paddings = ((0, 0), *(tuple(int(p) for p in side) for side in self.padding), (0, 0))
+        return recompute.then(inputs, padded, ("pad", paddings))
+
+
+_RECOMPUTING = {layers.DepthwiseConv2D: RecomputingDepthwiseConv2D, layers.Multiply: RecomputingMultiply,
+                layers.ZeroPadding2D: RecomputingZeroPadding2D}
 _PLAIN = {NearestUpSampling2D: layers.UpSampling2D, WindowAveragePooling2D: layers.GlobalAveragePooling2D,
-          MatMulConv2D: layers.Conv2D}
+          MatMulConv2D: layers.Conv2D, **{recomputing: plain for plain, recomputing in _RECOMPUTING.items()}}
 
 
 def faster_class(layer: layers.Layer) -> type[layers.Layer]:
     """The class a fast copy builds `layer` as (`with_layer_classes(model, faster_class)`): one of the subclasses
-    above where it computes the same faster, else the layer's own.
+    above where it computes the same faster or with less memory, else the layer's own.
 
     >>> faster_class(layers.UpSampling2D()).__name__, faster_class(layers.ReLU()).__name__
     ('NearestUpSampling2D', 'ReLU')
@@ -225,7 +330,18 @@ def faster_class(layer: layers.Layer) -> type[layers.Layer]:
     if (kind is layers.Conv2D and len(layer._inbound_nodes) == 1
             and tuple(layer.input.shape[1:3]) == (1, 1)):
         return MatMulConv2D
-    return kind
+    return _RECOMPUTING.get(kind, kind)
+
+
+def inference_class(layer: layers.Layer) -> type[layers.Layer]:
+    """The class an inference copy (`optimize.fold_batchnorm`) builds `layer` as: `faster_class`'s, but Keras' own
+    for the Recomputing* layers, which differ from it in training only.
+
+    >>> inference_class(RecomputingMultiply()).__name__, inference_class(layers.UpSampling2D()).__name__
+    ('Multiply', 'NearestUpSampling2D')
+    """
+    cls = faster_class(layer)
+    return _PLAIN[cls] if cls in _RECOMPUTING.values() else cls
 
 
 def plain_class(layer: layers.Layer) -> type[layers.Layer]:

@@ -20,7 +20,8 @@
 4. Fewer, faster ops, each computing the same values (`covidseg_tf.fast_layers`, which `models.build_unet` uses
    for training too; this gives them to models saved before it did): a nearest-neighbour UpSampling2D becomes one
    resize, a GlobalAveragePooling2D one average pool over the whole map, a 1x1 Conv2D on 1x1 maps (the
-   squeeze-excitation convolutions) a matrix product. TFLite conversion keeps Keras' classes (`plain_class`).
+   squeeze-excitation convolutions) a matrix product (`fast_layers.inference_class`: the layers that differ in
+   training only get Keras' classes). TFLite conversion keeps Keras' classes (`plain_class`).
    A ZeroPadding2D whose only consumer is a "valid" convolution and whose padding is what TensorFlow's "same"
    padding adds for that input size (EfficientNet's pads before its stride-2 convolutions, at even sizes) becomes
    an identity and the convolution "same": oneDNN pads inside the convolution instead of a Pad op copying the map
@@ -55,7 +56,7 @@ from keras import layers
 
 from covidseg_tf.activations import is_swish
 from covidseg_tf.config import IMAGE_CLASS_OUTPUT, MASK_OUTPUT, split_outputs
-from covidseg_tf.fast_layers import faster_class, plain_class, with_layer_classes
+from covidseg_tf.fast_layers import inference_class, plain_class, with_layer_classes
 from covidseg_tf.inference.stages import FrozenStage, keras_model, model_input_size, quiet_absl
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def fold_batchnorm(model: Any, precision: str | None = None, fuse_swish: bool = 
             cfg["use_bias"] = True
         if fuse_swish and is_swish(getattr(layer, "activation", None)):
             cfg["activation"] = fusible_swish
-        return (faster_class(layer) if faster_layers else plain_class(layer)).from_config(cfg)
+        return (inference_class(layer) if faster_layers else plain_class(layer)).from_config(cfg)
 
     folded = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:

@@ -9,10 +9,16 @@ import pytest
 import tensorflow as tf
 from helpers import randomize_batchnorms, stage2_pixels
 
+from covidseg_tf import recompute
+from covidseg_tf.activations import xla_swish
+from covidseg_tf.batchnorm import FusedBatchNormalization
 from covidseg_tf.config import default_config
 from covidseg_tf.fast_layers import (
     MatMulConv2D,
     NearestUpSampling2D,
+    RecomputingDepthwiseConv2D,
+    RecomputingMultiply,
+    RecomputingZeroPadding2D,
     UpsamplingConv2D,
     WindowAveragePooling2D,
     faster_class,
@@ -23,7 +29,8 @@ from covidseg_tf.inference.stages import load_stage
 from covidseg_tf.models import build_stage_model
 
 SIZE = 64
-FAST = (NearestUpSampling2D, WindowAveragePooling2D, MatMulConv2D)
+RECOMPUTING = (RecomputingDepthwiseConv2D, RecomputingMultiply, RecomputingZeroPadding2D)
+FAST = (NearestUpSampling2D, WindowAveragePooling2D, MatMulConv2D, *RECOMPUTING)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +61,10 @@ def test_the_unet_is_built_with_the_fast_layers(model):
     assert counts[MatMulConv2D] == len(se_convs) > 20
     assert all(type(layer) is MatMulConv2D for layer in se_convs)
     assert type(model.get_layer("final_conv")) is keras.layers.Conv2D  # 3x3 on the full map: a convolution
+    # every depthwise convolution, squeeze-excitation product and padding (before each stride-2 depthwise conv)
+    blocks = {layer.name.split("_")[0] for layer in model.layers if layer.name.endswith("_dwconv")}
+    assert counts[RecomputingDepthwiseConv2D] == counts[RecomputingMultiply] == len(blocks) > 10
+    assert counts[RecomputingZeroPadding2D] == 5  # the stem's and one before each stride-2 depthwise convolution
 
 
 def test_plain_copy_has_keras_classes_and_the_same_outputs_and_gradients(model, pixels):
@@ -215,3 +226,89 @@ def test_upsampling_conv_gradient_builds_the_concatenation_again():
 
     forward, others = _concat_readers(_keras_twin(layer, [x, skip]), [x, skip])
     assert "Conv2DBackpropFilter" in forward and others == []
+
+
+def _mbconv(dtype: str) -> keras.Model:
+    """An EfficientNet block in miniature as `models.build_unet` builds it (fast classes, fused BatchNorm, XLA swish):
+    expand conv, BN, swish, padding, stride-2 depthwise conv, BN, swish, squeeze-excitation, project conv, BN,
+    then a decoder stage taking the first swish as its skip."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((32, 32, 8))
+    skip = keras.layers.Activation(xla_swish, dtype=dtype)(FusedBatchNormalization(dtype=dtype)(
+        keras.layers.Conv2D(16, 1, use_bias=False, dtype=dtype)(x)))
+    h = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), dtype=dtype)(skip)
+    h = keras.layers.DepthwiseConv2D(3, strides=2, use_bias=False, dtype=dtype)(h)
+    h = keras.layers.Activation(xla_swish, dtype=dtype)(FusedBatchNormalization(dtype=dtype)(h))
+    se = keras.layers.GlobalAveragePooling2D(keepdims=True, dtype=dtype)(h)
+    se = keras.layers.Conv2D(4, 1, activation=xla_swish, dtype=dtype)(se)
+    se = keras.layers.Conv2D(16, 1, activation="sigmoid", dtype=dtype)(se)
+    h = keras.layers.Multiply(dtype=dtype)([h, se])
+    h = FusedBatchNormalization(dtype=dtype)(keras.layers.Conv2D(8, 1, use_bias=False, dtype=dtype)(h))
+    out = UpsamplingConv2D(4, 3, padding="same", dtype=dtype)([h, skip])
+    return with_layer_classes(keras.Model(x, out), faster_class)
+
+
+def _step_gradients(model: keras.Model, x: tf.Tensor, onward: bool, monkeypatch) -> tuple[list[np.ndarray], int]:
+    """The weights' gradients of one training step and the allocator's peak bytes during it; `onward=False`: the
+    BatchNorm still marks its output (the swish recomputes it), but no recipe goes further, so the layers after
+    the swish keep their inputs as Keras' do."""
+    with monkeypatch.context() as m:
+        if not onward:
+            m.setattr(recompute, "then", lambda t, out, *step: out)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32) ** 2)
+            return tape.gradient(loss, model.trainable_variables)
+
+        step(x)  # trace and compile the XLA functions outside the measurement
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        grads = step(x)
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return [g.numpy().astype(np.float32) for g in grads], peak
+
+
+@pytest.mark.parametrize("dtype, rel", [("float32", 1e-5), ("mixed_bfloat16", 2.0**-6)])
+def test_recomputing_layers_give_keras_gradients_and_keep_less(dtype, rel, monkeypatch):
+    """The swish outputs (one padded for the depthwise convolution, one the decoder's skip, one scaled by the
+    squeeze-excitation) are made again in the backward pass: the same weight gradients (bfloat16: within a
+    rounding of the recomputed values) with those tensors no longer held from the forward pass (float32: the peak
+    drops by most of their size)."""
+    model = _mbconv(dtype)
+    assert sorted(type(layer).__name__ for layer in model.layers if type(layer) in RECOMPUTING) == [
+        "RecomputingDepthwiseConv2D", "RecomputingMultiply", "RecomputingZeroPadding2D"]
+    x = tf.constant(np.random.default_rng(0).normal(size=(16, 32, 32, 8)), tf.float32)
+    ref, peak_ref = _step_gradients(model, x, False, monkeypatch)
+    got, peak = _step_gradients(model, x, True, monkeypatch)
+    for g, r in zip(got, ref):
+        assert np.abs(r).max() > 0
+        np.testing.assert_allclose(g, r, atol=rel * np.abs(r).max())
+    if dtype == "float32":  # at least half the padded swish (16 x 33 x 33 x 16): in so small a model the skip is
+        # held to the end of the forward pass by both, and the peak may fall in the backward pass
+        padded = 16 * 33 * 33 * 16 * 4
+        assert peak_ref - peak >= 0.5 * padded, (peak_ref, peak, padded)
+
+
+def test_recomputing_layers_read_no_forward_tensor_in_the_backward_pass():
+    """In the traced training step, the depthwise convolution's kernel gradient reads an input that an XLA call
+    makes in the backward pass; the forward pass's padded swish and the swish the product reads feed no backward
+    op."""
+    model = _mbconv("float32")
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = step.get_concrete_function(tf.TensorSpec((2, 32, 32, 8))).graph
+    ops = graph.get_operations()
+    [kernel_grad] = [op for op in ops if op.type == "DepthwiseConv2dNativeBackpropFilter"]
+    assert kernel_grad.inputs[0].op.node_def.attr["_XlaMustCompile"].b, kernel_grad.inputs[0].op.type
+    [depthwise] = [op for op in ops if op.type == "DepthwiseConv2dNative"]
+    [product] = [op for op in ops if op.type == "Mul" and op.outputs[0].shape[1:] == (16, 16, 16)
+                 and op.inputs[1].shape[1:3] == (1, 1)]
+    # read by the forward op, the squeeze's pool and for shapes (IdentityN: custom_gradient's, reads nothing)
+    for t, readers in ((depthwise.inputs[0], {"DepthwiseConv2dNative"}), (product.inputs[0], {"Mul", "AvgPool"})):
+        assert {c.type for c in t.consumers()} <= readers | {"Shape", "IdentityN"}, t.consumers()
