@@ -24,7 +24,7 @@ its recipe (`covidseg_tf.recompute`: the kernel's input, the batch statistics, g
 marked tensor makes it again inside its gradient loop (`_recipe_swish_grad`: one multiply-add more per element, the
 same bytes read), so the BatchNorm's output is freed after the forward pass; the swish's output carries the recipe
 on, for the layers after it (`fast_layers`' Recomputing* layers). Memory and speed: bench/RESULTS.md ("The
-BatchNorm's output recomputed in the swish's gradient", "... the encoder's activations made again").
+BatchNorm's output recomputed in the swish's gradient", "Issue 26, ninth run").
 """
 
 from __future__ import annotations

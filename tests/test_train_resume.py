@@ -331,7 +331,8 @@ def test_a_resumed_model_is_rebuilt_with_the_layer_classes_its_run_saved(tmp_pat
     older = with_layer_classes(model, lambda layer: keras.layers.BatchNormalization if layer.name in keras_bns
                                else plain_class(layer))  # as if started before fast_layers, half with keras' BN
     swapped = {cls.__name__ for name, cls in _classes(older).items() if cls is not type(model.get_layer(name))}
-    assert swapped == {"GlobalAveragePooling2D", "Conv2D", "BatchNormalization"}  # the upsamplings: UpsamplingConv2D
+    assert swapped == {"GlobalAveragePooling2D", "Conv2D", "BatchNormalization", "DepthwiseConv2D", "Multiply",
+                       "ZeroPadding2D"}  # the upsamplings: UpsamplingConv2D
     assert FusedBatchNormalization in _classes(older).values()
     older.save(tmp_path / "older.keras")
     model.save(tmp_path / "model.keras")
