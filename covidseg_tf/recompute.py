@@ -68,11 +68,12 @@ def recipe_of(t: Any) -> Recipe | None:
     return getattr(t, _ATTRIBUTE, None)
 
 
-def then(t: Any, out: Any, step: tuple, *args: tf.Tensor) -> Any:
-    """Mark `out` = `step`(`t`, *args) when `t` has a recipe (else leave it unmarked); return `out`."""
+def then(t: Any, out: Any, step: tuple) -> Any:
+    """Mark `out` = `step`(`t`) (a step that reads no tensor) when `t` has a recipe (else leave it unmarked);
+    return `out`."""
     recipe = recipe_of(t)
     if recipe is not None:
-        mark(out, (*recipe.steps, tuple(step)), *recipe.args, *args)
+        mark(out, (*recipe.steps, tuple(step)), *recipe.args)
     return out
 
 
