@@ -190,6 +190,25 @@ def randomize_batchnorms(model, seed: int = 0) -> None:
             layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
 
 
+def training_gradients_and_peak(model, x) -> tuple[list[np.ndarray], int]:
+    """The weights' gradients (float32 arrays) of one training step of `model` on `x` (loss: the sum of squared
+    outputs), and TensorFlow's CPU allocator's peak bytes during that step; a first step, outside the measurement,
+    traces it and compiles its XLA functions."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    step(x)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    grads = step(x)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return [g.numpy().astype(np.float32) for g in grads], peak
+
+
 # ----------------------------------------------------------------------------------------------- fuzzing
 FUZZ_RUNNER = textwrap.dedent(
     """

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import training_gradients_and_peak
 
 from covidseg_tf.activations import KERAS_SWISH, is_swish, use_swish, xla_swish
 
@@ -124,18 +125,7 @@ def _train_gradients(model: keras.Model, x: tf.Tensor, link: bool, monkeypatch) 
     with monkeypatch.context() as m:
         if not link:
             m.setattr(batchnorm.recompute, "mark", lambda y, *args: y)
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32) ** 2)
-            return tape.gradient(loss, model.trainable_variables)
-
-        step.get_concrete_function(x)  # trace outside the measurement
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        grads = step(x)
-        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    return [g.numpy().astype(np.float32) for g in grads], peak
+        return training_gradients_and_peak(model, x)
 
 
 @pytest.mark.parametrize("dtype, channels, rel", [("float32", 32, 1e-5), ("mixed_bfloat16", 32, 2.0**-7),

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import randomize_batchnorms, stage2_pixels
+from helpers import randomize_batchnorms, stage2_pixels, training_gradients_and_peak
 
 from covidseg_tf import recompute
 from covidseg_tf.activations import xla_swish
@@ -254,19 +254,8 @@ def _step_gradients(model: keras.Model, x: tf.Tensor, onward: bool, monkeypatch)
     the swish keep their inputs as Keras' do."""
     with monkeypatch.context() as m:
         if not onward:
-            m.setattr(recompute, "then", lambda t, out, *step: out)
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32) ** 2)
-            return tape.gradient(loss, model.trainable_variables)
-
-        step(x)  # trace and compile the XLA functions outside the measurement
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        grads = step(x)
-        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    return [g.numpy().astype(np.float32) for g in grads], peak
+            m.setattr(recompute, "then", lambda t, out, step: out)
+        return training_gradients_and_peak(model, x)
 
 
 @pytest.mark.parametrize("dtype, rel", [("float32", 1e-5), ("mixed_bfloat16", 2.0**-6)])
