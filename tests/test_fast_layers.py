@@ -36,6 +36,7 @@ FAST = (NearestUpSampling2D, WindowAveragePooling2D, MatMulConv2D, *RECOMPUTING)
 @pytest.fixture(scope="module")
 def model() -> keras.Model:
     cfg = default_config("infection").replace(image_size=SIZE, encoder_weights="none", image_head_weight=0.2)
+    keras.utils.set_random_seed(0)  # the same weights every run: the gradient comparison's tolerance is per weight
     m = build_stage_model(cfg)
     randomize_batchnorms(m, seed=3)
     return m
